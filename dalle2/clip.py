@@ -1,0 +1,178 @@
+"""CLIP through open-clip-torch: text and image embeddings for the prior, the decoder and the embed stage.
+
+Three ways to get one:
+  ClipAdapter("ViT-B-32", pretrained="laion2b_s34b_b79k")   open_clip's names and weights (cluster runs)
+  ClipAdapter("tiny-clip")                                    an architecture from dalle2/model_configs/clip,
+                                                              randomly initialised (tests, the demo)
+  ClipAdapter.from_checkpoint(url)                            weights saved by `save` or by train_clip
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint, load_state, save_checkpoint
+from .configs import StrictModel
+
+log = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipConfig(StrictModel):
+    """Which open_clip model to build."""
+
+    model_name: str = "tiny-clip"
+    pretrained: Optional[str] = None  # an open_clip pretrained tag or a weights file; None: random init
+
+
+@dataclass
+class TextEmbedding:
+    """CLIP's view of a batch of texts."""
+
+    text_embed: Tensor  # [B, D] unit norm
+    text_encodings: Tensor  # [B, T, W] final-layer token features
+    mask: Tensor  # [B, T] True at real tokens
+
+
+@functools.lru_cache(maxsize=None)
+def register_model_configs() -> None:
+    """Make the architectures in dalle2/model_configs/clip known to open_clip (once per process)."""
+    import open_clip
+
+    folder = resources.files("dalle2") / "model_configs" / "clip"
+    open_clip.add_model_config(str(folder))
+
+
+def build_open_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
+    """An open_clip model by name; `pretrained` downloads or reads weights as open_clip does."""
+    import open_clip
+
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP model {model_name!r}; open_clip knows: {', '.join(open_clip.list_models())}")
+    return open_clip.create_model(model_name, pretrained=pretrained)
+
+
+class ClipAdapter(nn.Module):
+    """Frozen open_clip model with the embedding calls the prior and decoder need."""
+
+    def __init__(self, model_name: str = "tiny-clip", pretrained: Optional[str] = None, config: Optional[ClipConfig] = None):
+        super().__init__()
+        import open_clip
+
+        self.config = config if config is not None else ClipConfig(model_name=model_name, pretrained=pretrained)
+        self.model = build_open_clip(self.config.model_name, self.config.pretrained)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(self.config.model_name)
+        preprocess = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(preprocess.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.get("std", OPENAI_STD)).view(1, 3, 1, 1), persistent=False)
+
+    # ---- sizes -----------------------------------------------------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint embedding space."""
+        return int(self.model.text_projection.shape[-1]) if isinstance(self.model.text_projection, Tensor) else int(
+            self.model.text_projection.out_features
+        )
+
+    @property
+    def text_encoding_dim(self) -> int:
+        """Width of the per-token text features."""
+        return int(self._text_tower.ln_final.normalized_shape[0])
+
+    @property
+    def max_text_len(self) -> int:
+        return int(self._text_tower.context_length)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def _text_tower(self) -> nn.Module:
+        # open_clip's CLIP keeps the text tower's parts on the model itself; CustomTextCLIP under `.text`.
+        return getattr(self.model, "text", self.model)
+
+    # ---- text ------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids [B, context_length], padded with 0; works offline."""
+        if isinstance(texts, str):
+            raise TypeError("pass a list of strings, not one string")
+        return self.tokenizer(list(texts)).to(self.mean.device)
+
+    @torch.no_grad()
+    def embed_text(self, text: Union[Sequence[str], Tensor]) -> TextEmbedding:
+        """Unit-norm text embeds, per-token encodings and their mask, for strings or token ids."""
+        tokens = text.to(self.mean.device) if isinstance(text, Tensor) else self.tokenize(text)
+        tower = self._text_tower
+        if not hasattr(tower, "token_embedding"):
+            raise NotImplementedError(f"{self.config.model_name}: text encodings need an open_clip text transformer")
+        cast_dtype = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+        x = tower.transformer(x, attn_mask=tower.attn_mask)
+        encodings = tower.ln_final(x)
+        # The pooled token is the end-of-text one (the highest id), as open_clip's own encode_text does.
+        pooled = encodings[torch.arange(tokens.shape[0], device=tokens.device), tokens.argmax(dim=-1)]
+        projection = tower.text_projection
+        pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
+        return TextEmbedding(F.normalize(pooled.float(), dim=-1), encodings.float(), tokens != 0)
+
+    # ---- images ----------------------------------------------------------------------------------
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] floats in [0, 1] -> the model's input: shortest side resized, centre-cropped, normalised."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        size = self.image_size
+        height, width = images.shape[-2:]
+        if (height, width) != (size, size):
+            scale = size / min(height, width)
+            new_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
+            images = F.interpolate(images.float(), size=new_hw, mode="bicubic", align_corners=False, antialias=True)
+            top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+            images = images[..., top : top + size, left : left + size]
+        return (images.float().clamp(0, 1) - self.mean) / self.std
+
+    @torch.no_grad()
+    def embed_image(self, images: Tensor) -> Tensor:
+        """Unit-norm image embeds [B, D] of images in [0, 1] of any size."""
+        pixels = self.preprocess(images.to(self.mean.device))
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    def embed_preprocessed(self, pixels: Tensor) -> Tensor:
+        """Unit-norm image embeds of already preprocessed pixels (the embed stage decodes on CPU first)."""
+        with torch.no_grad():
+            return F.normalize(self.model.encode_image(pixels.to(self.mean.device)).float(), dim=-1)
+
+    # ---- persistence -----------------------------------------------------------------------------
+
+    def save(self, root: str, storage_options: Optional[dict] = None) -> None:
+        """Save the open_clip weights and the config to the folder `root` (any fsspec URL)."""
+        save_checkpoint(root, self.model, self.checkpoint_config(), storage_options=storage_options)
+
+    def checkpoint_config(self) -> dict:
+        """The config stored with (and checked against) saved weights."""
+        # The weights are in the checkpoint, so a reload builds the architecture without `pretrained`.
+        return ClipConfig(model_name=self.config.model_name).model_dump(mode="json")
+
+    @classmethod
+    def from_checkpoint(cls, root: str, storage_options: Optional[dict] = None) -> "ClipAdapter":
+        """Rebuild the model named in the checkpoint and load its weights."""
+        config = ClipConfig(**load_state(root, storage_options)["config"])
+        adapter = cls(config=config)
+        load_checkpoint(root, adapter.model, adapter.checkpoint_config(), storage_options)
+        return adapter

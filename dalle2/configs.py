@@ -1,0 +1,255 @@
+"""Typed configs of the models and trainers, and the registry of named architectures.
+
+Every model is built from one of these configs (or from keyword arguments that become one), so a
+checkpoint can store its config and refuse to load into a model whose config differs. Named
+architectures are small YAML files under `dalle2/model_configs/<kind>/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown fields are errors, so typos are caught at start."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DiffusionConfig(StrictModel):
+    """The noise process shared by prior and decoder stages."""
+
+    timesteps: int = 1000
+    sample_timesteps: Optional[int] = None  # None: DDPM over all steps; fewer: DDIM
+    beta_schedule: Literal["cosine", "linear"] = "cosine"
+    loss_type: Literal["l1", "l2", "huber"] = "l2"
+    p2_loss_weight_gamma: float = 0.0
+    p2_loss_weight_k: float = 1.0
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> "DiffusionConfig":
+        if self.timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
+        if self.sample_timesteps is not None and not 1 <= self.sample_timesteps <= self.timesteps:
+            raise ValueError(f"sample_timesteps must be in [1, timesteps={self.timesteps}], got {self.sample_timesteps}")
+        return self
+
+
+class PriorNetworkConfig(StrictModel):
+    """The causal transformer that denoises image embeddings."""
+
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    dropout: float = 0.0
+    embed_dim: Optional[int] = None  # CLIP embedding width; None means `dim`
+    text_encoding_dim: Optional[int] = None  # CLIP text token width; None means `embed_dim`
+    max_text_len: int = 77
+
+    @property
+    def resolved_embed_dim(self) -> int:
+        return self.embed_dim or self.dim
+
+    @property
+    def resolved_text_encoding_dim(self) -> int:
+        return self.text_encoding_dim or self.resolved_embed_dim
+
+
+class PriorConfig(StrictModel):
+    """The diffusion prior: text embedding -> image embedding."""
+
+    net: PriorNetworkConfig = PriorNetworkConfig()
+    image_embed_dim: Optional[int] = None  # None: the network's embed_dim
+    predict: Literal["x0", "eps", "v"] = "x0"
+    cond_drop_prob: float = 0.2
+    condition_on_text_encodings: bool = False
+    sampling_clamp_l2norm: bool = False  # project predicted x0 back onto the sphere while sampling
+    num_samples_per_batch: int = 2  # candidates per text at sampling; the closest to the text wins
+    diffusion: DiffusionConfig = DiffusionConfig(timesteps=100, sample_timesteps=64)
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> "PriorConfig":
+        net_dim = self.net.resolved_embed_dim
+        if self.image_embed_dim is not None and self.image_embed_dim != net_dim:
+            raise ValueError(
+                f"image_embed_dim ({self.image_embed_dim}) must equal net.embed_dim ({net_dim}); set net.embed_dim"
+            )
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        return self
+
+
+class UnetConfig(StrictModel):
+    """One U-Net of the decoder cascade."""
+
+    dim: int = 64
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    num_resnet_blocks: Union[int, tuple[int, ...]] = 2
+    layer_attns: Union[bool, tuple[bool, ...]] = (False, False, False, True)
+    layer_cross_attns: Union[bool, tuple[bool, ...]] = (False, False, False, True)
+    channels: int = 3
+    image_embed_dim: int = 512
+    num_image_tokens: int = 4
+    cond_dim: Optional[int] = None  # width of the cross-attention context; None means `dim`
+    cond_on_text_encodings: bool = False
+    text_encoding_dim: Optional[int] = None  # None means image_embed_dim
+    lowres_cond: bool = False
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+    groups: int = 8
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> "UnetConfig":
+        levels = len(self.dim_mults)
+        for name in ("num_resnet_blocks", "layer_attns", "layer_cross_attns"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != levels:
+                raise ValueError(f"{name} has {len(value)} entries but dim_mults has {levels}")
+        for mult in self.dim_mults:
+            if (self.dim * mult) % self.groups:
+                raise ValueError(f"dim*dim_mult ({self.dim * mult}) must be divisible by groups ({self.groups})")
+        return self
+
+    def per_level(self, name: str) -> tuple:
+        """A per-level setting expanded to one entry per resolution."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * len(self.dim_mults)
+
+
+class DecoderConfig(StrictModel):
+    """A cascade of U-Nets from low to high resolution."""
+
+    unets: list[UnetConfig] = [UnetConfig()]
+    image_sizes: tuple[int, ...] = (64,)
+    channels: int = 3
+    predict: Literal["eps", "x0", "v"] = "eps"
+    diffusion: Union[DiffusionConfig, list[DiffusionConfig]] = DiffusionConfig()
+    image_cond_drop_prob: float = 0.1
+    text_cond_drop_prob: float = 0.5
+    unconditional: bool = False
+    lowres_noise_max: float = 0.2  # highest noise level (fraction of timesteps) used to augment the low-res input
+    lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)
+
+    @field_validator("image_sizes", mode="before")
+    @classmethod
+    def _sizes_to_tuple(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _check_cascade(self) -> "DecoderConfig":
+        if len(self.image_sizes) != len(self.unets):
+            raise ValueError(f"image_sizes has {len(self.image_sizes)} entries but there are {len(self.unets)} unets")
+        if list(self.image_sizes) != sorted(set(self.image_sizes)):
+            raise ValueError(f"image_sizes must be strictly ascending, got {self.image_sizes}")
+        if isinstance(self.diffusion, list) and len(self.diffusion) != len(self.unets):
+            raise ValueError(f"diffusion has {len(self.diffusion)} entries but there are {len(self.unets)} unets")
+        for i, unet in enumerate(self.unets):
+            if unet.lowres_cond != (i > 0):
+                raise ValueError(f"unets[{i}].lowres_cond must be {i > 0}: only upsampler stages take a low-res image")
+        return self
+
+    def diffusion_for(self, index: int) -> DiffusionConfig:
+        """The diffusion settings of unet `index` (one shared, or one per unet)."""
+        return self.diffusion[index] if isinstance(self.diffusion, list) else self.diffusion
+
+
+class TrainerConfig(StrictModel):
+    """Optimisation settings shared by the prior and decoder trainers."""
+
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    ema_beta: float = 0.99
+    ema_update_after_step: int = 0
+    ema_update_every: int = 1
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_accum_every: int = 1
+    max_batch_size: Optional[int] = None  # split larger batches into chunks of this size
+
+
+DIFFUSION_FIELDS = tuple(DiffusionConfig.model_fields)
+
+
+def with_diffusion_kwargs(config_cls: type[StrictModel], kwargs: dict) -> dict:
+    """Fold flat diffusion keywords (`timesteps=100`, as lucidrains' API takes them) into `diffusion`."""
+    fields = {k: v for k, v in kwargs.items() if k not in DIFFUSION_FIELDS}
+    flat = {k: v for k, v in kwargs.items() if k in DIFFUSION_FIELDS}
+    if flat:
+        base = config_cls.model_fields["diffusion"].default
+        base = base.model_dump() if isinstance(base, DiffusionConfig) else {}
+        if "timesteps" in flat and "sample_timesteps" not in flat:
+            base["sample_timesteps"] = None  # the default step count may not fit the new schedule
+        fields["diffusion"] = {**base, **flat}
+    return fields
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Fields whose values differ between two config dicts, as 'path: saved -> current'."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_diff(a, b, prefix=f"{path}."))
+        elif _normalise(a) != _normalise(b):
+            diffs.append(f"{path}: checkpoint {a!r}, model {b!r}")
+    return diffs
+
+
+def _normalise(value: Any) -> Any:
+    # JSON/YAML round trips turn tuples into lists; compare them as equal.
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
+
+
+def registry_names(kind: str) -> list[str]:
+    """Names of the architectures registered for `kind` ('prior', 'decoder', 'clip')."""
+    folder = resources.files("dalle2") / "model_configs" / kind
+    return sorted(p.name.rsplit(".", 1)[0] for p in folder.iterdir() if p.name.endswith((".yaml", ".json")))
+
+
+def load_registered(kind: str, name: str) -> dict:
+    """The raw dict of a registered architecture, e.g. `load_registered('prior', 'tiny')`."""
+    folder = resources.files("dalle2") / "model_configs" / kind
+    for suffix in (".yaml", ".json"):
+        path = folder / f"{name}{suffix}"
+        if path.is_file():
+            return yaml.safe_load(path.read_text())
+    raise KeyError(f"no {kind} architecture named {name!r}; registered: {registry_names(kind)}")
+
+
+def resolve(config_cls: type[StrictModel], value: Union[str, dict, StrictModel, None], kind: str) -> StrictModel:
+    """A config from a registered name, a dict (optionally with `base: <name>` to extend one) or an instance."""
+    if value is None:
+        return config_cls()
+    if isinstance(value, config_cls):
+        return value
+    if isinstance(value, str):
+        return config_cls(**load_registered(kind, value))
+    value = dict(value)
+    base = value.pop("base", None)
+    merged = _deep_merge(load_registered(kind, base), value) if base else value
+    return config_cls(**merged)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, val in override.items():
+        out[key] = _deep_merge(out[key], val) if isinstance(val, dict) and isinstance(out.get(key), dict) else val
+    return out
+
+
+def as_tuple(value: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    """An int or a sequence as a tuple."""
+    return (value,) if isinstance(value, int) else tuple(value)

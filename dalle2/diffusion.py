@@ -1,0 +1,267 @@
+"""Gaussian diffusion math shared by the prior and the decoder.
+
+Everything about noise lives here: beta schedules, the forward process (`q_sample`), conversions
+between the eps / x0 / v parameterisations, the posterior, DDPM and DDIM steps, classifier-free
+guidance, p2 loss weighting and RePaint inpainting. Networks never appear in this module: a model is
+passed in as `model_fn(x_t, t) -> raw output` in the parameterisation named by `predict`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Prediction = Literal["eps", "x0", "v"]
+BetaSchedule = Literal["cosine", "linear"]
+LossType = Literal["l1", "l2", "huber"]
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+X0Transform = Callable[[Tensor], Tensor]
+
+
+def cosine_betas(timesteps: int, s: float = 0.008) -> Tensor:
+    """Betas of the cosine schedule (Nichol & Dhariwal 2021)."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alphas_cumprod = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(0, 0.999)
+
+
+def linear_betas(timesteps: int) -> Tensor:
+    """Betas of the linear schedule (Ho et al. 2020), rescaled so any step count spans the same noise."""
+    scale = 1000 / timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {"cosine": cosine_betas, "linear": linear_betas}
+
+
+def extract(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """Pick `values[t]` per sample and shape it to broadcast against `x`."""
+    return values.gather(0, t).reshape(t.shape[0], *((1,) * (x.ndim - 1))).to(x.dtype)
+
+
+def guidance(cond_out: Tensor, null_out: Tensor, cond_scale: float) -> Tensor:
+    """Classifier-free guidance: move from the unconditional output towards the conditional one."""
+    if cond_scale == 1.0:
+        return cond_out
+    return null_out + (cond_out - null_out) * cond_scale
+
+
+class GaussianDiffusion(nn.Module):
+    """A discrete-time Gaussian diffusion process; buffers move with `.to(device)`."""
+
+    def __init__(
+        self,
+        timesteps: int = 1000,
+        beta_schedule: BetaSchedule = "cosine",
+        predict: Prediction = "eps",
+        p2_loss_weight_gamma: float = 0.0,
+        p2_loss_weight_k: float = 1.0,
+    ):
+        super().__init__()
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
+        if predict not in ("eps", "x0", "v"):
+            raise ValueError(f"predict must be 'eps', 'x0' or 'v', got {predict!r}")
+        self.timesteps = timesteps
+        self.predict = predict
+
+        betas = BETA_SCHEDULES[beta_schedule](timesteps)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+
+        # Derived from the config, so kept out of state dicts (persistent=False): checkpoints hold weights only.
+        def buffer(name: str, value: Tensor) -> None:
+            self.register_buffer(name, value.float(), persistent=False)
+
+        buffer("betas", betas)
+        buffer("alphas_cumprod", alphas_cumprod)
+        buffer("alphas_cumprod_prev", alphas_cumprod_prev)
+        buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
+        buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt())
+        buffer("sqrt_recip_alphas_cumprod", (1 / alphas_cumprod).sqrt())
+        buffer("sqrt_recipm1_alphas_cumprod", (1 / alphas_cumprod - 1).sqrt())
+        buffer("posterior_variance", posterior_variance)
+        # The posterior variance is 0 at t=0: clip the log so it stays finite.
+        buffer("posterior_log_variance", posterior_variance.clamp(min=1e-20).log())
+        buffer("posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod))
+        buffer("posterior_mean_coef2", (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod))
+        # p2 weighting (Choi et al. 2022): down-weights the easy, low-noise steps; gamma=0 gives 1.
+        buffer("p2_loss_weight", (p2_loss_weight_k + snr) ** -p2_loss_weight_gamma)
+
+    # ---- forward process and parameterisations ---------------------------------------------------
+
+    def sample_t(self, batch: int, device: torch.device | str) -> Tensor:
+        """Uniformly drawn training timesteps."""
+        return torch.randint(0, self.timesteps, (batch,), device=device, dtype=torch.long)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Noise `x0` to level `t`: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+
+    def v_from(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022)."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * eps - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network is trained to output, in the `predict` parameterisation."""
+        if self.predict == "eps":
+            return noise
+        if self.predict == "x0":
+            return x0
+        return self.v_from(x0, noise, t)
+
+    def x0_from_output(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Turn a raw network output back into a prediction of x0."""
+        if self.predict == "eps":
+            return self.x0_from_eps(x_t, t, output)
+        if self.predict == "x0":
+            return output
+        return self.x0_from_v(x_t, t, output)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log variance of q(x_{t-1} | x_t, x0)."""
+        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance, t, x_t)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def loss(
+        self,
+        model_fn: ModelFn,
+        x0: Tensor,
+        t: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+        loss_type: LossType = "l2",
+    ) -> Tensor:
+        """The denoising loss of `model_fn` on clean data `x0`, p2-weighted, averaged over the batch."""
+        t = self.sample_t(x0.shape[0], x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        output = model_fn(self.q_sample(x0, t, noise), t)
+        target = self.target(x0, noise, t)
+        losses = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
+        if loss_type not in losses:
+            raise ValueError(f"loss_type must be one of {sorted(losses)}, got {loss_type!r}")
+        per_sample = losses[loss_type](output.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (per_sample * extract(self.p2_loss_weight, t, per_sample)).mean()
+
+    # ---- sampling --------------------------------------------------------------------------------
+
+    def time_pairs(self, sample_timesteps: int) -> list[tuple[int, int]]:
+        """(t, t_prev) pairs from T-1 down to 0, `sample_timesteps` of them; t_prev=-1 means 'clean'."""
+        if not 1 <= sample_timesteps <= self.timesteps:
+            raise ValueError(f"sample_timesteps must be in [1, {self.timesteps}], got {sample_timesteps}")
+        times = torch.linspace(-1, self.timesteps - 1, sample_timesteps + 1).round().long().flip(0).tolist()
+        return list(zip(times[:-1], times[1:]))
+
+    def _predict_x0(self, model_fn: ModelFn, x: Tensor, t: Tensor, x0_transform: Optional[X0Transform]) -> Tensor:
+        x0 = self.x0_from_output(model_fn(x, t).float(), x, t)
+        return x0_transform(x0) if x0_transform is not None else x0
+
+    def ddpm_step(self, model_fn: ModelFn, x: Tensor, t: int, x0_transform=None, generator=None) -> tuple[Tensor, Tensor]:
+        """One ancestral step x_t -> x_{t-1}; returns (x_{t-1}, predicted x0)."""
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        x0 = self._predict_x0(model_fn, x, t_batch, x0_transform)
+        mean, _, log_var = self.q_posterior(x0, x, t_batch)
+        if t == 0:
+            return mean, x0
+        noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        return mean + (0.5 * log_var).exp() * noise, x0
+
+    def ddim_step(
+        self, model_fn: ModelFn, x: Tensor, t: int, t_prev: int, eta: float = 0.0, x0_transform=None, generator=None
+    ) -> tuple[Tensor, Tensor]:
+        """One DDIM step x_t -> x_{t_prev} (Song et al. 2021); eta=0 is deterministic."""
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        x0 = self._predict_x0(model_fn, x, t_batch, x0_transform)
+        if t_prev < 0:
+            return x0, x0
+        eps = self.eps_from_x0(x, t_batch, x0)
+        alpha, alpha_prev = self.alphas_cumprod[t], self.alphas_cumprod[t_prev]
+        sigma = eta * ((1 - alpha / alpha_prev) * (1 - alpha_prev) / (1 - alpha)).sqrt()
+        direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
+        x_prev = alpha_prev.sqrt() * x0 + direction
+        if eta > 0:
+            x_prev = x_prev + sigma * torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        return x_prev, x0
+
+    def renoise(self, x_prev: Tensor, t_prev: int, t: int, generator=None) -> Tensor:
+        """Diffuse forward from level t_prev back to level t (RePaint's resampling jump)."""
+        ratio = self.alphas_cumprod[t] / self.alphas_cumprod[t_prev]
+        noise = torch.randn(x_prev.shape, device=x_prev.device, generator=generator, dtype=x_prev.dtype)
+        return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        shape: tuple[int, ...],
+        *,
+        device: torch.device | str = "cpu",
+        sample_timesteps: Optional[int] = None,
+        eta: float = 0.0,
+        x0_transform: Optional[X0Transform] = None,
+        noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        inpaint_image: Optional[Tensor] = None,
+        inpaint_mask: Optional[Tensor] = None,
+        inpaint_resample_times: int = 1,
+        progress: bool = False,
+    ) -> Tensor:
+        """Draw samples: DDPM over all steps, or DDIM when `sample_timesteps` < `timesteps`.
+
+        With `inpaint_image` and `inpaint_mask` (True/1 = known pixel), the known region is
+        re-imposed at every noise level and each step is resampled `inpaint_resample_times` times
+        (RePaint, Lugmayr et al. 2022); the known pixels of the result equal `inpaint_image`.
+        """
+        steps = sample_timesteps or self.timesteps
+        use_ddim = steps < self.timesteps
+        if noise is None:
+            noise = torch.randn(shape, device=device, generator=generator)
+        x = noise
+        inpainting = inpaint_image is not None
+        if inpainting:
+            if inpaint_mask is None:
+                raise ValueError("inpaint_mask is required with inpaint_image")
+            known = inpaint_mask.to(device=x.device, dtype=torch.bool).expand_as(x)
+            inpaint_image = inpaint_image.to(x)
+
+        pairs = self.time_pairs(steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            pairs = tqdm(pairs, desc="sampling", leave=False)
+        for t, t_prev in pairs:
+            repeats = inpaint_resample_times if inpainting else 1
+            for r in range(repeats):
+                if inpainting:
+                    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+                    noised_known = self.q_sample(inpaint_image, t_batch, torch.randn(x.shape, device=x.device, generator=generator))
+                    x = torch.where(known, noised_known, x)
+                if use_ddim:
+                    x_prev, _ = self.ddim_step(model_fn, x, t, t_prev, eta, x0_transform, generator)
+                else:
+                    x_prev, _ = self.ddpm_step(model_fn, x, t, x0_transform, generator)
+                if r < repeats - 1 and t_prev >= 0:
+                    x = self.renoise(x_prev, t_prev, t, generator)
+                else:
+                    x = x_prev
+        if inpainting:
+            x = torch.where(known, inpaint_image, x)
+        return x

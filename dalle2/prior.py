@@ -1,0 +1,216 @@
+"""The diffusion prior: a causal transformer that denoises CLIP image embeddings given the text.
+
+DALL-E 2 (Ramesh et al. 2022, section 2.2): the prior sees the sequence
+[text encodings..., text embed, time, noised image embed, query] and reads the denoised image
+embedding off the final token. It predicts x0 directly, on image embeddings scaled to norm sqrt(dim).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .configs import PriorConfig, PriorNetworkConfig, with_diffusion_kwargs
+from .diffusion import GaussianDiffusion, guidance
+from .layers import Attention, FeedForward, l2norm, time_mlp
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm causal self-attention and feed-forward."""
+
+    def __init__(self, c: PriorNetworkConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(c.dim)
+        self.attn = Attention(c.dim, heads=c.heads, dim_head=c.dim_head, dropout=c.dropout)
+        self.ff_norm = nn.LayerNorm(c.dim)
+        self.ff = FeedForward(c.dim, mult=c.ff_mult, dropout=c.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), causal=True)
+        return x + self.ff(self.ff_norm(x))
+
+
+class DiffusionPriorNetwork(nn.Module):
+    """Causal transformer over (text encodings, text embed, time, noised image embed, query)."""
+
+    def __init__(self, config: Optional[PriorNetworkConfig] = None, **kwargs):
+        super().__init__()
+        c = self.config = config if config is not None else PriorNetworkConfig(**kwargs)
+        embed_dim, enc_dim = c.resolved_embed_dim, c.resolved_text_encoding_dim
+        self.to_text_embed = nn.Linear(embed_dim, c.dim)
+        self.to_image_embed = nn.Linear(embed_dim, c.dim)
+        self.to_text_encodings = nn.Linear(enc_dim, c.dim)
+        self.to_time = time_mlp(c.dim, c.dim)
+        self.query = nn.Parameter(torch.randn(c.dim) * 0.02)
+        # Learned stand-ins for dropped conditioning (classifier-free guidance) and for padded tokens.
+        self.null_text_embed = nn.Parameter(torch.randn(c.dim) * 0.02)
+        self.null_text_encodings = nn.Parameter(torch.randn(c.max_text_len, c.dim) * 0.02)
+        self.pos_emb = nn.Parameter(torch.randn(c.max_text_len + 4, c.dim) * 0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(c) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.to_out = nn.Linear(c.dim, embed_dim)
+
+    def forward(
+        self,
+        image_embed: Tensor,
+        t: Tensor,
+        text_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        cond_drop_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Predict from a noised `image_embed` [B, D] at steps `t` [B]; `cond_drop_mask` [B] True drops the text."""
+        batch = image_embed.shape[0]
+        drop = torch.zeros(batch, dtype=torch.bool, device=image_embed.device) if cond_drop_mask is None else cond_drop_mask
+
+        text_token = torch.where(drop[:, None], self.null_text_embed, self.to_text_embed(text_embed))
+        tokens = [text_token[:, None], self.to_time(t)[:, None], self.to_image_embed(image_embed)[:, None]]
+        if text_encodings is not None:
+            length = text_encodings.shape[1]
+            if length > self.config.max_text_len:
+                raise ValueError(f"text_encodings has {length} tokens, more than max_text_len={self.config.max_text_len}")
+            keep = torch.ones(batch, length, dtype=torch.bool, device=image_embed.device) if text_mask is None else text_mask
+            keep = keep & ~drop[:, None]
+            # Padded and dropped positions get learned null tokens rather than a key mask, so every
+            # causal row keeps at least one valid key.
+            encodings = torch.where(keep[..., None], self.to_text_encodings(text_encodings), self.null_text_encodings[:length])
+            tokens.insert(0, encodings)
+        tokens.append(self.query.expand(batch, 1, -1))
+
+        x = torch.cat(tokens, dim=1)
+        x = x + self.pos_emb[: x.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.to_out(self.norm(x[:, -1]))
+
+
+class DiffusionPrior(nn.Module):
+    """Text embedding -> CLIP image embedding by diffusion; trains through CLIP or on precomputed embeds."""
+
+    def __init__(
+        self,
+        net: Optional[DiffusionPriorNetwork] = None,
+        clip: Optional[nn.Module] = None,
+        config: Optional[PriorConfig] = None,
+        **kwargs,
+    ):
+        super().__init__()
+        if config is None:
+            fields = with_diffusion_kwargs(PriorConfig, kwargs)
+            if net is not None:
+                fields["net"] = net.config
+            config = PriorConfig(**fields)
+        self.config = config
+        self.net = net if net is not None else DiffusionPriorNetwork(config.net)
+        self.clip = clip
+        self.image_embed_dim = config.net.resolved_embed_dim
+        if clip is not None and clip.embed_dim != self.image_embed_dim:
+            raise ValueError(f"CLIP embeds to {clip.embed_dim} dims but the prior's image_embed_dim is {self.image_embed_dim}")
+        if clip is not None:
+            clip.requires_grad_(False)
+        d = config.diffusion
+        self.diffusion = GaussianDiffusion(d.timesteps, d.beta_schedule, config.predict, d.p2_loss_weight_gamma, d.p2_loss_weight_k)
+        # The paper scales image embeds to norm sqrt(D), so each component has about unit variance.
+        self.image_embed_scale = self.image_embed_dim**0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.query.device
+
+    def encode_text(self, text: Union[Sequence[str], Tensor]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """CLIP text embed, and text encodings with their mask when the prior conditions on them."""
+        if self.clip is None:
+            raise ValueError("the prior has no CLIP: pass text_embed (and text_encodings) instead of text")
+        out = self.clip.embed_text(text)
+        if self.config.condition_on_text_encodings:
+            return out.text_embed, out.text_encodings, out.mask
+        return out.text_embed, None, None
+
+    def _conditioning(self, text, text_embed, text_encodings, text_mask):
+        if text_embed is None:
+            if text is None:
+                raise ValueError("pass either text or text_embed")
+            text_embed, text_encodings, text_mask = self.encode_text(text)
+        if self.config.condition_on_text_encodings and text_encodings is None:
+            raise ValueError("condition_on_text_encodings is set: pass text_encodings (or text, with CLIP)")
+        if not self.config.condition_on_text_encodings:
+            text_encodings, text_mask = None, None
+        return text_embed.float(), text_encodings, text_mask
+
+    def forward(
+        self,
+        text: Union[Sequence[str], Tensor, None] = None,
+        image: Optional[Tensor] = None,
+        text_embed: Optional[Tensor] = None,
+        image_embed: Optional[Tensor] = None,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The training loss on a batch of (text, image) or precomputed (text_embed, image_embed)."""
+        text_embed, text_encodings, text_mask = self._conditioning(text, text_embed, text_encodings, text_mask)
+        if image_embed is None:
+            if image is None or self.clip is None:
+                raise ValueError("pass image_embed, or image with a prior that has CLIP")
+            image_embed = self.clip.embed_image(image)
+        x0 = l2norm(image_embed.float()) * self.image_embed_scale
+        drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_drop_prob
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.net(x, t, text_embed, text_encodings, text_mask, cond_drop_mask=drop)
+
+        return self.diffusion.loss(model_fn, x0, loss_type=self.config.diffusion.loss_type)
+
+    def guided_model_fn(self, text_embed: Tensor, text_encodings, text_mask, cond_scale: float):
+        """model_fn(x, t) with classifier-free guidance; conditional and null passes share one batch."""
+        if cond_scale == 1.0:
+            return lambda x, t: self.net(x, t, text_embed, text_encodings, text_mask)
+
+        def double(z: Optional[Tensor]) -> Optional[Tensor]:
+            return None if z is None else torch.cat([z, z])
+
+        batch = text_embed.shape[0]
+        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(text_embed.device)
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            out = self.net(double(x), double(t), double(text_embed), double(text_encodings), double(text_mask), drop)
+            cond_out, null_out = out.chunk(2)
+            return guidance(cond_out, null_out, cond_scale)
+
+        return model_fn
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text: Union[Sequence[str], Tensor, None] = None,
+        text_embed: Optional[Tensor] = None,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        cond_scale: float = 1.0,
+        sample_timesteps: Optional[int] = None,
+        num_samples_per_batch: Optional[int] = None,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Unit-norm image embeds [B, D]; draws several per text and keeps the closest to the text embed."""
+        text_embed, text_encodings, text_mask = self._conditioning(text, text_embed, text_encodings, text_mask)
+        n = num_samples_per_batch or self.config.num_samples_per_batch
+        batch = text_embed.shape[0]
+
+        def repeat(z: Optional[Tensor]) -> Optional[Tensor]:
+            return None if z is None else z.repeat_interleave(n, dim=0)
+
+        model_fn = self.guided_model_fn(repeat(text_embed), repeat(text_encodings), repeat(text_mask), cond_scale)
+        clamp = (lambda x0: l2norm(x0) * self.image_embed_scale) if self.config.sampling_clamp_l2norm else None
+        steps = sample_timesteps or self.config.diffusion.sample_timesteps
+        samples = self.diffusion.sample(
+            model_fn, (batch * n, self.image_embed_dim), device=text_embed.device, sample_timesteps=steps,
+            eta=eta, x0_transform=clamp, generator=generator,
+        )
+        samples = l2norm(samples).view(batch, n, -1)
+        if n == 1:
+            return samples[:, 0]
+        similarity = torch.einsum("bnd,bd->bn", samples, l2norm(text_embed))
+        best = similarity.argmax(dim=1)
+        return samples[torch.arange(batch, device=samples.device), best]

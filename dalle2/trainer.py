@@ -1,0 +1,204 @@
+"""Trainers for the prior and the decoder: AdamW with warmup, clipping, EMA, autocast, accumulation.
+
+A trainer optimises one or more *parts* of a model, each with its own optimizer, schedule and EMA:
+the prior has one part (its network), the decoder one per U-Net, so each stage of the cascade is
+trained on its own. Samples come from the EMA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint, trainable_state, EMA_FILE, exists
+from .configs import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers."""
+
+    def __init__(self, module: nn.Module, beta: float = 0.99, update_after_step: int = 0, update_every: int = 1):
+        self.beta, self.update_after_step, self.update_every = beta, update_after_step, update_every
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        """Blend the module's current weights into the average (a plain copy before `update_after_step`)."""
+        if step % self.update_every:
+            return
+        beta = 0.0 if step <= self.update_after_step else self.beta
+        for key, value in module.state_dict().items():
+            if key in self.shadow:
+                self.shadow[key].lerp_(value.detach().to(self.shadow[key].dtype), 1 - beta)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load the EMA weights into `module`."""
+        live = {k: v.detach().clone() for k, v in module.state_dict().items() if k in self.shadow}
+        module.load_state_dict(self.shadow, strict=False)
+        try:
+            yield module
+        finally:
+            module.load_state_dict(live, strict=False)
+
+
+def split_batch(batch: dict[str, Any], max_batch_size: Optional[int]) -> list[tuple[dict[str, Any], float]]:
+    """Chunks of at most `max_batch_size` rows, each with its fraction of the batch."""
+    sizes = {len(v) for v in batch.values() if isinstance(v, (Tensor, list, tuple))}
+    if len(sizes) != 1:
+        raise ValueError(f"batch fields have different lengths: { {k: len(v) for k, v in batch.items() if v is not None} }")
+    size = sizes.pop()
+    if not max_batch_size or size <= max_batch_size:
+        return [(batch, 1.0)]
+    chunks = []
+    for start in range(0, size, max_batch_size):
+        chunk = {k: v[start : start + max_batch_size] if isinstance(v, (Tensor, list, tuple)) else v for k, v in batch.items()}
+        chunks.append((chunk, min(max_batch_size, size - start) / size))
+    return chunks
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on the model's device, or nothing."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class DiffusionTrainer:
+    """Optimises the parts of `model`; subclasses say how a batch becomes a loss."""
+
+    def __init__(self, model: nn.Module, parts: Sequence[nn.Module], config: Optional[TrainerConfig] = None,
+                 device: Optional[torch.device | str] = None, **kwargs):
+        self.config = c = config if config is not None else TrainerConfig(**kwargs)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if c.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"trainer.amp='fp16' needs a CUDA device, the model is on {self.device}; use 'bf16'")
+        self.model = model.to(self.device)
+        self.parts = list(parts)
+        self.optimizers = [
+            torch.optim.AdamW(p.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas) for p in self.parts
+        ]
+        warmup = max(c.warmup_steps, 1)
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup)) for opt in self.optimizers
+        ]
+        self.emas = [EMA(p, c.ema_beta, c.ema_update_after_step, c.ema_update_every) for p in self.parts]
+        self.scalers = [torch.amp.GradScaler("cuda", enabled=c.amp == "fp16") for _ in self.parts]
+        self.steps = [0 for _ in self.parts]
+        self._pending = [0 for _ in self.parts]  # micro-batches accumulated since the last optimizer step
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken, summed over parts."""
+        return sum(self.steps)
+
+    def compute_loss(self, batch: dict[str, Any], part: int) -> Tensor:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict[str, Any], part: int = 0) -> float:
+        """Backpropagate one batch (split into `max_batch_size` chunks); step every `grad_accum_every` calls."""
+        c = self.config
+        self.model.train()
+        total = 0.0
+        for chunk, fraction in split_batch(batch, c.max_batch_size):
+            with autocast_context(self.device, c.amp):
+                loss = self.compute_loss(chunk, part) * fraction
+            self.scalers[part].scale(loss / c.grad_accum_every).backward()
+            total += loss.item()
+        self._pending[part] += 1
+        if self._pending[part] >= c.grad_accum_every:
+            self._optimizer_step(part)
+        return total
+
+    def _optimizer_step(self, part: int) -> None:
+        optimizer, scaler = self.optimizers[part], self.scalers[part]
+        if self.config.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self.parts[part].parameters(), self.config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self.schedulers[part].step()
+        self.steps[part] += 1
+        self._pending[part] = 0
+        self.emas[part].update(self.parts[part], self.steps[part])
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[nn.Module]:
+        """The model with every part's EMA weights loaded, for sampling and evaluation."""
+        with contextlib.ExitStack() as stack:
+            for ema, part in zip(self.emas, self.parts):
+                stack.enter_context(ema.swapped_into(part))
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                yield self.model
+            finally:
+                self.model.train(was_training)
+
+    def model_config(self) -> dict:
+        return self.model.config.model_dump(mode="json")
+
+    def save(self, root: str, extra: Optional[dict[str, Any]] = None, storage_options: Optional[dict] = None) -> None:
+        """Save weights, EMA weights and optimizer state to the folder `root` (any fsspec URL)."""
+        with self.ema_weights():
+            ema_state = trainable_state(self.model)
+        state = {
+            "steps": self.steps,
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scalers": [s.state_dict() for s in self.scalers],
+            "trainer_config": self.config.model_dump(mode="json"),
+            "extra": extra or {},
+        }
+        save_checkpoint(root, self.model, self.model_config(), ema=ema_state, state=state, storage_options=storage_options)
+
+    def load(self, root: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
+        """Resume from `root`; returns the `extra` dict given to `save` (e.g. the data position)."""
+        state = load_checkpoint(root, self.model, self.model_config(), storage_options)
+        for items, key in ((self.optimizers, "optimizers"), (self.schedulers, "schedulers"), (self.scalers, "scalers")):
+            for item, item_state in zip(items, state[key]):
+                item.load_state_dict(item_state)
+        self.steps = list(state["steps"])
+        if exists(root.rstrip("/") + "/" + EMA_FILE, storage_options):
+            ema_weights = load_weights(root, EMA_FILE, storage_options)
+            for ema, part in zip(self.emas, self.parts):
+                prefix = _prefix_of(self.model, part)
+                for key in ema.shadow:
+                    ema.shadow[key].copy_(ema_weights[prefix + key])
+        return state.get("extra", {})
+
+
+def _prefix_of(model: nn.Module, part: nn.Module) -> str:
+    """The state-dict prefix under which `part` sits inside `model`."""
+    for name, module in model.named_modules():
+        if module is part:
+            return f"{name}." if name else ""
+    raise ValueError("part is not a submodule of the model")
+
+
+class PriorTrainer(DiffusionTrainer):
+    """Trains a DiffusionPrior; batches are dicts of DiffusionPrior.forward's arguments."""
+
+    def __init__(self, prior: nn.Module, config: Optional[TrainerConfig] = None, device=None, **kwargs):
+        super().__init__(prior, [prior.net], config, device, **kwargs)
+
+    def compute_loss(self, batch: dict[str, Any], part: int) -> Tensor:
+        return self.model(**_to_device(batch, self.device))
+
+    @torch.no_grad()
+    def sample(self, **kwargs) -> Tensor:
+        """Image embeds sampled with the EMA weights."""
+        with self.ema_weights() as prior:
+            return prior.sample(**_to_device(kwargs, self.device))
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}

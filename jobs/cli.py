@@ -1,0 +1,37 @@
+"""The `dalle2` command: one subcommand per job, each forwarding its arguments to that job's main(argv)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "toy-prior": ("jobs.toy_prior", "train the prior on generated embeddings and print its metrics"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: dalle2 COMMAND [--config run.yaml] [--set section.field=value ...]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Dispatch `dalle2 COMMAND ...` to the job module's main."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"dalle2: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    module.main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The CLIP adapter over open_clip, on the tiny registered architecture."""
+
+import pytest
+import torch
+
+from dalle2 import ClipAdapter
+from dalle2.checkpoint import ConfigMismatchError, load_checkpoint
+
+
+def test_shapes_and_unit_norms(tiny_clip):
+    out = tiny_clip.embed_text(["a red square", "two small blue circles on the left"])
+    assert out.text_embed.shape == (2, tiny_clip.embed_dim)
+    assert out.text_encodings.shape == (2, tiny_clip.max_text_len, tiny_clip.text_encoding_dim)
+    torch.testing.assert_close(out.text_embed.norm(dim=-1), torch.ones(2))
+    # sot + words + eot: the longer caption has more real tokens; padding is masked out.
+    assert 2 < out.mask[0].sum() < out.mask[1].sum() < tiny_clip.max_text_len
+    image_embed = tiny_clip.embed_image(torch.rand(3, 3, 50, 41))  # any size is resized inside
+    assert image_embed.shape == (3, tiny_clip.embed_dim)
+    torch.testing.assert_close(image_embed.norm(dim=-1), torch.ones(3))
+
+
+def test_tokenizer_works_offline_and_token_ids_match_strings(tiny_clip):
+    tokens = tiny_clip.tokenize(["a green triangle"])
+    assert tokens.dtype == torch.long and tokens.shape == (1, tiny_clip.max_text_len)
+    assert tokens[0, 0] == tokens.max() - 1  # start-of-text precedes end-of-text in the vocab
+    by_string = tiny_clip.embed_text(["a green triangle"]).text_embed
+    by_ids = tiny_clip.embed_text(tokens).text_embed
+    torch.testing.assert_close(by_string, by_ids)
+    different = tiny_clip.embed_text(["a yellow star"]).text_embed
+    assert not torch.allclose(by_string, different)
+
+
+def test_preprocess_matches_model_input(tiny_clip):
+    pixels = tiny_clip.preprocess(torch.rand(2, 3, 64, 96))
+    assert pixels.shape == (2, 3, tiny_clip.image_size, tiny_clip.image_size)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        tiny_clip.preprocess(torch.rand(3, 32, 32))
+
+
+@pytest.mark.parametrize("root", ["local", "memory://clip-roundtrip"])
+def test_save_load_gives_identical_outputs(tiny_clip, tmp_path, root):
+    root = str(tmp_path / "clip") if root == "local" else root
+    tiny_clip.save(root)
+    loaded = ClipAdapter.from_checkpoint(root)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.embed_image(images), tiny_clip.embed_image(images), rtol=0, atol=0)
+    texts = ["a red square", "a blue circle"]
+    torch.testing.assert_close(loaded.embed_text(texts).text_encodings, tiny_clip.embed_text(texts).text_encodings, rtol=0, atol=0)
+
+
+def test_loading_into_another_architecture_names_the_field(tiny_clip, tmp_path):
+    tiny_clip.save(str(tmp_path / "clip"))
+    other = ClipAdapter("small-clip")
+    with pytest.raises(ConfigMismatchError, match="model_name: checkpoint 'tiny-clip', model 'small-clip'"):
+        load_checkpoint(str(tmp_path / "clip"), other.model, other.checkpoint_config())
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="no-such-clip"):
+        ClipAdapter("no-such-clip")
