@@ -68,6 +68,44 @@ def prior_sample_ddim64() -> dict:
     return {"samples_per_s": 64 / seconds, "params": sum(p.numel() for p in net.parameters()), "batch": 64}
 
 
+def decoder_training(unet_kwargs: dict, image_sizes: tuple, unet_number: int, batch: int) -> dict:
+    from dalle2 import Decoder, DecoderTrainer, Unet
+
+    unets = [Unet(image_embed_dim=256, lowres_cond=i > 0, **kw) for i, kw in enumerate(unet_kwargs)]
+    decoder = Decoder(unet=unets, image_sizes=image_sizes, timesteps=100)
+    trainer = DecoderTrainer(decoder, unet_numbers=[unet_number])
+    size = image_sizes[-1]
+    data = {"image": torch.rand(batch, 3, size, size), "image_embed": torch.randn(batch, 256)}
+    seconds = timed(lambda: trainer.train_step(data, unet_number=unet_number), warmup=2, iters=8)
+    params = sum(p.numel() for p in unets[unet_number - 1].parameters())
+    return {"samples_per_s": batch / seconds, "params": params, "batch": batch}
+
+
+BASE_UNET = dict(dim=32, cond_dim=64, dim_mults=(1, 2, 4))
+
+
+@case
+def decoder_train_unet1_64px() -> dict:
+    return decoder_training([BASE_UNET], (64,), unet_number=1, batch=8)
+
+
+@case
+def decoder_train_unet2_64_to_128px() -> dict:
+    upsampler = dict(dim=16, dim_mults=(1, 2, 4, 8))
+    return decoder_training([BASE_UNET, upsampler], (64, 128), unet_number=2, batch=8)
+
+
+@case
+def decoder_sample_64px_ddim50() -> dict:
+    from dalle2 import Decoder, Unet
+
+    unet = Unet(image_embed_dim=256, **BASE_UNET)
+    decoder = Decoder(unet=unet, image_sizes=64, timesteps=100, sample_timesteps=50).eval()
+    embeds = torch.randn(4, 256)
+    seconds = timed(lambda: decoder.sample(image_embed=embeds, cond_scale=1.0), warmup=1, iters=2)
+    return {"samples_per_s": 4 / seconds, "params": sum(p.numel() for p in unet.parameters()), "batch": 4}
+
+
 def run_case(name: str) -> dict:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)

@@ -4,11 +4,14 @@ __version__ = "0.1.0"
 
 from .clip import ClipAdapter, ClipConfig  # noqa: E402
 from .configs import DecoderConfig, DiffusionConfig, PriorConfig, PriorNetworkConfig, TrainerConfig, UnetConfig  # noqa: E402
+from .decoder import Decoder  # noqa: E402
 from .diffusion import GaussianDiffusion  # noqa: E402
 from .prior import DiffusionPrior, DiffusionPriorNetwork  # noqa: E402
-from .trainer import PriorTrainer  # noqa: E402
+from .text_to_image import DALLE2, to_pil  # noqa: E402
+from .trainer import DecoderTrainer, PriorTrainer  # noqa: E402
+from .unet import Unet  # noqa: E402
 
 __all__ = [
-    "ClipAdapter", "ClipConfig", "DecoderConfig", "DiffusionConfig", "DiffusionPrior", "DiffusionPriorNetwork",
+    "DALLE2", "ClipAdapter", "ClipConfig", "Decoder", "DecoderConfig", "DecoderTrainer", "Unet", "to_pil", "DiffusionConfig", "DiffusionPrior", "DiffusionPriorNetwork",
     "GaussianDiffusion", "PriorConfig", "PriorNetworkConfig", "PriorTrainer", "TrainerConfig", "UnetConfig",
 ]

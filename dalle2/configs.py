@@ -91,14 +91,16 @@ class UnetConfig(StrictModel):
     dim: int = 64
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)
     num_resnet_blocks: Union[int, tuple[int, ...]] = 2
-    layer_attns: Union[bool, tuple[bool, ...]] = (False, False, False, True)
-    layer_cross_attns: Union[bool, tuple[bool, ...]] = (False, False, False, True)
+    # one flag per level, or one for all; None: only at the lowest resolution
+    layer_attns: Union[bool, tuple[bool, ...], None] = None
+    layer_cross_attns: Union[bool, tuple[bool, ...], None] = None
     channels: int = 3
     image_embed_dim: int = 512
     num_image_tokens: int = 4
     cond_dim: Optional[int] = None  # width of the cross-attention context; None means `dim`
     cond_on_text_encodings: bool = False
     text_encoding_dim: Optional[int] = None  # None means image_embed_dim
+    max_text_len: int = 77
     lowres_cond: bool = False
     attn_heads: int = 4
     attn_dim_head: int = 32
@@ -118,8 +120,10 @@ class UnetConfig(StrictModel):
 
     def per_level(self, name: str) -> tuple:
         """A per-level setting expanded to one entry per resolution."""
-        value = getattr(self, name)
-        return value if isinstance(value, tuple) else (value,) * len(self.dim_mults)
+        value, levels = getattr(self, name), len(self.dim_mults)
+        if value is None:
+            return (False,) * (levels - 1) + (True,)
+        return value if isinstance(value, tuple) else (value,) * levels
 
 
 class DecoderConfig(StrictModel):
@@ -135,6 +139,7 @@ class DecoderConfig(StrictModel):
     unconditional: bool = False
     lowres_noise_max: float = 0.2  # highest noise level (fraction of timesteps) used to augment the low-res input
     lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)
+    lowres_sample_noise: float = 0.1  # fixed noise level (fraction of timesteps) of the low-res input at sampling
 
     @field_validator("image_sizes", mode="before")
     @classmethod
@@ -191,17 +196,20 @@ def with_diffusion_kwargs(config_cls: type[StrictModel], kwargs: dict) -> dict:
     return fields
 
 
-def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Fields whose values differ between two config dicts, as 'path: saved -> current'."""
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
-        path = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs.extend(config_diff(a, b, prefix=f"{path}."))
-        elif _normalise(a) != _normalise(b):
-            diffs.append(f"{path}: checkpoint {a!r}, model {b!r}")
-    return diffs
+def config_diff(saved: Any, current: Any, path: str = "") -> list[str]:
+    """Fields whose values differ between two configs (dicts and lists, nested), as 'path: saved, current'."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        diffs = []
+        for key in sorted(set(saved) | set(current)):
+            sub = f"{path}.{key}" if path else str(key)
+            diffs.extend(config_diff(saved.get(key, "<missing>"), current.get(key, "<missing>"), sub))
+        return diffs
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current) \
+            and any(isinstance(v, dict) for v in saved):
+        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in config_diff(a, b, f"{path}[{i}]")]
+    if _normalise(saved) != _normalise(current):
+        return [f"{path}: checkpoint {saved!r}, model {current!r}"]
+    return []
 
 
 def _normalise(value: Any) -> Any:

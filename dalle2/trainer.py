@@ -77,11 +77,11 @@ class DiffusionTrainer:
     def __init__(self, model: nn.Module, parts: Sequence[nn.Module], config: Optional[TrainerConfig] = None,
                  device: Optional[torch.device | str] = None, **kwargs):
         self.config = c = config if config is not None else TrainerConfig(**kwargs)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(parts[0].parameters()).device
         if c.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"trainer.amp='fp16' needs a CUDA device, the model is on {self.device}; use 'bf16'")
-        self.model = model.to(self.device)
         self.parts = list(parts)
+        self.model = self.place(model)
         self.optimizers = [
             torch.optim.AdamW(p.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas) for p in self.parts
         ]
@@ -93,6 +93,10 @@ class DiffusionTrainer:
         self.scalers = [torch.amp.GradScaler("cuda", enabled=c.amp == "fp16") for _ in self.parts]
         self.steps = [0 for _ in self.parts]
         self._pending = [0 for _ in self.parts]  # micro-batches accumulated since the last optimizer step
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move what training needs to the device (subclasses may leave idle parts behind)."""
+        return model.to(self.device)
 
     @property
     def step(self) -> int:
@@ -156,6 +160,7 @@ class DiffusionTrainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scalers": [s.state_dict() for s in self.scalers],
             "trainer_config": self.config.model_dump(mode="json"),
+            "parts": [_prefix_of(self.model, p) for p in self.parts],
             "extra": extra or {},
         }
         save_checkpoint(root, self.model, self.model_config(), ema=ema_state, state=state, storage_options=storage_options)
@@ -163,6 +168,9 @@ class DiffusionTrainer:
     def load(self, root: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
         """Resume from `root`; returns the `extra` dict given to `save` (e.g. the data position)."""
         state = load_checkpoint(root, self.model, self.model_config(), storage_options)
+        parts = [_prefix_of(self.model, p) for p in self.parts]
+        if state.get("parts", parts) != parts:
+            raise ValueError(f"checkpoint {root} trained parts {state['parts']}, this trainer trains {parts}")
         for items, key in ((self.optimizers, "optimizers"), (self.schedulers, "schedulers"), (self.scalers, "scalers")):
             for item, item_state in zip(items, state[key]):
                 item.load_state_dict(item_state)
@@ -202,3 +210,42 @@ class PriorTrainer(DiffusionTrainer):
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+class DecoderTrainer(DiffusionTrainer):
+    """Trains the unets of a Decoder, each with its own optimizer and EMA.
+
+    `unet_numbers` picks the stages this trainer optimises (default: all); only those unets are moved
+    to the device, so training one stage of a large cascade never holds the others there.
+    """
+
+    def __init__(self, decoder: nn.Module, config: Optional[TrainerConfig] = None, device=None,
+                 unet_numbers: Optional[Sequence[int]] = None, **kwargs):
+        self.unet_numbers = list(unet_numbers or range(1, len(decoder.unets) + 1))
+        super().__init__(decoder, [decoder.unets[n - 1] for n in self.unet_numbers], config, device, **kwargs)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        for name, child in model.named_children():
+            if name != "unets":
+                child.to(self.device)
+        for part in self.parts:
+            part.to(self.device)
+        return model
+
+    def _part(self, unet_number: int) -> int:
+        if unet_number not in self.unet_numbers:
+            raise ValueError(f"this trainer trains unets {self.unet_numbers}, not unet {unet_number}")
+        return self.unet_numbers.index(unet_number)
+
+    def compute_loss(self, batch: dict[str, Any], part: int) -> Tensor:
+        return self.model(**_to_device(batch, self.device), unet_number=self.unet_numbers[part])
+
+    def train_step(self, batch: dict[str, Any], unet_number: int = 1) -> float:  # type: ignore[override]
+        """One training batch for stage `unet_number`."""
+        return super().train_step(batch, part=self._part(unet_number))
+
+    @torch.no_grad()
+    def sample(self, **kwargs) -> Tensor:
+        """Images from the cascade with the EMA weights."""
+        with self.ema_weights() as decoder:
+            return decoder.sample(**_to_device(kwargs, self.device))

@@ -1,0 +1,211 @@
+"""The decoder: a cascade of U-Nets from a CLIP image embedding to pixels, each stage trained on its own.
+
+Stage 1 generates at `image_sizes[0]` from the embedding; every later stage upsamples the previous
+stage's output, which it sees blurred and noised during training (noise conditioning augmentation,
+Ho et al. 2021) so that it tolerates the imperfect images of the stage before at sampling time.
+Images are [0, 1] at the API and [-1, 1] inside the diffusion.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.functional import gaussian_blur
+
+from .configs import DecoderConfig, with_diffusion_kwargs
+from .diffusion import GaussianDiffusion, guidance
+from .unet import Unet
+
+Text = Union[Sequence[str], Tensor, None]
+
+
+def resize_image(images: Tensor, size: int) -> Tensor:
+    """Resize [B, C, H, W] images to size x size (antialiased when shrinking)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class Decoder(nn.Module):
+    """Cascade of Unets; `decoder(images, image_embed=..., unet_number=k)` is the loss of stage k."""
+
+    def __init__(
+        self,
+        unet: Union[Unet, Sequence[Unet], None] = None,
+        clip: Optional[nn.Module] = None,
+        config: Optional[DecoderConfig] = None,
+        **kwargs,
+    ):
+        super().__init__()
+        unets = [unet] if isinstance(unet, Unet) else list(unet or [])
+        if config is None:
+            fields = with_diffusion_kwargs(DecoderConfig, kwargs)
+            if unets:
+                fields["unets"] = [u.config for u in unets]
+            config = DecoderConfig(**fields)
+        self.config = config
+        self.unets = nn.ModuleList(unets or [Unet(c) for c in config.unets])
+        self.diffusions = nn.ModuleList(
+            GaussianDiffusion(d.timesteps, d.beta_schedule, config.predict, d.p2_loss_weight_gamma, d.p2_loss_weight_k)
+            for d in (config.diffusion_for(i) for i in range(len(self.unets)))
+        )
+        self.clip = clip
+        if clip is not None:
+            clip.requires_grad_(False)
+            for i, u in enumerate(config.unets):
+                if not config.unconditional and u.image_embed_dim != clip.embed_dim:
+                    raise ValueError(f"unets[{i}].image_embed_dim={u.image_embed_dim} but CLIP embeds to {clip.embed_dim}")
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        return self.config.image_sizes
+
+    def _unet(self, unet_number: int) -> tuple[Unet, GaussianDiffusion, torch.device]:
+        if not 1 <= unet_number <= len(self.unets):
+            raise ValueError(f"unet_number must be in [1, {len(self.unets)}], got {unet_number}")
+        unet = self.unets[unet_number - 1]
+        return unet, self.diffusions[unet_number - 1], next(unet.parameters()).device
+
+    # ---- conditioning ----------------------------------------------------------------------------
+
+    def _conditioning(self, unet: Unet, device, images, text: Text, image_embed, text_encodings, text_mask):
+        """Image embed and text encodings for `unet`, from CLIP when they were not given."""
+        if self.config.unconditional:
+            return None, None, None
+        if image_embed is None:
+            if images is None or self.clip is None:
+                raise ValueError("pass image_embed, or images with a decoder that has CLIP")
+            image_embed = self.clip.embed_image(images)
+        if unet.config.cond_on_text_encodings:
+            if text_encodings is None:
+                if text is None or self.clip is None:
+                    raise ValueError("this decoder conditions on text: pass text_encodings, or text with CLIP")
+                out = self.clip.embed_text(text)
+                text_encodings, text_mask = out.text_encodings, out.mask
+            text_encodings = text_encodings.to(device)
+            text_mask = None if text_mask is None else text_mask.to(device)
+        else:
+            text_encodings, text_mask = None, None
+        return image_embed.to(device).float(), text_encodings, text_mask
+
+    def lowres_condition(
+        self, images: Tensor, unet_number: int, noise_times: Optional[Tensor] = None, blur: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The low-res input of an upsampler stage from [0, 1] images, noised to `noise_times`
+        (drawn up to `lowres_noise_max` of the schedule when None), and those times."""
+        _, diffusion, device = self._unet(unet_number)
+        c = self.config
+        size, previous = c.image_sizes[unet_number - 1], c.image_sizes[unet_number - 2]
+        low = resize_image(resize_image(images.to(device).float(), previous), size)
+        if blur:
+            sigma = float(torch.empty(1).uniform_(*c.lowres_blur_sigma))
+            low = gaussian_blur(low, kernel_size=3, sigma=sigma)
+        batch = low.shape[0]
+        if noise_times is None:
+            highest = max(int(c.lowres_noise_max * diffusion.timesteps), 0)
+            noise_times = torch.randint(0, highest + 1, (batch,), device=device)
+        noise = torch.randn(low.shape, device=device, generator=generator)
+        return diffusion.q_sample(low * 2 - 1, noise_times, noise), noise_times
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        image: Tensor,
+        text: Text = None,
+        image_embed: Optional[Tensor] = None,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        unet_number: int = 1,
+    ) -> Tensor:
+        """The loss of stage `unet_number` on [0, 1] images; touches no other unet."""
+        unet, diffusion, device = self._unet(unet_number)
+        image = image.to(device).float()
+        x0 = resize_image(image, self.image_sizes[unet_number - 1]) * 2 - 1
+        image_embed, text_encodings, text_mask = self._conditioning(
+            unet, device, image, text, image_embed, text_encodings, text_mask
+        )
+        lowres, lowres_times = (None, None)
+        if unet_number > 1:
+            lowres, lowres_times = self.lowres_condition(image, unet_number, blur=True)
+        batch = image.shape[0]
+        image_drop = torch.rand(batch, device=device) < self.config.image_cond_drop_prob
+        text_drop = torch.rand(batch, device=device) < self.config.text_cond_drop_prob
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            return unet(x, t, image_embed, text_encodings, text_mask, lowres, lowres_times, image_drop, text_drop)
+
+        return diffusion.loss(model_fn, x0, loss_type=self.config.diffusion_for(unet_number - 1).loss_type)
+
+    # ---- sampling --------------------------------------------------------------------------------
+
+    def guided_model_fn(self, unet: Unet, image_embed, text_encodings, text_mask, lowres, lowres_times, cond_scale: float):
+        """model_fn(x, t) of one stage with classifier-free guidance (conditional and null in one batch)."""
+        if cond_scale == 1.0 or image_embed is None:
+            return lambda x, t: unet(x, t, image_embed, text_encodings, text_mask, lowres, lowres_times)
+
+        def double(z: Optional[Tensor]) -> Optional[Tensor]:
+            return None if z is None else torch.cat([z, z])
+
+        batch = image_embed.shape[0]
+        drop = torch.arange(2 * batch, device=image_embed.device) >= batch
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            out = unet(double(x), double(t), double(image_embed), double(text_encodings), double(text_mask),
+                       double(lowres), double(lowres_times), drop, drop)
+            cond_out, null_out = out.chunk(2)
+            return guidance(cond_out, null_out, cond_scale)
+
+        return model_fn
+
+    @torch.no_grad()
+    def sample(
+        self,
+        image_embed: Optional[Tensor] = None,
+        text: Text = None,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        batch_size: int = 1,
+        cond_scale: float = 1.0,
+        stop_at_unet_number: Optional[int] = None,
+        inpaint_image: Optional[Tensor] = None,
+        inpaint_mask: Optional[Tensor] = None,
+        inpaint_resample_times: int = 5,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Run the cascade: [B, C, H, W] images in [0, 1] at the last (or `stop_at_unet_number`) size.
+
+        Inpainting: `inpaint_image` [B, C, H, W] in [0, 1] and `inpaint_mask` [B, H, W] (True = keep).
+        """
+        batch = image_embed.shape[0] if image_embed is not None else batch_size
+        last = stop_at_unet_number or len(self.unets)
+        images = None
+        for number in range(1, last + 1):
+            unet, diffusion, device = self._unet(number)
+            size = self.image_sizes[number - 1]
+            embed, encodings, mask = self._conditioning(unet, device, None, text, image_embed, text_encodings, text_mask)
+            lowres = lowres_times = None
+            if number > 1:
+                level = int(self.config.lowres_sample_noise * diffusion.timesteps)
+                lowres_times = torch.full((batch,), level, device=device, dtype=torch.long)
+                lowres, _ = self.lowres_condition(images, number, noise_times=lowres_times, generator=generator)
+            inpaint = {}
+            if inpaint_image is not None:
+                if inpaint_mask is None:
+                    raise ValueError("inpaint_mask is required with inpaint_image")
+                known = F.interpolate(inpaint_mask[:, None].float().to(device), size=(size, size), mode="nearest") > 0.5
+                inpaint = dict(inpaint_image=resize_image(inpaint_image.to(device).float(), size) * 2 - 1,
+                               inpaint_mask=known, inpaint_resample_times=inpaint_resample_times)
+            model_fn = self.guided_model_fn(unet, embed, encodings, mask, lowres, lowres_times, cond_scale)
+            x = diffusion.sample(
+                model_fn, (batch, self.config.channels, size, size), device=device,
+                sample_timesteps=self.config.diffusion_for(number - 1).sample_timesteps, eta=eta,
+                x0_transform=lambda x0: x0.clamp(-1, 1), generator=generator, **inpaint,
+            )
+            images = (x.clamp(-1, 1) + 1) / 2
+        return images

@@ -1,0 +1,1 @@
+"""Data stages on Ray: download, embed, reorder, and the streaming loaders."""

@@ -1,0 +1,159 @@
+"""The U-Net, the decoder cascade, its trainer, and DALLE2 end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from dalle2 import DALLE2, Decoder, DecoderTrainer, DiffusionPrior, DiffusionPriorNetwork, Unet, to_pil
+from dalle2.checkpoint import ConfigMismatchError
+from pipeline.shapes import all_specs, draw
+
+EMBED = 32
+
+
+def shape_images(count: int, size: int) -> torch.Tensor:
+    specs = all_specs()[:: len(all_specs()) // count][:count]
+    return torch.stack([torch.from_numpy(np.array(draw(s, size))).permute(2, 0, 1).float() / 255 for s in specs])
+
+
+@pytest.mark.parametrize(
+    "kwargs, batch, size",
+    [
+        (dict(dim=16, dim_mults=(1, 2, 4), layer_attns=False, layer_cross_attns=False), 3, 32),
+        (dict(dim=16, dim_mults=(1, 2), layer_cross_attns=(False, True), cond_on_text_encodings=True), 5, 16),
+        (dict(dim=16, dim_mults=(1, 3, 5), num_resnet_blocks=(1, 2, 1), layer_attns=(False, True, True)), 1, 24),
+        (dict(dim=8, dim_mults=(1, 2), lowres_cond=True, channels=1, groups=4), 2, 16),
+    ],
+)
+def test_unet_output_shapes(kwargs, batch, size):
+    unet = Unet(image_embed_dim=EMBED, text_encoding_dim=12, **kwargs)
+    channels = unet.config.channels
+    x, t = torch.randn(batch, channels, size, size), torch.randint(0, 100, (batch,))
+    extra = {}
+    if unet.config.cond_on_text_encodings:
+        extra.update(text_encodings=torch.randn(batch, 7, 12), text_mask=torch.arange(7).expand(batch, 7) < 4)
+    if unet.config.lowres_cond:
+        extra.update(lowres_cond_img=torch.randn(batch, channels, size, size), lowres_noise_times=torch.zeros(batch).long())
+    out = unet(x, t, image_embed=torch.randn(batch, EMBED), **extra)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_unet_rejects_sizes_it_cannot_halve():
+    unet = Unet(dim=8, dim_mults=(1, 2, 4), image_embed_dim=EMBED, groups=4)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        unet(torch.randn(1, 3, 18, 18), torch.zeros(1).long(), torch.randn(1, EMBED))
+
+
+def overfit_decoder():
+    unet = Unet(dim=32, dim_mults=(1, 2, 4), image_embed_dim=EMBED, num_resnet_blocks=1,
+                layer_attns=(False, False, True), layer_cross_attns=(False, False, True))
+    return Decoder(unet=unet, image_sizes=32, timesteps=100, sample_timesteps=20, predict="x0", image_cond_drop_prob=0.0)
+
+
+def test_decoder_overfits_eight_images():
+    torch.manual_seed(0)
+    images = shape_images(8, 32)
+    embeds = torch.nn.functional.normalize(torch.randn(8, EMBED), dim=-1)
+    trainer = DecoderTrainer(overfit_decoder(), lr=1e-3, warmup_steps=20, ema_beta=0.95)
+    losses = [trainer.train_step({"image": images, "image_embed": embeds}) for _ in range(220)]
+    assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])
+    samples = trainer.sample(image_embed=embeds, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (8, 3, 32, 32) and samples.min() >= 0 and samples.max() <= 1
+    mse = ((samples[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4))  # [sample, image]
+    own_is_closest = (mse.argmin(dim=1) == torch.arange(8)).sum().item()
+    assert own_is_closest >= 7, mse
+
+
+def cascade(clip_dim=EMBED):
+    base = Unet(dim=16, dim_mults=(1, 2), image_embed_dim=clip_dim, layer_attns=False, layer_cross_attns=(False, True))
+    upsampler = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=clip_dim, lowres_cond=True, groups=4,
+                     layer_attns=False, layer_cross_attns=False)
+    return Decoder(unet=[base, upsampler], image_sizes=(16, 32), timesteps=50, sample_timesteps=8)
+
+
+def test_two_stage_cascade_trains_each_unet_separately_and_samples_at_32():
+    torch.manual_seed(0)
+    decoder = cascade()
+    images, embeds = shape_images(4, 32), torch.randn(4, EMBED)
+    # Training stage 2 never touches stage 1: it can stay off the device entirely ("meta" holds no data).
+    decoder.unets[0].to("meta")
+    trainer2 = DecoderTrainer(decoder, unet_numbers=[2], lr=1e-3)
+    before = [p.clone() for p in decoder.unets[1].parameters()]
+    for _ in range(3):
+        trainer2.train_step({"image": images, "image_embed": embeds}, unet_number=2)
+    assert trainer2.steps == [3]
+    assert any(not torch.equal(a, b) for a, b in zip(before, decoder.unets[1].parameters()))
+    with pytest.raises(ValueError, match="not unet 1"):
+        trainer2.train_step({"image": images, "image_embed": embeds}, unet_number=1)
+
+    decoder = cascade()
+    trainer = DecoderTrainer(decoder, lr=1e-3)
+    for number in (1, 2):
+        assert trainer.train_step({"image": images, "image_embed": embeds}, unet_number=number) > 0
+    assert trainer.steps == [1, 1]
+    samples = trainer.sample(image_embed=embeds[:2], cond_scale=2.0)
+    assert samples.shape == (2, 3, 32, 32)
+    low = trainer.sample(image_embed=embeds[:2], stop_at_unet_number=1)
+    assert low.shape == (2, 3, 16, 16)
+
+
+def test_cond_scale_one_equals_sampling_without_guidance():
+    torch.manual_seed(0)
+    decoder = cascade().eval()
+    embeds = torch.randn(2, EMBED)
+    guided = decoder.sample(image_embed=embeds, cond_scale=1.0, generator=torch.Generator().manual_seed(3))
+    unet, diffusion = decoder.unets[0], decoder.diffusions[0]
+    plain = diffusion.sample(lambda x, t: unet(x, t, embeds), (2, 3, 16, 16), sample_timesteps=8,
+                             x0_transform=lambda x0: x0.clamp(-1, 1), generator=torch.Generator().manual_seed(3))
+    first_stage = decoder.sample(image_embed=embeds, cond_scale=1.0, stop_at_unet_number=1,
+                                 generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first_stage, (plain.clamp(-1, 1) + 1) / 2)
+    assert guided.shape == (2, 3, 32, 32)
+    stronger = decoder.sample(image_embed=embeds, cond_scale=3.0, stop_at_unet_number=1,
+                              generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(stronger, first_stage)
+
+
+def test_inpainting_keeps_known_pixels():
+    torch.manual_seed(0)
+    decoder = cascade().eval()
+    image = shape_images(2, 32)
+    mask = torch.zeros(2, 32, 32, dtype=torch.bool)
+    mask[:, :, :16] = True  # keep the left half
+    out = decoder.sample(image_embed=torch.randn(2, EMBED), inpaint_image=image, inpaint_mask=mask, inpaint_resample_times=2)
+    assert (out[..., :16] - image[..., :16]).abs().max() < 1e-5
+    assert (out[..., 16:] - image[..., 16:]).abs().mean() > 1e-3
+
+
+def test_checkpoint_round_trip_gives_identical_samples(tmp_path):
+    torch.manual_seed(0)
+    trainer = DecoderTrainer(cascade(), lr=1e-3)
+    images, embeds = shape_images(2, 32), torch.randn(2, EMBED)
+    for number in (1, 2):
+        trainer.train_step({"image": images, "image_embed": embeds}, unet_number=number)
+    trainer.save(str(tmp_path / "decoder"))
+    restored = DecoderTrainer(cascade(), lr=1e-3)
+    restored.load(str(tmp_path / "decoder"))
+    assert restored.steps == [1, 1]
+    a = trainer.sample(image_embed=embeds, generator=torch.Generator().manual_seed(5))
+    b = restored.sample(image_embed=embeds, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    wider = Decoder(unet=[Unet(dim=24, dim_mults=(1, 2), image_embed_dim=EMBED), cascade().unets[1]],
+                    image_sizes=(16, 32), timesteps=50, sample_timesteps=8)
+    with pytest.raises(ConfigMismatchError, match=r"unets\[0\]\.dim: checkpoint 16, model 24"):
+        DecoderTrainer(wider).load(str(tmp_path / "decoder"))
+
+
+def test_dalle2_turns_a_string_into_an_image(tiny_clip):
+    torch.manual_seed(0)
+    dim = tiny_clip.embed_dim
+    prior = DiffusionPrior(net=DiffusionPriorNetwork(dim=32, depth=1, heads=2, dim_head=16, embed_dim=dim),
+                           clip=tiny_clip, timesteps=20, sample_timesteps=4, condition_on_text_encodings=True)
+    unet = Unet(dim=16, dim_mults=(1, 2), image_embed_dim=dim, cond_on_text_encodings=True,
+                text_encoding_dim=tiny_clip.text_encoding_dim, layer_attns=False, layer_cross_attns=(False, True))
+    decoder = Decoder(unet=unet, clip=tiny_clip, image_sizes=16, timesteps=20, sample_timesteps=4)
+    images = DALLE2(prior, decoder)(["a red circle on the left", "a blue square"], cond_scale=2.0)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    pils = to_pil(images)
+    assert len(pils) == 2 and pils[0].size == (16, 16) and pils[0].mode == "RGB"
