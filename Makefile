@@ -7,10 +7,10 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 .PHONY: demo test bench clean
 
 # torch and torchvision go in first, pinned, so the project's ranges install nothing bigger.
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: $(BIN)/.installed
