@@ -28,6 +28,38 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
+    """[B, 3, H, W] floats in [0, 1] -> CLIP input: shortest side resized to `size`, centre-cropped, normalised.
+
+    The one preprocessing path: the adapter and the embed stage's CPU decode both call it.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    if (height, width) != (size, size):
+        scale = size / min(height, width)
+        new_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
+        images = F.interpolate(images.float(), size=new_hw, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+        images = images[..., top : top + size, left : left + size]
+    mean, std = torch.as_tensor(mean).view(1, 3, 1, 1), torch.as_tensor(std).view(1, 3, 1, 1)
+    return (images.float().clamp(0, 1) - mean.to(images.device)) / std.to(images.device)
+
+
+def clip_input_spec(model_name: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image_size, mean, std) of an open_clip model, read from its config without building it."""
+    import open_clip
+
+    register_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown CLIP model {model_name!r}")
+    size = config["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    preprocess = config.get("preprocess_cfg", {})
+    return int(size), tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
+
+
 class ClipConfig(StrictModel):
     """Which open_clip model to build."""
 
@@ -135,17 +167,7 @@ class ClipAdapter(nn.Module):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] floats in [0, 1] -> the model's input: shortest side resized, centre-cropped, normalised."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        size = self.image_size
-        height, width = images.shape[-2:]
-        if (height, width) != (size, size):
-            scale = size / min(height, width)
-            new_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
-            images = F.interpolate(images.float(), size=new_hw, mode="bicubic", align_corners=False, antialias=True)
-            top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
-            images = images[..., top : top + size, left : left + size]
-        return (images.float().clamp(0, 1) - self.mean) / self.std
+        return clip_preprocess(images, self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def embed_image(self, images: Tensor) -> Tensor:
@@ -176,3 +198,16 @@ class ClipAdapter(nn.Module):
         adapter = cls(config=config)
         load_checkpoint(root, adapter.model, adapter.checkpoint_config(), storage_options)
         return adapter
+
+
+def load_clip(model_name: str = "tiny-clip", pretrained: Optional[str] = None, checkpoint: Optional[str] = None,
+              storage_options: Optional[dict] = None) -> ClipAdapter:
+    """A ClipAdapter from a checkpoint folder when given, else from an open_clip name (and pretrained tag)."""
+    if checkpoint:
+        return ClipAdapter.from_checkpoint(checkpoint, storage_options)
+    return ClipAdapter(model_name, pretrained)
+
+
+def checkpoint_model_name(checkpoint: str, storage_options: Optional[dict] = None) -> str:
+    """The open_clip architecture a CLIP checkpoint was saved from."""
+    return ClipConfig(**load_state(checkpoint, storage_options)["config"]).model_name

@@ -17,3 +17,23 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return ClipAdapter("tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 4 logical CPUs (2-CPU clusters deadlock Ray Data pipelines)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """Generated images and failure cases over HTTP on 127.0.0.1."""
+    from tests.servers import ImageServer
+
+    with ImageServer(count=60) as server:
+        yield server

@@ -1,0 +1,95 @@
+"""Run a per-shard callable over shards: in a local loop, or as Ray tasks with retries.
+
+The callable is the stage (img2dataset's Downloader.__call__ is the model): it takes a shard name
+and returns that shard's ShardRecord. Whatever runs it, local loop or Ray task or retry, calls the
+same object. Shards that still fail after their retries are returned with their error, not dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Callable, Literal, Optional
+
+from tqdm.auto import tqdm
+
+from .config import RayConfig
+from .ledger import ShardRecord
+
+log = logging.getLogger(__name__)
+
+ShardFn = Callable[[str], ShardRecord]
+
+
+def ensure_ray(config: Optional[RayConfig] = None) -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), or start an embedded local Ray."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    config = config or RayConfig()
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=True)
+
+
+def run_shards(
+    fn: ShardFn,
+    shards: list[str],
+    *,
+    distributor: Literal["ray", "local"] = "ray",
+    num_cpus: float = 1.0,
+    retries: int = 2,
+    desc: str = "shards",
+) -> tuple[list[ShardRecord], dict[str, str]]:
+    """Run `fn` on every shard; returns (records, {shard: error} of shards that failed every try)."""
+    if not shards:
+        return [], {}
+    if distributor == "local":
+        return _run_local(fn, shards, retries, desc)
+    return _run_ray(fn, shards, num_cpus, retries, desc)
+
+
+def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple[list[ShardRecord], dict[str, str]]:
+    records, failures = [], {}
+    for shard in tqdm(shards, desc=desc, unit="shard"):
+        for attempt in range(retries + 1):
+            try:
+                records.append(fn(shard))
+                failures.pop(shard, None)
+                break
+            except Exception as error:  # noqa: BLE001 - a shard's failure must not stop the others
+                failures[shard] = f"{type(error).__name__}: {error}"
+                log.warning("shard %s failed (try %d of %d): %s", shard, attempt + 1, retries + 1, failures[shard])
+                log.debug(traceback.format_exc())
+    return records, failures
+
+
+def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc: str):
+    import ray
+
+    ensure_ray()
+    remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)
+    fn_ref = ray.put(fn)
+    pending = {remote.remote(fn_ref, shard): shard for shard in shards}
+    records, failures = [], {}
+    with tqdm(total=len(shards), desc=desc, unit="shard") as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(done[0])
+            try:
+                records.append(ray.get(done[0]))
+            except Exception as error:  # noqa: BLE001 - collected and reported, not raised
+                cause = getattr(error, "cause", None) or error
+                failures[shard] = f"{type(cause).__name__}: {cause}"
+                log.error("shard %s failed after %d tries: %s", shard, retries + 1, failures[shard])
+            progress.update(1)
+    return records, failures
+
+
+def _call(fn: ShardFn, shard: str) -> ShardRecord:
+    return fn(shard)

@@ -1,0 +1,123 @@
+"""The download stage: img2dataset's downloader, one shard per call, distributed on Ray with retries.
+
+Every input row ends up in the shard's parquet with a status; the shard's ledger record counts the
+successes as written and every other row as failed with img2dataset's error message as the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from typing import Optional
+
+import pyarrow as pa
+
+from .config import DownloadConfig, RayConfig
+from .distributor import ensure_ray, run_shards
+from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
+from .ledger import Ledger, ShardRecord
+from .reader import split_url_list
+from .storage import exists, filesystem, read_bytes, read_parquet, remove
+
+log = logging.getLogger(__name__)
+
+STAGE = "download"
+SHARD_NAME_WIDTH = 5  # img2dataset's oom_shard_count: shard names are 5 digits
+
+
+class ShardDownloader:
+    """Download one shard of the run (the callable every distributor calls)."""
+
+    def __init__(self, config: DownloadConfig, root: str):
+        self.config, self.layout = config, RunLayout(root)
+        self._downloader = None
+
+    def _build(self):
+        # img2dataset (and cv2) load on first use, in the worker, not at import time.
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        from img2dataset.downloader import Downloader
+        from img2dataset.resizer import Resizer
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        c = self.config
+        resizer = Resizer(
+            image_size=c.image_size, resize_mode=c.resize_mode, resize_only_if_bigger=False,
+            encode_quality=c.encode_quality, encode_format=c.encode_format, max_image_area=c.max_image_area,
+        )
+        return Downloader(
+            sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=c.threads,
+            save_caption=True, extract_exif=False, output_folder=self.layout.shards,
+            column_list=[URL, CAPTION, *c.save_additional_columns], timeout=c.timeout,
+            number_sample_per_shard=c.samples_per_shard, oom_shard_count=SHARD_NAME_WIDTH,
+            compute_hash=None, verify_hash_type=None, encode_format=c.encode_format, retries=c.retries,
+            user_agent_token=None, disallowed_header_directives=[],
+        )
+
+    def __call__(self, shard: str) -> ShardRecord:
+        """Download `shard`, then record what happened to each of its rows."""
+        start = time.time()
+        if self._downloader is None:
+            self._downloader = self._build()
+        rows_in = input_rows(self.layout.input_shard(shard))
+        # Leftovers of an interrupted try are overwritten; the stats file is img2dataset's done marker.
+        remove(self.layout.shard_stats(shard))
+        self._downloader.download_shard((shard_id_of(shard), self.layout.input_shard(shard)))
+        record = self.record_of(shard, rows_in)
+        record.seconds = round(time.time() - start, 3)
+        Ledger(self.layout, STAGE).record(record)
+        return record
+
+    def record_of(self, shard: str, rows_in: int) -> ShardRecord:
+        """Written and failed-by-reason counts from the parquet img2dataset wrote for the shard."""
+        table = read_parquet(self.layout.shard_parquet(shard), columns=["status", "error_message"]).to_pydict()
+        reasons: Counter = Counter()
+        written = 0
+        for status, message in zip(table["status"], table["error_message"]):
+            if status == "success":
+                written += 1
+            else:
+                reasons[f"{status}: {normalise_error(message)}"] += 1
+        lost = rows_in - len(table["status"])
+        if lost:  # img2dataset logs and skips a row whose handling raised; count it, never drop it
+            reasons["lost inside img2dataset (see worker log)"] += lost
+        return ShardRecord(shard, rows_in, written, dict(reasons))
+
+
+def normalise_error(message: Optional[str]) -> str:
+    """A short, stable reason from an error message (URLs and addresses removed)."""
+    if not message:
+        return "unknown"
+    text = str(message)
+    if "timed out" in text.lower():
+        return "timed out"
+    return text.split(" for url")[0].split(": http")[0][:120]
+
+
+def input_rows(arrow_url: str) -> int:
+    """Rows of an input shard (an Arrow IPC file)."""
+    return pa.ipc.open_file(pa.BufferReader(read_bytes(arrow_url))).read_all().num_rows
+
+
+def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
+    """Download every shard of the run that is not done yet; returns the stage summary."""
+    started = time.time()
+    layout = RunLayout(root)
+    shards = split_url_list(config, layout)
+    ledger = Ledger(layout, STAGE)
+    fs, shards_path = filesystem(layout.shards)
+    fs.makedirs(shards_path, exist_ok=True)  # img2dataset's writer opens files in it without creating it
+    todo = [s for s in shards if not (ledger.is_done(s) and exists(layout.shard_stats(s)))]
+    log.info("download: %d shards, %d to do", len(shards), len(todo))
+    if config.distributor == "ray":
+        ensure_ray(ray_config)
+    _, failures = run_shards(ShardDownloader(config, root), todo, distributor=config.distributor,
+                             num_cpus=config.cpus_per_shard, retries=config.shard_retries, desc="download")
+    unfinished = {s: shards[s] for s in failures}
+    extra = {"input_rows": sum(shards.values()), "samples_per_shard": config.samples_per_shard, "index_width": index_width(config.samples_per_shard),
+             "failed_shards": {s: {"rows": n, "error": failures[s]} for s, n in unfinished.items()}}
+    summary = ledger.summarize(started, extra)
+    if failures:
+        log.error("download: %d shards failed every try (re-run to retry them): %s", len(failures), failures)
+    return summary

@@ -1,0 +1,244 @@
+"""The embed stage: CLIP embeddings of every image and caption, streamed through Ray Data.
+
+    shards --flat_map(read_shard)--> rows --map_batches(preprocess_batch, CPU tasks)--> pixels
+           --map_batches(ClipEmbedder, actor pool; GPUs on a cluster)--> embeddings --> driver
+The driver assembles rows per shard and writes a shard's outputs (clip-retrieval's files, the
+aligned files, then its ledger record) as soon as all of its samples have arrived, so memory holds
+only shards in flight. Corrupt images are skipped and counted; an unreadable shard fails alone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .config import ClipSource, EmbedConfig, RayConfig
+from .layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
+from .ledger import Ledger, ShardRecord
+from .shard_reader import image_of, iter_samples
+from .storage import exists, list_files, read_parquet
+
+log = logging.getLogger(__name__)
+
+STAGE = "embed"
+ERROR = "error"
+SHARD_FAILED = "shard failed: "  # prefix of the error of the marker row an unreadable shard emits
+
+
+@dataclass
+class ShardInfo:
+    """What the download stage says a shard holds."""
+
+    name: str
+    tar: str
+    expected: Optional[int]  # samples in the tar (successes in its parquet); None if unknown
+    slots: Optional[int]  # rows of the shard's parquet (its aligned length); None if unknown
+
+
+def complete_shards(layout: RunLayout) -> list[str]:
+    """Shards whose download finished (img2dataset wrote their stats file last)."""
+    return [url.rsplit("/", 1)[-1][: -len("_stats.json")] for url in list_files(layout.shards, "_stats.json")]
+
+
+def shard_info(layout: RunLayout, name: str) -> ShardInfo:
+    expected = slots = None
+    if exists(layout.shard_parquet(name)):
+        status = read_parquet(layout.shard_parquet(name), columns=["status"]).column("status").to_pylist()
+        expected, slots = sum(s == "success" for s in status), len(status)
+    return ShardInfo(name, layout.shard_tar(name), expected, slots)
+
+
+def read_shard(item: dict) -> Iterator[dict]:
+    """Rows (shard, key, image bytes, caption, error) of one tar; a marker row if the tar is unreadable."""
+    shard, tar = item[SHARD], item["tar"]
+    try:
+        for key, fields in iter_samples(tar):
+            image = image_of(fields)
+            caption = fields.get("txt", b"").decode("utf-8", errors="replace")
+            yield {SHARD: shard, KEY: key, "image": image or b"", CAPTION: caption,
+                   ERROR: "" if image else "no image in sample"}
+    except Exception as error:  # noqa: BLE001 - reported as the shard's failure, the others go on
+        yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_FAILED}unreadable shard {tar}: {error}"}
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, mean: tuple, std: tuple) -> dict[str, np.ndarray]:
+    """Decode images and apply CLIP's preprocessing (CPU); undecodable images get an error, zero pixels."""
+    import torch
+    from PIL import Image
+
+    from dalle2.clip import clip_preprocess
+
+    errors = list(batch[ERROR])
+    pixels = np.zeros((len(errors), 3, image_size, image_size), dtype=np.float32)
+    for i, data in enumerate(batch["image"]):
+        if errors[i]:
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+            pixels[i] = clip_preprocess(tensor, image_size, mean, std)[0].numpy()
+        except Exception as error:  # noqa: BLE001 - a corrupt image is skipped and counted
+            errors[i] = f"corrupt image: {type(error).__name__}"
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out[ERROR] = np.asarray(errors, dtype=object)
+    out["pixels"] = pixels
+    return out
+
+
+class ClipEmbedder:
+    """Ray Data actor: loads CLIP once, embeds batches of preprocessed pixels and captions."""
+
+    def __init__(self, source: dict, use_gpu: bool, autocast: str, output_dtype: str):
+        import torch
+
+        from dalle2.clip import load_clip
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.clip = load_clip(**ClipSource(**source).model_dump()).to(self.device).eval()
+        self.autocast, self.output_dtype = autocast, np.dtype(output_dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import contextlib
+
+        import torch
+
+        ok = np.asarray([not e for e in batch[ERROR]], dtype=bool)
+        dim = self.clip.embed_dim
+        img_emb = np.zeros((len(ok), dim), dtype=self.output_dtype)
+        text_emb = np.zeros((len(ok), dim), dtype=self.output_dtype)
+        if ok.any():
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
+            amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+            with torch.inference_mode(), amp:
+                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+                img_emb[ok] = self.clip.embed_preprocessed(pixels).float().cpu().numpy()
+                captions = [str(c) for c in batch[CAPTION][ok]]
+                text_emb[ok] = self.clip.embed_text(captions).text_embed.float().cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["img_emb"], out["text_emb"] = img_emb, text_emb
+        return out
+
+
+class ShardAssembler:
+    """Collects embedded rows per shard on the driver and writes each shard once it is complete."""
+
+    def __init__(self, layout: RunLayout, infos: dict[str, ShardInfo], embed_dim: int, config: EmbedConfig):
+        self.layout, self.infos, self.embed_dim, self.config = layout, infos, embed_dim, config
+        self.rows: dict[str, list[dict]] = defaultdict(list)
+        self.failures: dict[str, str] = {}
+        self.finished: set[str] = set()
+        self.ledger = Ledger(layout, STAGE)
+        self.started = {name: time.time() for name in infos}
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for i, shard in enumerate(batch[SHARD]):
+            error = str(batch[ERROR][i])
+            if error.startswith(SHARD_FAILED):
+                self.failures[shard] = error[len(SHARD_FAILED):]
+                self.rows.pop(shard, None)
+                log.error("embed: shard %s failed: %s", shard, self.failures[shard])
+                continue
+            if shard in self.failures:
+                continue
+            self.rows[shard].append({KEY: str(batch[KEY][i]), CAPTION: str(batch[CAPTION][i]), ERROR: error,
+                                     "img_emb": batch["img_emb"][i], "text_emb": batch["text_emb"][i]})
+            expected = self.infos[shard].expected
+            if expected is not None and len(self.rows[shard]) == expected:
+                self.finish(shard)
+
+    def close(self) -> dict[str, str]:
+        """Finish the shards still open; returns {shard: error} of those that failed."""
+        for shard, info in self.infos.items():
+            if shard in self.finished or shard in self.failures:
+                continue
+            got = len(self.rows.get(shard, []))
+            if info.expected is not None and got != info.expected:
+                self.failures[shard] = f"tar {info.tar} holds {got} samples, its parquet lists {info.expected}"
+                continue
+            self.finish(shard)
+        return self.failures
+
+    def finish(self, shard: str) -> None:
+        from .aligned import align, write_aligned
+        from .storage import write_npy, write_parquet
+
+        rows = sorted(self.rows.pop(shard, []), key=lambda r: r[KEY])
+        good = [r for r in rows if not r[ERROR]]
+        dtype = np.dtype(self.config.output_dtype)
+        img_emb = np.stack([r["img_emb"] for r in good]).astype(dtype) if good else np.zeros((0, self.embed_dim), dtype)
+        text_emb = np.stack([r["text_emb"] for r in good]).astype(dtype) if good else np.zeros((0, self.embed_dim), dtype)
+        keys, captions = [r[KEY] for r in good], [r[CAPTION] for r in good]
+        if self.config.write_clip_retrieval:
+            import pyarrow as pa
+
+            files = self.layout.clip_retrieval_files(shard_id_of(shard))
+            write_npy(files["img_emb"], img_emb)
+            write_npy(files["text_emb"], text_emb)
+            write_parquet(files["metadata"], pa.table({KEY: pa.array(keys, pa.string()), CAPTION: pa.array(captions, pa.string())}))
+        index_digits = len(rows[0][KEY]) - len(shard) if rows else None
+        indices = np.asarray([parse_key(k, index_digits)[1] for k in keys], dtype=np.int64) if rows else np.zeros(0, np.int64)
+        info = self.infos[shard]
+        slots = info.slots if info.slots is not None else (int(indices.max()) + 1 if len(indices) else 0)
+        aligned = align(shard_id_of(shard), slots, len(shard), index_digits or 1, indices, img_emb, text_emb, captions)
+        write_aligned(self.layout, shard, aligned)
+        failed: dict[str, int] = defaultdict(int)
+        for r in rows:
+            if r[ERROR]:
+                failed[r[ERROR]] += 1
+                log.warning("embed: skipped %s in shard %s: %s", r[KEY], shard, r[ERROR])
+        record = ShardRecord(shard, len(rows), len(good), dict(failed), round(time.time() - self.started[shard], 3))
+        self.ledger.record(record)
+        self.finished.add(shard)
+
+
+def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
+    """Embed every downloaded shard that is not embedded yet; returns the stage summary."""
+    import ray
+
+    from dalle2.clip import checkpoint_model_name, clip_input_spec
+
+    from .distributor import ensure_ray
+
+    started = time.time()
+    layout = RunLayout(root)
+    ledger = Ledger(layout, STAGE)
+    shards = complete_shards(layout)
+    if not shards:
+        raise FileNotFoundError(f"no downloaded shards under {layout.shards} (no *_stats.json): run download first")
+    todo = [s for s in shards if not ledger.is_done(s)]
+    log.info("embed: %d shards, %d to do", len(shards), len(todo))
+    failures: dict[str, str] = {}
+    if todo:
+        model_name = checkpoint_model_name(config.clip.checkpoint) if config.clip.checkpoint else config.clip.model_name
+        image_size, mean, std = clip_input_spec(model_name)
+        import open_clip
+
+        embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+        infos = {s: shard_info(layout, s) for s in todo}
+        ensure_ray(ray_config)
+        items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus)
+        ds = ds.map_batches(preprocess_batch, fn_kwargs=dict(image_size=image_size, mean=mean, std=std),
+                            batch_size=config.batch_size, num_cpus=config.decode_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency))
+        ds = ds.map_batches(
+            ClipEmbedder, batch_size=config.batch_size,
+            fn_constructor_kwargs=dict(source=config.clip.model_dump(), use_gpu=config.num_gpus_per_actor > 0,
+                                       autocast=config.autocast, output_dtype=config.output_dtype),
+            num_cpus=config.cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+        )
+        assembler = ShardAssembler(layout, infos, embed_dim, config)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            assembler.add(batch)
+        failures = assembler.close()
+    summary = ledger.summarize(started, {"failed_shards": failures})
+    return summary

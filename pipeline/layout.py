@@ -1,0 +1,129 @@
+"""The one place that knows how a run is laid out: folders, shard names, sample keys, column names.
+
+    <root>/inputs/{shard}.arrow                   the URL list split into shards (download's input)
+    <root>/shards/{shard}.tar|.parquet|_stats.json webdataset shards, as img2dataset writes them
+    <root>/embeddings/img_emb/img_emb_{n}.npy      clip-retrieval's layout (n = shard id here)
+                     text_emb/text_emb_{n}.npy
+                     metadata/metadata_{n}.parquet   (key, caption)
+    <root>/aligned/img_emb/img_emb_{shard}.npy     row i = sample index i of that shard
+                  text_emb/text_emb_{shard}.npy
+                  {shard}.parquet                   (index, key, caption, present)
+    <root>/ledger/{stage}/{shard}.json             per-shard record: the stage's done marker
+    <root>/ledger/{stage}.json                     the stage's summary
+
+A key is img2dataset's: the shard id followed by the sample's index in the shard, zero-padded to
+`index_width` digits (the number of digits of samples-per-shard - 1: 10,000 per shard gives 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Column names shared by every stage.
+KEY, CAPTION, URL, INDEX, PRESENT, SHARD = "key", "caption", "url", "index", "present", "shard"
+
+
+def index_width(samples_per_shard: int) -> int:
+    """Digits of the in-shard index, as img2dataset computes them (ceil(log10(n)))."""
+    return max(1, math.ceil(math.log10(samples_per_shard)))
+
+
+def shard_width(shard_count: int) -> int:
+    """Digits of shard names: at least 5, as img2dataset's default, more for huge runs."""
+    return max(5, len(str(max(shard_count - 1, 0))))
+
+
+def shard_name(shard_id: int, width: int = 5) -> str:
+    """The zero-padded name of a shard."""
+    return f"{shard_id:0{width}d}"
+
+
+def make_key(shard_id: int, index: int, shard_digits: int, index_digits: int) -> str:
+    """The key of sample `index` of shard `shard_id`."""
+    if index >= 10**index_digits:
+        raise ValueError(f"index {index} does not fit in {index_digits} digits")
+    return f"{shard_id:0{shard_digits}d}{index:0{index_digits}d}"
+
+
+def parse_key(key: str, index_digits: int) -> tuple[int, int]:
+    """(shard_id, index) of a key; raises ValueError naming the key if it is not one."""
+    if not key.isdigit() or len(key) <= index_digits:
+        raise ValueError(f"key {key!r} is not a shard id followed by a {index_digits}-digit index")
+    return int(key[:-index_digits]), int(key[-index_digits:])
+
+
+def shard_id_of(name: str) -> int:
+    """The shard id of a shard file name like '00012.tar' or 'img_emb_12.npy'."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    digits = stem.rsplit("_", 1)[-1]
+    if not digits.isdigit():
+        raise ValueError(f"{name!r} is not named after a shard id")
+    return int(digits)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run under `root` (a local path or any fsspec URL)."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    @property
+    def inputs(self) -> str:
+        return self._join("inputs")
+
+    @property
+    def shards(self) -> str:
+        return self._join("shards")
+
+    @property
+    def embeddings(self) -> str:
+        return self._join("embeddings")
+
+    @property
+    def aligned(self) -> str:
+        return self._join("aligned")
+
+    def input_shard(self, name: str) -> str:
+        return self._join("inputs", f"{name}.arrow")
+
+    def shard_tar(self, name: str) -> str:
+        return self._join("shards", f"{name}.tar")
+
+    def shard_parquet(self, name: str) -> str:
+        return self._join("shards", f"{name}.parquet")
+
+    def shard_stats(self, name: str) -> str:
+        return self._join("shards", f"{name}_stats.json")
+
+    def clip_retrieval_files(self, n: int) -> dict[str, str]:
+        """clip-retrieval's three files of part `n`."""
+        return {
+            "img_emb": self._join("embeddings", "img_emb", f"img_emb_{n}.npy"),
+            "text_emb": self._join("embeddings", "text_emb", f"text_emb_{n}.npy"),
+            "metadata": self._join("embeddings", "metadata", f"metadata_{n}.parquet"),
+        }
+
+    def aligned_files(self, name: str) -> dict[str, str]:
+        """The shard-aligned embedding files of shard `name`."""
+        return {
+            "img_emb": self._join("aligned", "img_emb", f"img_emb_{name}.npy"),
+            "text_emb": self._join("aligned", "text_emb", f"text_emb_{name}.npy"),
+            "metadata": self._join("aligned", f"{name}.parquet"),
+        }
+
+    def ledger_record(self, stage: str, name: str) -> str:
+        return self._join("ledger", stage, f"{name}.json")
+
+    def ledger_dir(self, stage: str) -> str:
+        return self._join("ledger", stage)
+
+    def ledger_summary(self, stage: str) -> str:
+        return self._join("ledger", f"{stage}.json")
+
+    def scratch(self, *parts: str) -> str:
+        """A folder for a stage's intermediate files (removed when the stage completes)."""
+        return self._join("_scratch", *parts)

@@ -1,0 +1,104 @@
+"""fsspec helpers: whole-file reads and atomic writes on local paths, s3://, gs:// and memory://."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any, Optional
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of `url` and the path within it."""
+    return fsspec.core.url_to_fs(url)
+
+
+def exists(url: str) -> bool:
+    """Whether `url` exists now (object-store listings are not served from a stale cache)."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache()
+    return fs.exists(path)
+
+
+def list_files(folder: str, suffix: str = "") -> list[str]:
+    """Full URLs of the files directly in `folder` ending with `suffix`, sorted; [] if it does not exist."""
+    fs, path = filesystem(folder)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
+    return [protocol + p if protocol and not p.startswith(protocol) else p for p in names]
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    """Write `data` so readers see either nothing or the whole file.
+
+    Local files are written under a temporary name and renamed; object stores (s3, gs, memory) make a
+    single PUT visible at once, so they are written directly.
+    """
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_json(url: str, value: Any) -> None:
+    write_atomic(url, json.dumps(value, indent=2, sort_keys=True).encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def write_npy(url: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(url, buffer.getvalue())
+
+
+def read_npy(url: str, mmap: bool = False) -> np.ndarray:
+    """A .npy file; memory-mapped (not read whole) when local and `mmap` is set."""
+    fs, path = filesystem(url)
+    if mmap and isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return np.load(path, mmap_mode="r")
+    return np.load(io.BytesIO(read_bytes(url)))
+
+
+def write_parquet(url: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_atomic(url, buffer.getvalue())
+
+
+def read_parquet(url: str, columns: Optional[list[str]] = None) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file or folder if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
