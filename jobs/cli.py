@@ -8,6 +8,9 @@ from typing import Optional
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("jobs.download", "download the URL list into webdataset shards"),
+    "embed": ("jobs.embed", "embed the shards' images and captions with CLIP"),
+    "reorder": ("jobs.reorder", "align clip-retrieval embeddings with the shards"),
     "toy-prior": ("jobs.toy_prior", "train the prior on generated embeddings and print its metrics"),
 }
 

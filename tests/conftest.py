@@ -1,8 +1,26 @@
 """Shared fixtures: one thread per test process keeps CPU timings steady on 2 cores."""
 
 import os
+import socket
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# s3:// in tests means moto's S3 server on 127.0.0.1. The variables are set before anything starts
+# (Ray workers included) so that every process's s3fs/botocore talks to it and to nothing else.
+MOTO_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+})
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,3 +55,25 @@ def image_server():
 
     with ImageServer(count=60) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a real S3 API over HTTP); yields a function making a fresh bucket."""
+    import itertools
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    counter = itertools.count()
+
+    def new_bucket() -> str:
+        name = f"test-bucket-{next(counter)}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    yield new_bucket
+    server.stop()

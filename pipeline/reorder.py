@@ -1,0 +1,165 @@
+"""The reorder stage: clip-retrieval embeddings (rows in any order, identified by key) -> aligned layout.
+
+Two passes of Ray tasks, so no node ever holds all the embeddings:
+  1. split: one task per input part reads its keys and embeddings and writes, for every shard it
+     touches, a scratch file of (index, embeddings, caption);
+  2. gather: one task per shard reads its scratch files and writes the aligned files and its ledger record.
+Both passes are resumable: a part's split writes a done marker, a shard's ledger record is its marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .aligned import align, write_aligned
+from .config import RayConfig, ReorderConfig
+from .distributor import ensure_ray, run_shards
+from .layout import CAPTION, INDEX, KEY, RunLayout, parse_key, shard_id_of, shard_name
+from .ledger import Ledger, ShardRecord
+from .storage import exists, list_files, read_json, read_npy, read_parquet, remove, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+STAGE = "reorder"
+
+
+def _emb_column(array: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+
+
+def _emb_array(column: pa.ChunkedArray, dtype) -> np.ndarray:
+    column = column.combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), column.type.list_size)
+
+
+class Reorder:
+    """Both passes of the stage; each call handles one part (split) or one shard (gather)."""
+
+    def __init__(self, config: ReorderConfig, root: str, index_digits: int, shard_digits: int):
+        self.config, self.layout = config, RunLayout(root)
+        self.source = (config.source or self.layout.embeddings).rstrip("/")
+        self.index_digits, self.shard_digits = index_digits, shard_digits
+
+    def part_files(self, n: int) -> dict[str, str]:
+        return {"img_emb": f"{self.source}/img_emb/img_emb_{n}.npy", "text_emb": f"{self.source}/text_emb/text_emb_{n}.npy",
+                "metadata": f"{self.source}/metadata/metadata_{n}.parquet"}
+
+    def split(self, part: str) -> ShardRecord:
+        """Pass 1 on input part `part`: scatter its rows into per-shard scratch files."""
+        n = int(part)
+        files = self.part_files(n)
+        meta = read_parquet(files["metadata"])
+        if KEY not in meta.column_names:
+            raise ValueError(f"{files['metadata']}: no '{KEY}' column (has {meta.column_names})")
+        keys = meta.column(KEY).to_pylist()
+        captions = meta.column(CAPTION).to_pylist() if CAPTION in meta.column_names else [""] * len(keys)
+        img_emb = read_npy(files["img_emb"])
+        text_emb = read_npy(files["text_emb"]) if exists(files["text_emb"]) else None
+        if len(img_emb) != len(keys):
+            raise ValueError(f"{files['img_emb']} has {len(img_emb)} rows but {files['metadata']} has {len(keys)}")
+        by_shard: dict[int, list[int]] = {}
+        malformed = 0
+        indices = np.zeros(len(keys), dtype=np.int64)
+        for row, key in enumerate(keys):
+            try:
+                shard_id, indices[row] = parse_key(str(key), self.index_digits)
+            except ValueError:
+                malformed += 1
+                continue
+            by_shard.setdefault(shard_id, []).append(row)
+        for shard_id, rows in by_shard.items():
+            rows_arr = np.asarray(rows)
+            columns = {INDEX: pa.array(indices[rows_arr]), CAPTION: pa.array([str(captions[r] or "") for r in rows]),
+                       "img_emb": _emb_column(img_emb[rows_arr])}
+            if text_emb is not None:
+                columns["text_emb"] = _emb_column(text_emb[rows_arr])
+            name = shard_name(shard_id, self.shard_digits)
+            write_parquet(self.layout.scratch(STAGE, name, f"part_{n}.parquet"), pa.table(columns))
+        record = ShardRecord(f"part-{n}", len(keys), len(keys) - malformed, {"malformed key": malformed} if malformed else {})
+        write_json(self.layout.scratch(STAGE, "_parts", f"{n}.json"),
+                   {"shards": sorted(shard_name(s, self.shard_digits) for s in by_shard), "record": record.__dict__})
+        return record
+
+    def gather(self, shard: str) -> ShardRecord:
+        """Pass 2 on `shard`: collect its scratch files into the aligned layout."""
+        start = time.time()
+        tables = [read_parquet(url) for url in list_files(self.layout.scratch(STAGE, shard), ".parquet")]
+        table = pa.concat_tables(tables) if tables else None
+        indices = table.column(INDEX).to_numpy() if table is not None else np.zeros(0, np.int64)
+        # The first row of an index wins; later duplicates are counted, not silently merged.
+        _, first = np.unique(indices, return_index=True)
+        first = np.sort(first)
+        duplicates = len(indices) - len(first)
+        slots = self.slots(shard, indices)
+        img_emb = _emb_array(table.column("img_emb"), np.float16)[first] if table is not None else np.zeros((0, 1), np.float16)
+        text_emb = None
+        if table is not None and "text_emb" in table.column_names:
+            text_emb = _emb_array(table.column("text_emb"), np.float16)[first]
+        captions = [table.column(CAPTION)[int(i)].as_py() for i in first] if table is not None else []
+        aligned = align(shard_id_of(shard), slots, self.shard_digits, self.index_digits, indices[first], img_emb,
+                        text_emb, captions)
+        write_aligned(self.layout, shard, aligned)
+        record = ShardRecord(shard, len(indices), len(first), {"duplicate key": duplicates} if duplicates else {},
+                             round(time.time() - start, 3))
+        Ledger(self.layout, STAGE).record(record)
+        return record
+
+    def slots(self, shard: str, indices: np.ndarray) -> int:
+        """Rows of the shard's aligned files: configured, else its download parquet's rows, else max index + 1."""
+        if self.config.samples_per_shard:
+            return self.config.samples_per_shard
+        if exists(self.layout.shard_parquet(shard)):
+            return read_parquet(self.layout.shard_parquet(shard), columns=["key"]).num_rows
+        return int(indices.max()) + 1 if len(indices) else 0
+
+
+def infer_widths(config: ReorderConfig, layout: RunLayout, source: str) -> tuple[int, int]:
+    """(index digits, shard-name digits): configured, or from the run's shard names and the keys."""
+    tars = list_files(layout.shards, ".tar")
+    shard_digits = len(tars[0].rsplit("/", 1)[-1][: -len(".tar")]) if tars else 5
+    if config.index_width:
+        return config.index_width, shard_digits
+    metas = list_files(f"{source}/metadata", ".parquet")
+    if not tars or not metas:
+        raise ValueError("reorder.index_width is not set and cannot be inferred (needs <root>/shards/*.tar and "
+                         f"{source}/metadata/*.parquet): set reorder.index_width")
+    key = read_parquet(metas[0], columns=[KEY]).column(KEY)[0].as_py()
+    return len(key) - shard_digits, shard_digits
+
+
+def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig] = None, distributor: str = "ray") -> dict:
+    """Write the aligned layout from clip-retrieval embeddings; returns the stage summary."""
+    started = time.time()
+    layout = RunLayout(root)
+    source = (config.source or layout.embeddings).rstrip("/")
+    parts = [str(shard_id_of(url)) for url in list_files(f"{source}/metadata", ".parquet")]
+    if not parts:
+        raise FileNotFoundError(f"no clip-retrieval metadata under {source}/metadata")
+    index_digits, shard_digits = infer_widths(config, layout, source)
+    stage = Reorder(config, root, index_digits, shard_digits)
+    if distributor == "ray":
+        ensure_ray(ray_config)
+    todo = [p for p in parts if not exists(layout.scratch(STAGE, "_parts", f"{p}.json"))]
+    _, split_failures = run_shards(stage.split, todo, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split")
+    markers = [read_json(layout.scratch(STAGE, "_parts", f"{p}.json")) for p in parts if p not in split_failures]
+    shards = sorted({s for m in markers for s in m["shards"]})
+    ledger = Ledger(layout, STAGE)
+    pending = [s for s in shards if not ledger.is_done(s)]
+    _, gather_failures = run_shards(stage.gather, pending, distributor=distributor, num_cpus=config.cpus_per_task,
+                                    desc="reorder: gather")
+    malformed = Counter()
+    for m in markers:
+        malformed.update(m["record"]["failed"])
+    failures = {**{f"part-{p}": e for p, e in split_failures.items()}, **gather_failures}
+    if not failures:
+        remove(layout.scratch(STAGE), recursive=True)
+    summary = ledger.summarize(started, {"failed_shards": failures, "input_parts": len(parts),
+                                         "input_rows": sum(m["record"]["rows_in"] for m in markers),
+                                         "unplaced_rows_by_reason": dict(malformed)})
+    return summary
