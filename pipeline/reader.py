@@ -49,12 +49,17 @@ def iter_batches(url: str, fmt: str) -> Iterator[pa.RecordBatch]:
         elif fmt == "parquet":
             yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
         else:
-            # pyarrow's json reader reads the whole file; jsonl lists are read in blocks of lines instead.
+            # pyarrow's json reader reads the whole file; jsonl lists are read in blocks of whole lines instead.
+            carry = b""
             while True:
-                lines = f.readlines(1 << 22)
-                if not lines:
+                block = f.read(1 << 22)
+                data = carry + block
+                cut = data.rfind(b"\n") + 1 if block else len(data)
+                if data[:cut].strip():
+                    yield from pa_json.read_json(io.BytesIO(data[:cut])).to_batches()
+                carry = data[cut:]
+                if not block:
                     break
-                yield from pa_json.read_json(io.BytesIO(b"".join(lines))).to_batches()
 
 
 def select_columns(batch: pa.RecordBatch, config: DownloadConfig, source: str) -> pa.Table:

@@ -108,3 +108,18 @@ def test_embed_accepts_plain_img2dataset_shards(tmp_path, image_server, ray_loca
     assert summary["rows_in"] == summary["written"] == 12 and summary["shards"] == 3
     aligned = read_aligned(RunLayout(str(tmp_path / "run")), "00002")
     assert aligned.img_emb.shape[0] == 2 and aligned.present.all()  # the last shard holds 12 - 2*5 rows
+
+
+def test_download_and_embed_on_s3(s3_server, image_server, ray_local, tmp_path):
+    root = s3_server() + "/run"
+    url_list = f"{root}/urls.jsonl"
+    pd.DataFrame(image_server.rows()[-30:]).to_json(tmp_path / "urls.jsonl", orient="records", lines=True)
+    from pipeline.storage import write_atomic
+
+    write_atomic(url_list, (tmp_path / "urls.jsonl").read_bytes())
+    download = run_download(DownloadConfig(url_list=url_list, image_size=32, samples_per_shard=16, threads=8, timeout=4), root)
+    assert download["rows_in"] == 30 and download["written"] + download["failed"] == 30 and download["written"] >= 25
+    embed = run_embed(EmbedConfig(batch_size=16), root)
+    assert embed["rows_in"] == embed["written"] == download["written"] and not embed["failed_shards"]
+    aligned = read_aligned(RunLayout(root), "00001", mmap=False)
+    assert aligned.img_emb.shape[0] == 14 and aligned.present.sum() == download["per_shard"]["00001"]["written"]

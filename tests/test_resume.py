@@ -1,0 +1,97 @@
+"""Kill a stage midway (SIGKILL, the whole process group), re-run it: outputs equal an uninterrupted run's."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.aligned import read_aligned
+from pipeline.config import DownloadConfig, EmbedConfig
+from pipeline.download import run_download
+from pipeline.embed import run_embed
+from pipeline.layout import RunLayout
+from pipeline.shard_reader import iter_samples
+from pipeline.storage import list_files
+
+
+def start_job(stage: str, config: dict, tmp_path) -> subprocess.Popen:
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / f"{stage}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", f"jobs.{stage}", "--config", str(path)], stdout=log, stderr=log,
+                            start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def kill_after_first_record(proc: subprocess.Popen, ledger_dir, total: int, tmp_path, timeout: float = 180) -> int:
+    """SIGKILL the job's process group once it has finished at least one shard but not all."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = len(list_files(str(ledger_dir), ".json"))
+        if done >= 1:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert done < total, "the job finished before it could be killed"
+            return done
+        if proc.poll() is not None:
+            pytest.fail(f"job ended early with {proc.returncode}: {(tmp_path / 'job.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the job finished no shard in time")
+
+
+def shard_contents(root: str) -> dict[str, dict]:
+    layout = RunLayout(root)
+    out = {}
+    for tar in list_files(layout.shards, ".tar"):
+        for key, fields in iter_samples(tar):
+            assert key not in out, f"duplicate sample {key}"
+            out[key] = {"txt": fields["txt"], "jpg": fields["jpg"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def url_list(tmp_path_factory, image_server):
+    path = tmp_path_factory.mktemp("resume") / "urls.csv"
+    pd.DataFrame(image_server.rows(with_failures=False)).to_csv(path, index=False)
+    return str(path)
+
+
+def test_download_killed_midway_resumes_to_the_same_shards(url_list, tmp_path, ray_local):
+    fields = dict(url_list=url_list, image_size=32, samples_per_shard=10, threads=2, timeout=4)
+    reference = run_download(DownloadConfig(**fields), str(tmp_path / "reference"))
+
+    root = str(tmp_path / "killed")
+    # one shard at a time (each asks for all 4 CPUs) so that the kill lands between shards
+    job = start_job("download", {"root": root, "download": {**fields, "cpus_per_shard": 4}}, tmp_path)
+    kill_after_first_record(job, tmp_path / "killed" / "ledger" / "download", total=6, tmp_path=tmp_path)
+
+    resumed = run_download(DownloadConfig(**fields), root)
+    for key in ("rows_in", "written", "failed", "shards"):
+        assert resumed[key] == reference[key]
+    assert shard_contents(root) == shard_contents(str(tmp_path / "reference"))
+
+
+def test_embed_killed_midway_resumes_to_the_same_embeddings(url_list, tmp_path, ray_local, tiny_clip):
+    fields = dict(url_list=url_list, image_size=32, samples_per_shard=10, threads=4, timeout=4)
+    run_download(DownloadConfig(**fields), str(tmp_path / "reference"))
+    tiny_clip.save(str(tmp_path / "clip"))
+    embed = {"batch_size": 4, "clip": {"checkpoint": str(tmp_path / "clip")}}
+    reference = run_embed(EmbedConfig(**embed), str(tmp_path / "reference"))
+
+    root = tmp_path / "killed"
+    run_download(DownloadConfig(**fields), str(root))
+    job = start_job("embed", {"root": str(root), "embed": embed}, tmp_path)
+    kill_after_first_record(job, root / "ledger" / "embed", total=6, tmp_path=tmp_path)
+
+    resumed = run_embed(EmbedConfig(**embed), str(root))
+    assert resumed["written"] == reference["written"] == 60 and resumed["shards"] == 6
+    for shard in reference["per_shard"]:
+        a, b = read_aligned(RunLayout(str(tmp_path / "reference")), shard), read_aligned(RunLayout(str(root)), shard)
+        assert a.keys == b.keys and a.captions == b.captions and (a.present == b.present).all()
+        np.testing.assert_allclose(a.img_emb.astype(np.float32), b.img_emb.astype(np.float32), atol=2e-3)
