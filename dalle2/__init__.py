@@ -1,17 +1,28 @@
-"""DALL-E 2 in PyTorch: CLIP through open_clip, the diffusion prior, the U-Net decoder cascade."""
+"""DALL-E 2 in PyTorch: CLIP through open_clip, the diffusion prior, the U-Net decoder cascade.
+
+Public names are imported on first use (PEP 562), so `import dalle2.configs` in a light worker
+process does not pay for torch, torchvision and open_clip.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .clip import ClipAdapter, ClipConfig  # noqa: E402
-from .configs import DecoderConfig, DiffusionConfig, PriorConfig, PriorNetworkConfig, TrainerConfig, UnetConfig  # noqa: E402
-from .decoder import Decoder  # noqa: E402
-from .diffusion import GaussianDiffusion  # noqa: E402
-from .prior import DiffusionPrior, DiffusionPriorNetwork  # noqa: E402
-from .text_to_image import DALLE2, to_pil  # noqa: E402
-from .trainer import DecoderTrainer, PriorTrainer  # noqa: E402
-from .unet import Unet  # noqa: E402
+_EXPORTS = {
+    "ClipAdapter": "clip", "ClipConfig": "clip",
+    "DecoderConfig": "configs", "DiffusionConfig": "configs", "PriorConfig": "configs",
+    "PriorNetworkConfig": "configs", "TrainerConfig": "configs", "UnetConfig": "configs",
+    "Decoder": "decoder", "GaussianDiffusion": "diffusion",
+    "DiffusionPrior": "prior", "DiffusionPriorNetwork": "prior",
+    "DALLE2": "text_to_image", "to_pil": "text_to_image",
+    "DecoderTrainer": "trainer", "PriorTrainer": "trainer",
+    "Unet": "unet",
+}
 
-__all__ = [
-    "DALLE2", "ClipAdapter", "ClipConfig", "Decoder", "DecoderConfig", "DecoderTrainer", "Unet", "to_pil", "DiffusionConfig", "DiffusionPrior", "DiffusionPriorNetwork",
-    "GaussianDiffusion", "PriorConfig", "PriorNetworkConfig", "PriorTrainer", "TrainerConfig", "UnetConfig",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'dalle2' has no attribute {name!r}")

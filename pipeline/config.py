@@ -66,7 +66,8 @@ class EmbedConfig(StrictModel):
     batch_size: int = 64
     actors: int = 1  # CLIP actors in the pool
     num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.5
+    cpus_per_actor: float = 0.5  # Ray also gives the actor this many torch threads (OMP_NUM_THREADS)
+    torch_threads: Optional[int] = None  # override the actor's torch threads
     decode_cpus: float = 0.25  # per decode task
     decode_concurrency: int = 2
     autocast: Literal["none", "bf16", "fp16"] = "none"

@@ -95,9 +95,11 @@ def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, mean: tuple,
 class ClipEmbedder:
     """Ray Data actor: loads CLIP once, embeds batches of preprocessed pixels and captions."""
 
-    def __init__(self, source: dict, use_gpu: bool, autocast: str, output_dtype: str):
+    def __init__(self, source: dict, use_gpu: bool, autocast: str, output_dtype: str, torch_threads: Optional[int] = None):
         import torch
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         from dalle2.clip import load_clip
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -123,6 +125,7 @@ class ClipEmbedder:
                 text_emb[ok] = self.clip.embed_text(captions).text_embed.float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["img_emb"], out["text_emb"] = img_emb, text_emb
+        out["embedded_at"] = np.full(len(ok), time.time())  # for the stage's steady-rate figure
         return out
 
 
@@ -136,8 +139,10 @@ class ShardAssembler:
         self.finished: set[str] = set()
         self.ledger = Ledger(layout, STAGE)
         self.started = {name: time.time() for name in infos}
+        self.embed_times: list[np.ndarray] = []  # when each row left CLIP
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.embed_times.append(np.asarray(batch["embedded_at"], dtype=np.float64))
         for i, shard in enumerate(batch[SHARD]):
             error = str(batch[ERROR][i])
             if error.startswith(SHARD_FAILED):
@@ -198,6 +203,19 @@ class ShardAssembler:
         self.finished.add(shard)
 
 
+def steady_timing(embed_times: list[np.ndarray], started: float) -> dict:
+    """Startup (until CLIP's first batch: workers importing torch, actors loading the model) and the
+    rate after it, which is what a long run sees; small runs are dominated by the startup."""
+    times = np.sort(np.concatenate(embed_times)) if embed_times else np.zeros(0)
+    first_batch = times == times[0] if len(times) else times
+    later = times[~first_batch]
+    if not len(later):
+        return {}
+    span = later[-1] - times[0]
+    return {"startup_s": round(float(times[0] - started), 2),
+            "steady_rows_per_s": round(len(later) / span, 1) if span > 0 else None}
+
+
 def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
     """Embed every downloaded shard that is not embedded yet; returns the stage summary."""
     import ray
@@ -215,6 +233,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     todo = [s for s in shards if not ledger.is_done(s)]
     log.info("embed: %d shards, %d to do", len(shards), len(todo))
     failures: dict[str, str] = {}
+    timing: dict = {}
     if todo:
         model_name = checkpoint_model_name(config.clip.checkpoint) if config.clip.checkpoint else config.clip.model_name
         image_size, mean, std = clip_input_spec(model_name)
@@ -232,7 +251,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         ds = ds.map_batches(
             ClipEmbedder, batch_size=config.batch_size,
             fn_constructor_kwargs=dict(source=config.clip.model_dump(), use_gpu=config.num_gpus_per_actor > 0,
-                                       autocast=config.autocast, output_dtype=config.output_dtype),
+                                       autocast=config.autocast, output_dtype=config.output_dtype,
+                                       torch_threads=config.torch_threads),
             num_cpus=config.cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
             compute=ray.data.ActorPoolStrategy(size=config.actors),
         )
@@ -240,5 +260,6 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
         failures = assembler.close()
-    summary = ledger.summarize(started, {"failed_shards": failures})
+        timing = steady_timing(assembler.embed_times, started)
+    summary = ledger.summarize(started, {"failed_shards": failures, **timing})
     return summary
