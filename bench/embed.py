@@ -11,53 +11,22 @@ line per model with both rates and their ratio (target >= 0.8 on CPU).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import tarfile
 import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
 import torch
 
+from pipeline import shapes
 from pipeline.config import EmbedConfig
-from pipeline.layout import RunLayout, make_key, shard_name
-from pipeline.shapes import generate
-from pipeline.storage import write_json, write_parquet
 
 
-def write_shards(root: str, images: int, per_shard: int = 250, size: int = 64) -> tuple[list[np.ndarray], list[str]]:
-    """img2dataset-style shards of generated JPEGs; returns the decoded images for the bare baseline."""
-    layout = RunLayout(root)
-    decoded, captions, samples = [], [], list(generate(images, size=size))
-    for shard_id, start in enumerate(range(0, images, per_shard)):
-        name, chunk = shard_name(shard_id), samples[start : start + per_shard]
-        keys = [make_key(shard_id, i, 5, 3) for i in range(len(chunk))]
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for key, (spec, image) in zip(keys, chunk):
-                jpg = io.BytesIO()
-                image.save(jpg, format="JPEG", quality=95)
-                for ext, data in (("jpg", jpg.getvalue()), ("txt", spec.caption.encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                decoded.append(np.asarray(image, dtype=np.float32) / 255)
-                captions.append(spec.caption)
-        with _open(layout.shard_tar(name)) as f:
-            f.write(buffer.getvalue())
-        write_parquet(layout.shard_parquet(name), pa.table({"key": keys, "status": ["success"] * len(keys)}))
-        write_json(layout.shard_stats(name), {"count": len(keys), "successes": len(keys)})
-    return decoded, captions
-
-
-def _open(path: str):
-    import os
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return open(path, "wb")
+def write_shards(root: str, images: int, size: int = 64) -> tuple[list[np.ndarray], list[str]]:
+    """img2dataset-style shards of generated JPEGs; returns the images and captions for the baseline."""
+    samples = shapes.write_shards(root, images, per_shard=250, size=size)
+    return [np.asarray(image, dtype=np.float32) / 255 for _, image in samples], [spec.caption for spec, _ in samples]
 
 
 def bare_forward(model_name: str, decoded: list[np.ndarray], captions: list[str], batch_size: int,

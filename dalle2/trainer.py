@@ -121,8 +121,25 @@ class DiffusionTrainer:
             self._optimizer_step(part)
         return total
 
+    def _sync_gradients(self, part: int) -> None:
+        """Average gradients over data-parallel ranks (one flat all-reduce) when torch.distributed is up."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        params = [p for p in self.parts[part].parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     def _optimizer_step(self, part: int) -> None:
         optimizer, scaler = self.optimizers[part], self.scalers[part]
+        self._sync_gradients(part)
         if self.config.max_grad_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(self.parts[part].parameters(), self.config.max_grad_norm)

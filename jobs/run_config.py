@@ -10,6 +10,7 @@ from dalle2.configs import StrictModel
 from pipeline.config import DownloadConfig, EmbedConfig, RayConfig, ReorderConfig
 
 from .config_io import load_config
+from .train_common import TrainPriorConfig
 
 
 class RunConfig(StrictModel):
@@ -20,6 +21,7 @@ class RunConfig(StrictModel):
     download: DownloadConfig = DownloadConfig()
     embed: EmbedConfig = EmbedConfig()
     reorder: ReorderConfig = ReorderConfig()
+    train_prior: TrainPriorConfig = TrainPriorConfig()
 
 
 def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunConfig], dict]) -> dict:
@@ -35,3 +37,4 @@ def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunCo
     summary = run(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "per_shard"}, sort_keys=True))
     return summary
+

@@ -75,3 +75,36 @@ def generate(count: int, size: int = 64, seed: int = 0, jitter: float = 0.05) ->
             rng.shuffle(specs)
         spec = specs[i % len(specs)]
         yield spec, draw(spec, size=size, jitter=jitter, rng=rng)
+
+
+def write_shards(root: str, count: int, per_shard: int = 250, size: int = 64, seed: int = 0) -> list[tuple[ShapeSpec, "Image.Image"]]:
+    """Write `count` generated samples as img2dataset-style shards under <root>/shards (tar, parquet with
+    statuses, stats file), without a download; returns the samples in key order."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    from .layout import RunLayout, index_width, make_key, shard_name
+    from .storage import write_atomic, write_json, write_parquet
+
+    layout = RunLayout(root)
+    samples = list(generate(count, size=size, seed=seed))
+    digits = index_width(per_shard)
+    for shard_id, start in enumerate(range(0, count, per_shard)):
+        name, chunk = shard_name(shard_id), samples[start : start + per_shard]
+        keys = [make_key(shard_id, i, len(name), digits) for i in range(len(chunk))]
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for key, (spec, image) in zip(keys, chunk):
+                jpg = io.BytesIO()
+                image.save(jpg, format="JPEG", quality=95)
+                for ext, data in (("jpg", jpg.getvalue()), ("txt", spec.caption.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        write_atomic(layout.shard_tar(name), buffer.getvalue())
+        write_parquet(layout.shard_parquet(name), pa.table({
+            "key": keys, "caption": [s.caption for s, _ in chunk], "status": ["success"] * len(keys)}))
+        write_json(layout.shard_stats(name), {"count": len(keys), "successes": len(keys)})
+    return samples

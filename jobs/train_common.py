@@ -1,0 +1,146 @@
+"""What every Ray Train job shares: scaling and failure settings, the TorchTrainer, and the worker side
+(rank, resume, checkpoint reporting, TensorBoard, the summary JSON).
+
+The training loops follow Ray Train's standard shape: `ray.train.get_checkpoint()` to resume,
+`ray.train.report(metrics, checkpoint=...)` to save, with Ray keeping the last K checkpoints in the
+run's storage (`<root>/train/<job>/`, local or s3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Optional, Union
+
+from pydantic import Field
+
+from dalle2.configs import StrictModel, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainJobConfig(StrictModel):
+    """Settings shared by train_clip, train_prior and train_decoder."""
+
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1  # a crashed worker restarts the run from its latest checkpoint this many times
+    keep_checkpoints: int = 2
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop early after this many optimizer steps in total
+    batch_size: int = 32
+    eval_every: int = 50
+    eval_size: int = 32  # samples held out of training for evaluation
+    checkpoint_every: int = 50
+    shuffle_buffer: int = 256
+    seed: int = 0
+    trainer: TrainerConfig = TrainerConfig()
+    torch_threads: int = Field(default=1, description="torch threads per worker (CPU training)")
+
+
+class TrainPriorConfig(TrainJobConfig):
+    """The prior's training job."""
+
+    prior: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/prior) or a dict
+
+
+def storage_path(root: str) -> str:
+    """Where Ray Train keeps checkpoints of the run: <root>/train (an absolute path when local)."""
+    return root.rstrip("/") + "/train" if "://" in root else os.path.abspath(os.path.join(root, "train"))
+
+
+def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: TrainJobConfig, root: str) -> dict:
+    """Run `loop` on `job.workers` Ray Train workers; returns the final metrics (also written as JSON)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=job_name,
+            storage_path=storage_path(root),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    from pipeline.storage import write_json
+
+    write_json(f"{storage_path(root)}/{job_name}_summary.json", metrics)
+    log.info("%s finished: %s", job_name, json.dumps(metrics, default=str))
+    return metrics
+
+
+def latest_checkpoint(root: str, job_name: str) -> Optional[str]:
+    """The newest checkpoint folder a job reported, from its summary or by listing its run folder."""
+    from pipeline.storage import exists, list_files, read_json
+
+    summary = f"{storage_path(root)}/{job_name}_summary.json"
+    if exists(summary) and read_json(summary).get("checkpoint"):
+        path = read_json(summary)["checkpoint"]
+        return path if "://" in path or "://" not in root else f"{root.split('://')[0]}://{path}"
+    folders = [p for p in list_files(f"{storage_path(root)}/{job_name}") if p.rsplit("/", 1)[-1].startswith("checkpoint_")]
+    return sorted(folders)[-1] if folders else None
+
+
+class Worker:
+    """The per-worker side of a job: rank, device, resume state, reporting."""
+
+    def __init__(self, job: TrainJobConfig, root: str, job_name: str):
+        import ray.train
+        import torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.job, self.root, self.job_name = job, root, job_name
+        if not job.use_gpu:
+            torch.set_num_threads(job.torch_threads)
+        from ray.train.torch import get_device
+
+        self.device = get_device()
+        self.writer = None
+        if self.rank == 0 and "://" not in root:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(storage_path(root), job_name, "tensorboard"))
+
+    def resume(self, load: Callable[[str], dict]) -> dict:
+        """Load the latest checkpoint if Ray has one (a re-run or a restart after a failure)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return {}
+        with checkpoint.as_directory() as folder:
+            extra = load(folder)
+        log.info("rank %d resumed from %s at %s", self.rank, checkpoint.path, extra)
+        return extra
+
+    def report(self, metrics: dict[str, Any], save: Optional[Callable[[str], None]] = None) -> None:
+        """Report metrics on every rank; with `save`, rank 0 also writes a checkpoint through Ray."""
+        import ray.train
+
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, metrics.get("step", 0))
+            self.writer.flush()
+        if save is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                save(folder)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,28 @@
+"""Small runs for the training tests: generated shards plus aligned embeddings that depend on the image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.aligned import align, write_aligned
+from pipeline.layout import RunLayout, index_width
+from pipeline.shapes import write_shards
+
+
+def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim: int = 64, seed: int = 0) -> None:
+    """Shards of shape images and aligned embeddings: image_embed = normalize(P @ pixels of the 4x4 thumbnail),
+    text_embed = normalize(W @ image_embed), so the prior and the decoder both have something to learn."""
+    samples = write_shards(root, count, per_shard=per_shard, size=size, seed=seed)
+    rng = np.random.default_rng(seed)
+    projection, mapping = rng.standard_normal((dim, 48)), rng.standard_normal((dim, dim))
+    layout = RunLayout(root)
+    for shard_id, start in enumerate(range(0, count, per_shard)):
+        chunk = samples[start : start + per_shard]
+        thumbs = np.stack([np.asarray(img.resize((4, 4)), np.float32).reshape(-1) / 255 - 0.5 for _, img in chunk])
+        img_emb = thumbs @ projection.T
+        img_emb /= np.linalg.norm(img_emb, axis=1, keepdims=True)
+        text_emb = img_emb @ mapping.T
+        text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+        aligned = align(shard_id, len(chunk), 5, index_width(per_shard), np.arange(len(chunk)),
+                        img_emb.astype(np.float16), text_emb.astype(np.float16), [s.caption for s, _ in chunk])
+        write_aligned(layout, f"{shard_id:05d}", aligned)
