@@ -89,7 +89,7 @@ def latest_checkpoint(root: str, job_name: str) -> Optional[str]:
     if exists(summary) and read_json(summary).get("checkpoint"):
         path = read_json(summary)["checkpoint"]
         return path if "://" in path or "://" not in root else f"{root.split('://')[0]}://{path}"
-    folders = [p for p in list_files(f"{storage_path(root)}/{job_name}") if p.rsplit("/", 1)[-1].startswith("checkpoint_")]
+    folders = [p for p in list_files(f"{storage_path(root)}/{job_name}") if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")]
     return sorted(folders)[-1] if folders else None
 
 

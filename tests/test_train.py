@@ -1,0 +1,85 @@
+"""Training jobs on Ray Train with 2 CPU workers: checkpoints, resume, a killed worker, s3 storage."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import yaml
+
+from jobs import train_prior
+from jobs.train_common import latest_checkpoint, storage_path
+from tests.runs import make_training_run
+
+
+def run_config(root, **prior):
+    fields = dict(workers=2, batch_size=16, eval_size=16, eval_every=10, checkpoint_every=10, max_steps=30,
+                  epochs=20, keep_checkpoints=2, trainer={"lr": 1e-3, "warmup_steps": 5})
+    fields.update(prior)
+    return {"root": root, "train_prior": fields}
+
+
+def write_config(tmp_path, config):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def training_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train") / "run")
+    make_training_run(root, count=96, per_shard=32, size=32, dim=64)
+    return root
+
+
+def test_train_prior_checkpoints_and_resumes(training_root, tmp_path, ray_local):
+    import shutil
+
+    root = str(tmp_path / "run")
+    shutil.copytree(training_root, root)
+    summary = train_prior.main(["--config", write_config(tmp_path, run_config(root))])
+    assert summary["step"] == 30 and summary["resumed_from_step"] == 0
+    assert summary["image_similarity"] > summary["unrelated_similarity"]
+    checkpoints = sorted(p for p in os.listdir(os.path.join(storage_path(root), "prior")) if p.startswith("checkpoint_") and not p.endswith(".json"))
+    assert len(checkpoints) == 2  # keeps the last K
+    assert latest_checkpoint(root, "prior").endswith(checkpoints[-1])
+
+    # a re-run with a higher step budget continues from step 30, not from zero
+    more = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=40))])
+    assert more["step"] == 40 and more["resumed_from_step"] == 30
+
+
+def train_worker_pids():
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "grep" not in line]
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(training_root, tmp_path, ray_local):
+    import shutil
+
+    root = str(tmp_path / "run")
+    shutil.copytree(training_root, root)
+    config = write_config(tmp_path, run_config(root, max_steps=60, max_failures=1))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(train_prior.main(["--config", config])))
+    thread.start()
+    folder = os.path.join(storage_path(root), "prior")
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and thread.is_alive():
+        # Ray has registered a checkpoint once its manager snapshot lists one
+        snapshot = os.path.join(folder, "checkpoint_manager_snapshot.json")
+        has_checkpoint = os.path.exists(snapshot) and "checkpoint_2" in open(snapshot).read()
+        pids = train_worker_pids()
+        if has_checkpoint and pids:
+            killed = pids[-1]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    thread.join(timeout=300)
+    assert killed is not None, "no worker was killed"
+    assert result["step"] == 60
+    assert 0 < result["resumed_from_step"] < 60  # restarted from a checkpoint, not from zero
