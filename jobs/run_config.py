@@ -10,7 +10,7 @@ from dalle2.configs import StrictModel
 from pipeline.config import DownloadConfig, EmbedConfig, RayConfig, ReorderConfig
 
 from .config_io import load_config
-from .train_common import TrainPriorConfig
+from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 
 
 class RunConfig(StrictModel):
@@ -21,7 +21,9 @@ class RunConfig(StrictModel):
     download: DownloadConfig = DownloadConfig()
     embed: EmbedConfig = EmbedConfig()
     reorder: ReorderConfig = ReorderConfig()
+    train_clip: TrainClipConfig = TrainClipConfig()
     train_prior: TrainPriorConfig = TrainPriorConfig()
+    train_decoder: TrainDecoderConfig = TrainDecoderConfig()
 
 
 def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunConfig], dict]) -> dict:

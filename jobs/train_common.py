@@ -47,6 +47,21 @@ class TrainPriorConfig(TrainJobConfig):
     prior: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/prior) or a dict
 
 
+class TrainDecoderConfig(TrainJobConfig):
+    """The decoder's training job."""
+
+    decoder: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/decoder) or a dict
+    unet_number: Optional[int] = None  # train this stage only; None: every stage, in turn, batch by batch
+    eval_samples: int = 8  # held-out embeddings drawn into the sample grid
+    cond_scale: float = 1.0
+
+
+class TrainClipConfig(TrainJobConfig):
+    """The CLIP training job (contrastive, on the run's shards)."""
+
+    model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
+
+
 def storage_path(root: str) -> str:
     """Where Ray Train keeps checkpoints of the run: <root>/train (an absolute path when local)."""
     return root.rstrip("/") + "/train" if "://" in root else os.path.abspath(os.path.join(root, "train"))
@@ -144,3 +159,29 @@ class Worker:
                 save(folder)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Callable[[dict], float],
+                  evaluate: Callable[[int], dict], state: dict) -> None:
+    """The loop every job runs: epochs of this rank's batches from the resumed position; evaluate every
+    `eval_every` steps, checkpoint every `checkpoint_every` steps and at each epoch's end (with the data
+    position, so a resumed run sees no sample twice in an epoch), stop at `max_steps`."""
+    resumed_from = trainer.step
+    epoch, position = state.get("epoch", 0), state.get("batch", 0)
+    step = trainer.step
+    while epoch < job.epochs and not (job.max_steps and step >= job.max_steps):
+        for batch in loader.epoch(epoch, skip_batches=position):
+            position += 1
+            loss = train_step(batch)
+            step = trainer.step
+            finished = bool(job.max_steps and step >= job.max_steps)
+            end_of_epoch = position == loader.batches_per_epoch()
+            metrics = {"step": step, "epoch": epoch, "loss": loss, "resumed_from_step": resumed_from}
+            if step % job.eval_every == 0 or finished or end_of_epoch:
+                metrics.update(evaluate(step))
+            if step % job.checkpoint_every == 0 or finished or end_of_epoch:
+                extra = {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
+                worker.report(metrics, save=lambda folder: trainer.save(folder, extra=extra))
+            if finished:
+                break
+        epoch, position = epoch + 1, 0

@@ -47,6 +47,23 @@ class SamplePlan:
             indices[shard] = np.asarray([i for i, p in zip(meta["index"], meta["present"]) if p], dtype=np.int64)
         return cls(indices)
 
+    @classmethod
+    def from_shards(cls, root: str) -> "SamplePlan":
+        """Every downloaded sample (status success in the shards' parquets), for training without embeddings."""
+        from .embed import complete_shards
+
+        layout = RunLayout(root)
+        shards = complete_shards(layout)
+        if not shards:
+            raise FileNotFoundError(f"no downloaded shards under {layout.shards}: run download first")
+        indices = {}
+        for shard in shards:
+            meta = read_parquet(layout.shard_parquet(shard), columns=["key", "status"]).to_pydict()
+            digits = len(meta["key"][0]) - len(shard) if meta["key"] else 1
+            indices[shard] = np.asarray(sorted(parse_key(k, digits)[1] for k, s in zip(meta["key"], meta["status"])
+                                               if s == "success"), dtype=np.int64)
+        return cls(indices)
+
     def split(self, holdout: int) -> tuple["SamplePlan", "SamplePlan"]:
         """(train, eval): the last `holdout` samples in shard order are held out of training."""
         train, held = {}, {}
@@ -158,31 +175,43 @@ class EmbeddingBatches(ShardedBatches):
                    "caption": aligned.captions[i]}
 
 
-class ImageBatches(ShardedBatches):
-    """(image, image_embed, caption) batches: webdataset images joined with their aligned embeddings."""
+class ShardImageBatches(ShardedBatches):
+    """(image, caption) batches straight from the webdataset shards (CLIP training needs no embeddings)."""
 
     def __init__(self, *args, image_size: int = 64, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_size = image_size
 
+    def extra(self, shard: str):
+        """Per-shard data joined to each sample (none here); returns (lookup, index digits or None)."""
+        return None, None
+
     def samples(self, shard: str, indices: np.ndarray) -> Iterator[dict]:
         from PIL import Image
 
-        aligned = read_aligned(self.layout, shard)
+        joined, index_digits = self.extra(shard)
         wanted: dict[int, int] = {}
         for i in indices.tolist():  # a sample wrapped in twice (padding) is yielded twice
             wanted[i] = wanted.get(i, 0) + 1
-        index_digits = len(aligned.keys[0]) - len(shard) if aligned.keys else 1
         for key, fields in iter_samples(self.layout.shard_tar(shard)):
-            index = parse_key(key, index_digits)[1]
+            index = parse_key(key, index_digits or len(key) - len(shard))[1]
             if index not in wanted:
                 continue
             with Image.open(io.BytesIO(image_of(fields))) as image:
                 image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
                 pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-            sample = {"image": pixels, "image_embed": torch.from_numpy(np.asarray(aligned.img_emb[index], np.float32)),
-                      "caption": aligned.captions[index]}
+            sample = {"image": pixels, "caption": fields.get("txt", b"").decode("utf-8", errors="replace")}
+            if joined is not None:
+                sample["image_embed"] = torch.from_numpy(np.asarray(joined.img_emb[index], np.float32))
             for _ in range(wanted.pop(index)):
                 yield sample
         if wanted:
             raise ValueError(f"shard {shard}: samples {sorted(wanted)[:5]} are present in aligned/ but not in its tar")
+
+
+class ImageBatches(ShardImageBatches):
+    """(image, image_embed, caption) batches: webdataset images joined with their aligned embeddings."""
+
+    def extra(self, shard: str):
+        aligned = read_aligned(self.layout, shard)
+        return aligned, (len(aligned.keys[0]) - len(shard) if aligned.keys else 1)

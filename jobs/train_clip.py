@@ -1,0 +1,71 @@
+"""Train an open_clip model contrastively on the run's shards (no pretrained CLIP needed).
+
+    python -m jobs.train_clip --config run.yaml [--set train_clip.model_name=tiny-clip]
+
+Its checkpoints are ClipAdapter checkpoints: the embed stage, the prior and the decoder load the
+latest one (see jobs/checkpoints.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .run_config import RunConfig, stage_main
+from .train_common import Worker, fit, training_loop
+
+JOB = "clip"
+
+
+def clip_loop(config: dict) -> None:
+    """One Ray Train worker: contrastive steps on this rank's images and captions."""
+    import torch
+
+    from dalle2.clip import ClipAdapter
+    from dalle2.clip_trainer import ClipTrainer, contrastive_loss
+    from pipeline.loaders import SamplePlan, ShardImageBatches
+
+    run = RunConfig.model_validate(config)
+    job = run.train_clip
+    worker = Worker(job, run.root, JOB)
+    torch.manual_seed(job.seed)
+    clip = ClipAdapter(job.model_name)
+    trainer = ClipTrainer(clip, job.trainer, device=worker.device)
+    state = worker.resume(trainer.load)
+    train_plan, eval_plan = SamplePlan.from_shards(run.root).split(job.eval_size)
+    loader = ShardImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
+                               job.shuffle_buffer, image_size=clip.image_size)
+    held_out = next(ShardImageBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1,
+                                      image_size=clip.image_size).epoch(0))
+
+    def train_step(batch: dict) -> float:
+        return trainer.train_step({"image": batch["image"], "caption": batch["caption"]})
+
+    def evaluate(step: int) -> dict:
+        with torch.no_grad():
+            image = clip.embed_image(held_out["image"])
+            text = clip.embed_text(held_out["caption"]).text_embed
+            # zero-shot retrieval: does each image pick its own caption among the held-out ones?
+            captions = held_out["caption"]
+            best = (image @ text.T).argmax(dim=1).tolist()
+            accuracy = sum(captions[b] == c for b, c in zip(best, captions)) / len(captions)
+            loss = float(contrastive_loss(clip, held_out["image"], captions))
+        clip.model.train()
+        return {"eval_loss": loss, "eval_retrieval_accuracy": accuracy}
+
+    training_loop(worker, job, trainer, loader, train_step, evaluate, state)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Train the CLIP of the run described by --config."""
+
+    def run(config: RunConfig) -> dict:
+        from pipeline.distributor import ensure_ray
+
+        ensure_ray(config.ray)
+        return fit(JOB, clip_loop, config.model_dump(mode="json"), config.train_clip, config.root)
+
+    return stage_main(argv, __doc__.splitlines()[0], run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Train the decoder on Ray Train from the run's shards joined with their aligned image embeddings.
+
+    python -m jobs.train_decoder --config run.yaml [--set train_decoder.unet_number=1]
+
+Each evaluation writes a sample grid (`<root>/train/decoder/samples/step_N.png`: generated images
+from held-out embeddings on the top row, the real images below) and the CLIP score of the samples.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+from .run_config import RunConfig, stage_main
+from .train_common import Worker, fit, storage_path, training_loop
+
+JOB = "decoder"
+
+
+def sample_grid(samples, reals) -> bytes:
+    """PNG bytes of two rows: samples over the real images."""
+    import torch
+    from torchvision.utils import make_grid
+
+    from dalle2.text_to_image import to_pil
+
+    reals = torch.nn.functional.interpolate(reals, size=samples.shape[-2:], mode="bilinear", antialias=True)
+    grid = make_grid(torch.cat([samples.cpu(), reals.cpu()]), nrow=len(samples), padding=2, pad_value=1.0)
+    buffer = io.BytesIO()
+    to_pil(grid[None])[0].save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoder_loop(config: dict) -> None:
+    """One Ray Train worker: stream images with their embeddings, step the chosen unets, evaluate, checkpoint."""
+    import torch
+
+    from dalle2.configs import DecoderConfig, resolve
+    from dalle2.decoder import Decoder
+    from dalle2.trainer import DecoderTrainer
+    from pipeline.loaders import ImageBatches, SamplePlan
+    from pipeline.storage import write_atomic
+
+    from .checkpoints import run_clip
+
+    run = RunConfig.model_validate(config)
+    job = run.train_decoder
+    worker = Worker(job, run.root, JOB)
+    torch.manual_seed(job.seed)
+    decoder = Decoder(config=resolve(DecoderConfig, job.decoder, "decoder"))
+    numbers = [job.unet_number] if job.unet_number else list(range(1, len(decoder.unets) + 1))
+    trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers)
+    state = worker.resume(trainer.load)
+    size = decoder.image_sizes[-1]
+    train_plan, eval_plan = SamplePlan.from_aligned(run.root).split(job.eval_size)
+    loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
+                          job.shuffle_buffer, image_size=size)
+    held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),
+                                 shuffle_buffer=1, image_size=size).epoch(0))
+    clip = run_clip(run).to(worker.device) if worker.rank == 0 else None
+    counter = {"batches": 0}
+
+    def train_step(batch: dict) -> float:
+        number = numbers[counter["batches"] % len(numbers)]  # every chosen stage in turn
+        counter["batches"] += 1
+        return trainer.train_step({"image": batch["image"], "image_embed": batch["image_embed"]}, unet_number=number)
+
+    def evaluate(step: int) -> dict:
+        if worker.rank != 0:
+            return {}
+        embeds = held_out["image_embed"].to(worker.device)
+        samples = trainer.sample(image_embed=embeds, cond_scale=job.cond_scale,
+                                 generator=torch.Generator(worker.device).manual_seed(job.seed))
+        write_atomic(f"{storage_path(run.root)}/{JOB}/samples/step_{step}.png", sample_grid(samples, held_out["image"]))
+        metrics = {"sample_mse": float(((samples.cpu() - torch.nn.functional.interpolate(
+            held_out["image"], size=samples.shape[-2:], mode="bilinear", antialias=True)) ** 2).mean())}
+        if clip is not None and clip.embed_dim == embeds.shape[1]:
+            metrics["clip_score"] = float((clip.embed_image(samples) * torch.nn.functional.normalize(embeds, dim=-1)).sum(-1).mean())
+        return metrics
+
+    training_loop(worker, job, trainer, loader, train_step, evaluate, state)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Train the decoder of the run described by --config."""
+
+    def run(config: RunConfig) -> dict:
+        from pipeline.distributor import ensure_ray
+
+        ensure_ray(config.ray)
+        return fit(JOB, decoder_loop, config.model_dump(mode="json"), config.train_decoder, config.root)
+
+    return stage_main(argv, __doc__.splitlines()[0], run)
+
+
+if __name__ == "__main__":
+    main()
