@@ -118,3 +118,17 @@ def test_clip_prior_and_decoder_jobs_make_a_working_dalle2(tmp_path, ray_local):
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     summary = json.loads(open(os.path.join(storage_path(root), "decoder_summary.json")).read())
     assert summary["step"] == 6
+
+
+def test_checkpoints_on_s3_and_resume_from_there(training_root, tmp_path, s3_server, ray_local):
+    import fsspec
+
+    root = s3_server() + "/run"
+    fs = fsspec.filesystem("s3")
+    fs.put(training_root + "/", root.replace("s3://", "") + "/", recursive=True)
+    summary = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=6, checkpoint_every=3))])
+    assert summary["step"] == 6 and summary["checkpoint"]
+    checkpoint = latest_checkpoint(root, "prior")
+    assert checkpoint.startswith("s3://") and fs.exists(checkpoint.replace("s3://", "") + "/model.safetensors")
+    more = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=9, checkpoint_every=3))])
+    assert more["step"] == 9 and more["resumed_from_step"] == 6
