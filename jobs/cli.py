@@ -9,8 +9,15 @@ from typing import Optional
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("jobs.download", "download the URL list into webdataset shards"),
+    "train-clip": ("jobs.train_clip", "train CLIP contrastively on the shards"),
     "embed": ("jobs.embed", "embed the shards' images and captions with CLIP"),
     "reorder": ("jobs.reorder", "align clip-retrieval embeddings with the shards"),
+    "train-prior": ("jobs.train_prior", "train the diffusion prior on the aligned embeddings"),
+    "train-decoder": ("jobs.train_decoder", "train the decoder on the shards and their embeddings"),
+    "sample": ("jobs.sample", "generate images from the run's latest checkpoints"),
+    "run": ("jobs.run", "run every stage in order, skipping complete ones"),
+    "status": ("jobs.status", "print the run's ledger and checkpoints"),
+    "demo": ("jobs.demo", "the whole pipeline on a built-in data set, served on 127.0.0.1"),
     "toy-prior": ("jobs.toy_prior", "train the prior on generated embeddings and print its metrics"),
 }
 

@@ -36,7 +36,29 @@ def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunCo
     args = parser.parse_args(argv)
     config = load_config(RunConfig, args.config, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    save_run_config(config)
     summary = run(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "per_shard"}, sort_keys=True))
     return summary
 
+
+
+CONFIG_NAME = "config.yaml"
+
+
+def save_run_config(config: RunConfig) -> None:
+    """Keep the effective config in the run root, so `dalle2 sample|status --root` can rebuild the run."""
+    import yaml
+
+    from pipeline.storage import write_atomic
+
+    write_atomic(f"{config.root.rstrip('/')}/{CONFIG_NAME}", yaml.safe_dump(config.model_dump(mode="json")).encode())
+
+
+def load_run_config(root: str) -> RunConfig:
+    """The config a run was last started with (defaults with this root if it has none)."""
+    from pipeline.storage import exists
+
+    path = f"{root.rstrip('/')}/{CONFIG_NAME}"
+    config = load_config(RunConfig, path) if exists(path) else RunConfig()
+    return config.model_copy(update={"root": root})

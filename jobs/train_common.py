@@ -59,6 +59,7 @@ class TrainDecoderConfig(TrainJobConfig):
 class TrainClipConfig(TrainJobConfig):
     """The CLIP training job (contrastive, on the run's shards)."""
 
+    enabled: bool = True  # False when embed.clip names a pretrained CLIP to use instead
     model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
 
 

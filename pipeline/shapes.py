@@ -37,7 +37,8 @@ class ShapeSpec:
     @property
     def caption(self) -> str:
         where = "in the center" if self.position == "center" else f"on the {self.position}"
-        return f"a {self.color} {self.shape} {where}"
+        article = "an" if self.color[0] in "aeiou" else "a"
+        return f"{article} {self.color} {self.shape} {where}"
 
 
 def all_specs() -> list[ShapeSpec]:
@@ -108,3 +109,20 @@ def write_shards(root: str, count: int, per_shard: int = 250, size: int = 64, se
             "key": keys, "caption": [s.caption for s, _ in chunk], "status": ["success"] * len(keys)}))
         write_json(layout.shard_stats(name), {"count": len(keys), "successes": len(keys)})
     return samples
+
+
+def describe(array) -> tuple[str | None, str | None]:
+    """(colour, position) of the shape in an RGB uint8 array [H, W, 3]: the palette colour nearest the
+    mean of the non-background pixels, and left/center/right from their horizontal centre of mass."""
+    import numpy as np
+
+    pixels = np.asarray(array, dtype=np.float32)
+    distance = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1)
+    mask = distance > 60
+    if mask.sum() < max(4, 0.01 * mask.size):
+        return None, None
+    mean = pixels[mask].mean(axis=0)
+    color = min(COLORS, key=lambda name: np.linalg.norm(mean - np.asarray(COLORS[name], np.float32)))
+    x = np.nonzero(mask)[1].mean() / mask.shape[1]
+    position = "left" if x < 0.4 else "right" if x > 0.6 else "center"
+    return color, position

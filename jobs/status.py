@@ -1,0 +1,62 @@
+"""Print a run's ledger: per stage, rows in, written, failed by reason, and its training checkpoints.
+
+    dalle2 status --root RUN [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+
+def run_status(root: str) -> dict:
+    """Per stage: the ledger summary (data stages) or the training summary and latest checkpoint."""
+    from pipeline.layout import RunLayout
+    from pipeline.storage import exists, read_json
+
+    from .train_common import latest_checkpoint, storage_path
+
+    layout, status = RunLayout(root), {}
+    for stage in ("download", "embed", "reorder"):
+        if exists(layout.ledger_summary(stage)):
+            summary = read_json(layout.ledger_summary(stage))
+            status[stage] = {k: summary.get(k) for k in ("shards", "rows_in", "written", "failed", "failed_by_reason",
+                                                         "failed_shards", "input_rows", "seconds", "rows_per_s")}
+    for job in ("clip", "prior", "decoder"):
+        path = f"{storage_path(root)}/{job}_summary.json"
+        if exists(path):
+            status[f"train-{job}"] = {**read_json(path), "latest_checkpoint": latest_checkpoint(root, job)}
+    return status
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Print the status of the run at --root."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="the run's root (local path or fsspec URL)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    status = run_status(args.root)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return status
+    if not status:
+        print(f"{args.root}: no stage has run yet")
+    for stage, info in status.items():
+        if "rows_in" in info:
+            reasons = ", ".join(f"{n} {r}" for r, n in (info.get("failed_by_reason") or {}).items()) or "none"
+            line = f"{stage:<14} {info['shards']} shards, {info['rows_in']} rows in, {info['written']} written, " \
+                   f"{info['failed']} failed ({reasons})"
+            if info.get("input_rows") is not None:
+                line += f"; {info['input_rows']} input rows"
+            if info.get("failed_shards"):
+                line += f"; FAILED SHARDS {sorted(info['failed_shards'])}"
+        else:
+            line = f"{stage:<14} step {info.get('step')}, loss {info.get('loss', float('nan')):.4f}, " \
+                   f"checkpoint {info.get('latest_checkpoint')}"
+        print(line)
+    return status
+
+
+if __name__ == "__main__":
+    main()
