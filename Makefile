@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/dalle2 toy-prior $(ARGS)
+	$(BIN)/dalle2 demo $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(ARGS)

@@ -165,8 +165,8 @@ class Worker:
 def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Callable[[dict], float],
                   evaluate: Callable[[int], dict], state: dict) -> None:
     """The loop every job runs: epochs of this rank's batches from the resumed position; evaluate every
-    `eval_every` steps, checkpoint every `checkpoint_every` steps and at each epoch's end (with the data
-    position, so a resumed run sees no sample twice in an epoch), stop at `max_steps`."""
+    `eval_every` steps, checkpoint every `checkpoint_every` steps and at the end (with the data position,
+    so a resumed run sees no sample twice in an epoch), stop at `max_steps` or after `epochs`."""
     resumed_from = trainer.step
     epoch, position = state.get("epoch", 0), state.get("batch", 0)
     step = trainer.step
@@ -175,12 +175,13 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
             position += 1
             loss = train_step(batch)
             step = trainer.step
-            finished = bool(job.max_steps and step >= job.max_steps)
             end_of_epoch = position == loader.batches_per_epoch()
+            finished = bool(job.max_steps and step >= job.max_steps) or (end_of_epoch and epoch == job.epochs - 1)
             metrics = {"step": step, "epoch": epoch, "loss": loss, "resumed_from_step": resumed_from}
-            if step % job.eval_every == 0 or finished or end_of_epoch:
+            if step % job.eval_every == 0 or finished:
                 metrics.update(evaluate(step))
-            if step % job.checkpoint_every == 0 or finished or end_of_epoch:
+            if step % job.checkpoint_every == 0 or finished:
+                # the data position to resume from: the next batch (or the next epoch's first)
                 extra = {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
                 worker.report(metrics, save=lambda folder: trainer.save(folder, extra=extra))
             if finished:

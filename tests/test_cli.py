@@ -1,0 +1,138 @@
+"""What a user meets first: the dalle2 CLI on a whole run, cluster.yaml, and `ray job submit`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from jobs.cli import main as dalle2
+from jobs.config_io import ConfigError, load_config
+from jobs.run_config import RunConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cluster_yaml_is_valid_for_rays_launcher():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml")))
+    validate_config(prepare_config(config))
+    assert {"head", "cpu_worker", "gpu_worker"} <= set(config["available_node_types"])
+    config["available_node_types"]["gpu_worker"]["max_wokers"] = 2
+    with pytest.raises(Exception, match="max_wokers"):
+        validate_config(prepare_config(config))
+
+
+def test_config_errors_name_the_field_and_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"embed.autocast: .*'none', 'bf16' or 'fp16'"):
+        load_config(RunConfig, None, ["embed.autocast=fp8"])
+    example = load_config(RunConfig, os.path.join(REPO, "configs", "cluster-run.yaml"))
+    assert example.root.startswith("s3://") and example.embed.num_gpus_per_actor == 1
+
+
+def tiny_run_config(root, url_list):
+    steps = dict(workers=2, batch_size=16, eval_size=16, eval_every=3, checkpoint_every=3, max_steps=3, epochs=5)
+    return {"root": root,
+            "download": {"url_list": url_list, "image_size": 32, "samples_per_shard": 20, "timeout": 4},
+            "embed": {"batch_size": 32},
+            "train_clip": {**steps}, "train_prior": {**steps}, "train_decoder": {**steps, "eval_samples": 2}}
+
+
+def test_run_skips_complete_stages_status_reconciles_and_sample_writes(tmp_path, image_server, ray_local, capsys):
+    url_list = tmp_path / "urls.csv"
+    pd.DataFrame(image_server.rows()).to_csv(url_list, index=False)
+    root = str(tmp_path / "run")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(root, str(url_list))))
+
+    assert dalle2(["run", "--config", str(config)]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first == {"download": "ran", "train-clip": "ran", "embed": "ran", "reorder": "not wanted",
+                     "train-prior": "ran", "train-decoder": "ran"}
+    assert dalle2(["run", "--config", str(config)]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(second.values()) == {"skipped", "not wanted"}
+
+    assert dalle2(["status", "--root", root, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    download, embed = status["download"], status["embed"]
+    assert download["input_rows"] == len(image_server.rows()) == download["written"] + download["failed"]
+    assert embed["rows_in"] == download["written"] == embed["written"] + embed["failed"]
+    assert status["train-decoder"]["step"] == 3 and status["train-decoder"]["latest_checkpoint"]
+
+    out, out_npy = tmp_path / "grid.png", tmp_path / "images.npy"
+    assert dalle2(["sample", "--root", root, "--prompt", "a red circle on the left", "--prompt", "a blue square",
+                   "--n", "2", "--cond-scale", "3", "--out", str(out), "--out-npy", str(out_npy)]) == 0
+    images = np.load(out_npy)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 64
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A real `ray start --head` on 127.0.0.1 with its own ports and temp dir, stopped by the test."""
+    from tests.servers import free_port
+
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                             "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        probe = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        time.sleep(1)
+    else:
+        head.kill()
+        pytest.fail("ray head did not come up")
+    yield address, env, ray_bin
+    os.killpg(head.pid, 15)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, 9)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_stage(ray_head, tmp_path, image_server):
+    address, env, ray_bin = ray_head
+    url_list = tmp_path / "urls.csv"
+    pd.DataFrame(image_server.rows(with_failures=False)[:20]).to_csv(url_list, index=False)
+    root = str(tmp_path / "run")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"root": root, "download": {"url_list": str(url_list), "image_size": 32,
+                                                                "samples_per_shard": 10}}))
+    submit = subprocess.run(
+        [ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--no-wait", "--",
+         "python", "-m", "jobs.download", "--config", str(config)],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert submit.returncode == 0, submit.stderr
+    job_id = next(w for w in submit.stdout.split() if w.startswith("raysubmit_"))
+    deadline, state = time.time() + 240, ""
+    while time.time() < deadline:
+        state = subprocess.run([ray_bin, "job", "status", "--address", address, job_id], env=env,
+                               capture_output=True, text=True).stdout
+        if "SUCCEEDED" in state or "FAILED" in state or "STOPPED" in state:
+            break
+        time.sleep(2)
+    logs = subprocess.run([ray_bin, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True).stdout
+    assert "SUCCEEDED" in state, state + logs[-3000:]
+    summary = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    assert summary["written"] == 20 and summary["rows_in"] == 20
