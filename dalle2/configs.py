@@ -8,7 +8,7 @@ architectures are small YAML files under `dalle2/model_configs/<kind>/<name>.yam
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -256,8 +256,3 @@ def _deep_merge(base: dict, override: dict) -> dict:
     for key, val in override.items():
         out[key] = _deep_merge(out[key], val) if isinstance(val, dict) and isinstance(out.get(key), dict) else val
     return out
-
-
-def as_tuple(value: Union[int, Sequence[int]]) -> tuple[int, ...]:
-    """An int or a sequence as a tuple."""
-    return (value,) if isinstance(value, int) else tuple(value)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
 from .configs import DecoderConfig, with_diffusion_kwargs
-from .diffusion import GaussianDiffusion, guidance
+from .diffusion import GaussianDiffusion, classifier_free_guidance, tile
 from .unet import Unet
 
 Text = Union[Sequence[str], Tensor, None]
@@ -144,23 +144,16 @@ class Decoder(nn.Module):
     # ---- sampling --------------------------------------------------------------------------------
 
     def guided_model_fn(self, unet: Unet, image_embed, text_encodings, text_mask, lowres, lowres_times, cond_scale: float):
-        """model_fn(x, t) of one stage with classifier-free guidance (conditional and null in one batch)."""
-        if cond_scale == 1.0 or image_embed is None:
-            return lambda x, t: unet(x, t, image_embed, text_encodings, text_mask, lowres, lowres_times)
+        """model_fn(x, t) of one stage with classifier-free guidance (see diffusion.classifier_free_guidance)."""
+        if image_embed is None:  # unconditional: nothing to guide by
+            cond_scale = 1.0
 
-        def double(z: Optional[Tensor]) -> Optional[Tensor]:
-            return None if z is None else torch.cat([z, z])
+        def forward(x: Tensor, t: Tensor, drop: Optional[Tensor]) -> Tensor:
+            n = x.shape[0] // (image_embed.shape[0] if image_embed is not None else x.shape[0])
+            return unet(x, t, tile(image_embed, n), tile(text_encodings, n), tile(text_mask, n), tile(lowres, n),
+                        tile(lowres_times, n), drop, drop)
 
-        batch = image_embed.shape[0]
-        drop = torch.arange(2 * batch, device=image_embed.device) >= batch
-
-        def model_fn(x: Tensor, t: Tensor) -> Tensor:
-            out = unet(double(x), double(t), double(image_embed), double(text_encodings), double(text_mask),
-                       double(lowres), double(lowres_times), drop, drop)
-            cond_out, null_out = out.chunk(2)
-            return guidance(cond_out, null_out, cond_scale)
-
-        return model_fn
+        return classifier_free_guidance(forward, cond_scale)
 
     @torch.no_grad()
     def sample(

@@ -52,6 +52,26 @@ def guidance(cond_out: Tensor, null_out: Tensor, cond_scale: float) -> Tensor:
     return null_out + (cond_out - null_out) * cond_scale
 
 
+def tile(z: Optional[Tensor], times: int) -> Optional[Tensor]:
+    """Repeat a batch `times` times along dim 0 (conditioning for a doubled guidance batch); None stays None."""
+    return z if z is None or times == 1 else torch.cat([z] * times)
+
+
+def classifier_free_guidance(forward: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], cond_scale: float) -> ModelFn:
+    """model_fn(x, t) from `forward(x, t, drop_mask)`: with cond_scale != 1 the conditional and the null
+    (all conditioning dropped) predictions run as one doubled batch and are combined by `guidance`."""
+    if cond_scale == 1.0:
+        return lambda x, t: forward(x, t, None)
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        batch = x.shape[0]
+        drop = torch.arange(2 * batch, device=x.device) >= batch
+        cond_out, null_out = forward(torch.cat([x, x]), torch.cat([t, t]), drop).chunk(2)
+        return guidance(cond_out, null_out, cond_scale)
+
+    return model_fn
+
+
 class GaussianDiffusion(nn.Module):
     """A discrete-time Gaussian diffusion process; buffers move with `.to(device)`."""
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .configs import PriorConfig, PriorNetworkConfig, with_diffusion_kwargs
-from .diffusion import GaussianDiffusion, guidance
+from .diffusion import GaussianDiffusion, classifier_free_guidance, tile
 from .layers import Attention, FeedForward, l2norm, time_mlp
 
 
@@ -163,22 +163,13 @@ class DiffusionPrior(nn.Module):
         return self.diffusion.loss(model_fn, x0, loss_type=self.config.diffusion.loss_type)
 
     def guided_model_fn(self, text_embed: Tensor, text_encodings, text_mask, cond_scale: float):
-        """model_fn(x, t) with classifier-free guidance; conditional and null passes share one batch."""
-        if cond_scale == 1.0:
-            return lambda x, t: self.net(x, t, text_embed, text_encodings, text_mask)
+        """model_fn(x, t) with classifier-free guidance (see diffusion.classifier_free_guidance)."""
 
-        def double(z: Optional[Tensor]) -> Optional[Tensor]:
-            return None if z is None else torch.cat([z, z])
+        def forward(x: Tensor, t: Tensor, drop: Optional[Tensor]) -> Tensor:
+            n = x.shape[0] // text_embed.shape[0]
+            return self.net(x, t, tile(text_embed, n), tile(text_encodings, n), tile(text_mask, n), cond_drop_mask=drop)
 
-        batch = text_embed.shape[0]
-        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(text_embed.device)
-
-        def model_fn(x: Tensor, t: Tensor) -> Tensor:
-            out = self.net(double(x), double(t), double(text_embed), double(text_encodings), double(text_mask), drop)
-            cond_out, null_out = out.chunk(2)
-            return guidance(cond_out, null_out, cond_scale)
-
-        return model_fn
+        return classifier_free_guidance(forward, cond_scale)
 
     @torch.no_grad()
     def sample(

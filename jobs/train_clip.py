@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .run_config import RunConfig, stage_main
-from .train_common import Worker, fit, training_loop
+from .run_config import RunConfig
+from .train_common import Worker, train_main, training_loop
 
 JOB = "clip"
 
@@ -57,14 +57,7 @@ def clip_loop(config: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the CLIP of the run described by --config."""
-
-    def run(config: RunConfig) -> dict:
-        from pipeline.distributor import ensure_ray
-
-        ensure_ray(config.ray)
-        return fit(JOB, clip_loop, config.model_dump(mode="json"), config.train_clip, config.root)
-
-    return stage_main(argv, __doc__.splitlines()[0], run)
+    return train_main(argv, __doc__, JOB, clip_loop, "train_clip")
 
 
 if __name__ == "__main__":

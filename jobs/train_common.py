@@ -35,6 +35,7 @@ class TrainJobConfig(StrictModel):
     eval_every: int = 50
     eval_size: int = 32  # samples held out of training for evaluation
     checkpoint_every: int = 50
+    log_every: int = 20  # a progress line (step, loss, steps/s) from rank 0
     shuffle_buffer: int = 256
     seed: int = 0
     trainer: TrainerConfig = TrainerConfig()
@@ -116,6 +117,7 @@ class Worker:
         import ray.train
         import torch
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.job, self.root, self.job_name = job, root, job_name
@@ -167,9 +169,12 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     """The loop every job runs: epochs of this rank's batches from the resumed position; evaluate every
     `eval_every` steps, checkpoint every `checkpoint_every` steps and at the end (with the data position,
     so a resumed run sees no sample twice in an epoch), stop at `max_steps` or after `epochs`."""
+    import time
+
     resumed_from = trainer.step
     epoch, position = state.get("epoch", 0), state.get("batch", 0)
     step = trainer.step
+    last_log, last_log_step = time.time(), step
     while epoch < job.epochs and not (job.max_steps and step >= job.max_steps):
         for batch in loader.epoch(epoch, skip_batches=position):
             position += 1
@@ -178,6 +183,11 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
             end_of_epoch = position == loader.batches_per_epoch()
             finished = bool(job.max_steps and step >= job.max_steps) or (end_of_epoch and epoch == job.epochs - 1)
             metrics = {"step": step, "epoch": epoch, "loss": loss, "resumed_from_step": resumed_from}
+            if worker.rank == 0 and (step % job.log_every == 0 or finished):
+                rate = (step - last_log_step) / max(time.time() - last_log, 1e-9)
+                log.info("%s: step %d/%s epoch %d loss %.4f (%.2f steps/s)", worker.job_name, step,
+                         job.max_steps or "?", epoch, loss, rate)
+                last_log, last_log_step = time.time(), step
             if step % job.eval_every == 0 or finished:
                 metrics.update(evaluate(step))
             if step % job.checkpoint_every == 0 or finished:
@@ -187,3 +197,16 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
             if finished:
                 break
         epoch, position = epoch + 1, 0
+
+
+def train_main(argv: Optional[list[str]], doc: str, job_name: str, loop: Callable[[dict], None], section: str) -> dict:
+    """The main(argv) of a training job: validate the run config, start Ray, fit `loop`, print the summary."""
+    from .run_config import RunConfig, stage_main
+
+    def run(config: RunConfig) -> dict:
+        from pipeline.distributor import ensure_ray
+
+        ensure_ray(config.ray)
+        return fit(job_name, loop, config.model_dump(mode="json"), getattr(config, section), config.root)
+
+    return stage_main(argv, doc.splitlines()[0], run)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 from typing import Optional
 
-from .run_config import RunConfig, stage_main
-from .train_common import Worker, fit, storage_path, training_loop
+from .run_config import RunConfig
+from .train_common import Worker, storage_path, train_main, training_loop
 
 JOB = "decoder"
 
@@ -83,14 +83,7 @@ def decoder_loop(config: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the decoder of the run described by --config."""
-
-    def run(config: RunConfig) -> dict:
-        from pipeline.distributor import ensure_ray
-
-        ensure_ray(config.ray)
-        return fit(JOB, decoder_loop, config.model_dump(mode="json"), config.train_decoder, config.root)
-
-    return stage_main(argv, __doc__.splitlines()[0], run)
+    return train_main(argv, __doc__, JOB, decoder_loop, "train_decoder")
 
 
 if __name__ == "__main__":

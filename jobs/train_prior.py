@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .run_config import RunConfig, stage_main
-from .train_common import Worker, fit, training_loop
+from .run_config import RunConfig
+from .train_common import Worker, train_main, training_loop
 
 JOB = "prior"
 
@@ -44,14 +44,7 @@ def prior_loop(config: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the prior of the run described by --config."""
-
-    def run(config: RunConfig) -> dict:
-        from pipeline.distributor import ensure_ray
-
-        ensure_ray(config.ray)
-        return fit(JOB, prior_loop, config.model_dump(mode="json"), config.train_prior, config.root)
-
-    return stage_main(argv, __doc__.splitlines()[0], run)
+    return train_main(argv, __doc__, JOB, prior_loop, "train_prior")
 
 
 if __name__ == "__main__":

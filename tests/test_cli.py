@@ -8,12 +8,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from jobs.cli import main as dalle2
 from jobs.config_io import ConfigError, load_config
 from jobs.run_config import RunConfig
 
@@ -36,46 +34,6 @@ def test_config_errors_name_the_field_and_allowed_values(tmp_path):
         load_config(RunConfig, None, ["embed.autocast=fp8"])
     example = load_config(RunConfig, os.path.join(REPO, "configs", "cluster-run.yaml"))
     assert example.root.startswith("s3://") and example.embed.num_gpus_per_actor == 1
-
-
-def tiny_run_config(root, url_list):
-    steps = dict(workers=2, batch_size=16, eval_size=16, eval_every=3, checkpoint_every=3, max_steps=3, epochs=5)
-    return {"root": root,
-            "download": {"url_list": url_list, "image_size": 32, "samples_per_shard": 20, "timeout": 4},
-            "embed": {"batch_size": 32},
-            "train_clip": {**steps}, "train_prior": {**steps}, "train_decoder": {**steps, "eval_samples": 2}}
-
-
-def test_run_skips_complete_stages_status_reconciles_and_sample_writes(tmp_path, image_server, ray_local, capsys):
-    url_list = tmp_path / "urls.csv"
-    pd.DataFrame(image_server.rows()).to_csv(url_list, index=False)
-    root = str(tmp_path / "run")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(root, str(url_list))))
-
-    assert dalle2(["run", "--config", str(config)]) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first == {"download": "ran", "train-clip": "ran", "embed": "ran", "reorder": "not wanted",
-                     "train-prior": "ran", "train-decoder": "ran"}
-    assert dalle2(["run", "--config", str(config)]) == 0
-    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(second.values()) == {"skipped", "not wanted"}
-
-    assert dalle2(["status", "--root", root, "--json"]) == 0
-    status = json.loads(capsys.readouterr().out)
-    download, embed = status["download"], status["embed"]
-    assert download["input_rows"] == len(image_server.rows()) == download["written"] + download["failed"]
-    assert embed["rows_in"] == download["written"] == embed["written"] + embed["failed"]
-    assert status["train-decoder"]["step"] == 3 and status["train-decoder"]["latest_checkpoint"]
-
-    out, out_npy = tmp_path / "grid.png", tmp_path / "images.npy"
-    assert dalle2(["sample", "--root", root, "--prompt", "a red circle on the left", "--prompt", "a blue square",
-                   "--n", "2", "--cond-scale", "3", "--out", str(out), "--out-npy", str(out_npy)]) == 0
-    images = np.load(out_npy)
-    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
-    from PIL import Image
-
-    assert Image.open(out).size[0] > 64
 
 
 @pytest.fixture()

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle2.clip import ClipAdapter
 from pipeline.aligned import read_aligned
 from pipeline.config import DownloadConfig, EmbedConfig
 from pipeline.download import run_download

@@ -1,6 +1,5 @@
 """Training jobs on Ray Train with 2 CPU workers: checkpoints, resume, a killed worker, s3 storage."""
 
-import json
 import os
 import signal
 import subprocess
@@ -83,41 +82,6 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(training_root, tmp_pa
     assert killed is not None, "no worker was killed"
     assert result["step"] == 60
     assert 0 < result["resumed_from_step"] < 60  # restarted from a checkpoint, not from zero
-
-
-def test_clip_prior_and_decoder_jobs_make_a_working_dalle2(tmp_path, ray_local):
-    from jobs import train_clip, train_decoder
-    from jobs.checkpoints import load_dalle2
-    from jobs.embed import main as embed_main
-    from jobs.run_config import RunConfig
-    from pipeline.shapes import write_shards
-
-    root = str(tmp_path / "run")
-    write_shards(root, 96, per_shard=32, size=32)
-    common = dict(workers=2, batch_size=16, eval_size=16, eval_every=4, checkpoint_every=4, max_steps=6, epochs=5)
-    config = {"root": root, "train_clip": {**common, "trainer": {"lr": 1e-3}},
-              "train_prior": {**common, "trainer": {"lr": 1e-3}},
-              "train_decoder": {**common, "eval_samples": 4, "trainer": {"lr": 1e-3}},
-              "embed": {"batch_size": 32}}
-    path = write_config(tmp_path, config)
-
-    clip_summary = train_clip.main(["--config", path])
-    assert clip_summary["step"] == 6 and "eval_retrieval_accuracy" in clip_summary
-    clip_checkpoint = latest_checkpoint(root, "clip")
-    embed_summary = embed_main(["--config", path, "--set", f"embed.clip.checkpoint={clip_checkpoint}"])
-    assert embed_summary["written"] == 96
-    prior_summary = train_prior.main(["--config", path])
-    decoder_summary = train_decoder.main(["--config", path])
-    assert prior_summary["step"] == decoder_summary["step"] == 6
-    assert "clip_score" in decoder_summary and decoder_summary["sample_mse"] >= 0
-    grids = os.listdir(os.path.join(storage_path(root), "decoder", "samples"))
-    assert "step_6.png" in grids
-
-    dalle2 = load_dalle2(RunConfig.model_validate(config))
-    images = dalle2(["a red circle on the left", "a blue square in the center"], cond_scale=2.0)
-    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
-    summary = json.loads(open(os.path.join(storage_path(root), "decoder_summary.json")).read())
-    assert summary["step"] == 6
 
 
 def test_checkpoints_on_s3_and_resume_from_there(training_root, tmp_path, s3_server, ray_local):
