@@ -108,6 +108,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             log.info("serving %d built-in images at %s", len(rows), base)
         overrides.append(f"download.url_list={url_list}")
         config = load_config(RunConfig, defaults, overrides)
+        if server is not None:
+            forget_stale_inputs(config)
         forwarded = ["--config", defaults] + [x for s in overrides for x in ("--set", s)]
         timings = {}
         stage_started = time.time()
@@ -131,6 +133,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
     print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match")}, default=str))
     return report
+
+
+def forget_stale_inputs(config) -> None:
+    """A demo interrupted mid-download split URLs of a server port that is gone: split again (same order,
+    same shard names); finished shards stay finished through their ledger records."""
+    from pipeline.layout import RunLayout
+    from pipeline.storage import remove
+
+    from .stages import STAGES
+
+    download = next(stage for stage in STAGES if stage.name == "download")
+    if not download.complete(config):
+        remove(RunLayout(config.root).inputs, recursive=True)
 
 
 def render_report(report: dict) -> str:
