@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def ray_head(tmp_path):
 
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    # as with an activated virtualenv: `python` in the job's entrypoint is this environment's
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -82,11 +85,12 @@ def test_ray_job_submit_runs_a_stage(ray_head, tmp_path, image_server):
          "python", "-m", "jobs.download", "--config", str(config)],
         env=env, capture_output=True, text=True, cwd=REPO, timeout=180)
     assert submit.returncode == 0, submit.stderr
-    job_id = next(w for w in submit.stdout.split() if w.startswith("raysubmit_"))
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # the CLI colours its output
     deadline, state = time.time() + 240, ""
     while time.time() < deadline:
-        state = subprocess.run([ray_bin, "job", "status", "--address", address, job_id], env=env,
-                               capture_output=True, text=True).stdout
+        status = subprocess.run([ray_bin, "job", "status", "--address", address, job_id], env=env,
+                                capture_output=True, text=True)
+        state = (status.stdout + status.stderr).upper()  # logged to stderr as "Job '...' succeeded"
         if "SUCCEEDED" in state or "FAILED" in state or "STOPPED" in state:
             break
         time.sleep(2)
