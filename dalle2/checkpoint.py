@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import fsspec
 import torch
@@ -42,9 +42,11 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict without frozen CLIP weights; contiguous, de-aliased tensors for safetensors."""
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("clip.")}
+def trainable_state(module: nn.Module, prefixes: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    """The module's state dict without frozen CLIP weights (and only under `prefixes` when given: the parts a
+    trainer optimised, so untrained unets are never saved as if trained); contiguous copies for safetensors."""
+    state = {k: v for k, v in module.state_dict().items()
+             if not k.startswith("clip.") and (prefixes is None or k.startswith(tuple(prefixes)))}
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
@@ -68,16 +70,16 @@ def exists(url: str, storage_options: Optional[dict] = None) -> bool:
 
 def save_checkpoint(
     root: str,
-    model: nn.Module,
+    weights: dict[str, torch.Tensor],
     config: dict,
     ema: Optional[dict[str, torch.Tensor]] = None,
     state: Optional[dict[str, Any]] = None,
     storage_options: Optional[dict] = None,
 ) -> None:
-    """Save weights (safetensors) and state to the folder `root` (local or remote)."""
+    """Save weights (a state dict, see `trainable_state`) and state to the folder `root` (local or remote)."""
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     fs.makedirs(path, exist_ok=True)
-    write_bytes(_join(root, MODEL_FILE), save_safetensors(trainable_state(model)), storage_options)
+    write_bytes(_join(root, MODEL_FILE), save_safetensors(weights), storage_options)
     if ema is not None:
         write_bytes(_join(root, EMA_FILE), save_safetensors({k: v.contiguous() for k, v in ema.items()}), storage_options)
     buffer = io.BytesIO()
@@ -109,13 +111,18 @@ def check_config(saved: dict, current: dict, root: str) -> None:
 def load_checkpoint(
     root: str, model: nn.Module, config: dict, storage_options: Optional[dict] = None, use_ema: bool = False
 ) -> dict[str, Any]:
-    """Load weights into `model` after checking its config; returns the state dict of the checkpoint."""
+    """Load weights into `model` after checking its config; returns the state dict of the checkpoint.
+
+    A trainer's checkpoint holds only the parts it trained (`state["parts"]`, state-dict prefixes): the
+    model's other weights are left as they are, and the caller reads `parts` to know what was loaded.
+    """
     state = load_state(root, storage_options)
     check_config(state["config"], config, root)
     name = EMA_FILE if use_ema and exists(_join(root, EMA_FILE), storage_options) else MODEL_FILE
     weights = load_weights(root, name, storage_options)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith("clip.")]
+    saved = tuple(state.get("parts") or ("",))
+    missing = [k for k in missing if not k.startswith("clip.") and k.startswith(saved)]
     if missing or unexpected:
         raise ConfigMismatchError(f"checkpoint {root} does not fit the model: missing {missing}, unexpected {unexpected}")
     return state

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, load_state, save_checkpoint
+from .checkpoint import load_checkpoint, load_state, save_checkpoint, trainable_state
 from .configs import StrictModel
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class ClipAdapter(nn.Module):
 
     def save(self, root: str, storage_options: Optional[dict] = None) -> None:
         """Save the open_clip weights and the config to the folder `root` (any fsspec URL)."""
-        save_checkpoint(root, self.model, self.checkpoint_config(), storage_options=storage_options)
+        save_checkpoint(root, trainable_state(self.model), self.checkpoint_config(), storage_options=storage_options)
 
     def checkpoint_config(self) -> dict:
         """The config stored with (and checked against) saved weights."""

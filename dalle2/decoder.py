@@ -164,6 +164,8 @@ class Decoder(nn.Module):
         text_mask: Optional[Tensor] = None,
         batch_size: int = 1,
         cond_scale: float = 1.0,
+        start_at_unet_number: int = 1,
+        start_image: Optional[Tensor] = None,
         stop_at_unet_number: Optional[int] = None,
         inpaint_image: Optional[Tensor] = None,
         inpaint_mask: Optional[Tensor] = None,
@@ -174,11 +176,17 @@ class Decoder(nn.Module):
         """Run the cascade: [B, C, H, W] images in [0, 1] at the last (or `stop_at_unet_number`) size.
 
         Inpainting: `inpaint_image` [B, C, H, W] in [0, 1] and `inpaint_mask` [B, H, W] (True = keep).
+        Upsampling a given image: `start_at_unet_number=k` with `start_image` [B, C, H, W] in [0, 1], which
+        unet k takes as its low-resolution input in place of the stages before it.
         """
-        batch = image_embed.shape[0] if image_embed is not None else batch_size
         last = stop_at_unet_number or len(self.unets)
-        images = None
-        for number in range(1, last + 1):
+        if not 1 <= start_at_unet_number <= last:
+            raise ValueError(f"start_at_unet_number must be in [1, {last}], got {start_at_unet_number}")
+        if start_at_unet_number > 1 and start_image is None:
+            raise ValueError("start_at_unet_number > 1 needs start_image, the images to upsample")
+        images = start_image if start_at_unet_number > 1 else None
+        batch = image_embed.shape[0] if image_embed is not None else (len(images) if images is not None else batch_size)
+        for number in range(start_at_unet_number, last + 1):
             unet, diffusion, device = self._unet(number)
             size = self.image_sizes[number - 1]
             embed, encodings, mask = self._conditioning(unet, device, None, text, image_embed, text_encodings, text_mask)

@@ -169,18 +169,20 @@ class DiffusionTrainer:
 
     def save(self, root: str, extra: Optional[dict[str, Any]] = None, storage_options: Optional[dict] = None) -> None:
         """Save weights, EMA weights and optimizer state to the folder `root` (any fsspec URL)."""
+        prefixes = [_prefix_of(self.model, p) for p in self.parts]
         with self.ema_weights():
-            ema_state = trainable_state(self.model)
+            ema_state = trainable_state(self.model, prefixes)
         state = {
             "steps": self.steps,
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scalers": [s.state_dict() for s in self.scalers],
             "trainer_config": self.config.model_dump(mode="json"),
-            "parts": [_prefix_of(self.model, p) for p in self.parts],
+            "parts": prefixes,
             "extra": extra or {},
         }
-        save_checkpoint(root, self.model, self.model_config(), ema=ema_state, state=state, storage_options=storage_options)
+        save_checkpoint(root, trainable_state(self.model, prefixes), self.model_config(), ema=ema_state, state=state,
+                        storage_options=storage_options)
 
     def load(self, root: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
         """Resume from `root`; returns the `extra` dict given to `save` (e.g. the data position)."""
@@ -242,11 +244,13 @@ class DecoderTrainer(DiffusionTrainer):
         super().__init__(decoder, [decoder.unets[n - 1] for n in self.unet_numbers], config, device, **kwargs)
 
     def place(self, model: nn.Module) -> nn.Module:
+        # Each unet's noise schedule goes with it: an untrained unet stays where it was, with its schedule.
         for name, child in model.named_children():
-            if name != "unets":
+            if name not in ("unets", "diffusions"):
                 child.to(self.device)
-        for part in self.parts:
-            part.to(self.device)
+        for number in self.unet_numbers:
+            model.unets[number - 1].to(self.device)
+            model.diffusions[number - 1].to(self.device)
         return model
 
     def _part(self, unet_number: int) -> int:
@@ -262,7 +266,20 @@ class DecoderTrainer(DiffusionTrainer):
         return super().train_step(batch, part=self._part(unet_number))
 
     @torch.no_grad()
-    def sample(self, **kwargs) -> Tensor:
-        """Images from the cascade with the EMA weights."""
+    def sample(self, start_image: Optional[Tensor] = None, start_at_unet_number: Optional[int] = None,
+               stop_at_unet_number: Optional[int] = None, **kwargs) -> Tensor:
+        """Images from the trained stages of the cascade with the EMA weights.
+
+        A trainer of a later stage alone (e.g. unet 2) starts from `start_image`, the real images that
+        stand in for the untrained stages before it: a stage this trainer does not train is never run.
+        """
+        first = start_at_unet_number or min(self.unet_numbers)
+        last = stop_at_unet_number or max(self.unet_numbers)
+        untrained = [n for n in range(first, last + 1) if n not in self.unet_numbers]
+        if untrained:
+            raise ValueError(f"sampling unets {first}-{last} would run unets {untrained}, which this trainer does not train")
+        if first > 1 and start_image is None:
+            raise ValueError(f"this trainer starts at unet {first}: pass start_image, the images unet {first} upsamples")
         with self.ema_weights() as decoder:
-            return decoder.sample(**_to_device(kwargs, self.device))
+            return decoder.sample(**_to_device(kwargs, self.device), start_at_unet_number=first,
+                                  stop_at_unet_number=last, start_image=start_image)

@@ -22,9 +22,49 @@ def run_clip(run: RunConfig):
     return load_clip(source.model_name, source.pretrained, source.checkpoint)
 
 
+class CaptionEncoder:
+    """The run's CLIP (the one embed used), frozen and in eval mode on a training worker's device: turns a
+    batch's captions into per-token text encodings and their mask inside the step. The encodings are
+    never stored: 77 x width floats per caption is far more than the data set itself at LAION scale."""
+
+    def __init__(self, run: RunConfig, device, amp: str = "none"):
+        self.clip = run_clip(run).to(device).eval().requires_grad_(False)
+        self.device = device
+        # Half precision on GPU, as the embed stage runs; CPU autocast buys nothing for this tower.
+        self.dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float16")
+
+    def check(self, width: int, max_len: int, field: str) -> None:
+        """Raise naming `field` when a model's text inputs do not fit this CLIP's token features."""
+        if width != self.clip.text_encoding_dim or max_len < self.clip.max_text_len:
+            raise ValueError(f"{field}: the run's CLIP ({self.clip.config.model_name}) gives {self.clip.max_text_len} "
+                             f"tokens of width {self.clip.text_encoding_dim}, the model takes {max_len} of width {width}")
+
+    def __call__(self, captions) -> dict:
+        """{'text_encodings': [B, T, W], 'text_mask': [B, T]} of the captions, on the worker's device."""
+        import contextlib
+
+        import torch
+
+        cast = torch.autocast("cuda", dtype=getattr(torch, self.dtype)) if torch.device(self.device).type == "cuda" \
+            else contextlib.nullcontext()
+        with torch.no_grad(), cast:
+            out = self.clip.embed_text(list(captions))
+        return {"text_encodings": out.text_encodings.float(), "text_mask": out.mask}
+
+
+def decoder_checkpoints(run: RunConfig) -> list[str]:
+    """The latest checkpoint of each decoder job of the run: the whole cascade's (`decoder`) first, then each
+    stage's own (`decoder_unet{k}`), so loading them in this order lets a stage trained on its own win."""
+    from .train_common import training_jobs
+
+    jobs = [job for job in training_jobs(run.root) if job == "decoder" or job.startswith("decoder_unet")]
+    return [c for c in (latest_checkpoint(run.root, job) for job in jobs) if c]
+
+
 def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional[str] = None,
                 decoder_checkpoint: Optional[str] = None):
-    """DALLE2 from the run's latest prior and decoder checkpoints (EMA weights by default)."""
+    """DALLE2 from the run's latest prior and decoder checkpoints (EMA weights by default); the decoder's
+    unets may come from separate jobs, and every unet must have been trained by one of them."""
     from dalle2.checkpoint import load_checkpoint, load_state
     from dalle2.configs import DecoderConfig, PriorConfig
     from dalle2.decoder import Decoder
@@ -32,13 +72,25 @@ def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional
     from dalle2.text_to_image import DALLE2
 
     prior_checkpoint = prior_checkpoint or latest_checkpoint(run.root, "prior")
-    decoder_checkpoint = decoder_checkpoint or latest_checkpoint(run.root, "decoder")
-    if not prior_checkpoint or not decoder_checkpoint:
-        raise FileNotFoundError(f"{run.root} has no prior and decoder checkpoints yet: run train-prior and train-decoder")
+    if not prior_checkpoint:
+        raise FileNotFoundError(f"{run.root} has no prior checkpoint yet: run train-prior")
     clip = run_clip(run)
     prior = DiffusionPrior(clip=clip, config=PriorConfig(**load_state(prior_checkpoint)["config"]))
     load_checkpoint(prior_checkpoint, prior, prior.config.model_dump(mode="json"), use_ema=use_ema)
-    decoder = Decoder(config=DecoderConfig(**load_state(decoder_checkpoint)["config"]))
-    load_checkpoint(decoder_checkpoint, decoder, decoder.config.model_dump(mode="json"), use_ema=use_ema)
-    log.info("loaded DALLE2 from %s and %s", prior_checkpoint, decoder_checkpoint)
+
+    checkpoints = [decoder_checkpoint] if decoder_checkpoint else decoder_checkpoints(run)
+    if not checkpoints:
+        raise FileNotFoundError(f"{run.root} has no decoder checkpoint yet: run train-decoder")
+    config = DecoderConfig(**load_state(checkpoints[0])["config"])
+    decoder = Decoder(config=config)
+    loaded: set[int] = set()
+    for checkpoint in checkpoints:  # each loads only the unets it trained (its `parts`)
+        state = load_checkpoint(checkpoint, decoder, config.model_dump(mode="json"), use_ema=use_ema)
+        parts = state.get("parts") or [f"unets.{i}." for i in range(len(config.unets))]
+        loaded |= {int(part.split(".")[1]) + 1 for part in parts if part.startswith("unets.")}
+    missing = [n for n in range(1, len(config.unets) + 1) if n not in loaded]
+    if missing:
+        raise FileNotFoundError(f"{run.root}: decoder unets {missing} were never trained (their weights would be "
+                                f"random): run train-decoder, or train-decoder with train_decoder.unet_number=<k>")
+    log.info("loaded DALLE2 from %s and %s", prior_checkpoint, checkpoints)
     return DALLE2(prior.eval(), decoder.eval())

@@ -6,10 +6,12 @@ import json
 import logging
 from typing import Callable, Optional
 
+from pydantic import field_validator
+
 from dalle2.configs import StrictModel
 from pipeline.config import DownloadConfig, EmbedConfig, RayConfig, ReorderConfig
 
-from .config_io import load_config
+from .config_io import ConfigError, load_config
 from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 
 
@@ -25,6 +27,16 @@ class RunConfig(StrictModel):
     train_prior: TrainPriorConfig = TrainPriorConfig()
     train_decoder: TrainDecoderConfig = TrainDecoderConfig()
 
+    @field_validator("root")
+    @classmethod
+    def _root_every_worker_sees(cls, root: str) -> str:
+        from pipeline.storage import absolute_root
+
+        if root.startswith("memory://"):
+            raise ValueError("memory:// lives inside one process and the stages run on Ray workers: use a local "
+                             "path, s3://, gs:// or another shared filesystem")
+        return absolute_root(root)
+
 
 def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunConfig], dict]) -> dict:
     """The shared body of every stage's main(argv): parse, validate, log, run, print the summary."""
@@ -36,11 +48,31 @@ def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunCo
     args = parser.parse_args(argv)
     config = load_config(RunConfig, args.config, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_root_reachable(config)
     save_run_config(config)
     summary = run(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "per_shard"}, sort_keys=True))
     return summary
 
+
+
+def check_root_reachable(config: RunConfig) -> None:
+    """Refuse a local root on a Ray cluster of several nodes: each node would write its own disk."""
+    import os
+
+    from pipeline.storage import is_local
+
+    if not is_local(config.root) or not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        return  # an embedded local Ray is one node
+    from pipeline.distributor import ensure_ray
+
+    ensure_ray(config.ray)
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        raise ConfigError(f"root: {config.root} is a local path but the Ray cluster has {nodes} nodes, whose "
+                          "shards and checkpoints would scatter over their own disks: use s3:// or gs://")
 
 
 CONFIG_NAME = "config.yaml"
@@ -61,4 +93,4 @@ def load_run_config(root: str) -> RunConfig:
 
     path = f"{root.rstrip('/')}/{CONFIG_NAME}"
     config = load_config(RunConfig, path) if exists(path) else RunConfig()
-    return config.model_copy(update={"root": root})
+    return RunConfig.model_validate({**config.model_dump(mode="json"), "root": root})

@@ -43,16 +43,16 @@ def _embed_complete(run: RunConfig) -> bool:
     return _ledger_complete("embed")(run) and all(ledger.is_done(s) for s in complete_shards(layout))
 
 
-def _training_complete(job: str, section: str) -> Callable[[RunConfig], bool]:
+def _training_complete(section: str) -> Callable[[RunConfig], bool]:
     def complete(run: RunConfig) -> bool:
         from pipeline.storage import exists, read_json
 
         from .train_common import storage_path
 
-        summary = f"{storage_path(run.root)}/{job}_summary.json"
+        config = getattr(run, section)
+        summary = f"{storage_path(run.root)}/{config.job_name}_summary.json"
         if not exists(summary):
             return False
-        config = getattr(run, section)
         metrics = read_json(summary)
         return (config.max_steps is not None and metrics.get("step", 0) >= config.max_steps) or \
             metrics.get("epoch", -1) >= config.epochs - 1
@@ -70,11 +70,11 @@ class Stage:
 
 STAGES = [
     Stage("download", "jobs.download", _download_complete, lambda run: bool(run.download.url_list) or _download_complete(run)),
-    Stage("train-clip", "jobs.train_clip", _training_complete("clip", "train_clip"), lambda run: run.train_clip.enabled),
+    Stage("train-clip", "jobs.train_clip", _training_complete("train_clip"), lambda run: run.train_clip.enabled),
     Stage("embed", "jobs.embed", _embed_complete, lambda run: not run.reorder.source),
     Stage("reorder", "jobs.reorder", _ledger_complete("reorder"), lambda run: bool(run.reorder.source)),
-    Stage("train-prior", "jobs.train_prior", _training_complete("prior", "train_prior")),
-    Stage("train-decoder", "jobs.train_decoder", _training_complete("decoder", "train_decoder")),
+    Stage("train-prior", "jobs.train_prior", _training_complete("train_prior")),
+    Stage("train-decoder", "jobs.train_decoder", _training_complete("train_decoder")),
 ]
 
 

@@ -15,7 +15,7 @@ def run_status(root: str) -> dict:
     from pipeline.layout import RunLayout
     from pipeline.storage import exists, read_json
 
-    from .train_common import latest_checkpoint, storage_path
+    from .train_common import latest_checkpoint, storage_path, training_jobs
 
     layout, status = RunLayout(root), {}
     for stage in ("download", "embed", "reorder"):
@@ -23,10 +23,9 @@ def run_status(root: str) -> dict:
             summary = read_json(layout.ledger_summary(stage))
             status[stage] = {k: summary.get(k) for k in ("shards", "rows_in", "written", "failed", "failed_by_reason",
                                                          "failed_shards", "input_rows", "seconds", "rows_per_s")}
-    for job in ("clip", "prior", "decoder"):
+    for job in training_jobs(root):
         path = f"{storage_path(root)}/{job}_summary.json"
-        if exists(path):
-            status[f"train-{job}"] = {**read_json(path), "latest_checkpoint": latest_checkpoint(root, job)}
+        status[f"train-{job.replace('_', '-')}"] = {**read_json(path), "latest_checkpoint": latest_checkpoint(root, job)}
     return status
 
 

@@ -13,9 +13,6 @@ from typing import Optional
 from .run_config import RunConfig
 from .train_common import Worker, train_main, training_loop
 
-JOB = "clip"
-
-
 def clip_loop(config: dict) -> None:
     """One Ray Train worker: contrastive steps on this rank's images and captions."""
     import torch
@@ -26,7 +23,7 @@ def clip_loop(config: dict) -> None:
 
     run = RunConfig.model_validate(config)
     job = run.train_clip
-    worker = Worker(job, run.root, JOB)
+    worker = Worker(job, run.root, job.job_name)
     torch.manual_seed(job.seed)
     clip = ClipAdapter(job.model_name)
     trainer = ClipTrainer(clip, job.trainer, device=worker.device)
@@ -57,7 +54,7 @@ def clip_loop(config: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the CLIP of the run described by --config."""
-    return train_main(argv, __doc__, JOB, clip_loop, "train_clip")
+    return train_main(argv, __doc__, clip_loop, "train_clip")
 
 
 if __name__ == "__main__":

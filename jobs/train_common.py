@@ -47,6 +47,11 @@ class TrainPriorConfig(TrainJobConfig):
 
     prior: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/prior) or a dict
 
+    @property
+    def job_name(self) -> str:
+        """Where this job's checkpoints go: <root>/train/prior."""
+        return "prior"
+
 
 class TrainDecoderConfig(TrainJobConfig):
     """The decoder's training job."""
@@ -56,12 +61,23 @@ class TrainDecoderConfig(TrainJobConfig):
     eval_samples: int = 8  # held-out embeddings drawn into the sample grid
     cond_scale: float = 1.0
 
+    @property
+    def job_name(self) -> str:
+        """Where this job's checkpoints go: `decoder` for the whole cascade, `decoder_unet{k}` for stage k alone,
+        so stages trained by separate jobs (each on the GPUs it needs) never resume from each other."""
+        return "decoder" if self.unet_number is None else f"decoder_unet{self.unet_number}"
+
 
 class TrainClipConfig(TrainJobConfig):
     """The CLIP training job (contrastive, on the run's shards)."""
 
     enabled: bool = True  # False when embed.clip names a pretrained CLIP to use instead
     model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
+
+    @property
+    def job_name(self) -> str:
+        """Where this job's checkpoints go: <root>/train/clip."""
+        return "clip"
 
 
 def storage_path(root: str) -> str:
@@ -108,6 +124,15 @@ def latest_checkpoint(root: str, job_name: str) -> Optional[str]:
         return path if "://" in path or "://" not in root else f"{root.split('://')[0]}://{path}"
     folders = [p for p in list_files(f"{storage_path(root)}/{job_name}") if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")]
     return sorted(folders)[-1] if folders else None
+
+
+def training_jobs(root: str) -> list[str]:
+    """The training jobs that finished at least once in this run (clip, prior, decoder, decoder_unet2, ...)."""
+    from pipeline.storage import list_files
+
+    names = [url.rsplit("/", 1)[-1][: -len("_summary.json")] for url in list_files(storage_path(root), "_summary.json")]
+    order = {"clip": 0, "prior": 1}
+    return sorted(names, key=lambda name: (order.get(name, 2), name))
 
 
 class Worker:
@@ -199,7 +224,7 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
         epoch, position = epoch + 1, 0
 
 
-def train_main(argv: Optional[list[str]], doc: str, job_name: str, loop: Callable[[dict], None], section: str) -> dict:
+def train_main(argv: Optional[list[str]], doc: str, loop: Callable[[dict], None], section: str) -> dict:
     """The main(argv) of a training job: validate the run config, start Ray, fit `loop`, print the summary."""
     from .run_config import RunConfig, stage_main
 
@@ -207,6 +232,7 @@ def train_main(argv: Optional[list[str]], doc: str, job_name: str, loop: Callabl
         from pipeline.distributor import ensure_ray
 
         ensure_ray(config.ray)
-        return fit(job_name, loop, config.model_dump(mode="json"), getattr(config, section), config.root)
+        job = getattr(config, section)
+        return fit(job.job_name, loop, config.model_dump(mode="json"), job, config.root)
 
     return stage_main(argv, doc.splitlines()[0], run)

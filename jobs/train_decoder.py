@@ -14,9 +14,6 @@ from typing import Optional
 from .run_config import RunConfig
 from .train_common import Worker, storage_path, train_main, training_loop
 
-JOB = "decoder"
-
-
 def sample_grid(samples, reals) -> bytes:
     """PNG bytes of two rows: samples over the real images."""
     import torch
@@ -41,15 +38,23 @@ def decoder_loop(config: dict) -> None:
     from pipeline.loaders import ImageBatches, SamplePlan
     from pipeline.storage import write_atomic
 
-    from .checkpoints import run_clip
+    from .checkpoints import CaptionEncoder, run_clip
 
     run = RunConfig.model_validate(config)
     job = run.train_decoder
-    worker = Worker(job, run.root, JOB)
+    worker = Worker(job, run.root, job.job_name)
     torch.manual_seed(job.seed)
     decoder = Decoder(config=resolve(DecoderConfig, job.decoder, "decoder"))
     numbers = [job.unet_number] if job.unet_number else list(range(1, len(decoder.unets) + 1))
     trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers)
+    encoder = None
+    text_unets = [n for n in numbers if decoder.config.unets[n - 1].cond_on_text_encodings]
+    if text_unets:  # per-token text features from the captions, step by step
+        encoder = CaptionEncoder(run, worker.device, job.trainer.amp)
+        for n in text_unets:
+            unet = decoder.config.unets[n - 1]
+            encoder.check(unet.text_encoding_dim or unet.image_embed_dim, unet.max_text_len,
+                          f"train_decoder.decoder.unets[{n - 1}].text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
     size = decoder.image_sizes[-1]
     train_plan, eval_plan = SamplePlan.from_aligned(run.root).split(job.eval_size)
@@ -57,21 +62,29 @@ def decoder_loop(config: dict) -> None:
                           job.shuffle_buffer, image_size=size)
     held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),
                                  shuffle_buffer=1, image_size=size).epoch(0))
-    clip = run_clip(run).to(worker.device) if worker.rank == 0 else None
+    clip = (encoder.clip if encoder is not None else run_clip(run).to(worker.device)) if worker.rank == 0 else None
     counter = {"batches": 0}
+
+    def conditioning(batch: dict, number: int) -> dict:
+        wants_text = encoder is not None and decoder.config.unets[number - 1].cond_on_text_encodings
+        return {"image_embed": batch["image_embed"], **(encoder(batch["caption"]) if wants_text else {})}
 
     def train_step(batch: dict) -> float:
         number = numbers[counter["batches"] % len(numbers)]  # every chosen stage in turn
         counter["batches"] += 1
-        return trainer.train_step({"image": batch["image"], "image_embed": batch["image_embed"]}, unet_number=number)
+        return trainer.train_step({"image": batch["image"], **conditioning(batch, number)}, unet_number=number)
 
     def evaluate(step: int) -> dict:
         if worker.rank != 0:
             return {}
         embeds = held_out["image_embed"].to(worker.device)
-        samples = trainer.sample(image_embed=embeds, cond_scale=job.cond_scale,
+        text = encoder(held_out["caption"]) if encoder is not None else {}
+        # a later stage trained alone upsamples the real images in place of the stages before it
+        start = held_out["image"] if min(numbers) > 1 else None
+        samples = trainer.sample(image_embed=embeds, cond_scale=job.cond_scale, start_image=start, **text,
                                  generator=torch.Generator(worker.device).manual_seed(job.seed))
-        write_atomic(f"{storage_path(run.root)}/{JOB}/samples/step_{step}.png", sample_grid(samples, held_out["image"]))
+        write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png",
+                     sample_grid(samples, held_out["image"]))
         metrics = {"sample_mse": float(((samples.cpu() - torch.nn.functional.interpolate(
             held_out["image"], size=samples.shape[-2:], mode="bilinear", antialias=True)) ** 2).mean())}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
@@ -83,7 +96,7 @@ def decoder_loop(config: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the decoder of the run described by --config."""
-    return train_main(argv, __doc__, JOB, decoder_loop, "train_decoder")
+    return train_main(argv, __doc__, decoder_loop, "train_decoder")
 
 
 if __name__ == "__main__":

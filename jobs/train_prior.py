@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .checkpoints import CaptionEncoder
 from .run_config import RunConfig
 from .train_common import Worker, train_main, training_loop
-
-JOB = "prior"
-
 
 def prior_loop(config: dict) -> None:
     """One Ray Train worker: stream this rank's batches, step, evaluate, checkpoint."""
@@ -25,26 +23,36 @@ def prior_loop(config: dict) -> None:
 
     run = RunConfig.model_validate(config)
     job = run.train_prior
-    worker = Worker(job, run.root, JOB)
+    worker = Worker(job, run.root, job.job_name)
     torch.manual_seed(job.seed)
-    trainer = PriorTrainer(DiffusionPrior(config=resolve(PriorConfig, job.prior, "prior")), job.trainer, device=worker.device)
+    prior_config = resolve(PriorConfig, job.prior, "prior")
+    trainer = PriorTrainer(DiffusionPrior(config=prior_config), job.trainer, device=worker.device)
+    encoder = None
+    if prior_config.condition_on_text_encodings:  # per-token text features from the captions, step by step
+        encoder = CaptionEncoder(run, worker.device, job.trainer.amp)
+        encoder.check(prior_config.net.resolved_text_encoding_dim, prior_config.net.max_text_len,
+                      "train_prior.prior.net.text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
     train_plan, eval_plan = SamplePlan.from_aligned(run.root).split(job.eval_size)
     loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
     held_out = next(EmbeddingBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1).epoch(0))
 
+    def conditioning(batch: dict) -> dict:
+        text = encoder(batch["caption"]) if encoder is not None else {}
+        return {"text_embed": batch["text_embed"].to(worker.device), **text}
+
     def train_step(batch: dict) -> float:
-        return trainer.train_step({"text_embed": batch["text_embed"], "image_embed": batch["image_embed"]})
+        return trainer.train_step({**conditioning(batch), "image_embed": batch["image_embed"]})
 
     def evaluate(step: int) -> dict:
-        return prior_metrics(trainer.sample, held_out["text_embed"].to(worker.device), held_out["image_embed"].to(worker.device))
+        return prior_metrics(trainer.sample, image_embed=held_out["image_embed"].to(worker.device), **conditioning(held_out))
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the prior of the run described by --config."""
-    return train_main(argv, __doc__, JOB, prior_loop, "train_prior")
+    return train_main(argv, __doc__, prior_loop, "train_prior")
 
 
 if __name__ == "__main__":

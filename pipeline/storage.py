@@ -14,6 +14,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def is_local(url: str) -> bool:
+    """Whether `url` names the local disk (a plain path or file://)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def absolute_root(url: str) -> str:
+    """A run root every process agrees on: local paths made absolute (Ray workers do not run in the
+    driver's working directory, so a relative path would name another folder there); URLs as given."""
+    if not is_local(url):
+        return url
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem of `url` and the path within it."""
     return fsspec.core.url_to_fs(url)

@@ -1,0 +1,96 @@
+"""The README's cluster example, `configs/cluster-run.yaml`, run as the README shows it: stage by stage through
+the installed `dalle2` command, the root on S3 (moto's server on 127.0.0.1). Only sizes, steps, workers and
+devices are overridden, and `embed.clip.pretrained` (no weights offline: a randomly initialised ViT-B-32 of
+the same architecture). Its prior (`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on
+per-token text encodings, which the training workers compute from the captions with the run's CLIP."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "cluster-run.yaml")
+DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")  # the console script pip installed
+
+# Laptop sizes for a cluster config: one worker / actor on the CPU, two steps, few diffusion steps.
+SMALL = [
+    "ray.num_cpus=4",
+    "download.samples_per_shard=12", "download.threads=8", "download.cpus_per_shard=0.5",
+    "embed.clip.pretrained=null", "embed.batch_size=8", "embed.actors=1", "embed.num_gpus_per_actor=0",
+    "embed.cpus_per_actor=1", "embed.decode_concurrency=1", "embed.autocast=none",
+    "train_prior.workers=1", "train_prior.use_gpu=false", "train_prior.cpus_per_worker=1",
+    "train_prior.batch_size=4", "train_prior.epochs=1", "train_prior.max_steps=2", "train_prior.eval_every=2",
+    "train_prior.checkpoint_every=2", "train_prior.eval_size=4",
+    "train_prior.prior={base: vit-b-32, diffusion: {timesteps: 1000, sample_timesteps: 4}}",
+    "train_decoder.workers=1", "train_decoder.use_gpu=false", "train_decoder.cpus_per_worker=1",
+    "train_decoder.batch_size=2", "train_decoder.epochs=1", "train_decoder.max_steps=2",
+    "train_decoder.eval_every=2", "train_decoder.checkpoint_every=2", "train_decoder.eval_size=2",
+    "train_decoder.eval_samples=1",
+    "train_decoder.decoder={base: cascade-64-256, diffusion: [{timesteps: 1000, sample_timesteps: 3}, "
+    "{timesteps: 1000, sample_timesteps: 3}]}",
+]
+
+
+def dalle2(*args: str, timeout: int = 420) -> str:
+    """Run the installed `dalle2` command in a fresh process; its stdout, or the test fails with its log."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([DALLE2, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, f"dalle2 {' '.join(args[:1])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    return done.stdout
+
+
+def summary_of(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_cluster_example_config_runs_stage_by_stage_on_s3(s3_server, image_server, tmp_path):
+    bucket = s3_server()
+    root = f"{bucket}/dalle2/run-1"
+    # the URL list as the example names it: a parquet in the bucket with URL and TEXT columns
+    rows = pd.DataFrame(image_server.rows(with_failures=False)[:24]).rename(columns={"url": "URL", "caption": "TEXT"})
+    buffer = io.BytesIO()
+    rows.to_parquet(buffer)
+    name = bucket[len("s3://"):]
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(
+        Bucket=name, Key="laion-subset.parquet", Body=buffer.getvalue())
+    overrides = [f"root={root}", f"download.url_list={bucket}/laion-subset.parquet", *SMALL]
+    args = ["--config", CONFIG] + [x for s in overrides for x in ("--set", s)]
+
+    seconds = {}
+    for stage in ("download", "embed", "train-prior", "train-decoder"):
+        started = time.time()
+        out = dalle2(stage, *args)
+        seconds[stage] = round(time.time() - started, 1)
+        summary = summary_of(out)
+        if stage == "download":
+            assert summary["rows_in"] == 24 and summary["written"] == 24, summary
+        if stage == "embed":
+            assert summary["written"] == 24 and summary["failed"] == 0, summary
+        if stage == "train-prior":
+            assert summary["step"] == 2 and np.isfinite(summary["loss"]), summary
+            assert -1 <= summary["image_similarity"] <= 1  # the held-out evaluation ran through the text path
+        if stage == "train-decoder":
+            assert summary["step"] == 2 and np.isfinite(summary["loss"]) and "sample_mse" in summary, summary
+
+    out_png, out_npy = tmp_path / "grid.png", tmp_path / "images.npy"
+    started = time.time()
+    dalle2("sample", "--root", root, "--prompt", "a red circle on the left", "--n", "1",
+           "--out", str(out_png), "--out-npy", str(out_npy))
+    seconds["sample"] = round(time.time() - started, 1)
+    images = np.load(out_npy)
+    assert images.shape == (1, 256, 256, 3) and images.dtype == np.uint8  # the cascade's final size
+    assert out_png.stat().st_size > 0
+
+    status = dalle2("status", "--root", root)
+    assert "24 rows in, 24 written" in status and "train-prior" in status and "train-decoder" in status
+    print("seconds per stage:", json.dumps(seconds))
