@@ -38,8 +38,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"dalle2: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from .config_io import ConfigError
+
     module = importlib.import_module(COMMANDS[command][0])
-    module.main(rest)
+    try:
+        module.main(rest)
+    except ConfigError as error:  # a bad config or root: say which field, without a traceback
+        print(f"dalle2 {command}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Callable, Optional
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from dalle2.configs import StrictModel
 from pipeline.config import DownloadConfig, EmbedConfig, RayConfig, ReorderConfig
@@ -18,7 +18,8 @@ from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 class RunConfig(StrictModel):
     """Everything a run needs; every field has a laptop default."""
 
-    root: str = "runs/demo"  # a local path or an fsspec URL (s3://bucket/run, gs://...)
+    # a local path (made absolute, the default too) or an fsspec URL (s3://bucket/run, gs://...)
+    root: str = Field(default="runs/demo", validate_default=True)
     ray: RayConfig = RayConfig()
     download: DownloadConfig = DownloadConfig()
     embed: EmbedConfig = EmbedConfig()

@@ -1,7 +1,7 @@
 """Generate images from a run's latest prior and decoder checkpoints.
 
     dalle2 sample --root RUN --prompt "a red circle on the left" [--prompt ...] [--n 4] [--cond-scale 3]
-                  [--out grid.png] [--out-npy images.npy]
+                  [--out grid.png] [--out-npy images.npy] [--device cuda]
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from typing import Optional
 import numpy as np
 
 
-def generate(root: str, prompts: list[str], n: int = 4, cond_scale: float = 1.0, seed: int = 0):
-    """Images [len(prompts) * n, 3, H, W] in [0, 1], prompt-major."""
+def generate(root: str, prompts: list[str], n: int = 4, cond_scale: float = 1.0, seed: int = 0, device: str = "cpu"):
+    """Images [len(prompts) * n, 3, H, W] in [0, 1], prompt-major, on the CPU."""
     import torch
 
     from .checkpoints import load_dalle2
     from .run_config import load_run_config
 
-    dalle2 = load_dalle2(load_run_config(root))
+    dalle2 = load_dalle2(load_run_config(root)).to(device)
     texts = [p for p in prompts for _ in range(n)]
-    return dalle2(texts, cond_scale=cond_scale, generator=torch.Generator().manual_seed(seed))
+    return dalle2(texts, cond_scale=cond_scale, generator=torch.Generator(device).manual_seed(seed)).cpu()
 
 
 def grid_png(images, rows: int) -> bytes:
@@ -49,11 +49,12 @@ def main(argv: Optional[list[str]] = None) -> np.ndarray:
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
     parser.add_argument("--cond-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to sample: cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--out-npy", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    images = generate(args.root, args.prompt, args.n, args.cond_scale, args.seed)
+    images = generate(args.root, args.prompt, args.n, args.cond_scale, args.seed, args.device)
     write_atomic(args.out, grid_png(images, rows=len(args.prompt)))
     array = to_uint8(images)
     if args.out_npy:

@@ -1,9 +1,15 @@
-"""Real servers for the tests, all on 127.0.0.1: an image HTTP server and moto's S3 server."""
+"""Real servers for the tests, all on 127.0.0.1: an image HTTP server, and a Ray cluster of `ray start` processes."""
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,3 +89,62 @@ class ImageServer:
                                   ("/slow.png", "slower than the timeout")):
                 rows.append({"url": self.url + path, "caption": caption})
         return rows
+
+
+class RayCluster:
+    """A real `ray start --head` on 127.0.0.1 (own ports and temp dir) plus `workers` more nodes joining it,
+    each a process group of its own that the test ends; `env` is what a client of this cluster runs with."""
+
+    def __init__(self, workers: int = 0, cpus: int = 4):
+        self.port, self.dashboard, self.workers, self.cpus = free_port(), free_port(), workers, cpus
+        self.ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        # as with an activated virtualenv: `python` in a job's entrypoint is this environment's
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+        self.env.pop("RAY_ADDRESS", None)
+        self.processes: list[subprocess.Popen] = []
+        self.job_address = f"http://127.0.0.1:{self.dashboard}"  # for `ray job submit --address`
+        self.address = f"127.0.0.1:{self.port}"  # for ray.init / ray.address
+
+    def _start(self, *args: str) -> None:
+        self.processes.append(subprocess.Popen(
+            [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
+             "--disable-usage-stats", *args],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+
+    def alive_nodes(self) -> int:
+        probe = subprocess.run([self.ray_bin, "list", "nodes", "--address", self.job_address, "--format", "json"],
+                               env=self.env, capture_output=True, text=True)
+        if probe.returncode:
+            return 0
+        import json
+
+        return sum(node.get("state") == "ALIVE" for node in json.loads(probe.stdout or "[]"))
+
+    def __enter__(self) -> "RayCluster":
+        self.temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
+                    "--include-dashboard=true", f"--temp-dir={self.temp_dir}")
+        deadline = time.time() + 120
+        while time.time() < deadline and self.alive_nodes() < 1:
+            time.sleep(1)
+        for _ in range(self.workers):
+            self._start(f"--address={self.address}")
+        while time.time() < deadline and self.alive_nodes() < 1 + self.workers:
+            time.sleep(1)
+        if self.alive_nodes() < 1 + self.workers:
+            self.__exit__()
+            raise RuntimeError(f"the Ray cluster did not come up with {1 + self.workers} nodes")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in reversed(self.processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -3,10 +3,7 @@
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 
 import pandas as pd
@@ -38,40 +35,15 @@ def test_config_errors_name_the_field_and_allowed_values(tmp_path):
 
 
 @pytest.fixture()
-def ray_head(tmp_path):
+def ray_head():
     """A real `ray start --head` on 127.0.0.1 with its own ports and temp dir, stopped by the test."""
-    from tests.servers import free_port
+    from tests.servers import RayCluster
 
-    port, dashboard = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # as with an activated virtualenv: `python` in the job's entrypoint is this environment's
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                             "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        probe = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        time.sleep(1)
-    else:
-        head.kill()
-        pytest.fail("ray head did not come up")
-    yield address, env, ray_bin
-    os.killpg(head.pid, 15)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, 9)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    with RayCluster() as cluster:
+        yield cluster.job_address, cluster.env, cluster.ray_bin
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_a_stage(ray_head, tmp_path, image_server):
     address, env, ray_bin = ray_head
     url_list = tmp_path / "urls.csv"

@@ -157,3 +157,40 @@ def test_dalle2_turns_a_string_into_an_image(tiny_clip):
     assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
     pils = to_pil(images)
     assert len(pils) == 2 and pils[0].size == (16, 16) and pils[0].mode == "RGB"
+
+
+def test_a_trainer_of_one_stage_keeps_each_schedule_with_its_unet():
+    decoder = cascade()
+    DecoderTrainer(decoder, unet_numbers=[2], device="meta")  # "meta" stands for the GPU here
+    # the trained unet and its noise schedule moved together; the other unet and its schedule stayed together
+    assert next(decoder.unets[1].parameters()).device.type == "meta" == decoder.diffusions[1].betas.device.type
+    assert next(decoder.unets[0].parameters()).device.type == "cpu" == decoder.diffusions[0].betas.device.type
+
+
+def test_a_stage_trained_alone_upsamples_given_images_and_saves_only_itself(tmp_path):
+    from safetensors.torch import load_file
+
+    from dalle2.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    images, embeds = shape_images(2, 32), torch.randn(2, EMBED)
+    trainer = DecoderTrainer(cascade(), unet_numbers=[2], lr=1e-3)
+    trainer.train_step({"image": images, "image_embed": embeds}, unet_number=2)
+    with pytest.raises(ValueError, match="pass start_image"):
+        trainer.sample(image_embed=embeds)
+    upsampled = trainer.sample(image_embed=embeds, start_image=images, generator=torch.Generator().manual_seed(1))
+    other = trainer.sample(image_embed=embeds, start_image=1 - images, generator=torch.Generator().manual_seed(1))
+    assert upsampled.shape == (2, 3, 32, 32) and (upsampled - other).abs().mean() > 1e-3  # it reads start_image
+
+    trainer.save(str(tmp_path / "decoder"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        keys = load_file(str(tmp_path / "decoder" / name))
+        assert keys and all(k.startswith("unets.1.") for k in keys), name  # the untrained unet 1 is not saved
+    fresh = cascade()
+    untouched = {k: v.clone() for k, v in fresh.unets[0].state_dict().items()}
+    state = load_checkpoint(str(tmp_path / "decoder"), fresh, fresh.config.model_dump(mode="json"), use_ema=True)
+    assert state["parts"] == ["unets.1."]
+    assert all(torch.equal(v, fresh.unets[0].state_dict()[k]) for k, v in untouched.items())
+    with trainer.ema_weights():
+        for key, value in trainer.model.unets[1].state_dict().items():
+            assert torch.equal(value, fresh.unets[1].state_dict()[key]), key

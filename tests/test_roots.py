@@ -1,0 +1,60 @@
+"""Run roots every process agrees on: relative paths made absolute, memory:// refused, gs:// through gcsfs,
+and a local root refused on a Ray cluster of several nodes (its shards would scatter over the nodes' disks)."""
+
+import os
+import subprocess
+import sys
+
+import fsspec
+import pytest
+import yaml
+
+from jobs.config_io import ConfigError, load_config
+from jobs.run_config import RunConfig, load_run_config, save_run_config
+
+
+def test_a_relative_root_is_made_absolute_and_saved_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(RunConfig, None, ["root=runs/mine"])
+    assert config.root == str(tmp_path / "runs" / "mine")
+    assert RunConfig().root == str(tmp_path / "runs" / "demo")  # the default too
+    save_run_config(config)
+    with open(tmp_path / "runs" / "mine" / "config.yaml") as f:
+        assert yaml.safe_load(f)["root"] == str(tmp_path / "runs" / "mine")
+    # read back from another folder, as a Ray worker would: still the same place
+    monkeypatch.chdir("/")
+    assert load_run_config(str(tmp_path / "runs" / "mine")).root == str(tmp_path / "runs" / "mine")
+    assert load_config(RunConfig, None, [f"root=file://{tmp_path}/x"]).root == str(tmp_path / "x")
+    assert load_config(RunConfig, None, ["root=s3://bucket/run"]).root == "s3://bucket/run"
+
+
+def test_load_run_config_resolves_a_relative_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_run_config("elsewhere").root == str(tmp_path / "elsewhere")
+
+
+def test_memory_root_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"root: .*memory:// lives inside one process"):
+        load_config(RunConfig, None, ["root=memory://run"])
+
+
+def test_gs_root_resolves_to_gcsfs():
+    import gcsfs
+
+    assert fsspec.get_filesystem_class("gs") is gcsfs.GCSFileSystem
+    assert load_config(RunConfig, None, ["root=gs://bucket/run"]).root == "gs://bucket/run"
+
+
+@pytest.mark.slow
+def test_a_local_root_is_refused_on_a_cluster_of_several_nodes(tmp_path):
+    from tests.servers import RayCluster
+
+    dalle2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
+    with RayCluster(workers=1, cpus=1) as cluster:
+        done = subprocess.run([dalle2, "download", "--set", "root=runs/local", "--set", f"ray.address={cluster.address}",
+                               "--set", "download.url_list=urls.csv"], cwd=tmp_path, env=cluster.env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"root: {tmp_path}/runs/local is a local path but the Ray cluster has 2 nodes" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # refused before any work
