@@ -115,25 +115,32 @@ class RayCluster:
     def alive_nodes(self) -> int:
         probe = subprocess.run([self.ray_bin, "list", "nodes", "--address", self.job_address, "--format", "json"],
                                env=self.env, capture_output=True, text=True)
-        if probe.returncode:
+        if probe.returncode or not probe.stdout.lstrip().startswith("["):  # "No resource in the cluster" at first
             return 0
         import json
 
-        return sum(node.get("state") == "ALIVE" for node in json.loads(probe.stdout or "[]"))
+        return sum(node.get("state") == "ALIVE" for node in json.loads(probe.stdout))
 
     def __enter__(self) -> "RayCluster":
+        try:
+            return self._start_all()
+        except BaseException:
+            self.__exit__()  # never leave a half-started cluster behind
+            raise
+
+    def _start_all(self) -> "RayCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
         self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
                     "--include-dashboard=true", f"--temp-dir={self.temp_dir}")
         deadline = time.time() + 120
-        while time.time() < deadline and self.alive_nodes() < 1:
+        while time.time() < deadline and (self.alive_nodes() < 1 or subprocess.run(
+                [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env, capture_output=True).returncode):
             time.sleep(1)
         for _ in range(self.workers):
             self._start(f"--address={self.address}")
         while time.time() < deadline and self.alive_nodes() < 1 + self.workers:
             time.sleep(1)
         if self.alive_nodes() < 1 + self.workers:
-            self.__exit__()
             raise RuntimeError(f"the Ray cluster did not come up with {1 + self.workers} nodes")
         return self
 

@@ -52,10 +52,14 @@ def test_ray_job_submit_runs_a_stage(ray_head, tmp_path, image_server):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"root": root, "download": {"url_list": str(url_list), "image_size": 32,
                                                                 "samples_per_shard": 10}}))
-    submit = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--no-wait", "--",
-         "python", "-m", "jobs.download", "--config", str(config)],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=180)
+    for _ in range(30):  # the head's job agent can come up a little after its job API
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--no-wait", "--",
+             "python", "-m", "jobs.download", "--config", str(config)],
+            env=env, capture_output=True, text=True, cwd=REPO, timeout=180)
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # the CLI colours its output
     deadline, state = time.time() + 240, ""
