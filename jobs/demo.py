@@ -55,12 +55,10 @@ def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def prompt_match(images, prompts: list[str], per_prompt: int) -> dict:
-    """Fractions of samples whose dominant colour / horizontal position / both match their prompt."""
-    from dalle2.text_to_image import to_uint8
+def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
+    """Fractions of samples ([B, H, W, 3] uint8) whose dominant colour / position / both match their prompt."""
     from pipeline.shapes import describe
 
-    arrays = to_uint8(images)
     color = position = both = 0
     for i, array in enumerate(arrays):
         prompt = prompts[i // per_prompt]
@@ -124,10 +122,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     write_atomic(f"{root}/samples.png", grid_png(images, rows=len(PROMPTS)))
     from dalle2.text_to_image import to_uint8
 
-    write_npy(f"{root}/samples.npy", to_uint8(images))
+    arrays = to_uint8(images)
+    write_npy(f"{root}/samples.npy", arrays)
     report = {"stages": outcome, "seconds_per_stage": timings, "seconds": round(time.time() - started, 1),
               "pipeline_seconds": round(stages_seconds, 1), "prompts": PROMPTS, "samples_per_prompt": per_prompt,
-              "prompt_match": prompt_match(images, PROMPTS, per_prompt), "status": run_status(config.root)}
+              "prompt_match": prompt_match(arrays, PROMPTS, per_prompt), "status": run_status(config.root)}
     write_json(f"{root}/report.json", report)
     write_atomic(f"{root}/report.md", render_report(report).encode())
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
