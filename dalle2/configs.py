@@ -11,7 +11,8 @@ from importlib import resources
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, \
+    field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -27,8 +28,8 @@ class DiffusionConfig(StrictModel):
     sample_timesteps: Optional[int] = None  # None: DDPM over all steps; fewer: DDIM
     beta_schedule: Literal["cosine", "linear"] = "cosine"
     loss_type: Literal["l1", "l2", "huber"] = "l2"
-    p2_loss_weight_gamma: float = 0.0
-    p2_loss_weight_k: float = 1.0
+    p2_loss_weight_gamma: NonNegativeFloat = 0.0
+    p2_loss_weight_k: PositiveFloat = 1.0
 
     @model_validator(mode="after")
     def _check_steps(self) -> "DiffusionConfig":
@@ -42,15 +43,15 @@ class DiffusionConfig(StrictModel):
 class PriorNetworkConfig(StrictModel):
     """The causal transformer that denoises image embeddings."""
 
-    dim: int = 512
-    depth: int = 6
-    heads: int = 8
-    dim_head: int = 64
-    ff_mult: int = 4
-    dropout: float = 0.0
-    embed_dim: Optional[int] = None  # CLIP embedding width; None means `dim`
-    text_encoding_dim: Optional[int] = None  # CLIP text token width; None means `embed_dim`
-    max_text_len: int = 77
+    dim: PositiveInt = 512
+    depth: PositiveInt = 6
+    heads: PositiveInt = 8
+    dim_head: PositiveInt = 64
+    ff_mult: PositiveInt = 4
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    embed_dim: Optional[PositiveInt] = None  # CLIP embedding width; None means `dim`
+    text_encoding_dim: Optional[PositiveInt] = None  # CLIP text token width; None means `embed_dim`
+    max_text_len: PositiveInt = 77
 
     @property
     def resolved_embed_dim(self) -> int:
@@ -70,7 +71,7 @@ class PriorConfig(StrictModel):
     cond_drop_prob: float = 0.2
     condition_on_text_encodings: bool = False
     sampling_clamp_l2norm: bool = False  # project predicted x0 back onto the sphere while sampling
-    num_samples_per_batch: int = 2  # candidates per text at sampling; the closest to the text wins
+    num_samples_per_batch: PositiveInt = 2  # candidates per text at sampling; the closest to the text wins
     diffusion: DiffusionConfig = DiffusionConfig(timesteps=100, sample_timesteps=64)
 
     @model_validator(mode="after")
@@ -88,23 +89,23 @@ class PriorConfig(StrictModel):
 class UnetConfig(StrictModel):
     """One U-Net of the decoder cascade."""
 
-    dim: int = 64
-    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    dim: PositiveInt = 64
+    dim_mults: tuple[PositiveInt, ...] = (1, 2, 4, 8)
     num_resnet_blocks: Union[int, tuple[int, ...]] = 2
     # one flag per level, or one for all; None: only at the lowest resolution
     layer_attns: Union[bool, tuple[bool, ...], None] = None
     layer_cross_attns: Union[bool, tuple[bool, ...], None] = None
-    channels: int = 3
-    image_embed_dim: int = 512
-    num_image_tokens: int = 4
-    cond_dim: Optional[int] = None  # width of the cross-attention context; None means `dim`
+    channels: PositiveInt = 3
+    image_embed_dim: PositiveInt = 512
+    num_image_tokens: PositiveInt = 4
+    cond_dim: Optional[PositiveInt] = None  # width of the cross-attention context; None means `dim`
     cond_on_text_encodings: bool = False
-    text_encoding_dim: Optional[int] = None  # None means image_embed_dim
-    max_text_len: int = 77
+    text_encoding_dim: Optional[PositiveInt] = None  # None means image_embed_dim
+    max_text_len: PositiveInt = 77
     lowres_cond: bool = False
-    attn_heads: int = 4
-    attn_dim_head: int = 32
-    groups: int = 8
+    attn_heads: PositiveInt = 4
+    attn_dim_head: PositiveInt = 32
+    groups: PositiveInt = 8
 
     @model_validator(mode="after")
     def _check_levels(self) -> "UnetConfig":
@@ -130,16 +131,16 @@ class DecoderConfig(StrictModel):
     """A cascade of U-Nets from low to high resolution."""
 
     unets: list[UnetConfig] = [UnetConfig()]
-    image_sizes: tuple[int, ...] = (64,)
-    channels: int = 3
+    image_sizes: tuple[PositiveInt, ...] = (64,)
+    channels: PositiveInt = 3
     predict: Literal["eps", "x0", "v"] = "eps"
     diffusion: Union[DiffusionConfig, list[DiffusionConfig]] = DiffusionConfig()
-    image_cond_drop_prob: float = 0.1
-    text_cond_drop_prob: float = 0.5
+    image_cond_drop_prob: float = Field(default=0.1, ge=0, lt=1)
+    text_cond_drop_prob: float = Field(default=0.5, ge=0, lt=1)
     unconditional: bool = False
-    lowres_noise_max: float = 0.2  # highest noise level (fraction of timesteps) used to augment the low-res input
+    lowres_noise_max: float = Field(default=0.2, ge=0, le=1)  # highest noise level (fraction of timesteps) used to augment the low-res input
     lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)
-    lowres_sample_noise: float = 0.1  # fixed noise level (fraction of timesteps) of the low-res input at sampling
+    lowres_sample_noise: float = Field(default=0.1, ge=0, le=1)  # fixed noise level (fraction of timesteps) of the low-res input at sampling
 
     @field_validator("image_sizes", mode="before")
     @classmethod
@@ -167,17 +168,17 @@ class DecoderConfig(StrictModel):
 class TrainerConfig(StrictModel):
     """Optimisation settings shared by the prior and decoder trainers."""
 
-    lr: float = 3e-4
-    weight_decay: float = 1e-2
+    lr: PositiveFloat = 3e-4
+    weight_decay: NonNegativeFloat = 1e-2
     betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
-    ema_beta: float = 0.99
-    ema_update_after_step: int = 0
-    ema_update_every: int = 1
+    warmup_steps: NonNegativeInt = 0
+    max_grad_norm: Optional[PositiveFloat] = 1.0
+    ema_beta: float = Field(default=0.99, ge=0, lt=1)
+    ema_update_after_step: NonNegativeInt = 0
+    ema_update_every: PositiveInt = 1
     amp: Literal["none", "bf16", "fp16"] = "none"
-    grad_accum_every: int = 1
-    max_batch_size: Optional[int] = None  # split larger batches into chunks of this size
+    grad_accum_every: PositiveInt = 1
+    max_batch_size: Optional[PositiveInt] = None  # split larger batches into chunks of this size
 
 
 DIFFUSION_FIELDS = tuple(DiffusionConfig.model_fields)

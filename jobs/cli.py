@@ -38,14 +38,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"dalle2: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from pipeline.ledger import StaleRunError
+
     from .config_io import ConfigError
 
     module = importlib.import_module(COMMANDS[command][0])
     try:
-        module.main(rest)
-    except ConfigError as error:  # a bad config or root: say which field, without a traceback
+        result = module.main(rest)
+    except (ConfigError, StaleRunError) as error:  # a bad config or root, stale outputs: one line, no traceback
         print(f"dalle2 {command}: {error}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and (result.get("failed_shards") or result.get("problems")):
+        failed = result.get("failed_shards") or {}
+        print(f"dalle2 {command}: " + (f"{len(failed)} shards failed (re-run to retry them): {sorted(failed)[:10]}"
+                                       if failed else f"{len(result['problems'])} problems"), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Print a run's ledger: per stage, rows in, written, failed by reason, and its training checkpoints.
+"""Print a run's ledger: per stage, rows in, written, failed by reason, failed shards with their errors,
+and its training checkpoints. Exits 1 when a stage has failed shards or rows that do not reconcile.
 
     dalle2 status --root RUN [--json]
 """
@@ -22,11 +23,39 @@ def run_status(root: str) -> dict:
         if exists(layout.ledger_summary(stage)):
             summary = read_json(layout.ledger_summary(stage))
             status[stage] = {k: summary.get(k) for k in ("shards", "rows_in", "written", "failed", "failed_by_reason",
-                                                         "failed_shards", "input_rows", "seconds", "rows_per_s")}
+                                                         "failed_shards", "input_rows", "unplaced_rows_by_reason",
+                                                         "seconds", "rows_per_s")}
     for job in training_jobs(root):
         path = f"{storage_path(root)}/{job}_summary.json"
         status[f"train-{job.replace('_', '-')}"] = {**read_json(path), "latest_checkpoint": latest_checkpoint(root, job)}
+    status["problems"] = reconcile(status)
     return status
+
+
+def reconcile(status: dict) -> list[str]:
+    """What does not add up: failed shards, and rows that are neither written nor failed, within a stage
+    and from one stage to the next."""
+    problems = []
+    for stage in ("download", "embed", "reorder"):
+        info = status.get(stage)
+        if not info:
+            continue
+        for shard, failure in (info.get("failed_shards") or {}).items():
+            problems.append(f"{stage}: shard {shard} failed ({failure['rows']} rows): {failure['error']}")
+        if info["rows_in"] != info["written"] + info["failed"]:
+            problems.append(f"{stage}: {info['rows_in']} rows in but {info['written']} written and {info['failed']} failed")
+    download, embed, reorder = status.get("download"), status.get("embed"), status.get("reorder")
+    if download and download.get("input_rows") is not None and download["input_rows"] != download["rows_in"] \
+            and not download.get("failed_shards"):
+        problems.append(f"download: {download['input_rows']} input rows but {download['rows_in']} rows recorded")
+    if download and embed and embed["shards"] == download["shards"] and embed["rows_in"] != download["written"]:
+        problems.append(f"embed: {embed['rows_in']} rows in but download wrote {download['written']}")
+    if reorder and not reorder.get("failed_shards") and reorder.get("input_rows") is not None:
+        unplaced = sum((reorder.get("unplaced_rows_by_reason") or {}).values())
+        if reorder["input_rows"] != reorder["rows_in"] + unplaced:
+            problems.append(f"reorder: {reorder['input_rows']} input rows but {reorder['rows_in']} placed and "
+                            f"{unplaced} unplaced")
+    return problems
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -42,6 +71,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not status:
         print(f"{args.root}: no stage has run yet")
     for stage, info in status.items():
+        if stage == "problems":
+            continue
         if "rows_in" in info:
             reasons = ", ".join(f"{n} {r}" for r, n in (info.get("failed_by_reason") or {}).items()) or "none"
             line = f"{stage:<14} {info['shards']} shards, {info['rows_in']} rows in, {info['written']} written, " \
@@ -49,11 +80,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if info.get("input_rows") is not None:
                 line += f"; {info['input_rows']} input rows"
             if info.get("failed_shards"):
-                line += f"; FAILED SHARDS {sorted(info['failed_shards'])}"
+                line += f"; {len(info['failed_shards'])} FAILED SHARDS"
+                for shard, failure in sorted(info["failed_shards"].items()):
+                    line += f"\n{'':<14} {shard}: {failure['rows']} rows, {failure['error']}"
         else:
             line = f"{stage:<14} step {info.get('step')}, loss {info.get('loss', float('nan')):.4f}, " \
                    f"checkpoint {info.get('latest_checkpoint')}"
         print(line)
+    for problem in status["problems"]:
+        print(f"PROBLEM: {problem}")
     return status
 
 

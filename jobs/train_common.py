@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import Any, Callable, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dalle2.configs import StrictModel, TrainerConfig
 
@@ -24,22 +24,22 @@ log = logging.getLogger(__name__)
 class TrainJobConfig(StrictModel):
     """Settings shared by train_clip, train_prior and train_decoder."""
 
-    workers: int = 2
+    workers: PositiveInt = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 1  # a crashed worker restarts the run from its latest checkpoint this many times
-    keep_checkpoints: int = 2
-    epochs: int = 1
-    max_steps: Optional[int] = None  # stop early after this many optimizer steps in total
-    batch_size: int = 32
-    eval_every: int = 50
-    eval_size: int = 32  # samples held out of training for evaluation
-    checkpoint_every: int = 50
-    log_every: int = 20  # a progress line (step, loss, steps/s) from rank 0
-    shuffle_buffer: int = 256
-    seed: int = 0
+    cpus_per_worker: PositiveFloat = 1.0
+    max_failures: int = Field(default=1, ge=-1)  # a crashed worker restarts from its latest checkpoint this many times (-1: always)
+    keep_checkpoints: PositiveInt = 2
+    epochs: PositiveInt = 1
+    max_steps: Optional[PositiveInt] = None  # stop early after this many optimizer steps in total
+    batch_size: PositiveInt = 32
+    eval_every: PositiveInt = 50
+    eval_size: PositiveInt = 32  # samples held out of training for evaluation
+    checkpoint_every: PositiveInt = 50
+    log_every: PositiveInt = 20  # a progress line (step, loss, steps/s) from rank 0
+    shuffle_buffer: PositiveInt = 256
+    seed: NonNegativeInt = 0
     trainer: TrainerConfig = TrainerConfig()
-    torch_threads: int = Field(default=1, description="torch threads per worker (CPU training)")
+    torch_threads: PositiveInt = Field(default=1, description="torch threads per worker (CPU training)")
 
 
 class TrainPriorConfig(TrainJobConfig):
@@ -57,8 +57,8 @@ class TrainDecoderConfig(TrainJobConfig):
     """The decoder's training job."""
 
     decoder: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/decoder) or a dict
-    unet_number: Optional[int] = None  # train this stage only; None: every stage, in turn, batch by batch
-    eval_samples: int = 8  # held-out embeddings drawn into the sample grid
+    unet_number: Optional[PositiveInt] = None  # train this stage only; None: every stage, in turn, batch by batch
+    eval_samples: PositiveInt = 8  # held-out embeddings drawn into the sample grid
     cond_scale: float = 1.0
 
     @property
@@ -185,6 +185,9 @@ class Worker:
             checkpoint = None
             if self.rank == 0:
                 save(folder)
+                from pipeline.faults import crash_point
+
+                crash_point("train.mid_checkpoint")  # written locally, not yet persisted by Ray
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -192,36 +195,67 @@ class Worker:
 def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Callable[[dict], float],
                   evaluate: Callable[[int], dict], state: dict) -> None:
     """The loop every job runs: epochs of this rank's batches from the resumed position; evaluate every
-    `eval_every` steps, checkpoint every `checkpoint_every` steps and at the end (with the data position,
-    so a resumed run sees no sample twice in an epoch), stop at `max_steps` or after `epochs`."""
+    `eval_every` optimizer steps, checkpoint every `checkpoint_every` and at the end (with the data position,
+    so a resumed run sees exactly the batches an uninterrupted one would), stop at `max_steps` or after
+    `epochs`. With gradient accumulation a step spans several batches: nothing is done between them."""
     import time
+
+    from pipeline.faults import crash_point
 
     resumed_from = trainer.step
     epoch, position = state.get("epoch", 0), state.get("batch", 0)
     step = trainer.step
     last_log, last_log_step = time.time(), step
+    last_eval: dict = {}  # the latest evaluation, carried by every later report so none is lost
+    trace = SampleTrace(worker.rank)
     while epoch < job.epochs and not (job.max_steps and step >= job.max_steps):
         for batch in loader.epoch(epoch, skip_batches=position):
             position += 1
             loss = train_step(batch)
-            step = trainer.step
+            stepped, step = trainer.step != step, trainer.step
+            trace.add(step, batch.get("key", []))
+            crash_point("train.mid_step")
             end_of_epoch = position == loader.batches_per_epoch()
             finished = bool(job.max_steps and step >= job.max_steps) or (end_of_epoch and epoch == job.epochs - 1)
+            if not stepped and not finished:
+                continue  # accumulating: the optimizer step (and its eval / checkpoint) comes with a later batch
             metrics = {"step": step, "epoch": epoch, "loss": loss, "resumed_from_step": resumed_from}
             if worker.rank == 0 and (step % job.log_every == 0 or finished):
                 rate = (step - last_log_step) / max(time.time() - last_log, 1e-9)
                 log.info("%s: step %d/%s epoch %d loss %.4f (%.2f steps/s)", worker.job_name, step,
                          job.max_steps or "?", epoch, loss, rate)
                 last_log, last_log_step = time.time(), step
-            if step % job.eval_every == 0 or finished:
-                metrics.update(evaluate(step))
+            evaluated = step % job.eval_every == 0 or finished
+            if evaluated:
+                last_eval = {**evaluate(step), "eval_step": step}
+            metrics.update(last_eval)
             if step % job.checkpoint_every == 0 or finished:
                 # the data position to resume from: the next batch (or the next epoch's first)
                 extra = {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
                 worker.report(metrics, save=lambda folder: trainer.save(folder, extra=extra))
+            elif evaluated:
+                worker.report(metrics)
             if finished:
                 break
         epoch, position = epoch + 1, 0
+
+
+class SampleTrace:
+    """With DALLE2_TRACE_SAMPLES=<folder>, each rank appends (step, keys) of every batch it trains on to
+    <folder>/rank<r>.jsonl: which samples each step saw, e.g. to check that a resumed run sees the same."""
+
+    ENV = "DALLE2_TRACE_SAMPLES"
+
+    def __init__(self, rank: int):
+        folder = os.environ.get(self.ENV)
+        self.path = os.path.join(folder, f"rank{rank}.jsonl") if folder else None
+        if self.path:
+            os.makedirs(folder, exist_ok=True)
+
+    def add(self, step: int, keys: list[str]) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
 
 
 def train_main(argv: Optional[list[str]], doc: str, loop: Callable[[dict], None], section: str) -> dict:

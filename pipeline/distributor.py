@@ -45,13 +45,19 @@ def run_shards(
     num_cpus: float = 1.0,
     retries: int = 2,
     desc: str = "shards",
+    timeout: Optional[float] = None,
 ) -> tuple[list[ShardRecord], dict[str, str]]:
-    """Run `fn` on every shard; returns (records, {shard: error} of shards that failed every try)."""
+    """Run `fn` on every shard; returns (records, {shard: error} of shards that failed every try).
+
+    On Ray, a shard still running `timeout` seconds after it started is cancelled (its worker killed)
+    and failed with that reason; a re-run tries it again."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
     if not shards:
         return [], {}
     if distributor == "local":
         return _run_local(fn, shards, retries, desc)
-    return _run_ray(fn, shards, num_cpus, retries, desc)
+    return _run_ray(fn, shards, num_cpus, retries, desc, timeout)
 
 
 def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple[list[ShardRecord], dict[str, str]]:
@@ -69,25 +75,44 @@ def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple
     return records, failures
 
 
-def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc: str):
+def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc: str, timeout: Optional[float]):
+    import time
+
     import ray
 
     ensure_ray()
     remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)
     fn_ref = ray.put(fn)
-    pending = {remote.remote(fn_ref, shard): shard for shard in shards}
+    # As many tasks in flight as the cluster can run at once, so a task's deadline counts from about
+    # when it starts, and the driver's bookkeeping stays bounded however many shards there are.
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / max(num_cpus, 1e-3)))
+    queue = list(reversed(shards))
+    pending: dict = {}  # ref -> (shard, submitted at)
     records, failures = [], {}
     with tqdm(total=len(shards), desc=desc, unit="shard") as progress:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            shard = pending.pop(done[0])
-            try:
-                records.append(ray.get(done[0]))
-            except Exception as error:  # noqa: BLE001 - collected and reported, not raised
-                cause = getattr(error, "cause", None) or error
-                failures[shard] = f"{type(cause).__name__}: {cause}"
-                log.error("shard %s failed after %d tries: %s", shard, retries + 1, failures[shard])
-            progress.update(1)
+        while queue or pending:
+            while queue and len(pending) < slots:
+                shard = queue.pop()
+                pending[remote.remote(fn_ref, shard)] = (shard, time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if timeout else None)
+            for ref in done:
+                shard, _ = pending.pop(ref)
+                try:
+                    records.append(ray.get(ref))
+                except Exception as error:  # noqa: BLE001 - collected and reported, not raised
+                    cause = getattr(error, "cause", None) or error
+                    failures[shard] = f"{type(cause).__name__}: {cause}"
+                    log.error("shard %s failed after %d tries: %s", shard, retries + 1, failures[shard])
+                progress.update(1)
+            if timeout:
+                now = time.monotonic()
+                for ref, (shard, submitted) in list(pending.items()):
+                    if now - submitted > timeout:
+                        ray.cancel(ref, force=True)
+                        pending.pop(ref)
+                        failures[shard] = f"deadline exceeded: shard took longer than {timeout:g} s"
+                        log.error("shard %s cancelled: %s", shard, failures[shard])
+                        progress.update(1)
     return records, failures
 
 

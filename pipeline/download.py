@@ -16,10 +16,11 @@ import pyarrow as pa
 
 from .config import DownloadConfig, RayConfig
 from .distributor import ensure_ray, run_shards
+from .faults import crash_point
 from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
 from .ledger import Ledger, ShardRecord
 from .reader import split_url_list
-from .storage import exists, filesystem, read_bytes, read_parquet, remove
+from .storage import exists, filesystem, read_bytes, read_parquet, remove, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class ShardDownloader:
         from img2dataset.resizer import Resizer
         from img2dataset.writer import WebDatasetSampleWriter
 
+        from .fetch import install
+
         c = self.config
+        install(max_image_area=c.max_image_area)  # whole-request deadline, size checked from the header
         resizer = Resizer(
             image_size=c.image_size, resize_mode=c.resize_mode, resize_only_if_bigger=False,
             encode_quality=c.encode_quality, encode_format=c.encode_format, max_image_area=c.max_image_area,
@@ -60,10 +64,16 @@ class ShardDownloader:
         start = time.time()
         if self._downloader is None:
             self._downloader = self._build()
-        rows_in = input_rows(self.layout.input_shard(shard))
+        source = read_bytes(self.layout.input_shard(shard))
+        rows_in = input_rows(source)
         # Leftovers of an interrupted try are overwritten; the stats file is img2dataset's done marker.
         remove(self.layout.shard_stats(shard))
-        self._downloader.download_shard((shard_id_of(shard), self.layout.input_shard(shard)))
+        # img2dataset deletes the file it downloads from: give it a copy, so the input survives a crash
+        # or a retry between that and the ledger record
+        copy = self.layout.scratch(STAGE, f"{shard}.arrow")
+        write_atomic(copy, source)
+        self._downloader.download_shard((shard_id_of(shard), copy))
+        crash_point("download.after_outputs")
         record = self.record_of(shard, rows_in)
         record.seconds = round(time.time() - start, 3)
         Ledger(self.layout, STAGE).record(record)
@@ -89,15 +99,15 @@ def normalise_error(message: Optional[str]) -> str:
     """A short, stable reason from an error message (URLs and addresses removed)."""
     if not message:
         return "unknown"
-    text = str(message)
+    text = str(message).strip().splitlines()[0] if str(message).strip() else "unknown"
     if "timed out" in text.lower():
         return "timed out"
     return text.split(" for url")[0].split(": http")[0][:120]
 
 
-def input_rows(arrow_url: str) -> int:
-    """Rows of an input shard (an Arrow IPC file)."""
-    return pa.ipc.open_file(pa.BufferReader(read_bytes(arrow_url))).read_all().num_rows
+def input_rows(arrow: bytes) -> int:
+    """Rows of an input shard (the bytes of an Arrow IPC file)."""
+    return pa.ipc.open_file(pa.BufferReader(arrow)).read_all().num_rows
 
 
 def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
@@ -113,10 +123,12 @@ def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConf
     if config.distributor == "ray":
         ensure_ray(ray_config)
     _, failures = run_shards(ShardDownloader(config, root), todo, distributor=config.distributor,
-                             num_cpus=config.cpus_per_shard, retries=config.shard_retries, desc="download")
-    unfinished = {s: shards[s] for s in failures}
-    extra = {"input_rows": sum(shards.values()), "samples_per_shard": config.samples_per_shard, "index_width": index_width(config.samples_per_shard),
-             "failed_shards": {s: {"rows": n, "error": failures[s]} for s, n in unfinished.items()}}
+                             num_cpus=config.cpus_per_shard, retries=config.shard_retries, desc="download",
+                             timeout=config.shard_timeout)
+    for shard, error in failures.items():
+        ledger.fail(shard, rows=shards[shard], error=error)
+    extra = {"input_rows": sum(shards.values()), "samples_per_shard": config.samples_per_shard,
+             "index_width": index_width(config.samples_per_shard)}
     summary = ledger.summarize(started, extra)
     if failures:
         log.error("download: %d shards failed every try (re-run to retry them): %s", len(failures), failures)

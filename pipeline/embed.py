@@ -3,8 +3,9 @@
     shards --flat_map(read_shard)--> rows --map_batches(preprocess_batch, CPU tasks)--> pixels
            --map_batches(ClipEmbedder, actor pool; GPUs on a cluster)--> embeddings --> driver
 The driver assembles rows per shard and writes a shard's outputs (clip-retrieval's files, the
-aligned files, then its ledger record) as soon as all of its samples have arrived, so memory holds
-only shards in flight. Corrupt images are skipped and counted; an unreadable shard fails alone.
+aligned files, then its ledger record) once its end-of-shard row (carrying the number of samples
+read) and all of those samples have arrived, so memory holds only shards in flight. Corrupt images,
+non-finite embeddings, bad and duplicate keys are skipped and counted; an unreadable shard fails alone.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .config import ClipSource, EmbedConfig, RayConfig
-from .layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
+from .faults import crash_point
+from .layout import CAPTION, INDEX, KEY, SHARD, RunLayout, parse_key, shard_id_of
 from .ledger import Ledger, ShardRecord
 from .shard_reader import image_of, iter_samples
-from .storage import exists, list_files, read_parquet
+from .storage import exists, list_files, read_json, read_parquet
 
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
 ERROR = "error"
 SHARD_FAILED = "shard failed: "  # prefix of the error of the marker row an unreadable shard emits
+SHARD_END = "shard end: "  # the error of the row that follows a shard's last sample: "shard end: <samples read>"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ShardInfo:
     tar: str
     expected: Optional[int]  # samples in the tar (successes in its parquet); None if unknown
     slots: Optional[int]  # rows of the shard's parquet (its aligned length); None if unknown
+    index_digits: Optional[int]  # digits of the in-shard index of its keys; None if unknown
 
 
 def complete_shards(layout: RunLayout) -> list[str]:
@@ -46,25 +50,39 @@ def complete_shards(layout: RunLayout) -> list[str]:
     return [url.rsplit("/", 1)[-1][: -len("_stats.json")] for url in list_files(layout.shards, "_stats.json")]
 
 
-def shard_info(layout: RunLayout, name: str) -> ShardInfo:
+def shard_info(layout: RunLayout, name: str, index_digits: Optional[int]) -> ShardInfo:
+    """What the shard's parquet says; the key width from the download config (`index_digits`), else from the
+    parquet's keys (img2dataset keys every row, failed ones too), never from the samples that made it."""
     expected = slots = None
     if exists(layout.shard_parquet(name)):
-        status = read_parquet(layout.shard_parquet(name), columns=["status"]).column("status").to_pylist()
-        expected, slots = sum(s == "success" for s in status), len(status)
-    return ShardInfo(name, layout.shard_tar(name), expected, slots)
+        table = read_parquet(layout.shard_parquet(name), columns=["key", "status"]).to_pydict()
+        expected, slots = sum(s == "success" for s in table["status"]), len(table["status"])
+        if index_digits is None and table["key"]:
+            index_digits = len(table["key"][0]) - len(name)
+    return ShardInfo(name, layout.shard_tar(name), expected, slots, index_digits)
+
+
+def download_index_digits(layout: RunLayout) -> Optional[int]:
+    """The key width the download stage used (its summary says), or None for shards made elsewhere."""
+    summary = layout.ledger_summary("download")
+    return read_json(summary).get("index_width") if exists(summary) else None
 
 
 def read_shard(item: dict) -> Iterator[dict]:
     """Rows (shard, key, image bytes, caption, error) of one tar; a marker row if the tar is unreadable."""
     shard, tar = item[SHARD], item["tar"]
+    read = 0
     try:
         for key, fields in iter_samples(tar):
             image = image_of(fields)
             caption = fields.get("txt", b"").decode("utf-8", errors="replace")
+            read += 1
             yield {SHARD: shard, KEY: key, "image": image or b"", CAPTION: caption,
                    ERROR: "" if image else "no image in sample"}
     except Exception as error:  # noqa: BLE001 - reported as the shard's failure, the others go on
         yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_FAILED}unreadable shard {tar}: {error}"}
+        return
+    yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_END}{read}"}
 
 
 def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, mean: tuple, std: tuple) -> dict[str, np.ndarray]:
@@ -123,7 +141,13 @@ class ClipEmbedder:
                 img_emb[ok] = self.clip.embed_preprocessed(pixels).float().cpu().numpy()
                 captions = [str(c) for c in batch[CAPTION][ok]]
                 text_emb[ok] = self.clip.embed_text(captions).text_embed.float().cpu().numpy()
+        # NaN / inf (a broken model, or float16 overflow) must never reach reorder or training
+        finite = np.isfinite(img_emb).all(axis=1) & np.isfinite(text_emb).all(axis=1)
+        errors = np.asarray([e if (e or finite[i]) else "non-finite embedding" for i, e in enumerate(batch[ERROR])],
+                            dtype=object)
+        img_emb[~finite], text_emb[~finite] = 0, 0
         out = {k: v for k, v in batch.items() if k != "pixels"}
+        out[ERROR] = errors
         out["img_emb"], out["text_emb"] = img_emb, text_emb
         out["embedded_at"] = np.full(len(ok), time.time())  # for the stage's steady-rate figure
         return out
@@ -135,6 +159,7 @@ class ShardAssembler:
     def __init__(self, layout: RunLayout, infos: dict[str, ShardInfo], embed_dim: int, config: EmbedConfig):
         self.layout, self.infos, self.embed_dim, self.config = layout, infos, embed_dim, config
         self.rows: dict[str, list[dict]] = defaultdict(list)
+        self.ends: dict[str, int] = {}  # samples read from each shard whose end row has arrived
         self.failures: dict[str, str] = {}
         self.finished: set[str] = set()
         self.ledger = Ledger(layout, STAGE)
@@ -152,29 +177,56 @@ class ShardAssembler:
                 continue
             if shard in self.failures:
                 continue
-            self.rows[shard].append({KEY: str(batch[KEY][i]), CAPTION: str(batch[CAPTION][i]), ERROR: error,
-                                     "img_emb": batch["img_emb"][i], "text_emb": batch["text_emb"][i]})
-            expected = self.infos[shard].expected
-            if expected is not None and len(self.rows[shard]) == expected:
-                self.finish(shard)
+            if error.startswith(SHARD_END):
+                self.ends[shard] = int(error[len(SHARD_END):])
+            else:
+                self.rows[shard].append({KEY: str(batch[KEY][i]), CAPTION: str(batch[CAPTION][i]), ERROR: error,
+                                         "img_emb": batch["img_emb"][i], "text_emb": batch["text_emb"][i]})
+            if shard in self.ends and len(self.rows[shard]) == self.ends[shard]:
+                self.finish_or_fail(shard)
 
     def close(self) -> dict[str, str]:
-        """Finish the shards still open; returns {shard: error} of those that failed."""
+        """Fail the shards whose samples did not all arrive; returns {shard: error} of every failed shard."""
         for shard, info in self.infos.items():
-            if shard in self.finished or shard in self.failures:
-                continue
-            got = len(self.rows.get(shard, []))
-            if info.expected is not None and got != info.expected:
-                self.failures[shard] = f"tar {info.tar} holds {got} samples, its parquet lists {info.expected}"
-                continue
-            self.finish(shard)
+            if shard not in self.finished and shard not in self.failures:
+                got = len(self.rows.pop(shard, []))
+                self.failures[shard] = f"only {got} of {self.ends.get(shard, '?')} samples of {info.tar} came back"
         return self.failures
+
+    def finish_or_fail(self, shard: str) -> None:
+        """Write the shard, or fail it alone with the reason (the other shards go on)."""
+        info, read = self.infos[shard], self.ends[shard]
+        if info.expected is not None and read != info.expected:
+            self.failures[shard] = f"tar {info.tar} holds {read} samples, its parquet lists {info.expected}"
+            self.rows.pop(shard, None)
+            return
+        try:
+            self.finish(shard)
+        except Exception as error:  # noqa: BLE001 - e.g. a write error: this shard fails, with its reason
+            self.failures[shard] = f"{type(error).__name__}: {error}"
+            log.error("embed: shard %s failed: %s", shard, self.failures[shard])
 
     def finish(self, shard: str) -> None:
         from .aligned import align, write_aligned
         from .storage import write_npy, write_parquet
 
+        info = self.infos[shard]
         rows = sorted(self.rows.pop(shard, []), key=lambda r: r[KEY])
+        index_digits = info.index_digits or (len(rows[0][KEY]) - len(shard) if rows else 1)
+        seen: set[int] = set()
+        for r in rows:  # keys that do not name a slot of this shard, and repeated keys, fail their row
+            if r[ERROR]:
+                continue
+            try:
+                shard_id, r[INDEX] = parse_key(r[KEY], index_digits)
+            except ValueError:
+                r[ERROR] = "unparsable key"
+                continue
+            if shard_id != shard_id_of(shard) or (info.slots is not None and r[INDEX] >= info.slots):
+                r[ERROR] = "key outside the shard"
+            elif r[INDEX] in seen:
+                r[ERROR] = "duplicate key"
+            seen.add(r[INDEX])
         good = [r for r in rows if not r[ERROR]]
         dtype = np.dtype(self.config.output_dtype)
         img_emb = np.stack([r["img_emb"] for r in good]).astype(dtype) if good else np.zeros((0, self.embed_dim), dtype)
@@ -187,12 +239,12 @@ class ShardAssembler:
             write_npy(files["img_emb"], img_emb)
             write_npy(files["text_emb"], text_emb)
             write_parquet(files["metadata"], pa.table({KEY: pa.array(keys, pa.string()), CAPTION: pa.array(captions, pa.string())}))
-        index_digits = len(rows[0][KEY]) - len(shard) if rows else None
-        indices = np.asarray([parse_key(k, index_digits)[1] for k in keys], dtype=np.int64) if rows else np.zeros(0, np.int64)
-        info = self.infos[shard]
+        crash_point("embed.between_files")
+        indices = np.asarray([r[INDEX] for r in good], dtype=np.int64)
         slots = info.slots if info.slots is not None else (int(indices.max()) + 1 if len(indices) else 0)
-        aligned = align(shard_id_of(shard), slots, len(shard), index_digits or 1, indices, img_emb, text_emb, captions)
+        aligned = align(shard_id_of(shard), slots, len(shard), index_digits, indices, img_emb, text_emb, captions)
         write_aligned(self.layout, shard, aligned)
+        crash_point("embed.after_outputs")
         failed: dict[str, int] = defaultdict(int)
         for r in rows:
             if r[ERROR]:
@@ -230,6 +282,9 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     shards = complete_shards(layout)
     if not shards:
         raise FileNotFoundError(f"no downloaded shards under {layout.shards} (no *_stats.json): run download first")
+    ledger.check_fingerprint({"clip": config.clip.model_dump(mode="json"), "output_dtype": config.output_dtype},
+                             remedy=f"embeddings of two CLIPs must not mix: set embed.clip back, or delete "
+                                    f"{layout.embeddings}, {layout.aligned} and {layout.ledger_dir(STAGE)}* to re-embed")
     todo = [s for s in shards if not ledger.is_done(s)]
     log.info("embed: %d shards, %d to do", len(shards), len(todo))
     failures: dict[str, str] = {}
@@ -240,7 +295,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         import open_clip
 
         embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
-        infos = {s: shard_info(layout, s) for s in todo}
+        digits = download_index_digits(layout)
+        infos = {s: shard_info(layout, s, digits) for s in todo}
         ensure_ray(ray_config)
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -261,5 +317,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
             assembler.add(batch)
         failures = assembler.close()
         timing = steady_timing(assembler.embed_times, started)
-    summary = ledger.summarize(started, {"failed_shards": failures, **timing})
+    for shard, error in failures.items():
+        info = infos[shard]
+        ledger.fail(shard, rows=info.expected if info.expected is not None else 0, error=error)
+    summary = ledger.summarize(started, timing)
     return summary

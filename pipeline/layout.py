@@ -9,7 +9,9 @@
                   text_emb/text_emb_{shard}.npy
                   {shard}.parquet                   (index, key, caption, present)
     <root>/ledger/{stage}/{shard}.json             per-shard record: the stage's done marker
+    <root>/ledger/{stage}/_failed/{shard}.json     a shard that failed every try (rows, error)
     <root>/ledger/{stage}.json                     the stage's summary
+    <root>/ledger/{stage}_fingerprint.json         what the stage's outputs were made from
 
 A key is img2dataset's: the shard id followed by the sample's index in the shard, zero-padded to
 `index_width` digits (the number of digits of samples-per-shard - 1: 10,000 per shard gives 4).
@@ -123,6 +125,12 @@ class RunLayout:
 
     def ledger_summary(self, stage: str) -> str:
         return self._join("ledger", f"{stage}.json")
+
+    def ledger_fingerprint(self, stage: str) -> str:
+        return self._join("ledger", f"{stage}_fingerprint.json")
+
+    def ledger_failure(self, stage: str, name: str) -> str:
+        return self._join("ledger", stage, "_failed", f"{name}.json")
 
     def scratch(self, *parts: str) -> str:
         """A folder for a stage's intermediate files (removed when the stage completes)."""

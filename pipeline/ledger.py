@@ -1,7 +1,11 @@
 """Per-stage ledgers: for every shard, rows in, rows written and rows failed by reason.
 
-A shard's record is written last, after all of its outputs, so it doubles as the shard's done
-marker: a re-run skips shards that have one and redoes the others.
+    <root>/ledger/{stage}/{shard}.json          the shard's record, written last, after all of its outputs:
+                                                its done marker; a re-run skips shards that have one
+    <root>/ledger/{stage}/_failed/{shard}.json  a shard that failed every try: its rows and the error;
+                                                never a done marker, removed once the shard is done
+    <root>/ledger/{stage}_fingerprint.json      what the stage's outputs were made from (input list,
+                                                shard size, CLIP); outputs made under another are refused
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from .layout import RunLayout
-from .storage import exists, list_files, read_json, write_json
+from .storage import exists, list_files, read_json, remove, write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,10 @@ class ShardRecord:
         return cls(shard, rows_in, 0, {reason: rows_in} if rows_in else {})
 
 
+class StaleRunError(ValueError):
+    """A stage's existing outputs were made from other inputs or another model than the config names."""
+
+
 class Ledger:
     """The records of one stage of one run."""
 
@@ -50,14 +58,47 @@ class Ledger:
         return exists(self.layout.ledger_record(self.stage, shard))
 
     def record(self, record: ShardRecord) -> None:
+        """Mark `record.shard` done (its outputs must all be written before), clearing an earlier failure."""
         write_json(self.layout.ledger_record(self.stage, record.shard), asdict(record))
+        remove(self._failure_path(record.shard))
 
     def records(self) -> list[ShardRecord]:
         return [ShardRecord(**read_json(url)) for url in list_files(self.layout.ledger_dir(self.stage), ".json")]
 
+    def _failure_path(self, shard: str) -> str:
+        return self.layout.ledger_failure(self.stage, shard)
+
+    def fail(self, shard: str, rows: int, error: str) -> None:
+        """Record that `shard` (holding `rows` input rows) failed every try with `error`; a re-run retries it."""
+        write_json(self._failure_path(shard), {"shard": shard, "rows": rows, "error": error})
+
+    def clear_failure(self, shard: str) -> None:
+        """Forget an earlier failure of a unit that has no done record of its own (a reorder part)."""
+        remove(self._failure_path(shard))
+
+    def failures(self) -> dict[str, dict]:
+        """{shard: {rows, error}} of shards that failed and are not done since."""
+        found = [read_json(url) for url in list_files(f"{self.layout.ledger_dir(self.stage)}/_failed", ".json")]
+        return {f["shard"]: {"rows": f["rows"], "error": f["error"]} for f in found if not self.is_done(f["shard"])}
+
+    def check_fingerprint(self, fingerprint: dict, remedy: str) -> None:
+        """Refuse to add to outputs made under another fingerprint; record it on first use."""
+        path = self.layout.ledger_fingerprint(self.stage)
+        if exists(path):
+            before = read_json(path)
+            changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
+            if changed:
+                detail = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+                raise StaleRunError(f"{self.stage}: this run's outputs were made under other settings ({detail}): "
+                                    f"{remedy}")
+            return
+        write_json(path, fingerprint)
+
     def summarize(self, started: float, extra: dict | None = None) -> dict:
-        """Totals over every shard, written to <root>/ledger/{stage}.json and logged as one line."""
-        summary = summarize(self.records())
+        """Totals over every shard (failed shards' rows counted as failed, by their error), written to
+        <root>/ledger/{stage}.json and logged as one line."""
+        failures = self.failures()
+        summary = summarize(self.records(), failures)
         seconds = time.time() - started
         summary.update(stage=self.stage, seconds=round(seconds, 2),
                        rows_per_s=round(summary["rows_in"] / seconds, 2) if seconds > 0 else None, **(extra or {}))
@@ -68,17 +109,33 @@ class Ledger:
         return summary
 
 
-def summarize(records: Iterable[ShardRecord]) -> dict:
-    """Totals of a list of shard records."""
-    records = list(records)
+def summarize(records: Iterable[ShardRecord], failures: dict[str, dict] | None = None) -> dict:
+    """Totals of shard records and of failed shards ({shard: {rows, error}}): every row is written or failed."""
+    records, failures = list(records), failures or {}
     reasons: Counter = Counter()
     for r in records:
         reasons.update(r.failed)
+    for failure in failures.values():
+        if failure["rows"]:
+            reasons[f"{SHARD_FAILED}{short_error(failure['error'])}"] += failure["rows"]
     return {
         "shards": len(records),
-        "rows_in": sum(r.rows_in for r in records),
+        "rows_in": sum(r.rows_in for r in records) + sum(f["rows"] for f in failures.values()),
         "written": sum(r.written for r in records),
         "failed": sum(reasons.values()),
         "failed_by_reason": dict(reasons.most_common()),
+        "failed_shards": failures,
         "per_shard": {r.shard: {"rows_in": r.rows_in, "written": r.written, "failed": r.failed} for r in records},
     }
+
+
+SHARD_FAILED = "shard failed: "  # the reason prefix of rows of shards that failed every try
+
+
+def short_error(error: str) -> str:
+    """An error's first line, without the paths and numbers that make every shard's message unique."""
+    import re
+
+    line = error.strip().splitlines()[0] if error.strip() else "unknown"
+    line = re.sub(r"(\w+://)?[\w.\-]*/[\w./\-]+", "<path>", line)
+    return line[:120]

@@ -172,7 +172,7 @@ class EmbeddingBatches(ShardedBatches):
         for i in indices.tolist():
             yield {"text_embed": torch.from_numpy(np.asarray(aligned.text_emb[i], dtype=np.float32)),
                    "image_embed": torch.from_numpy(np.asarray(aligned.img_emb[i], dtype=np.float32)),
-                   "caption": aligned.captions[i]}
+                   "caption": aligned.captions[i], "key": aligned.keys[i]}
 
 
 class ShardImageBatches(ShardedBatches):
@@ -200,7 +200,7 @@ class ShardImageBatches(ShardedBatches):
             with Image.open(io.BytesIO(image_of(fields))) as image:
                 image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
                 pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-            sample = {"image": pixels, "caption": fields.get("txt", b"").decode("utf-8", errors="replace")}
+            sample = {"image": pixels, "caption": fields.get("txt", b"").decode("utf-8", errors="replace"), "key": key}
             if joined is not None:
                 sample["image_embed"] = torch.from_numpy(np.asarray(joined.img_emb[index], np.float32))
             for _ in range(wanted.pop(index)):

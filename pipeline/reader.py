@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from .config import DownloadConfig
 from .layout import CAPTION, URL, RunLayout, shard_name
+from .ledger import StaleRunError
 from .storage import exists, filesystem, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,30 @@ def write_shard(layout: RunLayout, name: str, table: pa.Table) -> None:
     write_atomic(layout.input_shard(name), buffer.getvalue())
 
 
+def url_list_identity(config: DownloadConfig) -> dict:
+    """What the split depends on: the list's URL, size and first MiB (its content, cheaply), and the shard size."""
+    import hashlib
+
+    fs, path = filesystem(config.url_list)
+    with fs.open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return {"url_list": config.url_list, "url_list_size": fs.size(path), "url_list_head_sha256": head,
+            "samples_per_shard": config.samples_per_shard}
+
+
 def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
-    """Shard names of the run's inputs with their row counts, splitting the URL list on first use."""
+    """Shard names of the run's inputs with their row counts, splitting the URL list on first use; a split
+    made from another list or shard size is refused (its shards would not be this config's)."""
     done_marker = f"{layout.inputs}/_SUCCESS.json"
     if exists(done_marker):
-        return read_json(done_marker)["shards"]
+        split = read_json(done_marker)
+        if config.url_list:
+            now = url_list_identity(config)
+            changed = [f"{k} was {split[k]!r}, now {v!r}" for k, v in now.items() if k in split and split[k] != v]
+            if changed:
+                raise StaleRunError(f"download: {layout.inputs} was split from another URL list or shard size "
+                                    f"({'; '.join(changed)}): use a new root, or delete {layout.root} to start over")
+        return split["shards"]
     if not config.url_list:
         raise ValueError("download.url_list is not set and the run has no inputs yet")
     fmt = detect_format(config.url_list, config.input_format)
@@ -111,6 +131,6 @@ def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
         flush(pending_rows)
     if not shards:
         raise ValueError(f"download.url_list {config.url_list} has no rows")
-    write_json(done_marker, {"url_list": config.url_list, "samples_per_shard": per_shard, "shards": shards})
+    write_json(done_marker, {**url_list_identity(config), "shards": shards})
     log.info("split %s into %d shards (%d rows)", config.url_list, len(shards), sum(shards.values()))
     return shards

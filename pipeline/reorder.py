@@ -5,6 +5,11 @@ Two passes of Ray tasks, so no node ever holds all the embeddings:
      touches, a scratch file of (index, embeddings, caption);
   2. gather: one task per shard reads its scratch files and writes the aligned files and its ledger record.
 Both passes are resumable: a part's split writes a done marker, a shard's ledger record is its marker.
+No shard is gathered until every part is split: a shard may have rows in any part, so gathering it
+while a part failed would mark it done without those rows.
+
+Part files are taken as they are listed (clip-retrieval zero-pads part numbers once there are ten or
+more: metadata_00.parquet goes with img_emb_00.npy); their names are never rebuilt from a number.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pyarrow as pa
 from .aligned import align, write_aligned
 from .config import RayConfig, ReorderConfig
 from .distributor import ensure_ray, run_shards
+from .faults import crash_point
 from .layout import CAPTION, INDEX, KEY, RunLayout, parse_key, shard_id_of, shard_name
 from .ledger import Ledger, ShardRecord
 from .storage import exists, list_files, read_json, read_npy, read_parquet, remove, write_json, write_parquet
@@ -46,14 +52,15 @@ class Reorder:
         self.source = (config.source or self.layout.embeddings).rstrip("/")
         self.index_digits, self.shard_digits = index_digits, shard_digits
 
-    def part_files(self, n: int) -> dict[str, str]:
-        return {"img_emb": f"{self.source}/img_emb/img_emb_{n}.npy", "text_emb": f"{self.source}/text_emb/text_emb_{n}.npy",
-                "metadata": f"{self.source}/metadata/metadata_{n}.parquet"}
+    def part_files(self, part: str) -> dict[str, str]:
+        """The three files of the part whose metadata file is metadata_{part}.parquet (part as listed)."""
+        return {"img_emb": f"{self.source}/img_emb/img_emb_{part}.npy",
+                "text_emb": f"{self.source}/text_emb/text_emb_{part}.npy",
+                "metadata": f"{self.source}/metadata/metadata_{part}.parquet"}
 
     def split(self, part: str) -> ShardRecord:
         """Pass 1 on input part `part`: scatter its rows into per-shard scratch files."""
-        n = int(part)
-        files = self.part_files(n)
+        files = self.part_files(part)
         meta = read_parquet(files["metadata"])
         if KEY not in meta.column_names:
             raise ValueError(f"{files['metadata']}: no '{KEY}' column (has {meta.column_names})")
@@ -61,16 +68,23 @@ class Reorder:
         captions = meta.column(CAPTION).to_pylist() if CAPTION in meta.column_names else [""] * len(keys)
         img_emb = read_npy(files["img_emb"])
         text_emb = read_npy(files["text_emb"]) if exists(files["text_emb"]) else None
-        if len(img_emb) != len(keys):
-            raise ValueError(f"{files['img_emb']} has {len(img_emb)} rows but {files['metadata']} has {len(keys)}")
+        for name, array in (("img_emb", img_emb), ("text_emb", text_emb)):
+            if array is not None and len(array) != len(keys):
+                raise ValueError(f"{files[name]} has {len(array)} rows but {files['metadata']} has {len(keys)}")
+        finite = np.isfinite(img_emb).all(axis=1)
+        if text_emb is not None:
+            finite &= np.isfinite(text_emb).all(axis=1)
         by_shard: dict[int, list[int]] = {}
-        malformed = 0
+        unplaced: Counter = Counter()
         indices = np.zeros(len(keys), dtype=np.int64)
         for row, key in enumerate(keys):
             try:
                 shard_id, indices[row] = parse_key(str(key), self.index_digits)
             except ValueError:
-                malformed += 1
+                unplaced["malformed key"] += 1
+                continue
+            if not finite[row]:  # NaN / inf would poison training; float16 would keep them
+                unplaced["non-finite embedding"] += 1
                 continue
             by_shard.setdefault(shard_id, []).append(row)
         for shard_id, rows in by_shard.items():
@@ -80,9 +94,10 @@ class Reorder:
             if text_emb is not None:
                 columns["text_emb"] = _emb_column(text_emb[rows_arr])
             name = shard_name(shard_id, self.shard_digits)
-            write_parquet(self.layout.scratch(STAGE, name, f"part_{n}.parquet"), pa.table(columns))
-        record = ShardRecord(f"part-{n}", len(keys), len(keys) - malformed, {"malformed key": malformed} if malformed else {})
-        write_json(self.layout.scratch(STAGE, "_parts", f"{n}.json"),
+            write_parquet(self.layout.scratch(STAGE, name, f"part_{part}.parquet"), pa.table(columns))
+            crash_point("reorder.mid_split")
+        record = ShardRecord(f"part-{part}", len(keys), len(keys) - sum(unplaced.values()), dict(unplaced))
+        write_json(self.layout.scratch(STAGE, "_parts", f"{part}.json"),
                    {"shards": sorted(shard_name(s, self.shard_digits) for s in by_shard), "record": record.__dict__})
         return record
 
@@ -105,6 +120,7 @@ class Reorder:
         aligned = align(shard_id_of(shard), slots, self.shard_digits, self.index_digits, indices[first], img_emb,
                         text_emb, captions)
         write_aligned(self.layout, shard, aligned)
+        crash_point("reorder.after_outputs")
         record = ShardRecord(shard, len(indices), len(first), {"duplicate key": duplicates} if duplicates else {},
                              round(time.time() - start, 3))
         Ledger(self.layout, STAGE).record(record)
@@ -133,33 +149,67 @@ def infer_widths(config: ReorderConfig, layout: RunLayout, source: str) -> tuple
     return len(key) - shard_digits, shard_digits
 
 
-def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig] = None, distributor: str = "ray") -> dict:
+def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig] = None,
+                distributor: Optional[str] = None) -> dict:
     """Write the aligned layout from clip-retrieval embeddings; returns the stage summary."""
     started = time.time()
+    distributor = distributor or config.distributor
     layout = RunLayout(root)
     source = (config.source or layout.embeddings).rstrip("/")
-    parts = [str(shard_id_of(url)) for url in list_files(f"{source}/metadata", ".parquet")]
+    # the part as listed: metadata_00.parquet -> "00" (never int("00") -> "0")
+    parts = [url.rsplit("/", 1)[-1][len("metadata_"):-len(".parquet")]
+             for url in list_files(f"{source}/metadata", ".parquet") if url.rsplit("/", 1)[-1].startswith("metadata_")]
     if not parts:
-        raise FileNotFoundError(f"no clip-retrieval metadata under {source}/metadata")
+        raise FileNotFoundError(f"no clip-retrieval metadata (metadata_*.parquet) under {source}/metadata")
     index_digits, shard_digits = infer_widths(config, layout, source)
+    ledger = Ledger(layout, STAGE)
+    ledger.check_fingerprint({"source": source, "index_digits": index_digits, "shard_digits": shard_digits,
+                              "samples_per_shard": config.samples_per_shard},
+                             remedy=f"set reorder.source / index_width / samples_per_shard back, or delete "
+                                    f"{layout.aligned} and {layout.ledger_dir(STAGE)}* to reorder again")
     stage = Reorder(config, root, index_digits, shard_digits)
     if distributor == "ray":
         ensure_ray(ray_config)
     todo = [p for p in parts if not exists(layout.scratch(STAGE, "_parts", f"{p}.json"))]
     _, split_failures = run_shards(stage.split, todo, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split")
+    for part, error in split_failures.items():
+        ledger.fail(f"part-{part}", rows=part_rows(stage.part_files(part)["metadata"]), error=error)
+    for part in todo:
+        if part not in split_failures:
+            ledger.clear_failure(f"part-{part}")
     markers = [read_json(layout.scratch(STAGE, "_parts", f"{p}.json")) for p in parts if p not in split_failures]
-    shards = sorted({s for m in markers for s in m["shards"]})
-    ledger = Ledger(layout, STAGE)
-    pending = [s for s in shards if not ledger.is_done(s)]
-    _, gather_failures = run_shards(stage.gather, pending, distributor=distributor, num_cpus=config.cpus_per_task,
-                                    desc="reorder: gather")
-    malformed = Counter()
+    crash_point("reorder.after_split")
+    gather_failures: dict[str, str] = {}
+    if split_failures:  # a shard may have rows in a failed part: gather nothing until every part is split
+        log.error("reorder: %d parts failed to split; no shard is gathered until they do (re-run to retry): %s",
+                  len(split_failures), split_failures)
+    else:
+        shards = sorted({s for m in markers for s in m["shards"]})
+        pending = [s for s in shards if not ledger.is_done(s)]
+        _, gather_failures = run_shards(stage.gather, pending, distributor=distributor,
+                                        num_cpus=config.cpus_per_task, desc="reorder: gather")
+        for shard, error in gather_failures.items():
+            ledger.fail(shard, rows=0, error=error)
+        if not gather_failures:
+            remove(layout.scratch(STAGE), recursive=True)
+    unplaced = Counter()
     for m in markers:
-        malformed.update(m["record"]["failed"])
-    failures = {**{f"part-{p}": e for p, e in split_failures.items()}, **gather_failures}
-    if not failures:
-        remove(layout.scratch(STAGE), recursive=True)
-    summary = ledger.summarize(started, {"failed_shards": failures, "input_parts": len(parts),
+        unplaced.update(m["record"]["failed"])
+    summary = ledger.summarize(started, {"input_parts": len(parts),
                                          "input_rows": sum(m["record"]["rows_in"] for m in markers),
-                                         "unplaced_rows_by_reason": dict(malformed)})
+                                         "unplaced_rows_by_reason": dict(unplaced)})
     return summary
+
+
+def part_rows(metadata_url: str) -> int:
+    """Rows of a part (0 if even its metadata cannot be read)."""
+    try:
+        import pyarrow.parquet as pq
+
+        from .storage import filesystem
+
+        fs, path = filesystem(metadata_url)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except Exception:  # noqa: BLE001 - the part's error is recorded anyway
+        return 0

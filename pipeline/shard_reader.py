@@ -22,7 +22,8 @@ def iter_samples(tar_url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if "." not in name:
                 continue
             member_key, ext = name.split(".", 1)
-            if member_key != key:
+            # a new key, or the same key again (a duplicate sample: kept apart, for the stage to count)
+            if member_key != key or ext.lower() in fields:
                 if key is not None:
                     yield key, fields
                 key, fields = member_key, {}

@@ -61,12 +61,18 @@ def write_atomic(url: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    from .faults import crash_point
+
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            f.flush()
+            crash_point("storage.mid_write")  # a torn temporary file, never a torn `path`
+            f.write(data[len(data) // 2:])
         os.replace(tmp, path)
     else:
+        crash_point("storage.mid_write")
         with fs.open(path, "wb") as f:
             f.write(data)
 

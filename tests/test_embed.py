@@ -61,9 +61,11 @@ def test_embed_writes_both_layouts_and_counts_bad_input(downloaded, tmp_path, ti
     summary = run_embed(config, str(run))
 
     # shard 2 failed alone, naming its file; the others completed and reconcile
-    assert list(summary["failed_shards"]) == ["00002"] and "00002.tar" in summary["failed_shards"]["00002"]
-    assert summary["rows_in"] == 40 and summary["written"] == 39
-    assert summary["failed_by_reason"] == {"corrupt image: UnidentifiedImageError": 1}
+    assert list(summary["failed_shards"]) == ["00002"] and "00002.tar" in summary["failed_shards"]["00002"]["error"]
+    # the failed shard's 20 rows are counted as failed, with its reason: every row is written or failed
+    assert summary["rows_in"] == 60 == summary["written"] + summary["failed"] and summary["written"] == 39
+    assert summary["failed_by_reason"] == {"shard failed: unreadable shard <path>: invalid header": 20,
+                                           "corrupt image: UnidentifiedImageError": 1}
 
     for shard, n in (("00000", 0), ("00001", 1)):
         files = layout.clip_retrieval_files(n)

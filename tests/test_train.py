@@ -96,3 +96,23 @@ def test_checkpoints_on_s3_and_resume_from_there(training_root, tmp_path, s3_ser
     assert checkpoint.startswith("s3://") and fs.exists(checkpoint.replace("s3://", "") + "/model.safetensors")
     more = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=9, checkpoint_every=3))])
     assert more["step"] == 9 and more["resumed_from_step"] == 6
+
+
+def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluation(training_root, tmp_path, ray_local):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = str(tmp_path / "run")
+    shutil.copytree(training_root, root)
+    config = run_config(root, workers=1, max_steps=6, eval_every=2, checkpoint_every=3, keep_checkpoints=10,
+                        trainer={"lr": 1e-3, "grad_accum_every": 2})
+    summary = train_prior.main(["--config", write_config(tmp_path, config)])
+    assert summary["step"] == 6 and summary["eval_step"] == 6 and "image_similarity" in summary
+    folder = os.path.join(storage_path(root), "prior")
+    checkpoints = [p for p in os.listdir(folder) if p.startswith("checkpoint_") and not p.endswith(".json")]
+    # one per optimizer step 3 and 6: none at step 0, none twice while accumulating
+    assert len(checkpoints) == 2, checkpoints
+    events = EventAccumulator(os.path.join(folder, "tensorboard")).Reload()
+    # every evaluation reached the logs, not only those on checkpoint steps
+    assert [e.step for e in events.Scalars("image_similarity")] == [2, 4, 6]
