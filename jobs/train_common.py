@@ -206,7 +206,6 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     epoch, position = state.get("epoch", 0), state.get("batch", 0)
     step = trainer.step
     last_log, last_log_step = time.time(), step
-    last_eval: dict = {}  # the latest evaluation, carried by every later report so none is lost
     trace = SampleTrace(worker.rank)
     while epoch < job.epochs and not (job.max_steps and step >= job.max_steps):
         for batch in loader.epoch(epoch, skip_batches=position):
@@ -225,15 +224,14 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
                 log.info("%s: step %d/%s epoch %d loss %.4f (%.2f steps/s)", worker.job_name, step,
                          job.max_steps or "?", epoch, loss, rate)
                 last_log, last_log_step = time.time(), step
-            evaluated = step % job.eval_every == 0 or finished
+            evaluated = step % job.eval_every == 0 or finished  # the last report (the run's summary) has one
             if evaluated:
-                last_eval = {**evaluate(step), "eval_step": step}
-            metrics.update(last_eval)
+                metrics.update(evaluate(step), eval_step=step)
             if step % job.checkpoint_every == 0 or finished:
                 # the data position to resume from: the next batch (or the next epoch's first)
                 extra = {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
                 worker.report(metrics, save=lambda folder: trainer.save(folder, extra=extra))
-            elif evaluated:
+            elif evaluated:  # reported on its own, so every evaluation reaches the logs
                 worker.report(metrics)
             if finished:
                 break

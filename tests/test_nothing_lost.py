@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
 
 from jobs.cli import main as dalle2
