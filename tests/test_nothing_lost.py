@@ -223,3 +223,26 @@ def test_failed_shards_are_counted_and_listed_by_status(tmp_path, capsys):
     capsys.readouterr()
     assert dalle2(["status", "--root", layout.root, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+def sleep_unless_quick(shard: str):
+    """A shard function: shard 'quick' finishes, any other hangs (a server that never answers)."""
+    import time
+
+    from pipeline.ledger import ShardRecord
+
+    if shard != "quick":
+        time.sleep(3600)
+    return ShardRecord(shard, 1, 1)
+
+
+def test_a_shard_past_its_deadline_is_cancelled_and_failed(ray_local):
+    import time
+
+    from pipeline.distributor import run_shards
+
+    started = time.monotonic()
+    records, failures = run_shards(sleep_unless_quick, ["quick", "stuck"], num_cpus=0.5, retries=0, timeout=3)
+    assert time.monotonic() - started < 30
+    assert [r.shard for r in records] == ["quick"]
+    assert list(failures) == ["stuck"] and "deadline exceeded" in failures["stuck"]

@@ -40,10 +40,10 @@ class WorstWeb:
             ("/status/500", "server error", "500"),
             ("/loop", "a redirect loop", "redirect"),
             ("/drip", "one byte per second", "timed out"),
-            ("/truncated", "a body shorter than its Content-Length", "failed_to"),
+            ("/truncated", "a body shorter than its Content-Length", "truncated body"),
             ("/html", "a page, not an image", "failed_to_resize"),
             ("/huge-header.png", "a PNG header claiming 20000x20000", "image area too large"),
-            ("/empty", "a zero-byte body", "failed_to"),
+            ("/empty", "a zero-byte body", "failed_to_resize"),
         ]
         server = self
 
