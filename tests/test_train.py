@@ -56,6 +56,7 @@ def train_worker_pids():
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "grep" not in line]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(training_root, tmp_path, ray_local):
     import shutil
 
@@ -84,6 +85,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(training_root, tmp_pa
     assert 0 < result["resumed_from_step"] < 60  # restarted from a checkpoint, not from zero
 
 
+@pytest.mark.slow
 def test_checkpoints_on_s3_and_resume_from_there(training_root, tmp_path, s3_server, ray_local):
     import fsspec
 
@@ -98,6 +100,7 @@ def test_checkpoints_on_s3_and_resume_from_there(training_root, tmp_path, s3_ser
     assert more["step"] == 9 and more["resumed_from_step"] == 6
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluation(training_root, tmp_path, ray_local):
     import shutil
 
