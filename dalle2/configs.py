@@ -25,7 +25,7 @@ class DiffusionConfig(StrictModel):
     """The noise process shared by prior and decoder stages."""
 
     timesteps: int = 1000
-    sample_timesteps: Optional[int] = None  # None: DDPM over all steps; fewer: DDIM
+    sample_timesteps: Optional[int] = None  # None: DDPM over all steps; a number: DDIM with that many (and eta)
     beta_schedule: Literal["cosine", "linear"] = "cosine"
     loss_type: Literal["l1", "l2", "huber"] = "l2"
     p2_loss_weight_gamma: NonNegativeFloat = 0.0
@@ -37,6 +37,12 @@ class DiffusionConfig(StrictModel):
             raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
         if self.sample_timesteps is not None and not 1 <= self.sample_timesteps <= self.timesteps:
             raise ValueError(f"sample_timesteps must be in [1, timesteps={self.timesteps}], got {self.sample_timesteps}")
+        from .diffusion import BETA_SCHEDULES  # a schedule that never reaches noise is refused here, at load
+
+        left = float((1 - BETA_SCHEDULES[self.beta_schedule](self.timesteps)).prod())
+        if left > 0.01:
+            raise ValueError(f"a {self.beta_schedule} schedule of {self.timesteps} timesteps keeps {left:.0%} of the "
+                             "signal at its last step: use more timesteps")
         return self
 
 
@@ -141,6 +147,8 @@ class DecoderConfig(StrictModel):
     lowres_noise_max: float = Field(default=0.2, ge=0, le=1)  # highest noise level (fraction of timesteps) used to augment the low-res input
     lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)
     lowres_sample_noise: float = Field(default=0.1, ge=0, le=1)  # fixed noise level (fraction of timesteps) of the low-res input at sampling
+    # Imagen's dynamic thresholding of x0 while sampling (this quantile of |x0| per sample); None: clamp to [-1, 1]
+    dynamic_threshold_percentile: Optional[float] = Field(default=0.95, gt=0, le=1)
 
     @field_validator("image_sizes", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
 from .configs import DecoderConfig, with_diffusion_kwargs
-from .diffusion import GaussianDiffusion, classifier_free_guidance, tile
+from .diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, tile
 from .unet import Unet
 
 Text = Union[Sequence[str], Tensor, None]
@@ -206,7 +206,12 @@ class Decoder(nn.Module):
             x = diffusion.sample(
                 model_fn, (batch, self.config.channels, size, size), device=device,
                 sample_timesteps=self.config.diffusion_for(number - 1).sample_timesteps, eta=eta,
-                x0_transform=lambda x0: x0.clamp(-1, 1), generator=generator, **inpaint,
+                x0_transform=self.threshold, generator=generator, **inpaint,
             )
             images = (x.clamp(-1, 1) + 1) / 2
         return images
+
+    def threshold(self, x0: Tensor) -> Tensor:
+        """Keep a predicted x0 in the image range while sampling: dynamic thresholding, or a plain clamp."""
+        percentile = self.config.dynamic_threshold_percentile
+        return x0.clamp(-1, 1) if percentile is None else dynamic_threshold(x0, percentile)

@@ -34,10 +34,20 @@ def cosine_betas(timesteps: int, s: float = 0.008) -> Tensor:
 def linear_betas(timesteps: int) -> Tensor:
     """Betas of the linear schedule (Ho et al. 2020), rescaled so any step count spans the same noise."""
     scale = 1000 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    # with 50 steps or fewer the rescaled end passes 1 (T=20: 1.0, T=10: 2.0): clamp as the cosine schedule does
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
 
 
 BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {"cosine": cosine_betas, "linear": linear_betas}
+
+
+def dynamic_threshold(x0: Tensor, percentile: float = 0.95) -> Tensor:
+    """Imagen's dynamic thresholding: per sample, s = the `percentile` quantile of |x0| (at least 1);
+    clamp x0 to [-s, s] and divide by s, so saturated pixels are pulled in instead of clipped flat."""
+    flat = x0.flatten(1).abs().float()
+    s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
+    s = s.reshape(-1, *((1,) * (x0.ndim - 1))).to(x0.dtype)
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 def extract(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -93,6 +103,9 @@ class GaussianDiffusion(nn.Module):
 
         betas = BETA_SCHEDULES[beta_schedule](timesteps)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        if alphas_cumprod[-1] > 0.01:  # sampling starts from pure noise: the last step must (nearly) reach it
+            raise ValueError(f"a {beta_schedule} schedule of {timesteps} timesteps keeps {alphas_cumprod[-1]:.0%} of "
+                             "the signal at its last step: use more timesteps")
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
         snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -244,14 +257,15 @@ class GaussianDiffusion(nn.Module):
         inpaint_resample_times: int = 1,
         progress: bool = False,
     ) -> Tensor:
-        """Draw samples: DDPM over all steps, or DDIM when `sample_timesteps` < `timesteps`.
+        """Draw samples: DDPM over all steps when `sample_timesteps` is None, else DDIM with that many steps
+        (and `eta`: 0 deterministic, 1 as stochastic as DDPM).
 
         With `inpaint_image` and `inpaint_mask` (True/1 = known pixel), the known region is
         re-imposed at every noise level and each step is resampled `inpaint_resample_times` times
         (RePaint, Lugmayr et al. 2022); the known pixels of the result equal `inpaint_image`.
         """
         steps = sample_timesteps or self.timesteps
-        use_ddim = steps < self.timesteps
+        use_ddim = sample_timesteps is not None  # eta means something on every step count, all steps included
         if noise is None:
             noise = torch.randn(shape, device=device, generator=generator)
         x = noise

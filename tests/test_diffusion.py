@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import Tensor
 
 from dalle2.diffusion import GaussianDiffusion, cosine_betas, guidance, linear_betas
 
@@ -61,20 +62,89 @@ def test_target_and_output_agree(predict):
     assert d.loss(perfect, x0, t=t, noise=noise).item() == pytest.approx(0.0, abs=1e-10)
 
 
+MU = torch.tensor([0.4, -0.3])
+SIGMA = torch.tensor([[0.30, 0.20], [0.20, 0.25]])
+
+
+def exact_model(d: GaussianDiffusion, mu: Tensor, sigma: Tensor):
+    """The optimal network for Gaussian data N(mu, sigma), in d's parameterisation: E[x0 | x_t] in closed form,
+    mu + sqrt(a) sigma (a sigma + (1 - a) I)^-1 (x_t - sqrt(a) mu)."""
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        a = d.alphas_cumprod[t].double()[:, None, None]
+        eye = torch.eye(len(mu), dtype=torch.float64)
+        cov = a * sigma.double() + (1 - a) * eye
+        residual = (x.double() - a[:, 0].sqrt() * mu.double())[..., None]
+        x0 = mu.double() + (a.sqrt() * sigma.double() @ torch.linalg.solve(cov, residual))[..., 0]
+        x0 = x0.float()
+        return d.target(x0, d.eps_from_x0(x, t, x0), t)
+
+    return model_fn
+
+
 @pytest.mark.parametrize("predict", ["eps", "x0", "v"])
-@pytest.mark.parametrize("steps", [50, 10])
-def test_samplers_reach_the_data_with_an_oracle(predict, steps):
-    """With a model that knows the single data point, DDPM (all steps) and DDIM (fewer) land on it."""
-    d = GaussianDiffusion(timesteps=50, predict=predict)
-    target = torch.randn(1, 6)
+@pytest.mark.parametrize("steps,eta", [(None, 0.0), (40, 0.0), (40, 1.0)])
+def test_samplers_driven_by_the_exact_model_reproduce_the_data_distribution(predict, steps, eta):
+    """DDPM (all steps) and DDIM (eta 0 and 1) with the closed-form optimal denoiser of Gaussian data must give
+    the data's mean and covariance; a wrong step (a sign, a skipped update) does not."""
+    d = GaussianDiffusion(timesteps=200, predict=predict)
+    samples = d.sample(exact_model(d, MU, SIGMA), (6000, 2), sample_timesteps=steps, eta=eta,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(samples).all()
+    torch.testing.assert_close(samples.mean(0), MU, atol=0.04, rtol=0)
+    torch.testing.assert_close(torch.cov(samples.T), SIGMA, atol=0.04, rtol=0)
 
-    def oracle(x, t):
-        x0 = target.expand_as(x)
-        eps = d.eps_from_x0(x, t, x0)
-        return d.target(x0, eps, t)
 
-    out = d.sample(oracle, (3, 6), sample_timesteps=steps, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, target.expand(3, 6), atol=1e-3, rtol=1e-3)
+def test_repaint_samples_the_unknown_part_from_its_conditional_distribution():
+    """Inpainting correlated Gaussian data: given the known coordinate a, the unknown b must follow
+    N(rho a, 1 - rho^2), not its marginal N(0, 1) (which pasting the known part at the end would give)."""
+    rho, a_known = 0.9, 1.5
+    d = GaussianDiffusion(timesteps=100, predict="eps")
+    model_fn = exact_model(d, torch.zeros(2), torch.tensor([[1.0, rho], [rho, 1.0]]))
+    known = torch.tensor([[a_known, 0.0]]).expand(4000, 2)
+    mask = torch.tensor([[True, False]])
+    out = d.sample(model_fn, (4000, 2), inpaint_image=known, inpaint_mask=mask, inpaint_resample_times=5,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, 0], known[:, 0])
+    b = out[:, 1]
+    assert b.mean().item() == pytest.approx(rho * a_known, abs=0.12)
+    assert b.std().item() == pytest.approx((1 - rho**2) ** 0.5, abs=0.1)
+
+
+def test_few_linear_steps_are_clamped_or_refused():
+    assert (linear_betas(20) < 1).all() and (linear_betas(10) < 1).all()  # 1.0 and 2.0 before the clamp
+    d = GaussianDiffusion(timesteps=10, beta_schedule="linear")
+    assert torch.isfinite(d.posterior_log_variance).all() and torch.isfinite(d.sqrt_recipm1_alphas_cumprod).all()
+    with pytest.raises(ValueError, match="keeps .* of the signal"):
+        GaussianDiffusion(timesteps=1, beta_schedule="linear")
+    from dalle2.configs import DiffusionConfig
+
+    with pytest.raises(ValueError, match="use more timesteps"):
+        DiffusionConfig(timesteps=1, beta_schedule="linear")
+
+
+def test_eta_counts_when_every_step_is_sampled():
+    d = GaussianDiffusion(timesteps=30, predict="eps")
+    model_fn = exact_model(d, MU, SIGMA)
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    a = d.sample(model_fn, noise.shape, noise=noise, sample_timesteps=30, eta=0.0, generator=torch.Generator().manual_seed(2))
+    b = d.sample(model_fn, noise.shape, noise=noise, sample_timesteps=30, eta=0.0, generator=torch.Generator().manual_seed(3))
+    c = d.sample(model_fn, noise.shape, noise=noise, sample_timesteps=30, eta=1.0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic DDIM, whatever the generator
+    assert not torch.allclose(a, c)
+
+
+def test_dynamic_thresholding_rescales_saturated_samples_only():
+    from dalle2.diffusion import dynamic_threshold
+
+    inside = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    torch.testing.assert_close(dynamic_threshold(inside), inside)  # s = max(quantile, 1) = 1: nothing changes
+    hot = torch.linspace(-3, 3, 2 * 48).reshape(2, 3, 4, 4)
+    out = dynamic_threshold(hot, percentile=0.95)
+    s = torch.quantile(hot[0].abs().flatten(), 0.95)
+    assert out.abs().max() <= 1 + 1e-6 and s > 1
+    torch.testing.assert_close(out[0], hot[0].clamp(-s, s) / s)  # rescaled, so it is not a plain clamp
+    assert (out[0].abs() < 1).sum() > (hot[0].clamp(-1, 1).abs() < 1).sum()
 
 
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
