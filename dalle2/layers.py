@@ -55,6 +55,9 @@ class Attention(nn.Module):
         k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)
         q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
         attn_mask = None if mask is None else rearrange(mask, "b m -> b 1 1 m")
+        if causal and attn_mask is not None:  # SDPA takes one or the other: combine them, never drop causality
+            n, m = q.shape[-2], k.shape[-2]
+            attn_mask = attn_mask & torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,

@@ -63,6 +63,11 @@ def split_batch(batch: dict[str, Any], max_batch_size: Optional[int]) -> list[tu
     return chunks
 
 
+def batch_rows(batch: dict[str, Any]) -> int:
+    """Rows of a batch (its fields agree, see `split_batch`)."""
+    return next(len(v) for v in batch.values() if isinstance(v, (Tensor, list, tuple)))
+
+
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on the model's device, or nothing."""
     if amp == "none":
@@ -93,6 +98,7 @@ class DiffusionTrainer:
         self.scalers = [torch.amp.GradScaler("cuda", enabled=c.amp == "fp16") for _ in self.parts]
         self.steps = [0 for _ in self.parts]
         self._pending = [0 for _ in self.parts]  # micro-batches accumulated since the last optimizer step
+        self._pending_rows = [0 for _ in self.parts]  # their rows: gradients are averaged over rows, not batches
 
     def place(self, model: nn.Module) -> nn.Module:
         """Move what training needs to the device (subclasses may leave idle parts behind)."""
@@ -109,14 +115,19 @@ class DiffusionTrainer:
     def train_step(self, batch: dict[str, Any], part: int = 0) -> float:
         """Backpropagate one batch (split into `max_batch_size` chunks); step every `grad_accum_every` calls."""
         c = self.config
-        self.model.train()
+        self.model.eval()  # frozen members (a CLIP, the unets of other stages) stay in eval mode
+        self.parts[part].train()
         total = 0.0
-        for chunk, fraction in split_batch(batch, c.max_batch_size):
+        chunks = split_batch(batch, c.max_batch_size)
+        rows = batch_rows(batch)
+        for chunk, fraction in chunks:
             with autocast_context(self.device, c.amp):
                 loss = self.compute_loss(chunk, part) * fraction
-            self.scalers[part].scale(loss / c.grad_accum_every).backward()
+            # summed over rows here, divided by all accumulated rows at the step: exact for unequal micro-batches
+            self.scalers[part].scale(loss * rows).backward()
             total += loss.item()
         self._pending[part] += 1
+        self._pending_rows[part] += rows
         if self._pending[part] >= c.grad_accum_every:
             self._optimizer_step(part)
         return total
@@ -129,26 +140,32 @@ class DiffusionTrainer:
             return
         params = [p for p in self.parts[part].parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # one more entry per parameter: how many ranks had a gradient for it
+        had_grad = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [had_grad])
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        flat[: -len(params)] /= dist.get_world_size()
         offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        for p, ranks_with_grad in zip(params, flat[-len(params):].tolist()):
+            # a parameter no rank used keeps no gradient, as on one worker: AdamW must not decay it
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if ranks_with_grad else None
             offset += p.numel()
 
     def _optimizer_step(self, part: int) -> None:
         optimizer, scaler = self.optimizers[part], self.scalers[part]
+        scaler.unscale_(optimizer)
+        for p in self.parts[part].parameters():
+            if p.grad is not None:
+                p.grad /= self._pending_rows[part]
         self._sync_gradients(part)
         if self.config.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(self.parts[part].parameters(), self.config.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         self.schedulers[part].step()
         self.steps[part] += 1
-        self._pending[part] = 0
+        self._pending[part] = self._pending_rows[part] = 0
         self.emas[part].update(self.parts[part], self.steps[part])
 
     @contextlib.contextmanager
@@ -157,12 +174,13 @@ class DiffusionTrainer:
         with contextlib.ExitStack() as stack:
             for ema, part in zip(self.emas, self.parts):
                 stack.enter_context(ema.swapped_into(part))
-            was_training = self.model.training
+            modes = {m: m.training for m in self.model.modules()}
             self.model.eval()
             try:
                 yield self.model
             finally:
-                self.model.train(was_training)
+                for module, training in modes.items():
+                    module.training = training
 
     def model_config(self) -> dict:
         return self.model.config.model_dump(mode="json")
@@ -193,14 +211,32 @@ class DiffusionTrainer:
         for items, key in ((self.optimizers, "optimizers"), (self.schedulers, "schedulers"), (self.scalers, "scalers")):
             for item, item_state in zip(items, state[key]):
                 item.load_state_dict(item_state)
+        self._apply_config_to_optimizers(state.get("trainer_config", {}))
         self.steps = list(state["steps"])
-        if exists(root.rstrip("/") + "/" + EMA_FILE, storage_options):
-            ema_weights = load_weights(root, EMA_FILE, storage_options)
-            for ema, part in zip(self.emas, self.parts):
-                prefix = _prefix_of(self.model, part)
-                for key in ema.shadow:
-                    ema.shadow[key].copy_(ema_weights[prefix + key])
+        has_ema = exists(root.rstrip("/") + "/" + EMA_FILE, storage_options)
+        ema_weights = load_weights(root, EMA_FILE, storage_options) if has_ema else None
+        if not has_ema:
+            log.warning("checkpoint %s has no EMA weights: the EMA restarts from its weights", root)
+        for ema, part in zip(self.emas, self.parts):
+            prefix = _prefix_of(self.model, part)
+            live = part.state_dict()
+            for key in ema.shadow:
+                # never the freshly initialised weights the EMA was built from
+                ema.shadow[key].copy_(ema_weights[prefix + key] if has_ema else live[key])
         return state.get("extra", {})
+
+    def _apply_config_to_optimizers(self, saved: dict) -> None:
+        """The config's lr, weight decay and betas win over those stored with the optimizer and scheduler
+        (a resumed run with a new `trainer.lr` uses it, from the resumed step on the same warmup)."""
+        c = self.config
+        changed = {k: (saved.get(k), v) for k, v in (("lr", c.lr), ("weight_decay", c.weight_decay)) if saved.get(k) != v}
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            scheduler.base_lrs = [c.lr for _ in optimizer.param_groups]
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+            for group in optimizer.param_groups:
+                group.update(initial_lr=c.lr, lr=c.lr * factor, weight_decay=c.weight_decay, betas=tuple(c.betas))
+        if changed and saved:
+            log.info("resumed with changed trainer settings (checkpoint, config): %s", changed)
 
 
 def _prefix_of(model: nn.Module, part: nn.Module) -> str:

@@ -139,3 +139,138 @@ def test_bf16_autocast_on_cpu_and_fp16_is_refused():
     assert PriorTrainer(small_prior(), amp="bf16").train_step(batch) > 0
     with pytest.raises(ValueError, match="fp16"):
         PriorTrainer(small_prior(), amp="fp16")
+
+
+def captured_gradients(trainer):
+    """Record the gradients the optimizer sees at each step."""
+    seen = []
+    optimizer = trainer.optimizers[0]
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([p.grad.clone() if p.grad is not None else None for p in trainer.model.parameters()])
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    return seen
+
+
+def test_accumulating_unequal_micro_batches_gives_the_full_batch_gradient():
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    model.config = None
+    full = RegressionTrainer(model, [model], lr=0.1, max_grad_norm=None)
+    full_grads = captured_gradients(full)
+    full.train_step({"x": x, "y": y})
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    model.config = None
+    accumulated = RegressionTrainer(model, [model], lr=0.1, max_grad_norm=None, grad_accum_every=2)
+    accumulated_grads = captured_gradients(accumulated)
+    accumulated.train_step({"x": x[:7], "y": y[:7]})  # 7 rows, then 1: each row counts once, not each batch
+    accumulated.train_step({"x": x[7:], "y": y[7:]})
+    for a, b in zip(full_grads[0], accumulated_grads[0]):
+        torch.testing.assert_close(a, b)
+
+
+class FrozenMemberModel(torch.nn.Module):
+    """A trained linear layer next to a frozen member with dropout (as a CLIP inside the prior)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trained = torch.nn.Linear(4, 2)
+        self.unused = torch.nn.Linear(4, 2)  # never in the loss: no gradient, never decayed
+        self.frozen = torch.nn.Dropout(0.5)
+        self.frozen.eval()
+        self.config = None
+
+    def forward(self, x):
+        return self.trained(self.frozen(x))
+
+
+class FrozenMemberTrainer(DiffusionTrainer):
+    def compute_loss(self, batch, part):
+        return self.model(batch["x"]).pow(2).mean()
+
+
+def test_training_leaves_frozen_members_in_eval_mode():
+    model = FrozenMemberModel()
+    trainer = FrozenMemberTrainer(model, [model.trained], lr=0.1)
+    trainer.train_step({"x": torch.randn(4, 4)})
+    assert model.trained.training and not model.frozen.training
+    with trainer.ema_weights():
+        assert not model.trained.training
+    assert model.trained.training and not model.frozen.training
+
+
+def test_resuming_uses_the_configs_lr_and_restores_ema_from_the_weights_without_an_ema_file(tmp_path):
+    import os
+
+    from dalle2.checkpoint import EMA_FILE
+
+    weights = torch.randn(DIM, DIM)
+    batch = dict(zip(("text_embed", "image_embed"), toy_pairs(weights, 8)))
+    trainer = PriorTrainer(small_prior(), lr=1e-3, warmup_steps=10)
+    for _ in range(3):
+        trainer.train_step(batch)
+    trainer.save(str(tmp_path / "ckpt"))
+
+    resumed = PriorTrainer(small_prior(), lr=4e-4, warmup_steps=10)
+    resumed.load(str(tmp_path / "ckpt"))
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(4e-4 * 4 / 10)  # step 3 of a 10-step warmup
+    resumed.train_step(batch)
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(4e-4 * 5 / 10)
+
+    os.remove(tmp_path / "ckpt" / EMA_FILE)
+    no_ema = PriorTrainer(small_prior(), lr=1e-3)
+    no_ema.load(str(tmp_path / "ckpt"))
+    live = no_ema.model.net.state_dict()
+    for key, value in no_ema.emas[0].shadow.items():
+        torch.testing.assert_close(value, live[key])  # not the fresh random weights the EMA was built from
+
+
+def test_causal_attention_stays_causal_with_a_key_mask():
+    from dalle2.layers import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(dim=8, heads=2, dim_head=4)
+    x = torch.randn(1, 5, 8)
+    mask = torch.tensor([[True, True, False, True, True]])
+    out = attention(x, mask=mask, causal=True)
+    changed = x.clone()
+    changed[:, 4] += 1.0  # the last token may not affect any earlier position
+    torch.testing.assert_close(attention(changed, mask=mask, causal=True)[:, :4], out[:, :4])
+    masked = x.clone()
+    masked[:, 2] += 1.0  # a masked key affects nobody
+    torch.testing.assert_close(attention(masked, mask=mask, causal=True)[:, [0, 1, 3, 4]], out[:, [0, 1, 3, 4]])
+
+
+class UnusedParameterTrainer(DiffusionTrainer):
+    def compute_loss(self, batch, part):
+        return self.model.trained(batch["x"]).pow(2).mean()
+
+
+def _two_rank_step(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = FrozenMemberModel()
+    trainer = UnusedParameterTrainer(model, [model], lr=0.1, weight_decay=0.5)
+    before = model.unused.weight.detach().clone()
+    trainer.train_step({"x": torch.randn(4, 4)})
+    torch.save({"unused_changed": not torch.equal(before, model.unused.weight), "grad": model.unused.weight.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_parameter_no_rank_used_is_not_decayed_on_several_workers(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.servers import free_port
+
+    out = str(tmp_path / "result")
+    mp.spawn(_two_rank_step, args=(free_port(), out), nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        assert not result["unused_changed"]  # as on one worker: AdamW skips a parameter without a gradient
