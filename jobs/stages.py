@@ -38,8 +38,14 @@ def _embed_complete(run: RunConfig) -> bool:
     from pipeline.layout import RunLayout
     from pipeline.ledger import Ledger
 
+    from pipeline.embed import fingerprint
+
+    from .embed import embed_config
+
     layout = RunLayout(run.root)
     ledger = Ledger(layout, "embed")
+    if ledger.fingerprint_changes(fingerprint(embed_config(run))):
+        return False  # made with another CLIP (train-clip ran on): not complete; the stage says why and stops
     return _ledger_complete("embed")(run) and all(ledger.is_done(s) for s in complete_shards(layout))
 
 

@@ -32,6 +32,11 @@ def run_status(root: str) -> dict:
     return status
 
 
+def as_failure(failure) -> dict:
+    """A failed shard's {rows, error}; summaries written before failure records held the error alone."""
+    return failure if isinstance(failure, dict) else {"rows": "?", "error": str(failure)}
+
+
 def reconcile(status: dict) -> list[str]:
     """What does not add up: failed shards, and rows that are neither written nor failed, within a stage
     and from one stage to the next."""
@@ -41,6 +46,7 @@ def reconcile(status: dict) -> list[str]:
         if not info:
             continue
         for shard, failure in (info.get("failed_shards") or {}).items():
+            failure = as_failure(failure)
             problems.append(f"{stage}: shard {shard} failed ({failure['rows']} rows): {failure['error']}")
         if info["rows_in"] != info["written"] + info["failed"]:
             problems.append(f"{stage}: {info['rows_in']} rows in but {info['written']} written and {info['failed']} failed")
@@ -82,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if info.get("failed_shards"):
                 line += f"; {len(info['failed_shards'])} FAILED SHARDS"
                 for shard, failure in sorted(info["failed_shards"].items()):
+                    failure = as_failure(failure)
                     line += f"\n{'':<14} {shard}: {failure['rows']} rows, {failure['error']}"
         else:
             line = f"{stage:<14} step {info.get('step')}, loss {info.get('loss', float('nan')):.4f}, " \

@@ -40,7 +40,9 @@ class DownloadConfig(StrictModel):
     timeout: PositiveFloat = 10.0  # seconds per image request, the whole body included
     retries: NonNegativeInt = 0  # per image
     shard_retries: NonNegativeInt = 2  # a failed shard task is run again this many times
-    shard_timeout: Optional[PositiveFloat] = 3600.0  # a shard task running longer is cancelled and failed (Ray)
+    # seconds from submitting a shard task to its end (queue and retries included) before it is cancelled and
+    # failed (Ray); None: no limit, each request's own `timeout` bounds a shard to rows x timeout / threads
+    shard_timeout: Optional[PositiveFloat] = None
     max_image_area: PositiveFloat = 1e8  # larger images fail with a reason, before their body is read
     cpus_per_shard: PositiveFloat = 0.5
     distributor: Literal["ray", "local"] = "ray"

@@ -49,8 +49,8 @@ def run_shards(
 ) -> tuple[list[ShardRecord], dict[str, str]]:
     """Run `fn` on every shard; returns (records, {shard: error} of shards that failed every try).
 
-    On Ray, a shard still running `timeout` seconds after it started is cancelled (its worker killed)
-    and failed with that reason; a re-run tries it again."""
+    On Ray, a shard not done `timeout` seconds after it was submitted (queueing and retries included) is
+    cancelled (its worker killed) and failed with that reason; a re-run tries it again."""
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     if not shards:
@@ -83,15 +83,20 @@ def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc
     ensure_ray()
     remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)
     fn_ref = ray.put(fn)
-    # As many tasks in flight as the cluster can run at once, so a task's deadline counts from about
-    # when it starts, and the driver's bookkeeping stays bounded however many shards there are.
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / max(num_cpus, 1e-3)))
+    # Twice as many tasks in flight as the cluster can run now (re-read as it grows, so an autoscaler sees
+    # demand), and never all shards at once: the driver's bookkeeping stays bounded.
+    def slots() -> int:
+        return max(4, 2 * int(ray.cluster_resources().get("CPU", 1) / max(num_cpus, 1e-3)))
+
+    limit, limit_read = slots(), time.monotonic()
     queue = list(reversed(shards))
     pending: dict = {}  # ref -> (shard, submitted at)
     records, failures = [], {}
     with tqdm(total=len(shards), desc=desc, unit="shard") as progress:
         while queue or pending:
-            while queue and len(pending) < slots:
+            if time.monotonic() - limit_read > 10:
+                limit, limit_read = slots(), time.monotonic()
+            while queue and len(pending) < limit:
                 shard = queue.pop()
                 pending[remote.remote(fn_ref, shard)] = (shard, time.monotonic())
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if timeout else None)

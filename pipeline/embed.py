@@ -46,8 +46,15 @@ class ShardInfo:
 
 
 def complete_shards(layout: RunLayout) -> list[str]:
-    """Shards whose download finished (img2dataset wrote their stats file last)."""
-    return [url.rsplit("/", 1)[-1][: -len("_stats.json")] for url in list_files(layout.shards, "_stats.json")]
+    """Shards whose download finished: recorded in the download ledger when the run has one (a shard whose
+    download died after img2dataset's stats file is downloaded again, so it is not final yet), else, for
+    plain img2dataset output, those with img2dataset's stats file (written last)."""
+    stats = [url.rsplit("/", 1)[-1][: -len("_stats.json")] for url in list_files(layout.shards, "_stats.json")]
+    recorded = list_files(layout.ledger_dir("download"), ".json")
+    if not recorded:
+        return stats
+    done = {url.rsplit("/", 1)[-1][: -len(".json")] for url in recorded}
+    return [shard for shard in stats if shard in done]
 
 
 def shard_info(layout: RunLayout, name: str, index_digits: Optional[int]) -> ShardInfo:
@@ -210,6 +217,7 @@ class ShardAssembler:
         from .aligned import align, write_aligned
         from .storage import write_npy, write_parquet
 
+        self.ledger.keep_fingerprint(fingerprint(self.config))
         info = self.infos[shard]
         rows = sorted(self.rows.pop(shard, []), key=lambda r: r[KEY])
         index_digits = info.index_digits or (len(rows[0][KEY]) - len(shard) if rows else 1)
@@ -255,6 +263,11 @@ class ShardAssembler:
         self.finished.add(shard)
 
 
+def fingerprint(config: EmbedConfig) -> dict:
+    """What a run's embeddings are made with: the CLIP (a trained checkpoint's path included) and the dtype."""
+    return {"clip": config.clip.model_dump(mode="json"), "output_dtype": config.output_dtype}
+
+
 def steady_timing(embed_times: list[np.ndarray], started: float) -> dict:
     """Startup (until CLIP's first batch: workers importing torch, actors loading the model) and the
     rate after it, which is what a long run sees; small runs are dominated by the startup."""
@@ -282,7 +295,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     shards = complete_shards(layout)
     if not shards:
         raise FileNotFoundError(f"no downloaded shards under {layout.shards} (no *_stats.json): run download first")
-    ledger.check_fingerprint({"clip": config.clip.model_dump(mode="json"), "output_dtype": config.output_dtype},
+    ledger.check_fingerprint(fingerprint(config),
                              remedy=f"embeddings of two CLIPs must not mix: set embed.clip back, or delete "
                                     f"{layout.embeddings}, {layout.aligned} and {layout.ledger_dir(STAGE)}* to re-embed")
     todo = [s for s in shards if not ledger.is_done(s)]

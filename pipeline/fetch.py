@@ -88,8 +88,9 @@ def fetch(url: str, timeout: float, max_image_area: float) -> bytes:
                     area_known = True
                     if area > max_image_area:
                         raise ValueError("image area too large")
-        if response.length:  # the server closed before its Content-Length: a truncated body
-            raise ValueError(f"truncated body: {size} of {size + response.length} bytes")
+        missing = getattr(response, "length", None)  # http(s) only: file:// and data: URLs have no length
+        if missing:  # the server closed before its Content-Length: a truncated body
+            raise ValueError(f"truncated body: {size} of {size + missing} bytes")
         return b"".join(chunks)
 
 

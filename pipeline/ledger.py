@@ -81,18 +81,25 @@ class Ledger:
         found = [read_json(url) for url in list_files(f"{self.layout.ledger_dir(self.stage)}/_failed", ".json")]
         return {f["shard"]: {"rows": f["rows"], "error": f["error"]} for f in found if not self.is_done(f["shard"])}
 
-    def check_fingerprint(self, fingerprint: dict, remedy: str) -> None:
-        """Refuse to add to outputs made under another fingerprint; record it on first use."""
+    def fingerprint_changes(self, fingerprint: dict) -> dict:
+        """{field: (recorded, now)} where the stage's recorded fingerprint differs ({} if none is recorded)."""
         path = self.layout.ledger_fingerprint(self.stage)
-        if exists(path):
-            before = read_json(path)
-            changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
-            if changed:
-                detail = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
-                raise StaleRunError(f"{self.stage}: this run's outputs were made under other settings ({detail}): "
-                                    f"{remedy}")
-            return
-        write_json(path, fingerprint)
+        before = read_json(path) if exists(path) else fingerprint
+        return {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
+
+    def check_fingerprint(self, fingerprint: dict, remedy: str) -> None:
+        """Refuse to add to outputs made under another fingerprint."""
+        changed = self.fingerprint_changes(fingerprint)
+        if changed:
+            detail = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise StaleRunError(f"{self.stage}: this run's outputs were made under other settings ({detail}): {remedy}")
+
+    def keep_fingerprint(self, fingerprint: dict) -> None:
+        """Record what the outputs are made from; called before the first output is written, so a first
+        try that failed before writing anything (a mistyped model name) leaves nothing to refuse."""
+        path = self.layout.ledger_fingerprint(self.stage)
+        if not exists(path):
+            write_json(path, fingerprint)
 
     def summarize(self, started: float, extra: dict | None = None) -> dict:
         """Totals over every shard (failed shards' rows counted as failed, by their error), written to

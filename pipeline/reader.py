@@ -98,7 +98,7 @@ def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
     done_marker = f"{layout.inputs}/_SUCCESS.json"
     if exists(done_marker):
         split = read_json(done_marker)
-        if config.url_list:
+        if config.url_list and exists(config.url_list):  # (a list gone since: the split still stands)
             now = url_list_identity(config)
             changed = [f"{k} was {split[k]!r}, now {v!r}" for k, v in now.items() if k in split and split[k] != v]
             if changed:

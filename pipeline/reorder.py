@@ -163,11 +163,15 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
         raise FileNotFoundError(f"no clip-retrieval metadata (metadata_*.parquet) under {source}/metadata")
     index_digits, shard_digits = infer_widths(config, layout, source)
     ledger = Ledger(layout, STAGE)
-    ledger.check_fingerprint({"source": source, "index_digits": index_digits, "shard_digits": shard_digits,
-                              "samples_per_shard": config.samples_per_shard},
+    reorder_fingerprint = {"source": source, "index_digits": index_digits, "shard_digits": shard_digits,
+                           "samples_per_shard": config.samples_per_shard}
+    ledger.check_fingerprint(reorder_fingerprint,
                              remedy=f"set reorder.source / index_width / samples_per_shard back, or delete "
                                     f"{layout.aligned} and {layout.ledger_dir(STAGE)}* to reorder again")
     stage = Reorder(config, root, index_digits, shard_digits)
+    for name in ledger.failures():  # a part that failed before and is no longer in the source
+        if name.startswith("part-") and name[len("part-"):] not in parts:
+            ledger.clear_failure(name)
     if distributor == "ray":
         ensure_ray(ray_config)
     todo = [p for p in parts if not exists(layout.scratch(STAGE, "_parts", f"{p}.json"))]
@@ -179,6 +183,7 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
             ledger.clear_failure(f"part-{part}")
     markers = [read_json(layout.scratch(STAGE, "_parts", f"{p}.json")) for p in parts if p not in split_failures]
     crash_point("reorder.after_split")
+    ledger.keep_fingerprint(reorder_fingerprint)
     gather_failures: dict[str, str] = {}
     if split_failures:  # a shard may have rows in a failed part: gather nothing until every part is split
         log.error("reorder: %d parts failed to split; no shard is gathered until they do (re-run to retry): %s",

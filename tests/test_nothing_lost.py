@@ -3,6 +3,7 @@ data-loss bug found in review (each failed before its fix)."""
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -246,3 +247,24 @@ def test_a_shard_past_its_deadline_is_cancelled_and_failed(ray_local):
     assert time.monotonic() - started < 30
     assert [r.shard for r in records] == ["quick"]
     assert list(failures) == ["stuck"] and "deadline exceeded" in failures["stuck"]
+
+
+def test_file_urls_still_download_and_a_mistyped_clip_leaves_nothing_to_refuse(tmp_path, awkward_run):
+    from pipeline.fetch import fetch
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png((1, 2, 3)))
+    assert fetch(f"file://{image}", timeout=5, max_image_area=1e6) == image.read_bytes()  # no Content-Length there
+
+    with pytest.raises(Exception, match="nonexistent-clip"):
+        run_embed(EmbedConfig(clip={"model_name": "nonexistent-clip"}), awkward_run)
+    assert not os.path.exists(RunLayout(awkward_run).ledger_fingerprint("embed"))
+
+
+def test_status_reads_summaries_written_before_failure_records(tmp_path, capsys):
+    layout = RunLayout(str(tmp_path / "run"))
+    write_json(layout.ledger_summary("embed"), {"shards": 1, "rows_in": 3, "written": 3, "failed": 0,
+                                               "failed_by_reason": {}, "failed_shards": {"00002": "unreadable tar"}})
+    capsys.readouterr()
+    assert dalle2(["status", "--root", layout.root]) == 1
+    assert "unreadable tar" in capsys.readouterr().out
