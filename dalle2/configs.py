@@ -145,7 +145,8 @@ class DecoderConfig(StrictModel):
     text_cond_drop_prob: float = Field(default=0.5, ge=0, lt=1)
     unconditional: bool = False
     lowres_noise_max: float = Field(default=0.2, ge=0, le=1)  # highest noise level (fraction of timesteps) used to augment the low-res input
-    lowres_blur_sigma: tuple[float, float] = (0.4, 0.6)
+    lowres_blur_sigma: tuple[PositiveFloat, PositiveFloat] = (0.4, 0.6)  # drawn per sample, at the low resolution
+    lowres_blur_prob: float = Field(default=0.5, ge=0, le=1)  # the share of training samples blurred
     lowres_sample_noise: float = Field(default=0.1, ge=0, le=1)  # fixed noise level (fraction of timesteps) of the low-res input at sampling
     # Imagen's dynamic thresholding of x0 while sampling (this quantile of |x0| per sample); None: clamp to [-1, 1]
     dynamic_threshold_percentile: Optional[float] = Field(default=0.95, gt=0, le=1)
@@ -201,7 +202,12 @@ def with_diffusion_kwargs(config_cls: type[StrictModel], kwargs: dict) -> dict:
         base = base.model_dump() if isinstance(base, DiffusionConfig) else {}
         if "timesteps" in flat and "sample_timesteps" not in flat:
             base["sample_timesteps"] = None  # the default step count may not fit the new schedule
-        fields["diffusion"] = {**base, **flat}
+        per_unet = [len(v) for v in flat.values() if isinstance(v, (list, tuple))]
+        if per_unet:  # one value per unet, as `sample_timesteps=(250, 27)` in lucidrains' API
+            fields["diffusion"] = [{**base, **{k: v[i] if isinstance(v, (list, tuple)) else v for k, v in flat.items()}}
+                                   for i in range(per_unet[0])]
+        else:
+            fields["diffusion"] = {**base, **flat}
     return fields
 
 

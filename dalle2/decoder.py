@@ -22,6 +22,11 @@ from .unet import Unet
 Text = Union[Sequence[str], Tensor, None]
 
 
+def blur_kernel(sigma: float) -> int:
+    """An odd Gaussian kernel size covering +-3 sigma."""
+    return 2 * max(1, int(3 * sigma + 0.5)) + 1
+
+
 def resize_image(images: Tensor, size: int) -> Tensor:
     """Resize [B, C, H, W] images to size x size (antialiased when shrinking)."""
     if images.shape[-2:] == (size, size):
@@ -96,14 +101,23 @@ class Decoder(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> tuple[Tensor, Tensor]:
         """The low-res input of an upsampler stage from [0, 1] images, noised to `noise_times`
-        (drawn up to `lowres_noise_max` of the schedule when None), and those times."""
+        (drawn up to `lowres_noise_max` of the schedule when None), and those times.
+
+        With `blur` (training), as cascaded diffusion augments it: a share `lowres_blur_prob` of the images
+        is Gaussian-blurred at the low resolution, each with its own sigma from `lowres_blur_sigma`,
+        before it is upsampled (a blur after upsampling would barely touch the low-res content)."""
         _, diffusion, device = self._unet(unet_number)
         c = self.config
         size, previous = c.image_sizes[unet_number - 1], c.image_sizes[unet_number - 2]
-        low = resize_image(resize_image(images.to(device).float(), previous), size)
+        low = resize_image(images.to(device).float(), previous)
         if blur:
-            sigma = float(torch.empty(1).uniform_(*c.lowres_blur_sigma))
-            low = gaussian_blur(low, kernel_size=3, sigma=sigma)
+            low = torch.stack([
+                gaussian_blur(image[None], kernel_size=blur_kernel(sigma), sigma=sigma)[0] if chosen else image
+                for image, chosen, sigma in zip(
+                    low, (torch.rand(len(low)) < c.lowres_blur_prob).tolist(),
+                    torch.empty(len(low)).uniform_(*c.lowres_blur_sigma).tolist())
+            ])
+        low = resize_image(low, size)
         batch = low.shape[0]
         if noise_times is None:
             highest = max(int(c.lowres_noise_max * diffusion.timesteps), 0)

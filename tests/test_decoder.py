@@ -104,7 +104,7 @@ def test_cond_scale_one_equals_sampling_without_guidance():
     guided = decoder.sample(image_embed=embeds, cond_scale=1.0, generator=torch.Generator().manual_seed(3))
     unet, diffusion = decoder.unets[0], decoder.diffusions[0]
     plain = diffusion.sample(lambda x, t: unet(x, t, embeds), (2, 3, 16, 16), sample_timesteps=8,
-                             x0_transform=lambda x0: x0.clamp(-1, 1), generator=torch.Generator().manual_seed(3))
+                             x0_transform=decoder.threshold, generator=torch.Generator().manual_seed(3))
     first_stage = decoder.sample(image_embed=embeds, cond_scale=1.0, stop_at_unet_number=1,
                                  generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(first_stage, (plain.clamp(-1, 1) + 1) / 2)
@@ -194,3 +194,72 @@ def test_a_stage_trained_alone_upsamples_given_images_and_saves_only_itself(tmp_
     with trainer.ema_weights():
         for key, value in trainer.model.unets[1].state_dict().items():
             assert torch.equal(value, fresh.unets[1].state_dict()[key]), key
+
+
+def randomised(unet: Unet) -> Unet:
+    """A unet whose zero-initialised output layers are not zero, so every input can show in the output."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet.eval()
+
+
+def test_unet_output_depends_on_every_conditioning_and_not_on_masked_tokens():
+    unet = randomised(Unet(dim=16, dim_mults=(1, 2), image_embed_dim=EMBED, text_encoding_dim=12, lowres_cond=True,
+                           cond_on_text_encodings=True, layer_cross_attns=(False, True)))
+    b, size = 2, 16
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(x=torch.randn(b, 3, size, size, generator=g), time=torch.full((b,), 10),
+                  image_embed=torch.randn(b, EMBED, generator=g), text_encodings=torch.randn(b, 7, 12, generator=g),
+                  text_mask=torch.arange(7).expand(b, 7) < 4, lowres_cond_img=torch.randn(b, 3, size, size, generator=g),
+                  lowres_noise_times=torch.full((b,), 5))
+
+    def run(**change):
+        args = {**inputs, **change}
+        with torch.no_grad():
+            return unet(args["x"], args["time"], image_embed=args["image_embed"], text_encodings=args["text_encodings"],
+                        text_mask=args["text_mask"], lowres_cond_img=args["lowres_cond_img"],
+                        lowres_noise_times=args["lowres_noise_times"])
+
+    out = run()
+    for name, changed in [("image_embed", torch.randn(b, EMBED, generator=g)),
+                          ("text_encodings", inputs["text_encodings"] + 1.0),
+                          ("lowres_cond_img", torch.randn(b, 3, size, size, generator=g)),
+                          ("lowres_noise_times", torch.full((b,), 40))]:
+        assert not torch.allclose(run(**{name: changed}), out, atol=1e-4), f"the output ignores {name}"
+    masked_changed = inputs["text_encodings"].clone()
+    masked_changed[:, 4:] += 5.0  # tokens the mask hides
+    torch.testing.assert_close(run(text_encodings=masked_changed), out)
+
+
+def test_upsampler_training_blurs_at_the_low_resolution():
+    from torchvision.transforms.functional import gaussian_blur
+
+    from dalle2.decoder import blur_kernel, resize_image
+
+    decoder = cascade()
+    decoder.config.lowres_blur_prob, decoder.config.lowres_blur_sigma = 1.0, (0.8, 0.8)
+    images = shape_images(2, 32)
+    times = torch.zeros(2, dtype=torch.long)
+    def condition(blur):
+        return decoder.lowres_condition(images, 2, noise_times=times, blur=blur, generator=torch.Generator().manual_seed(0))[0]
+
+    low, plain = condition(True), condition(False)
+    small = resize_image(images, 16)
+    expected = resize_image(gaussian_blur(small, kernel_size=blur_kernel(0.8), sigma=0.8), 32) * 2 - 1
+    noise = torch.randn(low.shape, generator=torch.Generator().manual_seed(0))
+    # blurred at 16 px, then upsampled, then noised (with the same noise)
+    torch.testing.assert_close(low, decoder.diffusions[1].q_sample(expected, times, noise), atol=1e-5, rtol=0)
+    assert (low - plain).abs().mean() > 0.01  # the blur changes the low-resolution content
+    decoder.config.lowres_blur_prob = 0.0
+    torch.testing.assert_close(condition(True), plain)
+
+
+def test_per_unet_sample_timesteps_as_a_tuple():
+    base = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4, layer_attns=False, layer_cross_attns=False)
+    up = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4, lowres_cond=True, layer_attns=False,
+              layer_cross_attns=False)
+    decoder = Decoder(unet=[base, up], image_sizes=(8, 16), timesteps=100, sample_timesteps=(25, 4))
+    assert [decoder.config.diffusion_for(i).sample_timesteps for i in (0, 1)] == [25, 4]
+    assert all(decoder.config.diffusion_for(i).timesteps == 100 for i in (0, 1))
