@@ -58,3 +58,15 @@ def test_loading_into_another_architecture_names_the_field(tiny_clip, tmp_path):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="no-such-clip"):
         ClipAdapter("no-such-clip")
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "ViT-B-32"])
+def test_embed_text_equals_open_clips_own_encode_text(name):
+    torch.manual_seed(0)
+    clip = ClipAdapter(name).eval()
+    texts = ["a red circle on the left", "a blue square", ""]
+    ours = clip.embed_text(texts)
+    with torch.no_grad():
+        theirs = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenize(texts)).float(), dim=-1)
+    torch.testing.assert_close(ours.text_embed, theirs, atol=1e-5, rtol=1e-5)
+    assert ours.mask.sum(1).tolist()[2] == 2  # start and end tokens of the empty caption

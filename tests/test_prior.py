@@ -274,3 +274,14 @@ def test_a_parameter_no_rank_used_is_not_decayed_on_several_workers(tmp_path):
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert not result["unused_changed"]  # as on one worker: AdamW skips a parameter without a gradient
+
+
+def test_best_of_n_keeps_the_candidate_closest_to_the_text():
+    prior = small_prior(num_samples_per_batch=4).eval()
+    text_embed = l2norm(torch.randn(3, DIM))
+    candidates = l2norm(torch.randn(12, DIM))
+    prior.diffusion.sample = lambda *args, **kwargs: candidates  # the candidates the sampler would draw
+    chosen = prior.sample(text_embed=text_embed)
+    expected = torch.stack([
+        max(candidates[4 * i:4 * i + 4], key=lambda c: float(c @ text_embed[i])) for i in range(3)])
+    torch.testing.assert_close(chosen, expected)
