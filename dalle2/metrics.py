@@ -43,3 +43,55 @@ def prior_metrics(
         "image_similarity": cosine(predicted, image_embed),
         "unrelated_similarity": cosine(predicted, unrelated),
     }
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """[N, M] cosine similarities of two sets of embeddings."""
+    return l2norm(a.float()) @ l2norm(b.float()).T
+
+
+def r_precision(image_embed: Tensor, prompt_embed: Tensor, prompt_index: Optional[Tensor] = None) -> float:
+    """How often an image's own prompt ranks first among all `prompt_embed` (CLIP-R-precision, top 1).
+    `prompt_index[i]` is image i's prompt (default: image i goes with prompt i)."""
+    own = torch.arange(len(image_embed)) if prompt_index is None else prompt_index
+    best = cosine_matrix(image_embed, prompt_embed).argmax(dim=1).cpu()
+    return (best == own.cpu()).float().mean().item()
+
+
+def clip_score(image_embed: Tensor, text_embed: Tensor) -> float:
+    """CLIPScore (Hessel et al. 2021, w = 100): 100 x max(cos(image, its text), 0), averaged."""
+    return (100 * (l2norm(image_embed.float()) * l2norm(text_embed.float())).sum(-1).clamp(min=0)).mean().item()
+
+
+def cmmd(x: Tensor, y: Tensor, sigma: float = 10.0, scale: float = 1000.0) -> float:
+    """CMMD (Jayasumana et al. 2024): the squared maximum mean discrepancy between two sets of CLIP image
+    embeddings with a Gaussian kernel (sigma 10, reported x1000); unbiased, 0 for one distribution."""
+    x, y = l2norm(x.float()), l2norm(y.float())
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * sigma**2))
+
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        raise ValueError("CMMD needs at least two embeddings on each side")
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    within_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return (scale * (within_x + within_y - 2 * kxy.mean())).item()
+
+
+@torch.no_grad()
+def text_image_agreement(clip, images: Tensor, prompts: list[str], prompt_index: Tensor,
+                         real_images: Optional[Tensor] = None) -> dict[str, float]:
+    """R-precision and CLIP score of generated `images` ([B, 3, H, W] in [0, 1]) against their prompts (image i
+    was drawn for prompts[prompt_index[i]]), scored by `clip`; with `real_images` of the same prompts, the same
+    figures on them and the CMMD between generated and real."""
+    prompt_embed = clip.embed_text(prompts).text_embed
+    own = prompt_embed[prompt_index]
+    generated = clip.embed_image(images)
+    out = {"r_precision": r_precision(generated, prompt_embed, prompt_index), "clip_score": clip_score(generated, own)}
+    if real_images is not None:
+        real = clip.embed_image(real_images)
+        out.update(real_r_precision=r_precision(real, prompt_embed, prompt_index), real_clip_score=clip_score(real, own),
+                   cmmd=cmmd(generated, real) if len(generated) > 1 and len(real) > 1 else float("nan"))
+    return out

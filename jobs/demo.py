@@ -126,11 +126,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     write_npy(f"{root}/samples.npy", arrays)
     report = {"stages": outcome, "seconds_per_stage": timings, "seconds": round(time.time() - started, 1),
               "pipeline_seconds": round(stages_seconds, 1), "prompts": PROMPTS, "samples_per_prompt": per_prompt,
-              "prompt_match": prompt_match(arrays, PROMPTS, per_prompt), "status": run_status(config.root)}
+              "prompt_match": prompt_match(arrays, PROMPTS, per_prompt),
+              "text_image_agreement": agreement(config, images, per_prompt), "status": run_status(config.root)}
     write_json(f"{root}/report.json", report)
     write_atomic(f"{root}/report.md", render_report(report).encode())
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
-    print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match")}, default=str))
+    print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match",
+                                             "text_image_agreement")}, default=str))
     return report
 
 
@@ -145,6 +147,27 @@ def forget_stale_inputs(config) -> None:
     download = next(stage for stage in STAGES if stage.name == "download")
     if not download.complete(config):
         remove(RunLayout(config.root).inputs, recursive=True)
+
+
+def agreement(config, images, per_prompt: int) -> dict:
+    """R-precision, CLIP score (the run's CLIP) and CMMD of the samples, beside the same figures on real images
+    of the same prompts (drawn as the built-in set draws them)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from dalle2.metrics import text_image_agreement
+    from pipeline.shapes import all_specs, draw
+
+    from .checkpoints import run_clip
+
+    by_caption = {spec.caption: spec for spec in all_specs()}
+    size, rng = images.shape[-1], random.Random(1)
+    real = torch.stack([torch.from_numpy(np.asarray(draw(by_caption[p], size, jitter=0.08, rng=rng), np.float32) / 255)
+                        .permute(2, 0, 1) for p in PROMPTS for _ in range(per_prompt)])
+    index = torch.arange(len(images)) // per_prompt
+    return text_image_agreement(run_clip(config).eval(), images, PROMPTS, index, real_images=real)
 
 
 def render_report(report: dict) -> str:
@@ -166,7 +189,15 @@ def render_report(report: dict) -> str:
     lines += ["", "## Do the samples match their prompts?", "",
               f"- colour: {match['color_match']:.0%} (chance {match['chance_color']:.0%})",
               f"- position: {match['position_match']:.0%} (chance {match['chance_position']:.0%})",
-              f"- both: {match['both_match']:.0%}", "", "![samples](samples.png)", ""]
+              f"- both: {match['both_match']:.0%}"]
+    agree = report.get("text_image_agreement")
+    if agree:
+        lines += ["", "## Text-image agreement (the run's CLIP)", "", "| | generated | real |", "|---|---|---|",
+                  f"| R-precision (chance {1 / len(report['prompts']):.0%}) | {agree['r_precision']:.0%} | "
+                  f"{agree['real_r_precision']:.0%} |",
+                  f"| CLIP score | {agree['clip_score']:.1f} | {agree['real_clip_score']:.1f} |",
+                  f"| CMMD to real (x1000, 0 is best) | {agree['cmmd']:.3f} | |"]
+    lines += ["", "![samples](samples.png)", ""]
     return "\n".join(lines)
 
 

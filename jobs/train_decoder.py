@@ -88,7 +88,16 @@ def decoder_loop(config: dict) -> None:
         metrics = {"sample_mse": float(((samples.cpu() - torch.nn.functional.interpolate(
             held_out["image"], size=samples.shape[-2:], mode="bilinear", antialias=True)) ** 2).mean())}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
-            metrics["clip_score"] = float((clip.embed_image(samples) * torch.nn.functional.normalize(embeds, dim=-1)).sum(-1).mean())
+            from dalle2.metrics import text_image_agreement
+
+            metrics["image_embed_similarity"] = float(
+                (clip.embed_image(samples) * torch.nn.functional.normalize(embeds, dim=-1)).sum(-1).mean())
+            # do the samples match their held-out captions as well as the real images do (and look like them)?
+            prompts = list(dict.fromkeys(held_out["caption"]))
+            index = torch.tensor([prompts.index(c) for c in held_out["caption"]])
+            real = torch.nn.functional.interpolate(held_out["image"], size=samples.shape[-2:], mode="bilinear",
+                                                   antialias=True).to(worker.device)
+            metrics.update(text_image_agreement(clip, samples, prompts, index, real_images=real))
         return metrics
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)

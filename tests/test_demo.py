@@ -48,6 +48,14 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     # the saved samples are the ones scored, in prompt order (one sample may miss; the report's figures may not)
     assert prompt_match(images, report["prompts"], report["samples_per_prompt"]) == match
 
+    # R-precision, CLIP score and CMMD of generated images, beside real images of the same prompts
+    agree = report["text_image_agreement"]
+    assert 0 <= agree["r_precision"] <= 1 and agree["real_r_precision"] > 1 / 6 and agree["cmmd"] == agree["cmmd"]
+    decoder_metrics = report["status"]["train-decoder"]
+    assert {"r_precision", "real_r_precision", "clip_score", "cmmd"} <= set(decoder_metrics)
+    with open(os.path.join(root, "report.md")) as f:
+        assert "R-precision" in f.read()
+
     # every URL row is counted in every stage
     status = report["status"]
     assert status["download"]["input_rows"] == 1000 == status["download"]["written"] + status["download"]["failed"]

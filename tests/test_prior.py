@@ -285,3 +285,21 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_text():
     expected = torch.stack([
         max(candidates[4 * i:4 * i + 4], key=lambda c: float(c @ text_embed[i])) for i in range(3)])
     torch.testing.assert_close(chosen, expected)
+
+
+def test_r_precision_clip_score_and_cmmd_tell_matching_from_unrelated():
+    from dalle2.metrics import clip_score, cmmd, r_precision
+
+    torch.manual_seed(0)
+    prompts = l2norm(torch.randn(6, DIM))
+    index = torch.arange(24) // 4
+    matching = l2norm(prompts[index] + 0.05 * torch.randn(24, DIM))
+    unrelated = l2norm(torch.randn(24, DIM))
+    assert r_precision(matching, prompts, index) == 1.0
+    assert r_precision(unrelated, prompts, index) < 0.5  # chance is 1/6
+    assert r_precision(matching, prompts, (index + 1) % 6) == 0.0  # scored against the wrong prompts
+    assert clip_score(matching, prompts[index]) > 80 > 20 > clip_score(unrelated, prompts[index])
+    same_a, same_b = l2norm(torch.randn(200, DIM)), l2norm(torch.randn(200, DIM))
+    shifted = l2norm(torch.randn(200, DIM) + 2.0)
+    assert abs(cmmd(same_a, same_b)) < 0.2 * cmmd(same_a, shifted)
+    assert cmmd(same_a, shifted) > 0
