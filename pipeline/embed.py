@@ -330,8 +330,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
             assembler.add(batch)
         failures = assembler.close()
         timing = steady_timing(assembler.embed_times, started)
-    for shard, error in failures.items():
+    for shard, error in failures.items():  # rows: what the parquet lists, else the samples read (if known)
         info = infos[shard]
-        ledger.fail(shard, rows=info.expected if info.expected is not None else 0, error=error)
+        ledger.fail(shard, rows=info.expected if info.expected is not None else assembler.ends.get(shard, 0), error=error)
     summary = ledger.summarize(started, timing)
     return summary

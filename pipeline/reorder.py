@@ -194,7 +194,7 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
         _, gather_failures = run_shards(stage.gather, pending, distributor=distributor,
                                         num_cpus=config.cpus_per_task, desc="reorder: gather")
         for shard, error in gather_failures.items():
-            ledger.fail(shard, rows=0, error=error)
+            ledger.fail(shard, rows=scratch_rows(layout, shard), error=error)
         if not gather_failures:
             remove(layout.scratch(STAGE), recursive=True)
     unplaced = Counter()
@@ -206,8 +206,13 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
     return summary
 
 
+def scratch_rows(layout: RunLayout, shard: str) -> int:
+    """Rows split into a shard's scratch files (what its failed gather leaves unplaced)."""
+    return sum(part_rows(url) for url in list_files(layout.scratch(STAGE, shard), ".parquet"))
+
+
 def part_rows(metadata_url: str) -> int:
-    """Rows of a part (0 if even its metadata cannot be read)."""
+    """Rows of a parquet file, from its footer (0 if it cannot be read)."""
     try:
         import pyarrow.parquet as pq
 

@@ -268,3 +268,25 @@ def test_status_reads_summaries_written_before_failure_records(tmp_path, capsys)
     capsys.readouterr()
     assert dalle2(["status", "--root", layout.root]) == 1
     assert "unreadable tar" in capsys.readouterr().out
+
+
+def test_a_failed_gather_counts_its_rows(tmp_path, monkeypatch):
+    from pipeline import reorder as reorder_module
+
+    folder, root = str(tmp_path / "emb"), str(tmp_path / "run")
+    keys = ["000000", "000001", "000010"]
+    write_part(folder, "0", keys, embeddings_of(keys), embeddings_of(keys))
+    real_gather = reorder_module.Reorder.gather
+
+    def failing_gather(self, shard):
+        if shard == "00001":
+            raise OSError("disk full")
+        return real_gather(self, shard)
+
+    monkeypatch.setattr(reorder_module.Reorder, "gather", failing_gather)
+    summary = reorder(folder, root)
+    assert summary["failed_shards"]["00001"] == {"rows": 1, "error": "OSError: disk full"}
+    assert summary["rows_in"] == 3 == summary["written"] + summary["failed"]
+    monkeypatch.setattr(reorder_module.Reorder, "gather", real_gather)
+    again = reorder(folder, root)
+    assert again["written"] == 3 and not again["failed_shards"]
