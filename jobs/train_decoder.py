@@ -63,7 +63,8 @@ def decoder_loop(config: dict) -> None:
     held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),
                                  shuffle_buffer=1, image_size=size).epoch(0))
     clip = (encoder.clip if encoder is not None else run_clip(run).to(worker.device)) if worker.rank == 0 else None
-    counter = {"batches": 0}
+    # batches trained so far, so a resumed run gives each stage the batches an uninterrupted run would
+    counter = {"batches": state.get("epoch", 0) * loader.batches_per_epoch() + state.get("batch", 0)}
 
     def conditioning(batch: dict, number: int) -> dict:
         wants_text = encoder is not None and decoder.config.unets[number - 1].cond_on_text_encodings
