@@ -169,6 +169,16 @@ class Worker:
         log.info("rank %d resumed from %s at %s", self.rank, checkpoint.path, extra)
         return extra
 
+    def pooled(self, metrics: dict[str, float], count: int) -> dict[str, float]:
+        """Metrics each rank computed on its own `count` held-out samples, averaged over all ranks by count."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+            return metrics
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, (metrics, count))
+        return pool_metrics(gathered)
+
     def report(self, metrics: dict[str, Any], save: Optional[Callable[[str], None]] = None) -> None:
         """Report metrics on every rank; with `save`, rank 0 also writes a checkpoint through Ray."""
         import ray.train
@@ -236,6 +246,18 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
             if finished:
                 break
         epoch, position = epoch + 1, 0
+
+
+def pool_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """The count-weighted mean of each metric over (metrics, count) pairs (ranks with no samples add nothing)."""
+    total = sum(count for metrics, count in parts if metrics)
+    keys = {key for metrics, _ in parts for key in metrics}
+    return {key: sum(m[key] * count for m, count in parts if key in m) / total for key in sorted(keys)} if total else {}
+
+
+def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
+    """This rank's share of a held-out batch (every world_size-th row from `rank`)."""
+    return {k: v[rank::world_size] for k, v in batch.items()}
 
 
 class SampleTrace:

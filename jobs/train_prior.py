@@ -9,7 +9,7 @@ from typing import Optional
 
 from .checkpoints import CaptionEncoder
 from .run_config import RunConfig
-from .train_common import Worker, train_main, training_loop
+from .train_common import Worker, rank_slice, train_main, training_loop
 
 def prior_loop(config: dict) -> None:
     """One Ray Train worker: stream this rank's batches, step, evaluate, checkpoint."""
@@ -44,8 +44,13 @@ def prior_loop(config: dict) -> None:
     def train_step(batch: dict) -> float:
         return trainer.train_step({**conditioning(batch), "image_embed": batch["image_embed"]})
 
+    mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank evaluates its share, pooled after
+
     def evaluate(step: int) -> dict:
-        return prior_metrics(trainer.sample, image_embed=held_out["image_embed"].to(worker.device), **conditioning(held_out))
+        count = len(mine["image_embed"])
+        metrics = prior_metrics(trainer.sample, image_embed=mine["image_embed"].to(worker.device),
+                                **conditioning(mine)) if count >= 2 else {}
+        return worker.pooled(metrics, count)
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 

@@ -53,3 +53,13 @@ def test_image_batches_join_images_with_their_embeddings(run_root):
     assert batch["image"].shape == (4, 3, 16, 16) and 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert batch["image_embed"].shape == (4, 8)
     np.testing.assert_allclose(batch["image_embed"].norm(dim=-1).numpy(), 1, atol=1e-2)
+
+
+def test_evaluation_is_pooled_over_ranks_by_count():
+    from jobs.train_common import pool_metrics, rank_slice
+
+    batch = {"x": list(range(7)), "y": [str(i) for i in range(7)]}
+    slices = [rank_slice(batch, rank, 3) for rank in range(3)]
+    assert sorted(x for s in slices for x in s["x"]) == list(range(7))  # every held-out row, once
+    pooled = pool_metrics([({"a": 1.0}, 3), ({"a": 4.0}, 1), ({}, 0)])
+    assert pooled == {"a": (3 * 1.0 + 4.0) / 4}
