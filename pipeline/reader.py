@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import DownloadConfig
 from .layout import CAPTION, URL, RunLayout, shard_name
 from .ledger import StaleRunError
-from .storage import exists, filesystem, read_json, write_atomic, write_json
+from .storage import exists, filesystem, list_files, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,25 @@ def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
     done_marker = f"{layout.inputs}/_SUCCESS.json"
     if exists(done_marker):
         split = read_json(done_marker)
+        listed = {url.rsplit("/", 1)[-1][: -len(".arrow")] for url in list_files(layout.inputs, ".arrow")}
+        missing = sorted(set(split["shards"]) - listed)
         if config.url_list and exists(config.url_list):  # (a list gone since: the split still stands)
             now = url_list_identity(config)
             changed = [f"{k} was {split[k]!r}, now {v!r}" for k, v in now.items() if k in split and split[k] != v]
             if changed:
                 raise StaleRunError(f"download: {layout.inputs} was split from another URL list or shard size "
                                     f"({'; '.join(changed)}): use a new root, or delete {layout.root} to start over")
-        return split["shards"]
+            if missing:  # lost (older versions let img2dataset delete them): the same list splits the same way
+                log.warning("download: input shards %s are missing: splitting %s again", missing[:10], config.url_list)
+                split = None
+        if split is not None:
+            return split["shards"]  # (a missing input of an unfinished shard then fails that shard, with the reason)
     if not config.url_list:
         raise ValueError("download.url_list is not set and the run has no inputs yet")
+    return _split(config, layout, done_marker)
+
+
+def _split(config: DownloadConfig, layout: RunLayout, done_marker: str) -> dict[str, int]:
     fmt = detect_format(config.url_list, config.input_format)
     per_shard = config.samples_per_shard
     shards: dict[str, int] = {}

@@ -290,3 +290,15 @@ def test_a_failed_gather_counts_its_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(reorder_module.Reorder, "gather", real_gather)
     again = reorder(folder, root)
     assert again["written"] == 3 and not again["failed_shards"]
+
+
+def test_input_shards_lost_to_an_older_version_are_split_again(tmp_path):
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text("url,caption\n" + "".join(f"http://127.0.0.1:9/{i}.png,c{i}\n" for i in range(10)))
+    layout = RunLayout(str(tmp_path / "run"))
+    config = DownloadConfig(url_list=str(url_list), samples_per_shard=5)
+    shards = split_url_list(config, layout)
+    before = open(layout.input_shard("00001"), "rb").read()
+    os.remove(layout.input_shard("00001"))  # what img2dataset did to every shard it finished
+    assert split_url_list(config, layout) == shards
+    assert open(layout.input_shard("00001"), "rb").read() == before
