@@ -109,6 +109,7 @@ class UnetConfig(StrictModel):
     text_encoding_dim: Optional[PositiveInt] = None  # None means image_embed_dim
     max_text_len: PositiveInt = 77
     lowres_cond: bool = False
+    learned_variance: bool = False  # twice the output channels: the prediction, then the variance interpolation
     attn_heads: PositiveInt = 4
     attn_dim_head: PositiveInt = 32
     groups: PositiveInt = 8
@@ -150,6 +151,9 @@ class DecoderConfig(StrictModel):
     lowres_sample_noise: float = Field(default=0.1, ge=0, le=1)  # fixed noise level (fraction of timesteps) of the low-res input at sampling
     # Imagen's dynamic thresholding of x0 while sampling (this quantile of |x0| per sample); None: clamp to [-1, 1]
     dynamic_threshold_percentile: Optional[float] = Field(default=0.95, gt=0, le=1)
+    # learned reverse-process variances (improved DDPM): one flag per unet, or one for the first unet only
+    learned_variance: Union[bool, tuple[bool, ...]] = True
+    vb_loss_weight: float = Field(default=0.001, ge=0)  # the variational bound's weight next to the simple loss
 
     @field_validator("image_sizes", mode="before")
     @classmethod
@@ -167,7 +171,19 @@ class DecoderConfig(StrictModel):
         for i, unet in enumerate(self.unets):
             if unet.lowres_cond != (i > 0):
                 raise ValueError(f"unets[{i}].lowres_cond must be {i > 0}: only upsampler stages take a low-res image")
+        flags = self.learned_variance_flags()
+        if len(flags) != len(self.unets):
+            raise ValueError(f"learned_variance has {len(flags)} entries but there are {len(self.unets)} unets")
+        # the unets' output width follows the decoder's choice
+        self.unets = [u if u.learned_variance == f else u.model_copy(update={"learned_variance": f})
+                      for u, f in zip(self.unets, flags)]
         return self
+
+    def learned_variance_flags(self) -> tuple[bool, ...]:
+        """One flag per unet: a single True means the first unet only, as lucidrains' Decoder reads it."""
+        if isinstance(self.learned_variance, bool):
+            return (self.learned_variance,) + (False,) * (len(self.unets) - 1)
+        return tuple(self.learned_variance)
 
     def diffusion_for(self, index: int) -> DiffusionConfig:
         """The diffusion settings of unet `index` (one shared, or one per unet)."""

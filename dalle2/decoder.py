@@ -52,10 +52,13 @@ class Decoder(nn.Module):
                 fields["unets"] = [u.config for u in unets]
             config = DecoderConfig(**fields)
         self.config = config
+        # a given unet whose output width does not fit the decoder's learned-variance choice is rebuilt to fit
+        unets = [u if u.config == c else Unet(c) for u, c in zip(unets, config.unets)] if unets else None
         self.unets = nn.ModuleList(unets or [Unet(c) for c in config.unets])
         self.diffusions = nn.ModuleList(
-            GaussianDiffusion(d.timesteps, d.beta_schedule, config.predict, d.p2_loss_weight_gamma, d.p2_loss_weight_k)
-            for d in (config.diffusion_for(i) for i in range(len(self.unets)))
+            GaussianDiffusion(d.timesteps, d.beta_schedule, config.predict, d.p2_loss_weight_gamma, d.p2_loss_weight_k,
+                              learned_variance=config.unets[i].learned_variance, vb_loss_weight=config.vb_loss_weight)
+            for i, d in enumerate(config.diffusion_for(i) for i in range(len(self.unets)))
         )
         self.clip = clip
         if clip is not None:
@@ -167,7 +170,8 @@ class Decoder(nn.Module):
             return unet(x, t, tile(image_embed, n), tile(text_encodings, n), tile(text_mask, n), tile(lowres, n),
                         tile(lowres_times, n), drop, drop)
 
-        return classifier_free_guidance(forward, cond_scale)
+        guided = self.config.channels if unet.config.learned_variance else None
+        return classifier_free_guidance(forward, cond_scale, guided_channels=guided)
 
     @torch.no_grad()
     def sample(

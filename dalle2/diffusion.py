@@ -41,6 +41,26 @@ def linear_betas(timesteps: int) -> Tensor:
 BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {"cosine": cosine_betas, "linear": linear_betas}
 
 
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log p(x) of [-1, 1] data quantised to 256 levels under N(mean, e^(2 log_scale)), elementwise
+    (the decoder's term at t = 0 of the variational bound, Ho et al. 2020)."""
+
+    def cdf(z: Tensor) -> Tensor:  # a fast, accurate approximation of the standard normal CDF
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+    centred, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv_std * (centred + 1 / 255)), cdf(inv_std * (centred - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
 def dynamic_threshold(x0: Tensor, percentile: float = 0.95) -> Tensor:
     """Imagen's dynamic thresholding: per sample, s = the `percentile` quantile of |x0| (at least 1);
     clamp x0 to [-s, s] and divide by s, so saturated pixels are pulled in instead of clipped flat."""
@@ -67,9 +87,11 @@ def tile(z: Optional[Tensor], times: int) -> Optional[Tensor]:
     return z if z is None or times == 1 else torch.cat([z] * times)
 
 
-def classifier_free_guidance(forward: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], cond_scale: float) -> ModelFn:
+def classifier_free_guidance(forward: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], cond_scale: float,
+                             guided_channels: Optional[int] = None) -> ModelFn:
     """model_fn(x, t) from `forward(x, t, drop_mask)`: with cond_scale != 1 the conditional and the null
-    (all conditioning dropped) predictions run as one doubled batch and are combined by `guidance`."""
+    (all conditioning dropped) predictions run as one doubled batch and are combined by `guidance`; only the
+    first `guided_channels` (the prediction, not a learned variance after it) are guided."""
     if cond_scale == 1.0:
         return lambda x, t: forward(x, t, None)
 
@@ -77,7 +99,10 @@ def classifier_free_guidance(forward: Callable[[Tensor, Tensor, Optional[Tensor]
         batch = x.shape[0]
         drop = torch.arange(2 * batch, device=x.device) >= batch
         cond_out, null_out = forward(torch.cat([x, x]), torch.cat([t, t]), drop).chunk(2)
-        return guidance(cond_out, null_out, cond_scale)
+        if guided_channels is None:
+            return guidance(cond_out, null_out, cond_scale)
+        guided = guidance(cond_out[:, :guided_channels], null_out[:, :guided_channels], cond_scale)
+        return torch.cat([guided, cond_out[:, guided_channels:]], dim=1)
 
     return model_fn
 
@@ -92,8 +117,15 @@ class GaussianDiffusion(nn.Module):
         predict: Prediction = "eps",
         p2_loss_weight_gamma: float = 0.0,
         p2_loss_weight_k: float = 1.0,
+        learned_variance: bool = False,
+        vb_loss_weight: float = 0.001,
     ):
+        """With `learned_variance` the network outputs twice the channels: the prediction, then v in [-1, 1]
+        (unconstrained) interpolating the log variance of each reverse step between the posterior's
+        variance and beta (Nichol & Dhariwal 2021), trained with the variational bound weighted by
+        `vb_loss_weight` next to the simple loss, and used by DDPM (DDIM reads it off and keeps eta's)."""
         super().__init__()
+        self.learned_variance, self.vb_loss_weight = learned_variance, vb_loss_weight
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
         if predict not in ("eps", "x0", "v"):
@@ -124,6 +156,10 @@ class GaussianDiffusion(nn.Module):
         buffer("posterior_variance", posterior_variance)
         # The posterior variance is 0 at t=0: clip the log so it stays finite.
         buffer("posterior_log_variance", posterior_variance.clamp(min=1e-20).log())
+        # the lower end of a learned variance: the posterior's, with t=0 (where it is 0) taking t=1's value
+        clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]) if timesteps > 1 else betas
+        buffer("posterior_log_variance_clipped", clipped.log())
+        buffer("log_betas", betas.log())
         buffer("posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod))
         buffer("posterior_mean_coef2", (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod))
         # p2 weighting (Choi et al. 2022): down-weights the easy, low-noise steps; gamma=0 gives 1.
@@ -168,6 +204,16 @@ class GaussianDiffusion(nn.Module):
             return output
         return self.x0_from_v(x_t, t, output)
 
+    def split_output(self, output: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(prediction, variance output or None) of a raw network output."""
+        return output.chunk(2, dim=1) if self.learned_variance else (output, None)
+
+    def model_log_variance(self, variance_output: Tensor, t: Tensor) -> Tensor:
+        """The learned log variance of step t: v in [-1, 1] moves it from the posterior's to log beta."""
+        frac = (variance_output.float() + 1) / 2
+        low, high = extract(self.posterior_log_variance_clipped, t, frac), extract(self.log_betas, t, frac)
+        return frac * high + (1 - frac) * low
+
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log variance of q(x_{t-1} | x_t, x0)."""
         mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
@@ -186,13 +232,28 @@ class GaussianDiffusion(nn.Module):
         """The denoising loss of `model_fn` on clean data `x0`, p2-weighted, averaged over the batch."""
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        output = model_fn(self.q_sample(x0, t, noise), t)
+        x_t = self.q_sample(x0, t, noise)
+        output, variance_output = self.split_output(model_fn(x_t, t))
         target = self.target(x0, noise, t)
         losses = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
         if loss_type not in losses:
             raise ValueError(f"loss_type must be one of {sorted(losses)}, got {loss_type!r}")
         per_sample = losses[loss_type](output.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return (per_sample * extract(self.p2_loss_weight, t, per_sample)).mean()
+        per_sample = per_sample * extract(self.p2_loss_weight, t, per_sample)
+        if variance_output is not None:
+            per_sample = per_sample + self.vb_loss_weight * self.vb_terms(output.detach(), variance_output, x0, x_t, t)
+        return per_sample.mean()
+
+    def vb_terms(self, output: Tensor, variance_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The variational bound per sample, in bits per dimension: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for
+        t > 0, the discretised decoder NLL at t = 0. `output` is detached: this term trains the variance only."""
+        x0_pred = self.x0_from_output(output.float(), x_t, t)
+        true_mean, _, true_log_var = self.q_posterior(x0.float(), x_t.float(), t)
+        model_mean, _, _ = self.q_posterior(x0_pred, x_t.float(), t)
+        model_log_var = self.model_log_variance(variance_output, t)
+        kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).flatten(1).mean(1)
+        nll = -discretized_gaussian_log_likelihood(x0.float(), model_mean, 0.5 * model_log_var).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl) / math.log(2.0)
 
     # ---- sampling --------------------------------------------------------------------------------
 
@@ -203,15 +264,19 @@ class GaussianDiffusion(nn.Module):
         times = torch.linspace(-1, self.timesteps - 1, sample_timesteps + 1).round().long().flip(0).tolist()
         return list(zip(times[:-1], times[1:]))
 
-    def _predict_x0(self, model_fn: ModelFn, x: Tensor, t: Tensor, x0_transform: Optional[X0Transform]) -> Tensor:
-        x0 = self.x0_from_output(model_fn(x, t).float(), x, t)
-        return x0_transform(x0) if x0_transform is not None else x0
+    def _predict(self, model_fn: ModelFn, x: Tensor, t: Tensor, x0_transform: Optional[X0Transform]):
+        """(predicted x0, the variance output or None) at step t."""
+        output, variance_output = self.split_output(model_fn(x, t).float())
+        x0 = self.x0_from_output(output, x, t)
+        return (x0_transform(x0) if x0_transform is not None else x0), variance_output
 
     def ddpm_step(self, model_fn: ModelFn, x: Tensor, t: int, x0_transform=None, generator=None) -> tuple[Tensor, Tensor]:
         """One ancestral step x_t -> x_{t-1}; returns (x_{t-1}, predicted x0)."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(model_fn, x, t_batch, x0_transform)
+        x0, variance_output = self._predict(model_fn, x, t_batch, x0_transform)
         mean, _, log_var = self.q_posterior(x0, x, t_batch)
+        if variance_output is not None:
+            log_var = self.model_log_variance(variance_output, t_batch)
         if t == 0:
             return mean, x0
         noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
@@ -222,7 +287,9 @@ class GaussianDiffusion(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """One DDIM step x_t -> x_{t_prev} (Song et al. 2021); eta=0 is deterministic."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(model_fn, x, t_batch, x0_transform)
+        # DDIM's noise is set by eta (its mean depends on it): a learned variance is read off and not used,
+        # as lucidrains' DDIM does; it is DDPM that samples with it
+        x0, _ = self._predict(model_fn, x, t_batch, x0_transform)
         if t_prev < 0:
             return x0, x0
         eps = self.eps_from_x0(x, t_batch, x0)

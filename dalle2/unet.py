@@ -139,7 +139,7 @@ class Unet(nn.Module):
             self.up_samples.append(nn.Conv2d(d_out, d_in, 3, padding=1) if first else PixelShuffleUpsample(d_out, d_in))
 
         self.final_block = ResnetBlock(c.dim * 2, c.dim, time_dim, c.groups)
-        self.final_conv = nn.Conv2d(c.dim, c.channels, 1)
+        self.final_conv = nn.Conv2d(c.dim, c.channels * (2 if c.learned_variance else 1), 1)
         self.downscale = 2 ** (len(in_out) - 1)
 
     def conditioning(

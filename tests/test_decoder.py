@@ -263,3 +263,23 @@ def test_per_unet_sample_timesteps_as_a_tuple():
     decoder = Decoder(unet=[base, up], image_sizes=(8, 16), timesteps=100, sample_timesteps=(25, 4))
     assert [decoder.config.diffusion_for(i).sample_timesteps for i in (0, 1)] == [25, 4]
     assert all(decoder.config.diffusion_for(i).timesteps == 100 for i in (0, 1))
+
+
+def test_the_first_unet_learns_its_variance_by_default_and_guidance_leaves_it_alone():
+    from dalle2.diffusion import classifier_free_guidance
+
+    decoder = cascade()
+    assert decoder.unets[0].final_conv.out_channels == 6 and decoder.unets[1].final_conv.out_channels == 3
+    assert decoder.diffusions[0].learned_variance and not decoder.diffusions[1].learned_variance
+    plain = Decoder(unet=Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4), image_sizes=16,
+                    learned_variance=False)
+    assert plain.unets[0].final_conv.out_channels == 3 and not plain.diffusions[0].learned_variance
+
+    def forward(x, t, drop):  # conditional rows output 1, null rows 0; the variance half differs too
+        value = (~drop).float()[:, None, None, None] if drop is not None else torch.ones(len(x), 1, 1, 1)
+        return torch.cat([value.expand(-1, 3, 2, 2), 5 * value.expand(-1, 3, 2, 2) + 7], dim=1)
+
+    out = classifier_free_guidance(forward, cond_scale=3.0, guided_channels=3)(torch.zeros(2, 6, 2, 2), torch.zeros(2))
+    assert torch.all(out[:, :3] == 3.0) and torch.all(out[:, 3:] == 12.0)  # guided mean, the conditional variance
+    loss = decoder(shape_images(2, 32), image_embed=torch.randn(2, EMBED), unet_number=1)
+    assert torch.isfinite(loss) and loss > 0
