@@ -50,10 +50,7 @@ class EMA:
 
 def split_batch(batch: dict[str, Any], max_batch_size: Optional[int]) -> list[tuple[dict[str, Any], float]]:
     """Chunks of at most `max_batch_size` rows, each with its fraction of the batch."""
-    sizes = {len(v) for v in batch.values() if isinstance(v, (Tensor, list, tuple))}
-    if len(sizes) != 1:
-        raise ValueError(f"batch fields have different lengths: { {k: len(v) for k, v in batch.items() if v is not None} }")
-    size = sizes.pop()
+    size = batch_rows(batch)
     if not max_batch_size or size <= max_batch_size:
         return [(batch, 1.0)]
     chunks = []
@@ -64,8 +61,11 @@ def split_batch(batch: dict[str, Any], max_batch_size: Optional[int]) -> list[tu
 
 
 def batch_rows(batch: dict[str, Any]) -> int:
-    """Rows of a batch (its fields agree, see `split_batch`)."""
-    return next(len(v) for v in batch.values() if isinstance(v, (Tensor, list, tuple)))
+    """Rows of a batch; its fields must agree."""
+    sizes = {len(v) for v in batch.values() if isinstance(v, (Tensor, list, tuple))}
+    if len(sizes) != 1:
+        raise ValueError(f"batch fields have different lengths: { {k: len(v) for k, v in batch.items() if v is not None} }")
+    return sizes.pop()
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -118,9 +118,8 @@ class DiffusionTrainer:
         self.model.eval()  # frozen members (a CLIP, the unets of other stages) stay in eval mode
         self.parts[part].train()
         total = 0.0
-        chunks = split_batch(batch, c.max_batch_size)
         rows = batch_rows(batch)
-        for chunk, fraction in chunks:
+        for chunk, fraction in split_batch(batch, c.max_batch_size):
             with autocast_context(self.device, c.amp):
                 loss = self.compute_loss(chunk, part) * fraction
             # summed over rows here, divided by all accumulated rows at the step: exact for unequal micro-batches

@@ -20,7 +20,7 @@ from .faults import crash_point
 from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
 from .ledger import Ledger, ShardRecord
 from .reader import split_url_list
-from .storage import exists, filesystem, read_bytes, read_parquet, remove, write_atomic
+from .storage import exists, filesystem, read_bytes, read_json, read_parquet, remove, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ def normalise_error(message: Optional[str]) -> str:
     if "timed out" in text.lower():
         return "timed out"
     return text.split(" for url")[0].split(": http")[0][:120]
+
+
+def run_index_width(layout: RunLayout) -> Optional[int]:
+    """The key width this run's download stage used (its summary says), or None for shards made elsewhere."""
+    summary = layout.ledger_summary(STAGE)
+    return read_json(summary).get("index_width") if exists(summary) else None
 
 
 def input_rows(arrow: bytes) -> int:

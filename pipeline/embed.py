@@ -24,7 +24,7 @@ from .faults import crash_point
 from .layout import CAPTION, INDEX, KEY, SHARD, RunLayout, parse_key, shard_id_of
 from .ledger import Ledger, ShardRecord
 from .shard_reader import image_of, iter_samples
-from .storage import exists, list_files, read_json, read_parquet
+from .storage import exists, list_files, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,6 @@ def shard_info(layout: RunLayout, name: str, index_digits: Optional[int]) -> Sha
     return ShardInfo(name, layout.shard_tar(name), expected, slots, index_digits)
 
 
-def download_index_digits(layout: RunLayout) -> Optional[int]:
-    """The key width the download stage used (its summary says), or None for shards made elsewhere."""
-    summary = layout.ledger_summary("download")
-    return read_json(summary).get("index_width") if exists(summary) else None
 
 
 def read_shard(item: dict) -> Iterator[dict]:
@@ -308,7 +304,9 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         import open_clip
 
         embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
-        digits = download_index_digits(layout)
+        from .download import run_index_width
+
+        digits = run_index_width(layout)
         infos = {s: shard_info(layout, s, digits) for s in todo}
         ensure_ray(ray_config)
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]

@@ -142,9 +142,11 @@ def infer_widths(config: ReorderConfig, layout: RunLayout, source: str) -> tuple
     shard_digits = len(tars[0].rsplit("/", 1)[-1][: -len(".tar")]) if tars else 5
     if config.index_width:
         return config.index_width, shard_digits
-    download = layout.ledger_summary("download")
-    if exists(download) and read_json(download).get("index_width"):  # the width the shards were keyed with
-        return int(read_json(download)["index_width"]), shard_digits
+    from .download import run_index_width
+
+    width = run_index_width(layout)  # the width the shards were keyed with
+    if width:
+        return int(width), shard_digits
     metas = list_files(f"{source}/metadata", ".parquet")
     if not tars or not metas:
         raise ValueError("reorder.index_width is not set and cannot be inferred (needs <root>/shards/*.tar and "
