@@ -15,9 +15,15 @@ from .trainer import DiffusionTrainer
 
 def contrastive_loss(clip: ClipAdapter, images: Tensor, captions: Sequence[str]) -> Tensor:
     """Symmetric InfoNCE over the batch; pairs with identical captions all count as positives."""
-    image_features = F.normalize(clip.model.encode_image(clip.preprocess(images)), dim=-1)
-    text_features = F.normalize(clip.model.encode_text(clip.tokenize(captions)), dim=-1)
-    logits = clip.model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T
+    image_features = clip.model.encode_image(clip.preprocess(images))
+    text_features = clip.model.encode_text(clip.tokenize(captions))
+    return info_nce(image_features, text_features, captions, clip.model.logit_scale)
+
+
+def info_nce(image_features: Tensor, text_features: Tensor, captions: Sequence[str], logit_scale: Tensor) -> Tensor:
+    """The symmetric InfoNCE of paired features ([N, D] each, normalised here) at CLIP's learned temperature."""
+    image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T
     # small data sets repeat captions; a one-hot target would push apart pairs that match
     same = torch.tensor([[a == b for b in captions] for a in captions], device=logits.device, dtype=logits.dtype)
     targets = same / same.sum(dim=1, keepdim=True)

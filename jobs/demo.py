@@ -35,13 +35,13 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def build_site(folder: str, count: int, size: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Write the built-in images as PNG files; returns (relative path, caption) pairs."""
+def build_site(folder: str, count: int, size: int, seed: int = 0, withhold: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Write the built-in images (none of the `withhold` captions) as PNG files; returns (path, caption) pairs."""
     from pipeline.shapes import generate
 
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     rows = []
-    for i, (spec, image) in enumerate(generate(count, size=size, seed=seed)):
+    for i, (spec, image) in enumerate(generate(count, size=size, seed=seed, withhold=withhold)):
         image.save(os.path.join(folder, "img", f"{i}.png"))
         rows.append((f"img/{i}.png", spec.caption))
     return rows
@@ -56,19 +56,23 @@ def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
 
 
 def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
-    """Fractions of samples ([B, H, W, 3] uint8) whose dominant colour / position / both match their prompt."""
-    from pipeline.shapes import describe
+    """Fractions of samples ([B, H, W, 3] uint8, `per_prompt` per prompt in order) whose colour, shape,
+    position, colour and position, and all three read off the pixels match their built-in prompt."""
+    from pipeline.shapes import COLORS, describe, spec_of
 
-    color = position = both = 0
+    counts = {"color": 0, "shape": 0, "position": 0, "both": 0, "all": 0}
     for i, array in enumerate(arrays):
-        prompt = prompts[i // per_prompt]
-        seen_color, seen_position = describe(array)
-        color += seen_color is not None and seen_color in prompt.split()
-        position += seen_position is not None and (seen_position in prompt.split())
-        both += seen_color is not None and seen_color in prompt.split() and seen_position in prompt.split()
-    n = len(arrays)
-    return {"color_match": color / n, "position_match": position / n, "both_match": both / n,
-            "chance_color": 1 / 6, "chance_position": 1 / 3}
+        wanted = spec_of(prompts[i // per_prompt])
+        color, shape, position = describe(array)
+        right = {"color": color == wanted.color, "shape": shape == wanted.shape, "position": position == wanted.position}
+        for name in ("color", "shape", "position"):
+            counts[name] += right[name]
+        counts["both"] += right["color"] and right["position"]
+        counts["all"] += all(right.values())
+    n = max(len(arrays), 1)
+    return {**{f"{name}_match": count / n for name, count in counts.items()},
+            "chance_color": 1 / len(COLORS), "chance_shape": 1 / 3, "chance_position": 1 / 3,
+            "chance_all": 1 / (9 * len(COLORS))}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -84,12 +88,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=None, help="where the run goes (default: runs/demo)")
     parser.add_argument("--url-list", default=None, help="a csv with url and caption columns instead of the built-in set")
-    parser.add_argument("--images", type=int, default=2000, help="size of the built-in data set")
+    parser.add_argument("--images", type=int, default=None, help="size of the built-in data set (demo.images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     defaults = str(resources.files("jobs") / "configs" / "demo.yaml")
-    overrides = list(args.set) + ([f"root={args.root}"] if args.root else [])
+    overrides = list(args.set) + ([f"root={args.root}"] if args.root else []) + (
+        [f"demo.images={args.images}"] if args.images is not None else [])
 
     started = time.time()
     server = None
@@ -97,8 +102,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if args.url_list:
             url_list = args.url_list
         else:
-            size = load_config(RunConfig, defaults, overrides).download.image_size
-            rows = build_site(site, args.images, size=max(size, 32))
+            planned = load_config(RunConfig, defaults, overrides)
+            rows = build_site(site, planned.demo.images, size=max(planned.download.image_size, 32),
+                              withhold=tuple(planned.demo.withhold))
             server, base = serve(site)
             url_list = os.path.join(site, "urls.csv")
             with open(url_list, "w") as f:
@@ -116,23 +122,28 @@ def main(argv: Optional[list[str]] = None) -> dict:
             server.shutdown()
         stages_seconds = time.time() - stage_started
 
-    per_prompt = 4
-    images = generate(config.root, PROMPTS, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
+    # the demo's prompts, then the withheld combinations: every attribute seen in training, the combination not
+    per_prompt, withheld = config.demo.samples_per_prompt, list(config.demo.withhold)
+    seen = [prompt for prompt in PROMPTS if prompt not in withheld]
+    images = generate(config.root, seen + withheld, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
     root = config.root.rstrip("/")
-    write_atomic(f"{root}/samples.png", grid_png(images, rows=len(PROMPTS)))
+    write_atomic(f"{root}/samples.png", grid_png(images, rows=len(seen) + len(withheld)))
     from dalle2.text_to_image import to_uint8
 
     arrays = to_uint8(images)
     write_npy(f"{root}/samples.npy", arrays)
+    split = len(seen) * per_prompt
     report = {"stages": outcome, "seconds_per_stage": timings, "seconds": round(time.time() - started, 1),
-              "pipeline_seconds": round(stages_seconds, 1), "prompts": PROMPTS, "samples_per_prompt": per_prompt,
-              "prompt_match": prompt_match(arrays, PROMPTS, per_prompt),
-              "text_image_agreement": agreement(config, images, per_prompt), "status": run_status(config.root)}
+              "pipeline_seconds": round(stages_seconds, 1), "prompts": seen, "withheld_prompts": withheld,
+              "samples_per_prompt": per_prompt, "prompt_match": prompt_match(arrays[:split], seen, per_prompt),
+              "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
+              "text_image_agreement": agreement(config, images, seen + withheld, per_prompt),
+              "status": run_status(config.root)}
     write_json(f"{root}/report.json", report)
     write_atomic(f"{root}/report.md", render_report(report).encode())
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
     print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match",
-                                             "text_image_agreement")}, default=str))
+                                             "withheld_match", "text_image_agreement")}, default=str))
     return report
 
 
@@ -149,7 +160,7 @@ def forget_stale_inputs(config) -> None:
         remove(RunLayout(config.root).inputs, recursive=True)
 
 
-def agreement(config, images, per_prompt: int) -> dict:
+def agreement(config, images, prompts: list[str], per_prompt: int) -> dict:
     """R-precision, CLIP score (the run's CLIP) and CMMD of the samples, beside the same figures on real images
     of the same prompts (drawn as the built-in set draws them)."""
     import random
@@ -158,16 +169,15 @@ def agreement(config, images, per_prompt: int) -> dict:
     import torch
 
     from dalle2.metrics import text_image_agreement
-    from pipeline.shapes import all_specs, draw
+    from pipeline.shapes import draw, spec_of
 
     from .checkpoints import run_clip
 
-    by_caption = {spec.caption: spec for spec in all_specs()}
     size, rng = images.shape[-1], random.Random(1)
-    real = torch.stack([torch.from_numpy(np.asarray(draw(by_caption[p], size, jitter=0.08, rng=rng), np.float32) / 255)
-                        .permute(2, 0, 1) for p in PROMPTS for _ in range(per_prompt)])
+    real = torch.stack([torch.from_numpy(np.asarray(draw(spec_of(p), size, jitter=0.08, rng=rng), np.float32) / 255)
+                        .permute(2, 0, 1) for p in prompts for _ in range(per_prompt)])
     index = torch.arange(len(images)) // per_prompt
-    return text_image_agreement(run_clip(config).eval(), images, PROMPTS, index, real_images=real)
+    return text_image_agreement(run_clip(config).eval(), images, prompts, index, real_images=real)
 
 
 def render_report(report: dict) -> str:
@@ -185,15 +195,21 @@ def render_report(report: dict) -> str:
         if "step" in info:
             metrics = {k: round(v, 4) for k, v in info.items() if isinstance(v, float)}
             lines.append(f"- {stage}: step {info['step']}, {metrics}")
-    match = report["prompt_match"]
     lines += ["", "## Do the samples match their prompts?", "",
-              f"- colour: {match['color_match']:.0%} (chance {match['chance_color']:.0%})",
-              f"- position: {match['position_match']:.0%} (chance {match['chance_position']:.0%})",
-              f"- both: {match['both_match']:.0%}"]
+              "Colour, shape and position read off the pixels of each sample; withheld prompts name combinations "
+              "the data set left out (each attribute seen in training, the combination never).", "",
+              "| prompts | colour | shape | position | all three |", "|---|---|---|---|---|"]
+    for label, match in (("seen", report["prompt_match"]), ("withheld", report.get("withheld_match"))):
+        if match:
+            lines.append(f"| {label} | {match['color_match']:.0%} | {match['shape_match']:.0%} | "
+                         f"{match['position_match']:.0%} | {match['all_match']:.0%} |")
+    chance = report["prompt_match"]
+    lines.append(f"| chance | {chance['chance_color']:.0%} | {chance['chance_shape']:.0%} | "
+                 f"{chance['chance_position']:.0%} | {chance['chance_all']:.0%} |")
     agree = report.get("text_image_agreement")
     if agree:
         lines += ["", "## Text-image agreement (the run's CLIP)", "", "| | generated | real |", "|---|---|---|",
-                  f"| R-precision (chance {1 / len(report['prompts']):.0%}) | {agree['r_precision']:.0%} | "
+                  f"| R-precision (chance {1 / (len(report['prompts']) + len(report.get('withheld_prompts', []))):.0%}) | {agree['r_precision']:.0%} | "
                   f"{agree['real_r_precision']:.0%} |",
                   f"| CLIP score | {agree['clip_score']:.1f} | {agree['real_clip_score']:.1f} |",
                   f"| CMMD to real (x1000, 0 is best) | {agree['cmmd']:.3f} | |"]

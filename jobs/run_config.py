@@ -15,6 +15,27 @@ from .config_io import ConfigError, load_config
 from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 
 
+class DemoConfig(StrictModel):
+    """The built-in data set of `dalle2 demo` and how its samples are judged."""
+
+    images: int = Field(default=2000, ge=54)  # at least one of each colour x shape x position
+    # captions left out of the data set (CLIP, prior and decoder never see them), prompted at the end to measure
+    # compositional generalisation: each attribute is seen, only the combination is new
+    withhold: list[str] = []
+    samples_per_prompt: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("withhold")
+    @classmethod
+    def _built_in_captions(cls, captions: list[str]) -> list[str]:
+        from pipeline.shapes import all_specs, spec_of
+
+        for caption in captions:
+            spec_of(caption)
+        if len(set(captions)) >= len(all_specs()):
+            raise ValueError("withholding every combination leaves nothing to train on")
+        return captions
+
+
 class RunConfig(StrictModel):
     """Everything a run needs; every field has a laptop default."""
 
@@ -27,6 +48,7 @@ class RunConfig(StrictModel):
     train_clip: TrainClipConfig = TrainClipConfig()
     train_prior: TrainPriorConfig = TrainPriorConfig()
     train_decoder: TrainDecoderConfig = TrainDecoderConfig()
+    demo: DemoConfig = DemoConfig()
 
     @field_validator("root")
     @classmethod

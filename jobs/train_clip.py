@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Optional
 
 from .run_config import RunConfig
-from .train_common import Worker, train_main, training_loop
+from .train_common import Worker, rank_slice, train_main, training_loop, unslice
 
 def clip_loop(config: dict) -> None:
     """One Ray Train worker: contrastive steps on this rank's images and captions."""
     import torch
 
     from dalle2.clip import ClipAdapter
-    from dalle2.clip_trainer import ClipTrainer, contrastive_loss
+    from dalle2.clip_trainer import ClipTrainer, info_nce
     from pipeline.loaders import SamplePlan, ShardImageBatches
 
     run = RunConfig.model_validate(config)
@@ -37,15 +37,20 @@ def clip_loop(config: dict) -> None:
     def train_step(batch: dict) -> float:
         return trainer.train_step({"image": batch["image"], "caption": batch["caption"]})
 
+    mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank embeds its share, gathered after
+
     def evaluate(step: int) -> dict:
+        clip.model.eval()
         with torch.no_grad():
-            image = clip.embed_image(held_out["image"])
-            text = clip.embed_text(held_out["caption"]).text_embed
+            mine_features = (clip.embed_image(mine["image"]).cpu(), clip.embed_text(mine["caption"]).text_embed.cpu())
+            parts = worker.gathered(mine_features if len(mine["caption"]) else None)
+            image = unslice([part[0] if part else None for part in parts])
+            text = unslice([part[1] if part else None for part in parts])
             # zero-shot retrieval: does each image pick its own caption among the held-out ones?
             captions = held_out["caption"]
             best = (image @ text.T).argmax(dim=1).tolist()
             accuracy = sum(captions[b] == c for b, c in zip(best, captions)) / len(captions)
-            loss = float(contrastive_loss(clip, held_out["image"], captions))
+            loss = float(info_nce(image, text, captions, clip.model.logit_scale.cpu()))
         clip.model.train()
         return {"eval_loss": loss, "eval_retrieval_accuracy": accuracy}
 

@@ -169,15 +169,19 @@ class Worker:
         log.info("rank %d resumed from %s at %s", self.rank, checkpoint.path, extra)
         return extra
 
-    def pooled(self, metrics: dict[str, float], count: int) -> dict[str, float]:
-        """Metrics each rank computed on its own `count` held-out samples, averaged over all ranks by count."""
+    def gathered(self, part: Any) -> list:
+        """Every rank's `part`, in rank order (a collective: every rank must call it)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
-            return metrics
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, (metrics, count))
-        return pool_metrics(gathered)
+            return [part]
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, part)
+        return parts
+
+    def pooled(self, metrics: dict[str, float], count: int) -> dict[str, float]:
+        """Metrics each rank computed on its own `count` held-out samples, averaged over all ranks by count."""
+        return pool_metrics(self.gathered((metrics, count)))
 
     def report(self, metrics: dict[str, Any], save: Optional[Callable[[str], None]] = None) -> None:
         """Report metrics on every rank; with `save`, rank 0 also writes a checkpoint through Ray."""
@@ -258,6 +262,19 @@ def pool_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
 def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
     """This rank's share of a held-out batch (every world_size-th row from `rank`)."""
     return {k: v[rank::world_size] for k, v in batch.items()}
+
+
+def unslice(parts: list):
+    """Every rank's `rank_slice` share (a tensor, or None for a rank that had no rows), in rank order, back
+    in the held-out batch's order."""
+    import torch
+
+    rows = sum(len(part) for part in parts if part is not None)
+    order = torch.cat([torch.arange(rank, rows, len(parts)) for rank in range(len(parts))])
+    stacked = torch.cat([part for part in parts if part is not None])
+    whole = torch.empty_like(stacked)
+    whole[order] = stacked
+    return whole
 
 
 class SampleTrace:

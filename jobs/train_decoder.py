@@ -2,8 +2,9 @@
 
     python -m jobs.train_decoder --config run.yaml [--set train_decoder.unet_number=1]
 
-Each evaluation writes a sample grid (`<root>/train/decoder/samples/step_N.png`: generated images
-from held-out embeddings on the top row, the real images below) and the CLIP score of the samples.
+Each evaluation samples the held-out embeddings (each worker its share, gathered on rank 0), writes a
+sample grid (`<root>/train/decoder/samples/step_N.png`: generated images on the top row, the real images
+below) and scores them: R-precision, CLIP score and CMMD beside the same figures on the real images.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ import io
 from typing import Optional
 
 from .run_config import RunConfig
-from .train_common import Worker, storage_path, train_main, training_loop
+from .train_common import Worker, rank_slice, storage_path, train_main, training_loop, unslice
 
 def sample_grid(samples, reals) -> bytes:
-    """PNG bytes of two rows: samples over the real images."""
+    """PNG bytes of two rows: samples over the real images (at the samples' size)."""
     import torch
     from torchvision.utils import make_grid
 
     from dalle2.text_to_image import to_pil
 
-    reals = torch.nn.functional.interpolate(reals, size=samples.shape[-2:], mode="bilinear", antialias=True)
     grid = make_grid(torch.cat([samples.cpu(), reals.cpu()]), nrow=len(samples), padding=2, pad_value=1.0)
     buffer = io.BytesIO()
     to_pil(grid[None])[0].save(buffer, format="PNG")
@@ -63,6 +63,7 @@ def decoder_loop(config: dict) -> None:
     held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),
                                  shuffle_buffer=1, image_size=size).epoch(0))
     clip = (encoder.clip if encoder is not None else run_clip(run).to(worker.device)) if worker.rank == 0 else None
+    mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank samples its share, rank 0 scores all
     # batches trained so far, so a resumed run gives each stage the batches an uninterrupted run would
     counter = {"batches": state.get("epoch", 0) * loader.batches_per_epoch() + state.get("batch", 0)}
 
@@ -76,18 +77,23 @@ def decoder_loop(config: dict) -> None:
         return trainer.train_step({"image": batch["image"], **conditioning(batch, number)}, unet_number=number)
 
     def evaluate(step: int) -> dict:
+        samples = None
+        if len(mine["image_embed"]):
+            text = encoder(mine["caption"]) if encoder is not None else {}
+            # a later stage trained alone upsamples the real images in place of the stages before it
+            start = mine["image"] if min(numbers) > 1 else None
+            samples = trainer.sample(image_embed=mine["image_embed"].to(worker.device), cond_scale=job.cond_scale,
+                                     start_image=start, **text,
+                                     generator=torch.Generator(worker.device).manual_seed(job.seed + worker.rank))
+        parts = worker.gathered(samples.cpu() if samples is not None else None)
         if worker.rank != 0:
             return {}
+        samples = unslice(parts).to(worker.device)
         embeds = held_out["image_embed"].to(worker.device)
-        text = encoder(held_out["caption"]) if encoder is not None else {}
-        # a later stage trained alone upsamples the real images in place of the stages before it
-        start = held_out["image"] if min(numbers) > 1 else None
-        samples = trainer.sample(image_embed=embeds, cond_scale=job.cond_scale, start_image=start, **text,
-                                 generator=torch.Generator(worker.device).manual_seed(job.seed))
-        write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png",
-                     sample_grid(samples, held_out["image"]))
-        metrics = {"sample_mse": float(((samples.cpu() - torch.nn.functional.interpolate(
-            held_out["image"], size=samples.shape[-2:], mode="bilinear", antialias=True)) ** 2).mean())}
+        real = torch.nn.functional.interpolate(held_out["image"], size=samples.shape[-2:], mode="bilinear",
+                                               antialias=True)
+        write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png", sample_grid(samples, real))
+        metrics = {"sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
             from dalle2.metrics import text_image_agreement
 
@@ -96,9 +102,7 @@ def decoder_loop(config: dict) -> None:
             # do the samples match their held-out captions as well as the real images do (and look like them)?
             prompts = list(dict.fromkeys(held_out["caption"]))
             index = torch.tensor([prompts.index(c) for c in held_out["caption"]])
-            real = torch.nn.functional.interpolate(held_out["image"], size=samples.shape[-2:], mode="bilinear",
-                                                   antialias=True).to(worker.device)
-            metrics.update(text_image_agreement(clip, samples, prompts, index, real_images=real))
+            metrics.update(text_image_agreement(clip, samples, prompts, index, real_images=real.to(worker.device)))
         return metrics
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)

@@ -2,14 +2,14 @@
 
 Every image shows one shape of one colour at one position on a light background, so a caption like
 "a red circle on the left" says everything in the picture, and whether a generated image matches
-its prompt can be measured (dominant colour, position of the colour mass).
+its prompt can be measured (dominant colour, outline, position of the colour mass).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw
 
@@ -46,6 +46,15 @@ def all_specs() -> list[ShapeSpec]:
     return [ShapeSpec(s, c, p) for s in SHAPES for c in COLORS for p in POSITIONS]
 
 
+def spec_of(caption: str) -> ShapeSpec:
+    """The combination a built-in caption names; ValueError naming the caption otherwise."""
+    for spec in all_specs():
+        if spec.caption == caption:
+            return spec
+    raise ValueError(f"{caption!r} is not a built-in caption: they read like {all_specs()[0].caption!r} "
+                     f"({', '.join(COLORS)}; {', '.join(SHAPES)}; on the left / in the center / on the right)")
+
+
 def draw(spec: ShapeSpec, size: int = 64, jitter: float = 0.0, rng: random.Random | None = None) -> Image.Image:
     """Render `spec` as an RGB image; `jitter` (fraction of the size) moves and scales it a little."""
     rng = rng or random.Random(0)
@@ -67,10 +76,13 @@ def draw(spec: ShapeSpec, size: int = 64, jitter: float = 0.0, rng: random.Rando
     return image
 
 
-def generate(count: int, size: int = 64, seed: int = 0, jitter: float = 0.05) -> Iterator[tuple[ShapeSpec, Image.Image]]:
-    """`count` (spec, image) pairs cycling through every combination, each drawn with its own jitter."""
+def generate(count: int, size: int = 64, seed: int = 0, jitter: float = 0.05,
+             withhold: Iterable[str] = ()) -> Iterator[tuple[ShapeSpec, Image.Image]]:
+    """`count` (spec, image) pairs cycling through every combination but the `withhold` captions, each drawn
+    with its own jitter."""
     rng = random.Random(seed)
-    specs = all_specs()
+    withheld = set(withhold)
+    specs = [spec for spec in all_specs() if spec.caption not in withheld]
     for i in range(count):
         if i % len(specs) == 0:
             rng.shuffle(specs)
@@ -111,18 +123,40 @@ def write_shards(root: str, count: int, per_shard: int = 250, size: int = 64, se
     return samples
 
 
-def describe(array) -> tuple[str | None, str | None]:
-    """(colour, position) of the shape in an RGB uint8 array [H, W, 3]: the palette colour nearest the
-    mean of the non-background pixels, and left/center/right from their horizontal centre of mass."""
+def describe(array) -> tuple[str | None, str | None, str | None]:
+    """(colour, shape, position) of the shape in an RGB uint8 array [H, W, 3], or Nones when nothing is drawn.
+
+    Colour: the palette colour nearest the mean of the non-background pixels. Position: left/center/right
+    from their horizontal centre of mass. Shape, inside the bounding box of those pixels: a triangle narrows
+    towards the top (its top third is far narrower than its bottom third); a square fills the box's corners,
+    a circle leaves them mostly empty. Both cues survive JPEG and the blur of a small generated image.
+    """
     import numpy as np
 
     pixels = np.asarray(array, dtype=np.float32)
-    distance = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1)
-    mask = distance > 60
+    mask = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1) > 60
     if mask.sum() < max(4, 0.01 * mask.size):
-        return None, None
+        return None, None, None
     mean = pixels[mask].mean(axis=0)
     color = min(COLORS, key=lambda name: np.linalg.norm(mean - np.asarray(COLORS[name], np.float32)))
     x = np.nonzero(mask)[1].mean() / mask.shape[1]
     position = "left" if x < 0.4 else "right" if x > 0.6 else "center"
-    return color, position
+    return color, shape_of(mask), position
+
+
+def shape_of(mask) -> str:
+    """square, circle or triangle for a boolean mask [H, W] of one filled shape."""
+    import numpy as np
+
+    # the box spans rows and columns with at least two pixels, so a stray JPEG speck does not stretch it
+    rows, cols = np.nonzero(mask.sum(axis=1) >= 2)[0], np.nonzero(mask.sum(axis=0) >= 2)[0]
+    if len(rows) == 0 or len(cols) == 0:
+        return "circle"
+    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].astype(np.float32)
+    height, width = box.shape
+    widths, third = box.sum(axis=1), max(1, height // 3)
+    if widths[:third].mean() < 0.6 * max(widths[-third:].mean(), 1.0):
+        return "triangle"
+    qh, qw = max(1, round(height / 4)), max(1, round(width / 4))
+    corners = np.mean([box[:qh, :qw].mean(), box[:qh, -qw:].mean(), box[-qh:, :qw].mean(), box[-qh:, -qw:].mean()])
+    return "square" if corners > 0.7 else "circle"

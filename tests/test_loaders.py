@@ -1,6 +1,7 @@
 """The streaming loaders: equal batches per rank, sample-level shuffle, nothing lost, resumable."""
 
 import numpy as np
+import torch
 import pytest
 
 from pipeline.loaders import EmbeddingBatches, ImageBatches, SamplePlan
@@ -63,3 +64,13 @@ def test_evaluation_is_pooled_over_ranks_by_count():
     assert sorted(x for s in slices for x in s["x"]) == list(range(7))  # every held-out row, once
     pooled = pool_metrics([({"a": 1.0}, 3), ({"a": 4.0}, 1), ({}, 0)])
     assert pooled == {"a": (3 * 1.0 + 4.0) / 4}
+
+
+@pytest.mark.parametrize("rows, world_size", [(7, 3), (8, 2), (2, 3), (5, 1)])
+def test_samples_gathered_from_every_rank_come_back_in_held_out_order(rows, world_size):
+    from jobs.train_common import rank_slice, unslice
+
+    batch = {"x": torch.arange(rows * 2).reshape(rows, 2)}
+    parts = [rank_slice(batch, rank, world_size)["x"] for rank in range(world_size)]
+    # a rank with no rows sends None
+    assert torch.equal(unslice([part if len(part) else None for part in parts]), batch["x"])
