@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-clip": ("jobs.train_clip", "train CLIP contrastively on the shards"),
     "embed": ("jobs.embed", "embed the shards' images and captions with CLIP"),
     "reorder": ("jobs.reorder", "align clip-retrieval embeddings with the shards"),
+    "filter": ("jobs.filter", "choose the rows training reads: caption rules, CLIP similarity, near-duplicates"),
     "train-prior": ("jobs.train_prior", "train the diffusion prior on the aligned embeddings"),
     "train-decoder": ("jobs.train_decoder", "train the decoder on the shards and their embeddings"),
     "sample": ("jobs.sample", "generate images from the run's latest checkpoints"),

@@ -35,15 +35,23 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def build_site(folder: str, count: int, size: int, seed: int = 0, withhold: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """Write the built-in images (none of the `withhold` captions) as PNG files; returns (path, caption) pairs."""
-    from pipeline.shapes import generate
+def build_site(folder: str, count: int, size: int, seed: int = 0, withhold: tuple[str, ...] = (),
+               mismatched: float = 0.0) -> list[tuple[str, str, bool]]:
+    """Write the built-in images (none of the `withhold` captions) as PNG files; returns (path, caption, planted)
+    rows, where a `mismatched` fraction of planted rows carry another image's caption, as a web crawl does."""
+    import random
+
+    from pipeline.shapes import all_specs, generate
 
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
+    rng = random.Random(seed + 1)
+    others = [spec.caption for spec in all_specs() if spec.caption not in withhold]
     rows = []
     for i, (spec, image) in enumerate(generate(count, size=size, seed=seed, withhold=withhold)):
         image.save(os.path.join(folder, "img", f"{i}.png"))
-        rows.append((f"img/{i}.png", spec.caption))
+        planted = rng.random() < mismatched
+        caption = rng.choice([c for c in others if c != spec.caption]) if planted else spec.caption
+        rows.append((f"img/{i}.png", caption, planted))
     return rows
 
 
@@ -97,18 +105,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         [f"demo.images={args.images}"] if args.images is not None else [])
 
     started = time.time()
-    server = None
+    server, planted = None, None
     with tempfile.TemporaryDirectory() as site:
         if args.url_list:
             url_list = args.url_list
         else:
             planned = load_config(RunConfig, defaults, overrides)
             rows = build_site(site, planned.demo.images, size=max(planned.download.image_size, 32),
-                              withhold=tuple(planned.demo.withhold))
+                              withhold=tuple(planned.demo.withhold), mismatched=planned.demo.mismatched_captions)
+            planted = [path for path, _, wrong in rows if wrong]
             server, base = serve(site)
             url_list = os.path.join(site, "urls.csv")
             with open(url_list, "w") as f:
-                f.write("url,caption\n" + "".join(f"{base}/{path},{caption}\n" for path, caption in rows))
+                f.write("url,caption\n" + "".join(f"{base}/{path},{caption}\n" for path, caption, _ in rows))
             log.info("serving %d built-in images at %s", len(rows), base)
         overrides.append(f"download.url_list={url_list}")
         config = load_config(RunConfig, defaults, overrides)
@@ -138,13 +147,42 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "samples_per_prompt": per_prompt, "prompt_match": prompt_match(arrays[:split], seen, per_prompt),
               "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
               "text_image_agreement": agreement(config, images, seen + withheld, per_prompt),
-              "status": run_status(config.root)}
+              "filter": filter_check(config, planted), "status": run_status(config.root)}
     write_json(f"{root}/report.json", report)
     write_atomic(f"{root}/report.md", render_report(report).encode())
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
     print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match",
                                              "withheld_match", "text_image_agreement")}, default=str))
     return report
+
+
+def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
+    """How the filter stage did on the rows the demo planted with a wrong caption (None when it did not run)."""
+    from pipeline.filter import low_similarity
+    from pipeline.layout import KEY, REASON, URL, RunLayout
+    from pipeline.storage import exists, list_files, read_json, read_parquet
+
+    layout = RunLayout(config.root)
+    if not config.filter.enabled or not exists(layout.ledger_summary("filter")):
+        return None
+    summary = read_json(layout.ledger_summary("filter"))
+    out = {"rows_in": summary["rows_in"], "kept": summary["written"], "dropped_by_reason": summary["failed_by_reason"]}
+    if planted is None:
+        return out
+    planted_paths = set(planted)
+    planted_keys = set()
+    for url in list_files(layout.shards, ".parquet"):
+        shard = read_parquet(url, columns=[URL, KEY]).to_pydict()
+        planted_keys.update(k for u, k in zip(shard[URL], shard[KEY]) if u.split("/", 3)[-1] in planted_paths)
+    reasons = {}
+    for url in list_files(layout.filter, ".parquet"):
+        mask = read_parquet(url, columns=[KEY, REASON]).to_pydict()
+        reasons.update(zip(mask[KEY], mask[REASON]))
+    low = low_similarity(config.filter.min_similarity) if config.filter.min_similarity is not None else None
+    dropped_planted = sum(1 for k in planted_keys if reasons.get(k) == low)
+    out.update(planted_mismatched=len(planted_keys), planted_dropped=dropped_planted,
+               other_low_similarity=sum(1 for k, r in reasons.items() if r == low and k not in planted_keys))
+    return out
 
 
 def forget_stale_inputs(config) -> None:
@@ -190,6 +228,14 @@ def render_report(report: dict) -> str:
         if "rows_in" in info:
             lines.append(f"- {stage}: {info['rows_in']} rows in, {info['written']} written, {info['failed']} failed "
                          f"{info.get('failed_by_reason') or ''}")
+    filtered = report.get("filter")
+    if filtered:
+        lines += ["", "## Filter", "", f"- {filtered['rows_in']} rows in, {filtered['kept']} kept, dropped: "
+                  f"{filtered['dropped_by_reason'] or 'none'}"]
+        if "planted_mismatched" in filtered:
+            lines.append(f"- captions planted on the wrong image: {filtered['planted_mismatched']}, dropped for low "
+                         f"CLIP similarity: {filtered['planted_dropped']}; other rows dropped for it: "
+                         f"{filtered['other_low_similarity']}")
     lines += ["", "## Training", ""]
     for stage, info in report["status"].items():
         if "step" in info:

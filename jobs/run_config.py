@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from pydantic import Field, field_validator
 
 from dalle2.configs import StrictModel
-from pipeline.config import DownloadConfig, EmbedConfig, RayConfig, ReorderConfig
+from pipeline.config import DownloadConfig, EmbedConfig, FilterConfig, RayConfig, ReorderConfig
 
 from .config_io import ConfigError, load_config
 from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
@@ -23,6 +23,8 @@ class DemoConfig(StrictModel):
     # compositional generalisation: each attribute is seen, only the combination is new
     withhold: list[str] = []
     samples_per_prompt: int = Field(default=4, ge=1, le=64)
+    # this fraction of rows gets another image's caption, as on the web; the report says how many the filter caught
+    mismatched_captions: float = Field(default=0.0, ge=0, le=0.5)
 
     @field_validator("withhold")
     @classmethod
@@ -45,6 +47,7 @@ class RunConfig(StrictModel):
     download: DownloadConfig = DownloadConfig()
     embed: EmbedConfig = EmbedConfig()
     reorder: ReorderConfig = ReorderConfig()
+    filter: FilterConfig = FilterConfig()
     train_clip: TrainClipConfig = TrainClipConfig()
     train_prior: TrainPriorConfig = TrainPriorConfig()
     train_decoder: TrainDecoderConfig = TrainDecoderConfig()

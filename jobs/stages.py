@@ -49,6 +49,17 @@ def _embed_complete(run: RunConfig) -> bool:
     return _ledger_complete("embed")(run) and all(ledger.is_done(s) for s in complete_shards(layout))
 
 
+def _filter_complete(run: RunConfig) -> bool:
+    from pipeline.layout import RunLayout
+    from pipeline.ledger import Ledger
+    from pipeline.storage import list_files
+
+    layout = RunLayout(run.root)
+    ledger = Ledger(layout, "filter")
+    aligned = [url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet")]
+    return _ledger_complete("filter")(run) and bool(aligned) and all(ledger.is_done(s) for s in aligned)
+
+
 def _training_complete(section: str) -> Callable[[RunConfig], bool]:
     def complete(run: RunConfig) -> bool:
         from pipeline.storage import exists, read_json
@@ -79,6 +90,7 @@ STAGES = [
     Stage("train-clip", "jobs.train_clip", _training_complete("train_clip"), lambda run: run.train_clip.enabled),
     Stage("embed", "jobs.embed", _embed_complete, lambda run: not run.reorder.source),
     Stage("reorder", "jobs.reorder", _ledger_complete("reorder"), lambda run: bool(run.reorder.source)),
+    Stage("filter", "jobs.filter", _filter_complete, lambda run: run.filter.enabled),
     Stage("train-prior", "jobs.train_prior", _training_complete("train_prior")),
     Stage("train-decoder", "jobs.train_decoder", _training_complete("train_decoder")),
 ]

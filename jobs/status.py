@@ -11,6 +11,9 @@ import json
 from typing import Optional
 
 
+DATA_STAGES = ("download", "embed", "reorder", "filter")
+
+
 def run_status(root: str) -> dict:
     """Per stage: the ledger summary (data stages) or the training summary and latest checkpoint."""
     from pipeline.layout import RunLayout
@@ -19,7 +22,7 @@ def run_status(root: str) -> dict:
     from .train_common import latest_checkpoint, storage_path, training_jobs
 
     layout, status = RunLayout(root), {}
-    for stage in ("download", "embed", "reorder"):
+    for stage in DATA_STAGES:
         if exists(layout.ledger_summary(stage)):
             summary = read_json(layout.ledger_summary(stage))
             status[stage] = {k: summary.get(k) for k in ("shards", "rows_in", "written", "failed", "failed_by_reason",
@@ -41,7 +44,7 @@ def reconcile(status: dict) -> list[str]:
     """What does not add up: failed shards, and rows that are neither written nor failed, within a stage
     and from one stage to the next."""
     problems = []
-    for stage in ("download", "embed", "reorder"):
+    for stage in DATA_STAGES:
         info = status.get(stage)
         if not info:
             continue
@@ -61,6 +64,12 @@ def reconcile(status: dict) -> list[str]:
         if reorder["input_rows"] != reorder["rows_in"] + unplaced:
             problems.append(f"reorder: {reorder['input_rows']} input rows but {reorder['rows_in']} placed and "
                             f"{unplaced} unplaced")
+    aligned = reorder or embed
+    filtered = status.get("filter")
+    if filtered and aligned and not filtered.get("failed_shards") and not aligned.get("failed_shards") \
+            and filtered["shards"] == aligned["shards"] and filtered["rows_in"] != aligned["written"]:
+        problems.append(f"filter: {filtered['rows_in']} rows in but {'reorder' if reorder else 'embed'} wrote "
+                        f"{aligned['written']}")
     return problems
 
 
@@ -81,8 +90,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             continue
         if "rows_in" in info:
             reasons = ", ".join(f"{n} {r}" for r, n in (info.get("failed_by_reason") or {}).items()) or "none"
-            line = f"{stage:<14} {info['shards']} shards, {info['rows_in']} rows in, {info['written']} written, " \
-                   f"{info['failed']} failed ({reasons})"
+            written, failed = ("kept", "dropped") if stage == "filter" else ("written", "failed")
+            line = f"{stage:<14} {info['shards']} shards, {info['rows_in']} rows in, {info['written']} {written}, " \
+                   f"{info['failed']} {failed} ({reasons})"
             if info.get("input_rows") is not None:
                 line += f"; {info['input_rows']} input rows"
             if info.get("failed_shards"):

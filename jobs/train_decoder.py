@@ -57,7 +57,7 @@ def decoder_loop(config: dict) -> None:
                           f"train_decoder.decoder.unets[{n - 1}].text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
     size = decoder.image_sizes[-1]
-    train_plan, eval_plan = SamplePlan.from_aligned(run.root).split(job.eval_size)
+    train_plan, eval_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled).split(job.eval_size)
     loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                           job.shuffle_buffer, image_size=size)
     held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),

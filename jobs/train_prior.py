@@ -33,7 +33,7 @@ def prior_loop(config: dict) -> None:
         encoder.check(prior_config.net.resolved_text_encoding_dim, prior_config.net.max_text_len,
                       "train_prior.prior.net.text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
-    train_plan, eval_plan = SamplePlan.from_aligned(run.root).split(job.eval_size)
+    train_plan, eval_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled).split(job.eval_size)
     loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
     held_out = next(EmbeddingBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1).epoch(0))
 

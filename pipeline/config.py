@@ -80,3 +80,25 @@ class ReorderConfig(StrictModel):
     samples_per_shard: Optional[PositiveInt] = None  # rows of each aligned file; inferred from shard parquets when None
     cpus_per_task: PositiveFloat = 0.5
     distributor: Literal["ray", "local"] = "ray"
+
+
+class FilterConfig(StrictModel):
+    """Which aligned rows training reads: a keep mask with a reason per dropped row (nothing is deleted).
+
+    The defaults keep every row with a caption, so a run whose CLIP is not pretrained is never emptied;
+    LAION's choices for a pretrained ViT-B/32 are min_similarity 0.28 and near-duplicates above ~0.95."""
+
+    enabled: bool = True
+    min_similarity: Optional[float] = Field(default=None, ge=-1, le=1)  # CLIP cosine of image and caption
+    duplicate_threshold: Optional[float] = Field(default=None, gt=0, lt=1)  # image cosine above it: keep the first
+    # faiss index factory string of the run-wide duplicate search: "Flat" is exact (4 x dim bytes a kept row);
+    # "IVF4096,SQ8" is approximate and bounds memory at dim bytes a row (trained on the first shards' rows)
+    duplicate_index: str = "Flat"
+    duplicate_nprobe: PositiveInt = 16  # IVF lists searched per query
+    min_caption_chars: NonNegativeInt = 1
+    max_caption_chars: Optional[PositiveInt] = None
+    language_model: Optional[str] = None  # fastText language id model (lid.176.bin), local or any fsspec URL
+    languages: list[str] = ["en"]  # with language_model: captions in other languages are dropped
+    min_language_score: float = Field(default=0.5, ge=0, le=1)
+    cpus_per_task: PositiveFloat = 0.5
+    distributor: Literal["ray", "local"] = "ray"

@@ -8,6 +8,8 @@
     <root>/aligned/img_emb/img_emb_{shard}.npy     row i = sample index i of that shard
                   text_emb/text_emb_{shard}.npy
                   {shard}.parquet                   (index, key, caption, present)
+    <root>/filter/{shard}.parquet                  (index, key, keep, reason, similarity, duplicate_of): which
+                                                   aligned rows training reads, and why each other one is not
     <root>/ledger/{stage}/{shard}.json             per-shard record: the stage's done marker
     <root>/ledger/{stage}/_failed/{shard}.json     a shard that failed every try (rows, error)
     <root>/ledger/{stage}.json                     the stage's summary
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 # Column names shared by every stage.
 KEY, CAPTION, URL, INDEX, PRESENT, SHARD = "key", "caption", "url", "index", "present", "shard"
+KEEP, REASON, SIMILARITY, DUPLICATE_OF = "keep", "reason", "similarity", "duplicate_of"  # the filter's columns
 
 
 def index_width(samples_per_shard: int) -> int:
@@ -88,6 +91,14 @@ class RunLayout:
     @property
     def aligned(self) -> str:
         return self._join("aligned")
+
+    @property
+    def filter(self) -> str:
+        return self._join("filter")
+
+    def filter_mask(self, name: str) -> str:
+        """The filter's keep mask of shard `name` (one row per aligned row)."""
+        return self._join("filter", f"{name}.parquet")
 
     def input_shard(self, name: str) -> str:
         return self._join("inputs", f"{name}.arrow")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .aligned import read_aligned
-from .layout import RunLayout, parse_key
+from .layout import INDEX, PRESENT, RunLayout, parse_key
 from .shard_reader import image_of, iter_samples
 from .storage import list_files, read_parquet
 
@@ -36,15 +36,21 @@ class SamplePlan:
         return sum(len(v) for v in self.indices.values())
 
     @classmethod
-    def from_aligned(cls, root: str) -> "SamplePlan":
+    def from_aligned(cls, root: str, filtered: bool = False) -> "SamplePlan":
+        """Every present aligned row; with `filtered`, only the rows the filter stage kept."""
+        from .filter import kept_indices
+
         layout = RunLayout(root)
         shards = [u.rsplit("/", 1)[-1][: -len(".parquet")] for u in list_files(layout.aligned, ".parquet")]
         if not shards:
             raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
         indices = {}
         for shard in shards:
-            meta = read_parquet(layout.aligned_files(shard)["metadata"], columns=["index", "present"]).to_pydict()
-            indices[shard] = np.asarray([i for i, p in zip(meta["index"], meta["present"]) if p], dtype=np.int64)
+            if filtered:
+                indices[shard] = kept_indices(root, shard)
+                continue
+            meta = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, PRESENT]).to_pydict()
+            indices[shard] = np.asarray([i for i, p in zip(meta[INDEX], meta[PRESENT]) if p], dtype=np.int64)
         return cls(indices)
 
     @classmethod

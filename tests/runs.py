@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.aligned import align, write_aligned
+from pipeline.config import FilterConfig
+from pipeline.filter import run_filter
 from pipeline.layout import RunLayout, index_width
 from pipeline.shapes import write_shards
 
@@ -26,3 +28,4 @@ def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim
         aligned = align(shard_id, len(chunk), 5, index_width(per_shard), np.arange(len(chunk)),
                         img_emb.astype(np.float16), text_emb.astype(np.float16), [s.caption for s, _ in chunk])
         write_aligned(layout, f"{shard_id:05d}", aligned)
+    run_filter(FilterConfig(distributor="local"), root)  # keeps every row: training reads the filter's masks

@@ -28,7 +28,7 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     with open(os.path.join(root, "report.json")) as f:
         report = json.load(f)
     assert report["stages"] == {"download": "ran", "train-clip": "ran", "embed": "ran", "reorder": "not wanted",
-                                "train-prior": "ran", "train-decoder": "ran"}
+                                "filter": "ran", "train-prior": "ran", "train-decoder": "ran"}
     for name in ("samples.png", "samples.npy", "report.json", "report.md", "config.yaml"):
         assert os.path.exists(os.path.join(root, name)), name
     with open(os.path.join(root, "config.yaml")) as f:
@@ -60,10 +60,17 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     with open(os.path.join(root, "report.md")) as f:
         assert "R-precision" in f.read()
 
+    # the filter caught the captions the demo planted on the wrong images, and little else for that reason
+    filtered = report["filter"]
+    assert filtered["planted_mismatched"] > 20 and filtered["planted_dropped"] >= 0.8 * filtered["planted_mismatched"]
+    assert filtered["other_low_similarity"] <= 0.05 * filtered["rows_in"], filtered
+    assert filtered["rows_in"] == filtered["kept"] + sum(filtered["dropped_by_reason"].values())
+
     # every URL row is counted in every stage
     status = report["status"]
     assert status["download"]["input_rows"] == 2000 == status["download"]["written"] + status["download"]["failed"]
     assert status["embed"]["rows_in"] == status["download"]["written"] == status["embed"]["written"] + status["embed"]["failed"]
+    assert status["filter"]["rows_in"] == status["embed"]["written"] and report["status"]["problems"] == []
     assert status["train-prior"]["image_similarity"] > status["train-prior"]["unrelated_similarity"] + 0.3
 
     # the stages are complete: `run` with the run's own config skips them all

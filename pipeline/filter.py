@@ -1,0 +1,273 @@
+"""The filter stage: which aligned rows training reads, with a reason for every row it does not.
+
+Two passes, as LAION curated its crawl:
+
+1. per shard (a Ray task each): caption rules (length, optionally fastText language id), the CLIP
+   similarity of each image with its caption against `min_similarity`, and exact near-duplicate removal
+   inside the shard (image cosine above `duplicate_threshold`: the first in index order is kept);
+2. across the run (the driver, shards in order): each shard's remaining rows are searched in a faiss index
+   of the rows kept so far; a match drops the row as a duplicate of an earlier shard's, the rest are kept
+   and added. With an IVF index the search is approximate and memory bounded.
+
+The result is `<root>/filter/{shard}.parquet`: one row per aligned row (index, key, keep, reason, similarity,
+duplicate_of). Nothing is deleted or rewritten; the loaders read only kept rows. The ledger counts rows in
+(the present aligned rows), kept (written) and dropped by reason, so `dalle2 status` reconciles it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .aligned import read_aligned
+from .config import FilterConfig, RayConfig
+from .distributor import ensure_ray, run_shards
+from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, REASON, SIMILARITY, RunLayout
+from .ledger import Ledger, ShardRecord
+from .storage import exists, list_files, read_parquet, remove, write_parquet
+
+log = logging.getLogger(__name__)
+
+STAGE = "filter"
+NEAR_DUPLICATE = "near duplicate"
+
+
+def low_similarity(threshold: float) -> str:
+    return f"clip similarity below {threshold:g}"
+
+
+class ShardFilter:
+    """Pass 1 for one shard: caption rules, CLIP similarity, duplicates inside the shard; a scratch mask."""
+
+    def __init__(self, config: FilterConfig, root: str):
+        self.config, self.layout = config, RunLayout(root)
+        self._language_model = None
+
+    def __call__(self, shard: str) -> ShardRecord:
+        started = time.time()
+        aligned = read_aligned(self.layout, shard, mmap=False)
+        rows = len(aligned.keys)
+        reasons: list[Optional[str]] = [None if present else "absent" for present in aligned.present]
+        for i, caption in enumerate(aligned.captions):
+            if reasons[i] is None:
+                reasons[i] = self.caption_reason(caption)
+        image = normalized(aligned.img_emb)
+        similarity = np.full(rows, np.nan, dtype=np.float32)
+        if aligned.text_emb is not None:
+            similarity = (image * normalized(aligned.text_emb)).sum(axis=1)
+        if self.config.min_similarity is not None:
+            if aligned.text_emb is None:
+                raise ValueError(f"filter.min_similarity is set but shard {shard} has no text embeddings")
+            for i in np.nonzero(similarity < self.config.min_similarity)[0]:
+                reasons[i] = reasons[i] or low_similarity(self.config.min_similarity)
+        duplicate_of: list[Optional[str]] = [None] * rows
+        if self.config.duplicate_threshold is not None:
+            candidates = np.asarray([i for i in range(rows) if reasons[i] is None], dtype=np.int64)
+            for i, first in first_of_each_group(image[candidates], self.config.duplicate_threshold).items():
+                reasons[candidates[i]] = NEAR_DUPLICATE
+                duplicate_of[candidates[i]] = aligned.keys[candidates[first]]
+        write_parquet(self.layout.scratch(STAGE, f"{shard}.parquet"), mask_table(aligned.keys, reasons, similarity, duplicate_of))
+        return shard_record(shard, reasons, time.time() - started)
+
+    def caption_reason(self, caption: str) -> Optional[str]:
+        """Why a caption is dropped (None: it is not)."""
+        text = caption.strip()
+        if len(text) < self.config.min_caption_chars:
+            return "caption too short"
+        if self.config.max_caption_chars is not None and len(text) > self.config.max_caption_chars:
+            return "caption too long"
+        if self.config.language_model:
+            label, score = self.language(text)
+            if label not in self.config.languages or score < self.config.min_language_score:
+                return "caption language"
+        return None
+
+    def language(self, text: str) -> tuple[str, float]:
+        """fastText's most likely language of `text` and its probability."""
+        if self._language_model is None:
+            self._language_model = load_language_model(self.config.language_model)
+        labels, scores = self._language_model.predict(text.replace("\n", " "), k=1)
+        return labels[0].replace("__label__", ""), float(scores[0])
+
+
+def load_language_model(url: str):
+    """A fastText language id model (e.g. lid.176.bin) from any fsspec URL."""
+    try:
+        import fasttext
+    except ImportError as error:
+        raise ImportError("filter.language_model needs fastText: pip install fasttext-wheel") from error
+    import os
+    import tempfile
+
+    from .storage import is_local, read_bytes
+
+    if is_local(url):
+        return fasttext.load_model(url)
+    local = os.path.join(tempfile.mkdtemp(), url.rsplit("/", 1)[-1])
+    with open(local, "wb") as f:
+        f.write(read_bytes(url))
+    return fasttext.load_model(local)
+
+
+def normalized(embeddings: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def first_of_each_group(image: np.ndarray, threshold: float, block: int = 1024) -> dict[int, int]:
+    """{row: earlier kept row it duplicates} for unit rows [N, D], greedily in order: a row is dropped when
+    an earlier kept row has cosine above `threshold` with it (as faiss's range search counts). Exact; [block, N]
+    similarities at a time."""
+    dropped: dict[int, int] = {}
+    kept = np.zeros(len(image), dtype=bool)
+    for start in range(0, len(image), block):
+        similarities = image[start : start + block] @ image.T
+        for offset, row in enumerate(similarities):
+            i = start + offset
+            earlier = np.nonzero(kept[:i] & (row[:i] > threshold))[0]
+            if len(earlier):
+                dropped[i] = int(earlier[0])
+            else:
+                kept[i] = True
+    return dropped
+
+
+def mask_table(keys: list[str], reasons: list[Optional[str]], similarity: np.ndarray,
+               duplicate_of: list[Optional[str]]) -> pa.Table:
+    """The filter's columns for one shard, one row per aligned row."""
+    return pa.table({
+        INDEX: pa.array(np.arange(len(keys)), pa.int64()),
+        KEY: pa.array(keys, pa.string()),
+        KEEP: pa.array([r is None for r in reasons], pa.bool_()),
+        REASON: pa.array(reasons, pa.string()),
+        SIMILARITY: pa.array(np.asarray(similarity, dtype=np.float32)),
+        DUPLICATE_OF: pa.array(duplicate_of, pa.string()),
+    })
+
+
+def shard_record(shard: str, reasons: list[Optional[str]], seconds: float) -> ShardRecord:
+    """Rows in: the present ones; written: kept; failed: dropped, by reason."""
+    counts = Counter(r for r in reasons if r != "absent")
+    kept = counts.pop(None, 0)
+    return ShardRecord(shard, kept + sum(counts.values()), kept, dict(counts), round(seconds, 3))
+
+
+class RunWideDuplicates:
+    """Pass 2: a faiss index of the rows kept so far (ids: their numeric keys), shard by shard in order.
+    An IVF index learns its lists from the first 39 x nlist kept rows; until then those rows are searched
+    exactly in a flat index, so a small run loses nothing to the approximation."""
+
+    def __init__(self, config: FilterConfig, dim: int):
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads is no news
+        import faiss
+
+        self.threshold = config.duplicate_threshold
+        spec = config.duplicate_index if config.duplicate_index.startswith(("IDMap", "IVF")) else f"IDMap,{config.duplicate_index}"
+        self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        self.warmup = None
+        if not self.index.is_trained:
+            faiss.extract_index_ivf(self.index).nprobe = config.duplicate_nprobe
+            self.training_rows = 39 * faiss.extract_index_ivf(self.index).nlist
+            self.warmup = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    def check_and_add(self, image: np.ndarray, ids: np.ndarray) -> dict[int, int]:
+        """{row: id of the kept row it duplicates} for unit rows `image`; the other rows are added."""
+        index = self.warmup if self.warmup is not None else self.index
+        dropped: dict[int, int] = {}
+        if index.ntotal and len(image):
+            limits, _, found = index.range_search(np.ascontiguousarray(image, dtype=np.float32), self.threshold)
+            for row in range(len(image)):
+                if limits[row + 1] > limits[row]:
+                    dropped[row] = int(found[limits[row]])
+        keep = np.asarray([row not in dropped for row in range(len(image))], dtype=bool)
+        self.add(image[keep], ids[keep])
+        return dropped
+
+    def add(self, image: np.ndarray, ids: np.ndarray) -> None:
+        """Add kept rows (unit [N, D]) with their ids; trains an IVF index once enough rows have come."""
+        if not len(image):
+            return
+        image, ids = np.ascontiguousarray(image, dtype=np.float32), ids.astype(np.int64)
+        if self.warmup is None:
+            self.index.add_with_ids(image, ids)
+            return
+        self.warmup.add_with_ids(image, ids)
+        if self.warmup.ntotal >= self.training_rows:
+            rows = self.warmup.index.reconstruct_n(0, self.warmup.ntotal)
+            known = np.asarray([self.warmup.id_map.at(i) for i in range(self.warmup.ntotal)], dtype=np.int64)
+            self.index.train(rows)
+            self.index.add_with_ids(rows, known)
+            self.warmup = None
+
+
+def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
+    """Write the keep mask of every aligned shard; returns the stage summary."""
+    started = time.time()
+    layout = RunLayout(root)
+    shards = sorted(url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
+    ledger = Ledger(layout, STAGE)
+    fingerprint = {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor")}
+    ledger.check_fingerprint(fingerprint, remedy=f"set the filter section back, or delete {layout.filter} and "
+                                                 f"{layout.ledger_dir(STAGE)}* to filter again")
+    ledger.keep_fingerprint(fingerprint)
+    if config.distributor == "ray":
+        ensure_ray(ray_config)
+    todo = [s for s in shards if not ledger.is_done(s) and not exists(layout.scratch(STAGE, f"{s}.parquet"))]
+    _, failures = run_shards(ShardFilter(config, root), todo, distributor=config.distributor,
+                             num_cpus=config.cpus_per_task, desc="filter: shards")
+    for shard, error in failures.items():
+        ledger.fail(shard, rows=int(read_aligned(layout, shard).present.sum()), error=error)
+    if failures:
+        log.error("filter: %d shards failed; nothing is searched across the run until they pass (re-run): %s",
+                  len(failures), failures)
+    else:
+        across_the_run(config, layout, ledger, shards)
+        remove(layout.scratch(STAGE), recursive=True)
+    return ledger.summarize(started)
+
+
+def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, shards: list[str]) -> None:
+    """Pass 2 over every shard in order: drop rows that duplicate an earlier shard's kept row, write the
+    final masks and the ledger records. Shards done before (a re-run) only add their kept rows."""
+    from tqdm.auto import tqdm
+
+    search = None
+    for shard in tqdm(shards, desc="filter: across the run", unit="shard"):
+        done = ledger.is_done(shard)
+        mask = read_parquet(layout.filter_mask(shard) if done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
+        if config.duplicate_threshold is not None:
+            image = normalized(read_aligned(layout, shard).img_emb)
+            search = search or RunWideDuplicates(config, image.shape[1])
+            rows = np.asarray([i for i, keep in enumerate(mask[KEEP]) if keep], dtype=np.int64)
+            ids = np.asarray([int(mask[KEY][i]) for i in rows], dtype=np.int64)
+            if done:
+                search.add(image[rows], ids)
+                continue
+            width = len(mask[KEY][0])
+            for row, duplicate in search.check_and_add(image[rows], ids).items():
+                i = rows[row]
+                mask[KEEP][i], mask[REASON][i] = False, NEAR_DUPLICATE
+                mask[DUPLICATE_OF][i] = f"{duplicate:0{width}d}"
+        if done:
+            continue
+        table = mask_table(mask[KEY], [None if keep else reason for keep, reason in zip(mask[KEEP], mask[REASON])],
+                           np.asarray(mask[SIMILARITY], dtype=np.float32), mask[DUPLICATE_OF])
+        write_parquet(layout.filter_mask(shard), table)
+        ledger.record(shard_record(shard, [None if k else r for k, r in zip(mask[KEEP], mask[REASON])], 0.0))
+
+
+def kept_indices(root: str, shard: str) -> np.ndarray:
+    """The aligned row indices of `shard` the filter kept; FileNotFoundError naming the mask if it has not run."""
+    path = RunLayout(root).filter_mask(shard)
+    if not exists(path):
+        raise FileNotFoundError(f"no filter mask {path}: run the filter stage (dalle2 filter), or set filter.enabled: false")
+    mask = read_parquet(path, columns=[INDEX, KEEP]).to_pydict()
+    return np.asarray([i for i, keep in zip(mask[INDEX], mask[KEEP]) if keep], dtype=np.int64)
