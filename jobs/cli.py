@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample", "generate images from the run's latest checkpoints"),
     "run": ("jobs.run", "run every stage in order, skipping complete ones"),
     "status": ("jobs.status", "print the run's ledger and checkpoints"),
+    "report": ("jobs.report", "write the run's dataset report: report.html with plots and samples"),
     "demo": ("jobs.demo", "the whole pipeline on a built-in data set, served on 127.0.0.1"),
     "toy-prior": ("jobs.toy_prior", "train the prior on generated embeddings and print its metrics"),
 }
@@ -26,12 +27,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "usage: dalle2 COMMAND [--config run.yaml] [--set section.field=value ...]\n\ncommands:\n" + "\n".join(lines)
+    return ("usage: dalle2 COMMAND [--config run.yaml] [--set section.field=value ...] [--verbose]\n\n"
+            "--verbose also shows Ray's own worker output (otherwise in Ray's session folder)\n\ncommands:\n"
+            + "\n".join(lines))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Dispatch `dalle2 COMMAND ...` to the job module's main."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:  # Ray's own worker output too (it goes to Ray's session folder otherwise)
+        import os
+
+        from pipeline.console import VERBOSE_ENV
+
+        argv.remove("--verbose")
+        os.environ[VERBOSE_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -99,7 +99,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--images", type=int, default=None, help="size of the built-in data set (demo.images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.console import setup_logging
+
+    setup_logging()
     defaults = str(resources.files("jobs") / "configs" / "demo.yaml")
     overrides = list(args.set) + ([f"root={args.root}"] if args.root else []) + (
         [f"demo.images={args.images}"] if args.images is not None else [])
@@ -136,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     seen = [prompt for prompt in PROMPTS if prompt not in withheld]
     images = generate(config.root, seen + withheld, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
     root = config.root.rstrip("/")
-    write_atomic(f"{root}/samples.png", grid_png(images, rows=len(seen) + len(withheld)))
+    write_atomic(f"{root}/samples.png", grid_png(images, seen + [f"{p} (withheld)" for p in withheld]))
     from dalle2.text_to_image import to_uint8
 
     arrays = to_uint8(images)
@@ -150,6 +152,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "filter": filter_check(config, planted), "status": run_status(config.root)}
     write_json(f"{root}/report.json", report)
     write_atomic(f"{root}/report.md", render_report(report).encode())
+    from .report import build_report
+
+    build_report(root)
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
     print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match",
                                              "withheld_match", "text_image_agreement")}, default=str))
@@ -158,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     """How the filter stage did on the rows the demo planted with a wrong caption (None when it did not run)."""
-    from pipeline.filter import low_similarity
+    from pipeline.filter import low_rank, low_similarity
     from pipeline.layout import KEY, REASON, URL, RunLayout
     from pipeline.storage import exists, list_files, read_json, read_parquet
 
@@ -178,10 +183,11 @@ def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     for url in list_files(layout.filter, ".parquet"):
         mask = read_parquet(url, columns=[KEY, REASON]).to_pydict()
         reasons.update(zip(mask[KEY], mask[REASON]))
-    low = low_similarity(config.filter.min_similarity) if config.filter.min_similarity is not None else None
-    dropped_planted = sum(1 for k in planted_keys if reasons.get(k) == low)
-    out.update(planted_mismatched=len(planted_keys), planted_dropped=dropped_planted,
-               other_low_similarity=sum(1 for k, r in reasons.items() if r == low and k not in planted_keys))
+    clip_reasons = {low_similarity(config.filter.min_similarity) if config.filter.min_similarity is not None else None,
+                    low_rank(config.filter.max_caption_rank) if config.filter.max_caption_rank else None} - {None}
+    out.update(planted_mismatched=len(planted_keys),
+               planted_dropped=sum(1 for k in planted_keys if reasons.get(k) in clip_reasons),
+               other_dropped_by_clip=sum(1 for k, r in reasons.items() if r in clip_reasons and k not in planted_keys))
     return out
 
 
@@ -233,9 +239,8 @@ def render_report(report: dict) -> str:
         lines += ["", "## Filter", "", f"- {filtered['rows_in']} rows in, {filtered['kept']} kept, dropped: "
                   f"{filtered['dropped_by_reason'] or 'none'}"]
         if "planted_mismatched" in filtered:
-            lines.append(f"- captions planted on the wrong image: {filtered['planted_mismatched']}, dropped for low "
-                         f"CLIP similarity: {filtered['planted_dropped']}; other rows dropped for it: "
-                         f"{filtered['other_low_similarity']}")
+            lines.append(f"- captions planted on the wrong image: {filtered['planted_mismatched']}, dropped by the CLIP "
+                         f"checks: {filtered['planted_dropped']}; other rows they dropped: {filtered['other_dropped_by_clip']}")
     lines += ["", "## Training", ""]
     for stage, info in report["status"].items():
         if "step" in info:

@@ -1,4 +1,4 @@
-"""Run every stage of a run in order, skipping the ones already complete.
+"""Run every stage of a run in order, skipping the ones already complete, then write its report.html.
 
     dalle2 run --config run.yaml [--set section.field=value ...]
 """
@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Optional
 
 
@@ -23,9 +22,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
     config = load_config(RunConfig, args.config, args.set)  # validated before any stage starts
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.console import setup_logging
+
+    setup_logging()
     forwarded = (["--config", args.config] if args.config else []) + [x for s in args.set for x in ("--set", s)]
     outcome = run_all(config, forwarded)
+    if "ran" in outcome.values():  # the page of what this run now holds
+        from .report import build_report
+
+        build_report(config.root)
     print(json.dumps(outcome))
     return outcome
 

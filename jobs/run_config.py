@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Callable, Optional
 
 from pydantic import Field, field_validator
@@ -73,7 +72,9 @@ def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunCo
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     args = parser.parse_args(argv)
     config = load_config(RunConfig, args.config, args.set)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.console import setup_logging
+
+    setup_logging()
     check_root_reachable(config)
     save_run_config(config)
     summary = run(config)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 from typing import Optional
 
@@ -26,16 +25,13 @@ def generate(root: str, prompts: list[str], n: int = 4, cond_scale: float = 1.0,
     return dalle2(texts, cond_scale=cond_scale, generator=torch.Generator(device).manual_seed(seed)).cpu()
 
 
-def grid_png(images, rows: int) -> bytes:
-    """PNG bytes of the images in `rows` rows."""
-    from torchvision.utils import make_grid
+def grid_png(images, prompts: list[str]) -> bytes:
+    """PNG bytes of prompt-major images [B, 3, H, W] in [0, 1]: one row per prompt, the prompt on its left."""
+    from dalle2.text_to_image import to_uint8
 
-    from dalle2.text_to_image import to_pil
+    from .grids import labelled_grid
 
-    grid = make_grid(images, nrow=max(1, len(images) // rows), padding=2, pad_value=1.0)
-    buffer = io.BytesIO()
-    to_pil(grid[None])[0].save(buffer, format="PNG")
-    return buffer.getvalue()
+    return labelled_grid(to_uint8(images), prompts, columns=max(1, len(images) // len(prompts)))
 
 
 def main(argv: Optional[list[str]] = None) -> np.ndarray:
@@ -53,9 +49,11 @@ def main(argv: Optional[list[str]] = None) -> np.ndarray:
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--out-npy", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.console import setup_logging
+
+    setup_logging()
     images = generate(args.root, args.prompt, args.n, args.cond_scale, args.seed, args.device)
-    write_atomic(args.out, grid_png(images, rows=len(args.prompt)))
+    write_atomic(args.out, grid_png(images, args.prompt))
     array = to_uint8(images)
     if args.out_npy:
         write_npy(args.out_npy, array)

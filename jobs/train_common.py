@@ -8,6 +8,7 @@ run's storage (`<root>/train/<job>/`, local or s3).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,7 +105,8 @@ def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: Tra
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         ),
     )
-    result = trainer.fit()
+    with follow_progress(f"{storage_path(root)}/{job_name}/progress.json", job_name, job.max_steps):
+        result = trainer.fit()
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     from pipeline.storage import write_json
@@ -112,6 +114,42 @@ def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: Tra
     write_json(f"{storage_path(root)}/{job_name}_summary.json", metrics)
     log.info("%s finished: %s", job_name, json.dumps(metrics, default=str))
     return metrics
+
+
+@contextlib.contextmanager
+def follow_progress(path: str, job_name: str, total: Optional[int]):
+    """A progress bar in the driver that follows the step rank 0 writes to `path` (Ray's worker output is not
+    shown here unless asked for), while the body runs."""
+    import threading
+
+    from pipeline.console import progress_bar
+    from pipeline.storage import exists, read_json
+
+    stop = threading.Event()
+    bar = progress_bar(total=total, desc=job_name, unit="step")
+
+    def update() -> None:
+        try:
+            state = read_json(path) if exists(path) else None
+        except Exception:  # noqa: BLE001 - half written or not there yet: the next look will do
+            return
+        if state and state["step"] > bar.n:
+            bar.update(state["step"] - bar.n)
+            bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+
+    def follow() -> None:
+        while not stop.wait(2.0):
+            update()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        update()
+        bar.close()
 
 
 def latest_checkpoint(root: str, job_name: str) -> Optional[str]:
@@ -142,7 +180,9 @@ class Worker:
         import ray.train
         import torch
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from pipeline.console import setup_logging
+
+        setup_logging()
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.job, self.root, self.job_name = job, root, job_name
@@ -220,7 +260,7 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     epoch, position = state.get("epoch", 0), state.get("batch", 0)
     step = trainer.step
     last_log, last_log_step = time.time(), step
-    trace = SampleTrace(worker.rank)
+    trace, history = SampleTrace(worker.rank), MetricsHistory(worker, resumed_from)
     while epoch < job.epochs and not (job.max_steps and step >= job.max_steps):
         for batch in loader.epoch(epoch, skip_batches=position):
             position += 1
@@ -238,9 +278,14 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
                 log.info("%s: step %d/%s epoch %d loss %.4f (%.2f steps/s)", worker.job_name, step,
                          job.max_steps or "?", epoch, loss, rate)
                 last_log, last_log_step = time.time(), step
+                history.add(step=step, loss=loss)
+                history.progress(step=step, loss=loss)
             evaluated = step % job.eval_every == 0 or finished  # the last report (the run's summary) has one
             if evaluated:
                 metrics.update(evaluate(step), eval_step=step)
+                history.add(**{k: v for k, v in metrics.items() if k not in ("epoch", "resumed_from_step", "eval_step")})
+            if evaluated or step % job.checkpoint_every == 0:
+                history.flush()
             if step % job.checkpoint_every == 0 or finished:
                 # the data position to resume from: the next batch (or the next epoch's first)
                 extra = {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
@@ -275,6 +320,47 @@ def unslice(parts: list):
     whole = torch.empty_like(stacked)
     whole[order] = stacked
     return whole
+
+
+class MetricsHistory:
+    """Rank 0's curves of a job, `<root>/train/<job>/metrics.jsonl`: one line per logged step (loss) and per
+    evaluation (its metrics). A resumed run keeps the lines up to the step it resumes from."""
+
+    def __init__(self, worker: "Worker", resumed_from: int):
+        from pipeline.storage import exists, read_bytes
+
+        self.path = f"{storage_path(worker.root)}/{worker.job_name}/metrics.jsonl"
+        self.active, self.lines = worker.rank == 0, []
+        if self.active and resumed_from and exists(self.path):
+            lines = [json.loads(line) for line in read_bytes(self.path).decode().splitlines() if line.strip()]
+            self.lines = [line for line in lines if line.get("step", 0) <= resumed_from]
+
+    def add(self, **values: Any) -> None:
+        if self.active:
+            self.lines.append({k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def progress(self, step: int, loss: float) -> None:
+        """The latest step and loss, for the driver's progress bar (`progress.json` beside metrics.jsonl)."""
+        if self.active:
+            from pipeline.storage import write_json
+
+            write_json(self.path.rsplit("/", 1)[0] + "/progress.json", {"step": step, "loss": loss})
+
+    def flush(self) -> None:
+        if self.active:
+            from pipeline.storage import write_atomic
+
+            write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in self.lines).encode())
+
+
+def read_history(root: str, job_name: str) -> list[dict]:
+    """The lines of a job's metrics.jsonl ([] when it has none)."""
+    from pipeline.storage import exists, read_bytes
+
+    path = f"{storage_path(root)}/{job_name}/metrics.jsonl"
+    if not exists(path):
+        return []
+    return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
 
 
 class SampleTrace:

@@ -3,29 +3,28 @@
     python -m jobs.train_decoder --config run.yaml [--set train_decoder.unet_number=1]
 
 Each evaluation samples the held-out embeddings (each worker its share, gathered on rank 0), writes a
-sample grid (`<root>/train/decoder/samples/step_N.png`: generated images on the top row, the real images
-below) and scores them: R-precision, CLIP score and CMMD beside the same figures on the real images.
+sample grid (`<root>/train/decoder/samples/step_N.png`: per held-out caption, the generated image beside
+the real one) and scores them: R-precision, CLIP score and CMMD beside the same figures on the real images.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Optional
 
 from .run_config import RunConfig
 from .train_common import Worker, rank_slice, storage_path, train_main, training_loop, unslice
 
-def sample_grid(samples, reals) -> bytes:
-    """PNG bytes of two rows: samples over the real images (at the samples' size)."""
+def sample_grid(samples, reals, captions: list[str]) -> bytes:
+    """PNG bytes: one row per held-out sample (generated, then the real image at the same size), its caption
+    on the left."""
     import torch
-    from torchvision.utils import make_grid
 
-    from dalle2.text_to_image import to_pil
+    from dalle2.text_to_image import to_uint8
 
-    grid = make_grid(torch.cat([samples.cpu(), reals.cpu()]), nrow=len(samples), padding=2, pad_value=1.0)
-    buffer = io.BytesIO()
-    to_pil(grid[None])[0].save(buffer, format="PNG")
-    return buffer.getvalue()
+    from .grids import labelled_grid
+
+    pairs = torch.stack([samples.cpu(), reals.cpu()], dim=1).flatten(0, 1)  # generated, real, generated, real...
+    return labelled_grid(to_uint8(pairs), [f"{caption} (generated | real)" for caption in captions], columns=2)
 
 
 def decoder_loop(config: dict) -> None:
@@ -92,7 +91,7 @@ def decoder_loop(config: dict) -> None:
         embeds = held_out["image_embed"].to(worker.device)
         real = torch.nn.functional.interpolate(held_out["image"], size=samples.shape[-2:], mode="bilinear",
                                                antialias=True)
-        write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png", sample_grid(samples, real))
+        write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png", sample_grid(samples, real, list(held_out["caption"])))
         metrics = {"sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
             from dalle2.metrics import text_image_agreement

@@ -90,6 +90,9 @@ class FilterConfig(StrictModel):
 
     enabled: bool = True
     min_similarity: Optional[float] = Field(default=None, ge=-1, le=1)  # CLIP cosine of image and caption
+    # where the caption must rank among the shard's distinct captions for its image (1: CLIP's first choice);
+    # scale-free, for a CLIP trained from scratch whose cosines no absolute threshold separates
+    max_caption_rank: Optional[PositiveInt] = None
     duplicate_threshold: Optional[float] = Field(default=None, gt=0, lt=1)  # image cosine above it: keep the first
     # faiss index factory string of the run-wide duplicate search: "Flat" is exact (4 x dim bytes a kept row);
     # "IVF4096,SQ8" is approximate and bounds memory at dim bytes a row (trained on the first shards' rows)

@@ -11,9 +11,8 @@ import logging
 import traceback
 from typing import Callable, Literal, Optional
 
-from tqdm.auto import tqdm
-
 from .config import RayConfig
+from .console import progress_bar
 from .ledger import ShardRecord
 
 log = logging.getLogger(__name__)
@@ -27,14 +26,21 @@ def ensure_ray(config: Optional[RayConfig] = None) -> None:
 
     import ray
 
+    from .console import VERBOSE_ENV, verbose
+
     if ray.is_initialized():
         return
     config = config or RayConfig()
     address = config.address or os.environ.get("RAY_ADDRESS")
+    # Ray's workers (their logging, Train's controllers and cleaners) print to their log files in Ray's session
+    # folder; the stages show their own progress bars. With DALLE2_VERBOSE=1 all of it comes here too.
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose())
     else:
-        ray.init(num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=verbose())
+    if not verbose():
+        log.info("Ray workers log to Ray's session folder (/tmp/ray/session_latest/logs on each node); "
+                 "%s=1 or `dalle2 --verbose` shows them here", VERBOSE_ENV)
 
 
 def run_shards(
@@ -62,7 +68,7 @@ def run_shards(
 
 def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple[list[ShardRecord], dict[str, str]]:
     records, failures = [], {}
-    for shard in tqdm(shards, desc=desc, unit="shard"):
+    for shard in progress_bar(iterable=shards, desc=desc, unit="shard"):
         for attempt in range(retries + 1):
             try:
                 records.append(fn(shard))
@@ -92,7 +98,7 @@ def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc
     queue = list(reversed(shards))
     pending: dict = {}  # ref -> (shard, submitted at)
     records, failures = [], {}
-    with tqdm(total=len(shards), desc=desc, unit="shard") as progress:
+    with progress_bar(total=len(shards), desc=desc, unit="shard") as progress:
         while queue or pending:
             if time.monotonic() - limit_read > 10:
                 limit, limit_read = slots(), time.monotonic()

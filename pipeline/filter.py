@@ -3,7 +3,8 @@
 Two passes, as LAION curated its crawl:
 
 1. per shard (a Ray task each): caption rules (length, optionally fastText language id), the CLIP
-   similarity of each image with its caption against `min_similarity`, and exact near-duplicate removal
+   similarity of each image with its caption against `min_similarity`, where its caption ranks among the
+   shard's distinct captions for that image against `max_caption_rank`, and exact near-duplicate removal
    inside the shard (image cosine above `duplicate_threshold`: the first in index order is kept);
 2. across the run (the driver, shards in order): each shard's remaining rows are searched in a faiss index
    of the rows kept so far; a match drops the row as a duplicate of an earlier shard's, the rest are kept
@@ -41,6 +42,29 @@ def low_similarity(threshold: float) -> str:
     return f"clip similarity below {threshold:g}"
 
 
+def low_rank(rank: int) -> str:
+    return f"caption not in the image's top {rank}"
+
+
+def caption_ranks(image: np.ndarray, text: np.ndarray, captions: list[str], rows: np.ndarray, block: int = 1024) -> np.ndarray:
+    """For each of `rows`: where its own caption ranks (1 = first) among the shard's distinct captions by CLIP
+    similarity with its image. Scale-free, so it works for a CLIP trained from scratch, whose cosines are
+    compressed into a narrow band where an absolute threshold cannot tell a wrong caption from a right one."""
+    first_row: dict[str, int] = {}
+    for i in rows.tolist():
+        first_row.setdefault(captions[i], i)
+    distinct = list(first_row)
+    column = {caption: j for j, caption in enumerate(distinct)}
+    candidates = text[[first_row[c] for c in distinct]]
+    ranks = np.zeros(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), block):
+        chunk = rows[start : start + block]
+        similarities = image[chunk] @ candidates.T
+        own = similarities[np.arange(len(chunk)), [column[captions[i]] for i in chunk.tolist()]]
+        ranks[start : start + block] = (similarities > own[:, None]).sum(axis=1) + 1
+    return ranks
+
+
 class ShardFilter:
     """Pass 1 for one shard: caption rules, CLIP similarity, duplicates inside the shard; a scratch mask."""
 
@@ -65,6 +89,13 @@ class ShardFilter:
                 raise ValueError(f"filter.min_similarity is set but shard {shard} has no text embeddings")
             for i in np.nonzero(similarity < self.config.min_similarity)[0]:
                 reasons[i] = reasons[i] or low_similarity(self.config.min_similarity)
+        if self.config.max_caption_rank is not None:
+            if aligned.text_emb is None:
+                raise ValueError(f"filter.max_caption_rank is set but shard {shard} has no text embeddings")
+            still_kept = np.asarray([i for i in range(rows) if reasons[i] is None], dtype=np.int64)
+            ranks = caption_ranks(image, normalized(aligned.text_emb), aligned.captions, still_kept)
+            for i in still_kept[ranks > self.config.max_caption_rank]:
+                reasons[i] = low_rank(self.config.max_caption_rank)
         duplicate_of: list[Optional[str]] = [None] * rows
         if self.config.duplicate_threshold is not None:
             candidates = np.asarray([i for i in range(rows) if reasons[i] is None], dtype=np.int64)
@@ -237,10 +268,10 @@ def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] 
 def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, shards: list[str]) -> None:
     """Pass 2 over every shard in order: drop rows that duplicate an earlier shard's kept row, write the
     final masks and the ledger records. Shards done before (a re-run) only add their kept rows."""
-    from tqdm.auto import tqdm
+    from .console import progress_bar
 
     search = None
-    for shard in tqdm(shards, desc="filter: across the run", unit="shard"):
+    for shard in progress_bar(iterable=shards, desc="filter: across the run", unit="shard"):
         done = ledger.is_done(shard)
         mask = read_parquet(layout.filter_mask(shard) if done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
         if config.duplicate_threshold is not None:

@@ -118,7 +118,8 @@ def write_shards(root: str, count: int, per_shard: int = 250, size: int = 64, se
                     tar.addfile(info, io.BytesIO(data))
         write_atomic(layout.shard_tar(name), buffer.getvalue())
         write_parquet(layout.shard_parquet(name), pa.table({
-            "key": keys, "caption": [s.caption for s, _ in chunk], "status": ["success"] * len(keys)}))
+            "key": keys, "caption": [s.caption for s, _ in chunk], "status": ["success"] * len(keys),
+            "original_width": [size] * len(keys), "original_height": [size] * len(keys)}))
         write_json(layout.shard_stats(name), {"count": len(keys), "successes": len(keys)})
     return samples
 

@@ -11,7 +11,8 @@ from pipeline.layout import RunLayout, index_width
 from pipeline.shapes import write_shards
 
 
-def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim: int = 64, seed: int = 0) -> None:
+def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim: int = 64, seed: int = 0,
+                      filter_config: FilterConfig | None = FilterConfig(distributor="local")) -> None:
     """Shards of shape images and aligned embeddings: image_embed = normalize(P @ pixels of the 4x4 thumbnail),
     text_embed = normalize(W @ image_embed), so the prior and the decoder both have something to learn."""
     samples = write_shards(root, count, per_shard=per_shard, size=size, seed=seed)
@@ -28,4 +29,5 @@ def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim
         aligned = align(shard_id, len(chunk), 5, index_width(per_shard), np.arange(len(chunk)),
                         img_emb.astype(np.float16), text_emb.astype(np.float16), [s.caption for s, _ in chunk])
         write_aligned(layout, f"{shard_id:05d}", aligned)
-    run_filter(FilterConfig(distributor="local"), root)  # keeps every row: training reads the filter's masks
+    if filter_config is not None:  # the default keeps every row: training reads the filter's masks
+        run_filter(filter_config, root)

@@ -60,10 +60,12 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     with open(os.path.join(root, "report.md")) as f:
         assert "R-precision" in f.read()
 
-    # the filter caught the captions the demo planted on the wrong images, and little else for that reason
+    # the filter caught most captions the demo planted on the wrong images (some differ from the right one in one
+    # word only), and hardly any other row for that reason
     filtered = report["filter"]
-    assert filtered["planted_mismatched"] > 20 and filtered["planted_dropped"] >= 0.8 * filtered["planted_mismatched"]
-    assert filtered["other_low_similarity"] <= 0.05 * filtered["rows_in"], filtered
+    assert filtered["planted_mismatched"] > 20, filtered
+    assert filtered["planted_dropped"] >= 0.6 * filtered["planted_mismatched"], filtered
+    assert filtered["other_dropped_by_clip"] <= 0.02 * filtered["rows_in"], filtered
     assert filtered["rows_in"] == filtered["kept"] + sum(filtered["dropped_by_reason"].values())
 
     # every URL row is counted in every stage

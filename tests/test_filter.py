@@ -8,7 +8,7 @@ import pytest
 from jobs.status import run_status
 from pipeline.aligned import align, write_aligned
 from pipeline.config import FilterConfig
-from pipeline.filter import NEAR_DUPLICATE, first_of_each_group, low_similarity, run_filter
+from pipeline.filter import NEAR_DUPLICATE, caption_ranks, first_of_each_group, low_rank, low_similarity, run_filter
 from pipeline.layout import RunLayout, make_key
 from pipeline.ledger import StaleRunError
 from pipeline.loaders import EmbeddingBatches, SamplePlan
@@ -35,8 +35,8 @@ def planted_run(root: str) -> dict[str, str]:
         for i in (3, 17):  # a caption that belongs to another image
             text[i] = unit(rng.standard_normal(DIM))
             expected[key(i)] = low_similarity(0.5)
-        image[9] = unit(image[2] + 0.01 * rng.standard_normal(DIM))  # a near copy of row 2 of the same shard
-        text[9] = unit(image[9] + 0.1 * unit(rng.standard_normal(DIM)))
+        # row 2 posted again, as a near copy with the same caption
+        image[9], text[9], captions[9] = unit(image[2] + 0.01 * rng.standard_normal(DIM)), text[2], captions[2]
         expected[key(9)] = NEAR_DUPLICATE
         if earlier_images:  # a near copy of a kept row of the shard before
             image[25] = unit(earlier_images[-1][30] + 0.01 * rng.standard_normal(DIM))
@@ -94,6 +94,21 @@ def test_planted_faults_are_dropped_with_their_reasons_and_nothing_else(tmp_path
     assert dropped(root) == expected and again["written"] == summary["written"]
     with pytest.raises(StaleRunError, match="min_similarity was 0.5, now 0.3"):
         run_filter(config.model_copy(update={"min_similarity": 0.3}), root)
+
+
+def test_a_caption_that_is_not_clips_first_choice_for_its_image_is_dropped(tmp_path):
+    root = str(tmp_path / "run")
+    expected = planted_run(root)
+    run_filter(FilterConfig(max_caption_rank=1, duplicate_threshold=0.97, max_caption_chars=200, distributor="local"), root)
+    # the same rows as the absolute threshold finds here, named for the rank rule
+    assert dropped(root) == {k: low_rank(1) if r == low_similarity(0.5) else r for k, r in expected.items()}
+
+
+def test_caption_ranks_count_the_captions_clip_prefers():
+    image = unit(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]]))
+    text = unit(np.array([[1.0, 0.1], [0.1, 1.0], [0.1, 1.0]]))  # row 2 carries row 1's caption
+    ranks = caption_ranks(image, text, ["a", "b", "b"], np.arange(3), block=2)
+    assert ranks.tolist() == [1, 1, 2]  # row 2's image is closer to caption "a" than to its own "b"
 
 
 def test_the_loaders_never_hand_a_dropped_row_to_training(tmp_path):

@@ -6,11 +6,12 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 import yaml
 
 from jobs import train_prior
-from jobs.train_common import latest_checkpoint, storage_path
+from jobs.train_common import latest_checkpoint, read_history, storage_path
 from tests.runs import make_training_run
 
 
@@ -49,6 +50,13 @@ def test_train_prior_checkpoints_and_resumes(training_root, tmp_path, ray_local)
     # a re-run with a higher step budget continues from step 30, not from zero
     more = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=40))])
     assert more["step"] == 40 and more["resumed_from_step"] == 30
+
+    # the curves the report draws: the loss at every logged step and each evaluation, across the resume
+    history = read_history(root, "prior")
+    losses = [line["step"] for line in history if "loss" in line and "image_similarity" not in line]
+    evaluations = [line["step"] for line in history if "image_similarity" in line]
+    assert losses == [20, 30, 40] and evaluations == [10, 20, 30, 40]  # log_every 20 and the last step; eval_every 10
+    assert all(np.isfinite(line["loss"]) for line in history if "loss" in line)
 
 
 def train_worker_pids():

@@ -1,0 +1,80 @@
+"""The dataset report: every plot drawn from the run's own files, kept and dropped rows shown with their
+captions and reasons, and a page that a real browser renders with every image decoded."""
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.report import build_report
+from pipeline.config import FilterConfig
+from pipeline.layout import RunLayout
+from pipeline.ledger import Ledger, ShardRecord
+from tests.runs import make_training_run
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("report") / "run")
+    # make_training_run's caption embeddings are a random map of the image's: about half fall below 0
+    make_training_run(root, count=60, per_shard=20, size=32, dim=16,
+                      filter_config=FilterConfig(min_similarity=0.0, duplicate_threshold=0.999, distributor="local"))
+    download = Ledger(RunLayout(root), "download")
+    for shard in range(3):
+        download.record(ShardRecord(f"{shard:05d}", 24, 20, {"timeout": 3, "image decoding error": 1}))
+    download.summarize(started=time.time())
+    return root
+
+
+def test_the_report_draws_each_plot_from_the_run_and_shows_kept_and_dropped_rows(report_run):
+    result = build_report(report_run, samples=5)
+    assert result["plots"] == ["download_outcomes", "image_sizes", "caption_lengths", "clip_similarity",
+                               "duplicate_groups"]  # no training ran: no curves
+    for name in result["plots"]:
+        png = Image.open(os.path.join(report_run, "report", f"{name}.png"))
+        assert png.size[0] > 300 and png.size[1] > 200
+    with open(result["html"]) as f:
+        page = f.read()
+    for name in result["plots"]:
+        assert f'id="{name}"' in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    for encoded in images:
+        Image.open(io.BytesIO(base64.b64decode(encoded))).verify()  # every inline image is a PNG
+    assert len(images) == 5 + 5 + 5  # the plots, five kept rows, five dropped rows
+    assert page.count('class="note">clip similarity below 0 (similarity -') == 5  # each dropped row: its reason
+    assert len(re.findall(r"<p>an? \w+ (circle|square|triangle) ", page)) == 10  # each row shown: its caption
+    assert "rows in" in page and "download" in page  # the ledger table
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no Chromium here (Debian: apt-get install chromium): the report's browser check is skipped")
+
+
+def render(html_path: str, out_png: str) -> str:
+    """The DOM after the page loaded (and its screenshot) as headless Chromium sees them."""
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--virtual-time-budget=5000", "--window-size=1200,4000"]
+    subprocess.run(flags + [f"--screenshot={out_png}", html_path], capture_output=True, timeout=120, check=True)
+    return subprocess.run(flags + ["--dump-dom", html_path], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def test_a_browser_renders_the_report_with_every_image(report_run, tmp_path):
+    result = build_report(report_run, samples=5)
+    dom = render(result["html"], str(tmp_path / "shot.png"))
+    shutil.copy(tmp_path / "shot.png", os.path.join(report_run, "report", "screenshot.png"))
+    shown = re.search(r'data-images-shown="(\d+)/(\d+)"', dom)
+    assert shown and shown.group(1) == shown.group(2) == "15", shown
+    shot = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB")).astype(int)
+    # matplotlib's first colour (#1f77b4) fills the bars of the plots on screen
+    blue = (abs(shot - np.array([31, 119, 180])).sum(-1) < 30).sum()
+    assert blue > 5000, blue
