@@ -42,7 +42,7 @@ def webdataset_grouping(path: str) -> int:
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     with open(path, "rb") as f:
-        files = ({**sample, "__url__": path} for sample in tar_file_iterator(tarfile.open(fileobj=f, mode="r|*")))
+        files = ({**sample, "__url__": path} for sample in tar_file_iterator(f))
         return sum(1 for _ in group_by_keys(files))
 
 
