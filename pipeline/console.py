@@ -23,7 +23,8 @@ def verbose() -> bool:
 
 
 class QuietFilter(logging.Filter):
-    """Drops libraries' chatter (open_clip logs through the root logger at INFO) and repeats of a warning."""
+    """Drops libraries' chatter (open_clip logs through the root logger at INFO, matplotlib's notes) and repeats
+    of a warning."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,7 +33,8 @@ class QuietFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if verbose():
             return True
-        if record.levelno < logging.WARNING and f"{os.sep}open_clip{os.sep}" in record.pathname:
+        if record.levelno < logging.WARNING and (f"{os.sep}open_clip{os.sep}" in record.pathname
+                                                 or record.name.startswith("matplotlib")):
             return False
         if record.levelno == logging.WARNING:
             key = (record.name, str(record.msg))

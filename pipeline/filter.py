@@ -190,9 +190,9 @@ def shard_record(shard: str, reasons: list[Optional[str]], seconds: float) -> Sh
 
 
 class RunWideDuplicates:
-    """Pass 2: a faiss index of the rows kept so far (ids: their numeric keys), shard by shard in order.
-    An IVF index learns its lists from the first 39 x nlist kept rows; until then those rows are searched
-    exactly in a flat index, so a small run loses nothing to the approximation."""
+    """Pass 2: a faiss index of the rows kept so far (ids: their numeric keys), shard by shard in order, on the
+    node's GPUs where faiss has them. An IVF index learns its lists from the first 39 x nlist kept rows; until
+    then those rows are searched exactly in a flat index, so a small run loses nothing to the approximation."""
 
     def __init__(self, config: FilterConfig, dim: int):
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads is no news
@@ -206,16 +206,33 @@ class RunWideDuplicates:
             faiss.extract_index_ivf(self.index).nprobe = config.duplicate_nprobe
             self.training_rows = 39 * faiss.extract_index_ivf(self.index).nlist
             self.warmup = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0  # faiss-gpu on a GPU node
+        if self.warmup is None:
+            self.index = self._on_device(self.index)
+
+    def _on_device(self, index):
+        """The index on the node's GPUs when faiss has them (searched there; added to there), else as it is."""
+        if not self.gpu:
+            return index
+        import faiss
+
+        try:
+            return faiss.index_cpu_to_all_gpus(index)
+        except Exception as error:  # noqa: BLE001 - an index type without a GPU version: the CPU does it
+            log.warning("filter: faiss index stays on the CPU (%s)", error)
+            self.gpu = False
+            return index
 
     def check_and_add(self, image: np.ndarray, ids: np.ndarray) -> dict[int, int]:
         """{row: id of the kept row it duplicates} for unit rows `image`; the other rows are added."""
         index = self.warmup if self.warmup is not None else self.index
         dropped: dict[int, int] = {}
         if index.ntotal and len(image):
-            limits, _, found = index.range_search(np.ascontiguousarray(image, dtype=np.float32), self.threshold)
-            for row in range(len(image)):
-                if limits[row + 1] > limits[row]:
-                    dropped[row] = int(found[limits[row]])
+            # the nearest kept row is a duplicate when its cosine is above the threshold (a 1-NN search: GPU
+            # indexes have no range search)
+            similarity, found = index.search(np.ascontiguousarray(image, dtype=np.float32), 1)
+            for row in np.nonzero((similarity[:, 0] > self.threshold) & (found[:, 0] >= 0))[0].tolist():
+                dropped[row] = int(found[row, 0])
         keep = np.asarray([row not in dropped for row in range(len(image))], dtype=bool)
         self.add(image[keep], ids[keep])
         return dropped
@@ -234,7 +251,7 @@ class RunWideDuplicates:
             known = np.asarray([self.warmup.id_map.at(i) for i in range(self.warmup.ntotal)], dtype=np.int64)
             self.index.train(rows)
             self.index.add_with_ids(rows, known)
-            self.warmup = None
+            self.index, self.warmup = self._on_device(self.index), None
 
 
 def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:

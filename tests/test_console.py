@@ -20,6 +20,7 @@ def test_library_chatter_is_dropped_and_repeated_warnings_shown_once(monkeypatch
     assert not quiet.filter(record(logging.INFO, "Loading model config", clip_info, "root"))
     assert quiet.filter(record(logging.WARNING, "No pretrained weights loaded", clip_info, "root"))  # a warning stays
     assert quiet.filter(record(logging.INFO, "embed: 10 rows"))
+    assert not quiet.filter(record(logging.INFO, "Using categorical units", name="matplotlib.category"))
     shown = [quiet.filter(record(logging.WARNING, "slow shard %s")) for _ in range(4)]
     assert shown == [True, False, False, False]
     quiet.report()

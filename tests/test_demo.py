@@ -3,6 +3,7 @@ reconciles, the sample CLI, and generated images that match their prompts far ab
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,8 +30,11 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
         report = json.load(f)
     assert report["stages"] == {"download": "ran", "train-clip": "ran", "embed": "ran", "reorder": "not wanted",
                                 "filter": "ran", "train-prior": "ran", "train-decoder": "ran"}
-    for name in ("samples.png", "samples.npy", "report.json", "report.md", "config.yaml"):
+    for name in ("samples.png", "samples.npy", "report.json", "report.md", "report.html", "config.yaml"):
         assert os.path.exists(os.path.join(root, name)), name
+    # a terminal's worth of output: progress bars and the project's lines, Ray's worker chatter in its log folder
+    lines = (done.stdout + done.stderr).count("\n")
+    assert lines < 120, (done.stdout + done.stderr)[-5000:]
     with open(os.path.join(root, "config.yaml")) as f:
         config = yaml.safe_load(f)
     assert config["root"] == root  # resolved once, so every Ray worker saw the same folder
@@ -59,6 +63,19 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     assert decoder_metrics["eval_images"] == config["train_decoder"]["eval_samples"] == 8
     with open(os.path.join(root, "report.md")) as f:
         assert "R-precision" in f.read()
+
+    # the dataset report, as a browser shows it: every plot, the kept and dropped rows, the sample grids
+    from jobs.report import PLOT_NAMES
+    from tests.test_report import find_chromium, render
+
+    with open(os.path.join(root, "report.html")) as f:
+        page = f.read()
+    assert all(f'id="{name}"' in page for name in PLOT_NAMES), [n for n in PLOT_NAMES if f'id="{n}"' not in page]
+    assert "caption not in the image" in page and "near duplicate" in page and "samples.png" in page
+    if find_chromium():  # tests/test_report.py says so when it is missing
+        dom = render(os.path.join(root, "report.html"), str(tmp_path / "report.png"))
+        shown, total = map(int, re.search(r'data-images-shown="(\d+)/(\d+)"', dom).groups())
+        assert shown == total >= len(PLOT_NAMES) + 2 * 12 + 2
 
     # the filter caught most captions the demo planted on the wrong images (some differ from the right one in one
     # word only), and hardly any other row for that reason

@@ -53,11 +53,20 @@ def test_the_report_draws_each_plot_from_the_run_and_shows_kept_and_dropped_rows
     assert "rows in" in page and "download" in page  # the ledger table
 
 
-def chromium() -> str:
+def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    pytest.skip("no Chromium here (Debian: apt-get install chromium): the report's browser check is skipped")
+    return None
+
+
+def chromium() -> str:
+    """The browser, or the test is skipped saying why."""
+    found = find_chromium()
+    if not found:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium; `make test` does it as root): "
+                    "the report's browser check is skipped")
+    return found
 
 
 def render(html_path: str, out_png: str) -> str:
