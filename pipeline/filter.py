@@ -122,8 +122,12 @@ class ShardFilter:
         """fastText's most likely language of `text` and its probability."""
         if self._language_model is None:
             self._language_model = load_language_model(self.config.language_model)
-        labels, scores = self._language_model.predict(text.replace("\n", " "), k=1)
-        return labels[0].replace("__label__", ""), float(scores[0])
+        # the model's own predict() breaks on NumPy 2 (np.array(copy=False)); its C++ binding does not
+        found = self._language_model.f.predict(text.replace("\n", " "), 1, 0.0, "replace")
+        if not found:
+            return "", 0.0
+        score, label = found[0]
+        return label.replace("__label__", ""), float(score)
 
 
 def load_language_model(url: str):

@@ -30,7 +30,7 @@ def planted_run(root: str) -> dict[str, str]:
     for shard_id in range(SHARDS):
         image = unit(rng.standard_normal((PER_SHARD, DIM)))
         text = unit(image + 0.3 * unit(rng.standard_normal((PER_SHARD, DIM))))  # cosine about 0.95
-        captions = [f"picture {shard_id}-{i}" for i in range(PER_SHARD)]
+        captions = [f"a photo of thing {shard_id}-{i}" for i in range(PER_SHARD)]
         key = lambda i: make_key(shard_id, i, 5, 2)  # noqa: E731
         for i in (3, 17):  # a caption that belongs to another image
             text[i] = unit(rng.standard_normal(DIM))
@@ -133,6 +133,39 @@ def test_training_refuses_to_start_before_the_filter_ran(tmp_path):
     planted_run(root)
     with pytest.raises(FileNotFoundError, match="no filter mask .*00000.parquet: run the filter stage"):
         SamplePlan.from_aligned(root, filtered=True)
+
+
+def tiny_language_model(folder) -> str:
+    """A fastText language id model trained here on a few English and French captions (lid.176.bin's format)."""
+    fasttext = pytest.importorskip("fasttext", reason="filter.language_model needs fasttext-wheel (the dev extra)")
+    english = ["a red circle on the left", "the cat sits on the mat", "a photo of a dog in the park",
+               "blue sky over the sea", "a man riding a bike", "two people walking on the beach"]
+    french = ["un cercle rouge à gauche", "le chat est sur le tapis", "une photo d'un chien dans le parc",
+              "ciel bleu sur la mer", "un homme à vélo", "deux personnes marchent sur la plage"]
+    corpus = folder / "languages.txt"
+    corpus.write_text("".join(f"__label__en {a}\n__label__fr {b}\n" for _ in range(40) for a, b in zip(english, french)))
+    model = fasttext.train_supervised(str(corpus), epoch=25, minn=2, maxn=4, dim=16, verbose=0, thread=1, seed=0)
+    model.save_model(str(folder / "lid.bin"))
+    return str(folder / "lid.bin")
+
+
+def test_captions_in_another_language_are_dropped(tmp_path):
+    model = tiny_language_model(tmp_path)
+    root = str(tmp_path / "run")
+    planted_run(root)
+    aligned = RunLayout(root).aligned_files("00001")
+    meta = read_parquet(aligned["metadata"]).to_pydict()
+    meta["caption"][11], meta["caption"][12] = "une photo d'un chat sur la plage", "le chien sur le tapis rouge"
+    meta["caption"][13] = "a photo of a cat on the beach"
+    import pyarrow as pa
+
+    from pipeline.storage import write_parquet
+
+    write_parquet(aligned["metadata"], pa.table(meta))
+    run_filter(FilterConfig(language_model=model, languages=["en"], distributor="local"), root)
+    mask = read_parquet(RunLayout(root).filter_mask("00001")).to_pydict()
+    # the French captions, and row 6's 300 x's, which are no language at all; the English ones are kept
+    assert [i for i, r in enumerate(mask["reason"]) if r == "caption language"] == [6, 11, 12] and mask["keep"][13]
 
 
 def test_in_shard_duplicates_keep_the_first_of_each_group():
