@@ -20,7 +20,7 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-MAX_SHARDS = 32  # shards read for the image and caption statistics: a big run is sampled
+MAX_SHARDS = 32  # shards read for the image, caption and filter statistics: a big run is sampled
 PLOT_NAMES = ("download_outcomes", "image_sizes", "caption_lengths", "clip_similarity", "duplicate_groups",
               "training_loss", "evaluation")
 
@@ -58,12 +58,13 @@ def shard_statistics(root: str) -> dict:
 
 
 def filter_rows(root: str) -> list[dict]:
-    """Every present row of the filter's masks (key, keep, reason, similarity, duplicate_of)."""
+    """The present rows of the filter's masks (key, keep, reason, similarity, duplicate_of, shard) of up to
+    MAX_SHARDS shards: a big run is sampled."""
     from pipeline.layout import RunLayout
     from pipeline.storage import list_files, read_parquet
 
     rows = []
-    for url in sorted(list_files(RunLayout(root).filter, ".parquet")):
+    for url in sorted(list_files(RunLayout(root).filter, ".parquet"))[:MAX_SHARDS]:
         shard = url.rsplit("/", 1)[-1][: -len(".parquet")]
         rows += [{**row, "shard": shard} for row in read_parquet(url).to_pylist() if row["reason"] != "absent"]
     return rows
@@ -135,7 +136,7 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
     if rows:
         threshold = made_with.get("min_similarity")
         figures["clip_similarity"] = (plots.similarity_histogram([r["similarity"] for r in rows], threshold),
-                                      "CLIP cosine of every image with its caption" +
+                                      f"CLIP cosine of each image with its caption ({len(rows)} rows)" +
                                       ("; rows left of the line are dropped" if threshold is not None else ""))
         figures["duplicate_groups"] = (plots.duplicate_groups([r["duplicate_of"] for r in rows]),
                                        f"near-duplicates: image cosine above {made_with.get('duplicate_threshold')}"

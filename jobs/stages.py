@@ -50,14 +50,16 @@ def _embed_complete(run: RunConfig) -> bool:
 
 
 def _filter_complete(run: RunConfig) -> bool:
+    from pipeline.filter import STAGE, aligned_shards, fingerprint
     from pipeline.layout import RunLayout
     from pipeline.ledger import Ledger
-    from pipeline.storage import list_files
 
     layout = RunLayout(run.root)
-    ledger = Ledger(layout, "filter")
-    aligned = [url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet")]
-    return _ledger_complete("filter")(run) and bool(aligned) and all(ledger.is_done(s) for s in aligned)
+    ledger = Ledger(layout, STAGE)
+    if ledger.fingerprint_changes(fingerprint(run.filter)):
+        return False  # made under other settings: not complete; the stage says why and stops
+    shards = aligned_shards(layout)
+    return _ledger_complete(STAGE)(run) and bool(shards) and all(ledger.is_done(s) for s in shards)
 
 
 def _training_complete(section: str) -> Callable[[RunConfig], bool]:

@@ -37,7 +37,7 @@ class QuietFilter(logging.Filter):
                                                  or record.name.startswith("matplotlib")):
             return False
         if record.levelno == logging.WARNING:
-            key = (record.name, str(record.msg))
+            key = (record.name, record.getMessage())
             self.repeats[key] += 1
             return self.repeats[key] == 1
         return True

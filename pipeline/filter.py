@@ -28,7 +28,7 @@ import pyarrow as pa
 from .aligned import read_aligned
 from .config import FilterConfig, RayConfig
 from .distributor import ensure_ray, run_shards
-from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, REASON, SIMILARITY, RunLayout
+from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, PRESENT, REASON, SIMILARITY, RunLayout
 from .ledger import Ledger, ShardRecord
 from .storage import exists, list_files, read_parquet, remove, write_parquet
 
@@ -70,7 +70,6 @@ class ShardFilter:
 
     def __init__(self, config: FilterConfig, root: str):
         self.config, self.layout = config, RunLayout(root)
-        self._language_model = None
 
     def __call__(self, shard: str) -> ShardRecord:
         started = time.time()
@@ -120,33 +119,42 @@ class ShardFilter:
 
     def language(self, text: str) -> tuple[str, float]:
         """fastText's most likely language of `text` and its probability."""
-        if self._language_model is None:
-            self._language_model = load_language_model(self.config.language_model)
         # the model's own predict() breaks on NumPy 2 (np.array(copy=False)); its C++ binding does not
-        found = self._language_model.f.predict(text.replace("\n", " "), 1, 0.0, "replace")
+        found = load_language_model(self.config.language_model).f.predict(text.replace("\n", " "), 1, 0.0, "replace")
         if not found:
             return "", 0.0
         score, label = found[0]
         return label.replace("__label__", ""), float(score)
 
 
+_LANGUAGE_MODELS: dict = {}  # per worker process: one load serves every shard task it runs
+
+
 def load_language_model(url: str):
-    """A fastText language id model (e.g. lid.176.bin) from any fsspec URL."""
+    """A fastText language id model (e.g. lid.176.bin) from any fsspec URL, loaded once per process (a remote
+    one is fetched once per machine, into the temp folder under a name made from its URL)."""
+    if url in _LANGUAGE_MODELS:
+        return _LANGUAGE_MODELS[url]
     try:
         import fasttext
     except ImportError as error:
         raise ImportError("filter.language_model needs fastText: pip install fasttext-wheel") from error
+    import hashlib
     import os
     import tempfile
 
     from .storage import is_local, read_bytes
 
-    if is_local(url):
-        return fasttext.load_model(url)
-    local = os.path.join(tempfile.mkdtemp(), url.rsplit("/", 1)[-1])
-    with open(local, "wb") as f:
-        f.write(read_bytes(url))
-    return fasttext.load_model(local)
+    local = url
+    if not is_local(url):
+        local = os.path.join(tempfile.gettempdir(), f"dalle2-{hashlib.sha256(url.encode()).hexdigest()[:16]}.bin")
+        if not os.path.exists(local):
+            partial = f"{local}.{os.getpid()}.part"
+            with open(partial, "wb") as f:
+                f.write(read_bytes(url))
+            os.replace(partial, local)
+    _LANGUAGE_MODELS[url] = fasttext.load_model(local)
+    return _LANGUAGE_MODELS[url]
 
 
 def normalized(embeddings: np.ndarray) -> np.ndarray:
@@ -258,49 +266,70 @@ class RunWideDuplicates:
             self.index, self.warmup = self._on_device(self.index), None
 
 
+def fingerprint(config: FilterConfig) -> dict:
+    """The settings a run's masks are made under (where the work runs does not count)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor")}
+
+
+def aligned_shards(layout: RunLayout) -> list[str]:
+    """The shards with aligned embeddings (their parquet is written last), in order."""
+    return sorted(url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet"))
+
+
+def present_rows(layout: RunLayout, shard: str) -> int:
+    """The filter's input rows of a shard, from its aligned parquet alone (0 if that cannot be read either)."""
+    try:
+        return sum(read_parquet(layout.aligned_files(shard)["metadata"], columns=[PRESENT]).column(PRESENT).to_pylist())
+    except Exception:  # noqa: BLE001 - the shard's error is recorded anyway
+        return 0
+
+
 def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
     """Write the keep mask of every aligned shard; returns the stage summary."""
     started = time.time()
     layout = RunLayout(root)
-    shards = sorted(url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet"))
+    shards = aligned_shards(layout)
     if not shards:
         raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
     ledger = Ledger(layout, STAGE)
-    fingerprint = {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor")}
-    ledger.check_fingerprint(fingerprint, remedy=f"set the filter section back, or delete {layout.filter} and "
-                                                 f"{layout.ledger_dir(STAGE)}* to filter again")
-    ledger.keep_fingerprint(fingerprint)
-    if config.distributor == "ray":
+    ledger.check_fingerprint(fingerprint(config), remedy=f"set the filter section back, or delete {layout.filter}, "
+                                                         f"{layout.ledger_dir(STAGE)}* and {layout.scratch(STAGE)} "
+                                                         "to filter again")
+    if not exists(layout.ledger_fingerprint(STAGE)):  # a fresh start: nothing of an earlier first pass is reused
+        remove(layout.scratch(STAGE), recursive=True)
+    ledger.keep_fingerprint(fingerprint(config))
+    pending = [s for s in shards if not ledger.is_done(s)]
+    if config.distributor == "ray" and pending:
         ensure_ray(ray_config)
-    todo = [s for s in shards if not ledger.is_done(s) and not exists(layout.scratch(STAGE, f"{s}.parquet"))]
+    todo = [s for s in pending if not exists(layout.scratch(STAGE, f"{s}.parquet"))]
     _, failures = run_shards(ShardFilter(config, root), todo, distributor=config.distributor,
                              num_cpus=config.cpus_per_task, desc="filter: shards")
     for shard, error in failures.items():
-        ledger.fail(shard, rows=int(read_aligned(layout, shard).present.sum()), error=error)
+        ledger.fail(shard, rows=present_rows(layout, shard), error=error)
     if failures:
         log.error("filter: %d shards failed; nothing is searched across the run until they pass (re-run): %s",
                   len(failures), failures)
-    else:
-        across_the_run(config, layout, ledger, shards)
+    elif pending:
+        across_the_run(config, layout, ledger, [s for s in shards if s not in pending], pending)
         remove(layout.scratch(STAGE), recursive=True)
     return ledger.summarize(started)
 
 
-def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, shards: list[str]) -> None:
-    """Pass 2 over every shard in order: drop rows that duplicate an earlier shard's kept row, write the
-    final masks and the ledger records. Shards done before (a re-run) only add their kept rows."""
+def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done: list[str], pending: list[str]) -> None:
+    """Pass 2: the kept rows of shards done before (a re-run) go into the index first, then each pending shard
+    in order drops the rows that duplicate a row kept so far, writes its final mask and its ledger record."""
     from .console import progress_bar
 
     search = None
-    for shard in progress_bar(iterable=shards, desc="filter: across the run", unit="shard"):
-        done = ledger.is_done(shard)
-        mask = read_parquet(layout.filter_mask(shard) if done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
-        if config.duplicate_threshold is not None:
+    for shard in progress_bar(iterable=done + pending, desc="filter: across the run", unit="shard"):
+        is_done = shard in done
+        mask = read_parquet(layout.filter_mask(shard) if is_done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
+        if config.duplicate_threshold is not None and len(mask[KEY]):
             image = normalized(read_aligned(layout, shard).img_emb)
             search = search or RunWideDuplicates(config, image.shape[1])
             rows = np.asarray([i for i, keep in enumerate(mask[KEEP]) if keep], dtype=np.int64)
             ids = np.asarray([int(mask[KEY][i]) for i in rows], dtype=np.int64)
-            if done:
+            if is_done:
                 search.add(image[rows], ids)
                 continue
             width = len(mask[KEY][0])
@@ -308,7 +337,7 @@ def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, shar
                 i = rows[row]
                 mask[KEEP][i], mask[REASON][i] = False, NEAR_DUPLICATE
                 mask[DUPLICATE_OF][i] = f"{duplicate:0{width}d}"
-        if done:
+        if is_done:
             continue
         table = mask_table(mask[KEY], [None if keep else reason for keep, reason in zip(mask[KEEP], mask[REASON])],
                            np.asarray(mask[SIMILARITY], dtype=np.float32), mask[DUPLICATE_OF])

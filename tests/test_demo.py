@@ -45,7 +45,7 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     assert match["all_match"] >= 0.4, match  # every attribute right: chance 1/54
     # combinations no stage saw: reported beside the seen ones, their colour still follows the prompt
     assert report["withheld_prompts"] == config["demo"]["withhold"] and len(report["withheld_prompts"]) == 3
-    assert withheld["color_match"] >= 0.5 and 0 <= withheld["all_match"] <= 1, withheld
+    assert withheld["color_match"] >= 0.5 and withheld["position_match"] >= 0.5, withheld
     per_prompt = report["samples_per_prompt"]
     images = np.load(os.path.join(root, "samples.npy"))
     assert images.shape == (9 * per_prompt, 32, 32, 3)

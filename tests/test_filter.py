@@ -2,6 +2,8 @@
 captions are dropped with their reasons and nothing else is; the ledger and `dalle2 status` reconcile; a
 re-run changes nothing; the loaders never hand a dropped row to training."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -211,3 +213,56 @@ def test_training_never_sees_a_dropped_row(tmp_path):
     seen = {key for lines in trace(tmp_path / "trace").values() for line in lines for key in line["keys"]}
     assert seen <= kept and not seen & dropped
     assert len(seen) >= len(kept) - 8  # every kept row but the 8 held out for evaluation
+
+
+def test_run_redoes_the_filter_when_its_settings_change(tmp_path):
+    from jobs.run_config import RunConfig
+    from jobs.stages import STAGES
+
+    root = str(tmp_path / "run")
+    planted_run(root)
+    run_filter(FilterConfig(**CONFIG), root)
+    stage = next(s for s in STAGES if s.name == "filter")
+    same = RunConfig(root=root, filter=FilterConfig(**CONFIG))
+    changed = RunConfig(root=root, filter=FilterConfig(**{**CONFIG, "min_similarity": 0.3}))
+    assert stage.complete(same) and not stage.complete(changed)  # not skipped: the stage refuses, saying why
+
+
+def test_a_fresh_start_after_a_failed_shard_reuses_nothing_of_the_old_settings(tmp_path):
+    import shutil
+
+    root = str(tmp_path / "run")
+    expected = planted_run(root)
+    layout = RunLayout(root)
+    npy = layout.aligned_files("00002")["img_emb"]
+    shutil.move(npy, f"{npy}.away")  # the last shard cannot be read: it fails, the others' first pass is kept
+    summary = run_filter(FilterConfig(**{**CONFIG, "min_similarity": 0.99}), root)
+    assert list(summary["failed_shards"]) == ["00002"] and summary["failed_shards"]["00002"]["rows"] == PER_SHARD - 1
+    # as the error message says to start over with other settings: delete the masks and the ledger
+    shutil.move(f"{npy}.away", npy)
+    shutil.rmtree(layout.filter, ignore_errors=True)
+    shutil.rmtree(layout.ledger_dir("filter"))
+    os.remove(layout.ledger_fingerprint("filter"))
+    os.remove(layout.ledger_summary("filter"))
+    run_filter(FilterConfig(**CONFIG), root)
+    assert dropped(root) == expected  # under 0.99 most rows would have gone
+
+
+def test_a_shard_added_later_is_checked_against_every_kept_row(tmp_path):
+    import shutil
+
+    root = str(tmp_path / "run")
+    planted_run(root)
+    layout = RunLayout(root)
+    away = tmp_path / "away"
+    away.mkdir()
+    for path in layout.aligned_files("00001").values():  # shard 00001 arrives after 00000 and 00002 are filtered
+        shutil.move(path, away / os.path.basename(path))
+    run_filter(FilterConfig(**CONFIG), root)
+    for path in layout.aligned_files("00001").values():
+        shutil.move(away / os.path.basename(path), path)
+    run_filter(FilterConfig(**CONFIG), root)
+    mask = read_parquet(layout.filter_mask("00001")).to_pydict()
+    assert mask["reason"][25] == NEAR_DUPLICATE and mask["duplicate_of"][25] == make_key(0, 30, 5, 2)
+    # shard 00002's copy of 00001's row 30 was kept before 00001 came: now 00001's row 30 is the copy
+    assert mask["reason"][30] == NEAR_DUPLICATE and mask["duplicate_of"][30] == make_key(2, 25, 5, 2)
