@@ -6,11 +6,11 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: demo test bench clean browser
 
-# torch and torchvision go in first, pinned, so the project's ranges install nothing bigger.
+# torch and torchvision go in first, pinned, so the project's ranges install nothing bigger (-qq: errors only).
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -qq torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: $(BIN)/.installed
