@@ -15,6 +15,7 @@ from jobs.cli import main as dalle2
 from jobs.demo import prompt_match
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the whole demo, about 8 minutes here
 def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_their_prompts(tmp_path, capsys):
     # as the README says: the installed `dalle2 demo`, no arguments, from a folder of its own (about 7 minutes;
     # a shorter training left one sample in three off its position on some machines)
