@@ -21,6 +21,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 MAX_SHARDS = 32  # shards read for the image, caption and filter statistics: a big run is sampled
+SAMPLE_SHARDS = 3  # shards whose tars the kept and dropped rows shown are read from
 PLOT_NAMES = ("download_outcomes", "image_sizes", "caption_lengths", "clip_similarity", "duplicate_groups",
               "training_loss", "evaluation")
 
@@ -84,6 +85,9 @@ def sample_rows(root: str, rows: list[dict]) -> list[tuple[str, str, str]]:
         for key, fields in iter_samples(layout.shard_tar(shard)):
             if key in wanted and image_of(fields):
                 found[key] = (thumbnail(image_of(fields)), fields.get("txt", b"").decode("utf-8", "replace"))
+                wanted.discard(key)
+                if not wanted:
+                    break  # the rest of the tar is not read
     return [(key, *found[key]) for key in keys if key in found]
 
 
@@ -141,8 +145,10 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
         figures["duplicate_groups"] = (plots.duplicate_groups([r["duplicate_of"] for r in rows]),
                                        f"near-duplicates: image cosine above {made_with.get('duplicate_threshold')}"
                                        if made_with.get("duplicate_threshold") else "near-duplicate search is off")
-        kept = [r for r in rows if r["keep"]]
-        dropped = [r for r in rows if not r["keep"]]
+        # the rows shown come from a few shards, so a big run's report reads a few tars, not one per row
+        few = set(rng.sample(sorted({r["shard"] for r in rows}), min(SAMPLE_SHARDS, len({r["shard"] for r in rows}))))
+        kept = [r for r in rows if r["keep"] and r["shard"] in few]
+        dropped = [r for r in rows if not r["keep"] and r["shard"] in few]
         shown_kept, shown_dropped = rng.sample(kept, min(samples, len(kept))), rng.sample(dropped, min(samples, len(dropped)))
         for r in shown_kept:
             kept_notes[r["key"]] = f"similarity {r['similarity']:.2f}"
