@@ -80,24 +80,26 @@ class ShardFilter:
             if reasons[i] is None:
                 reasons[i] = self.caption_reason(caption)
         image = normalized(aligned.img_emb)
-        similarity = np.full(rows, np.nan, dtype=np.float32)
-        if aligned.text_emb is not None:
-            similarity = (image * normalized(aligned.text_emb)).sum(axis=1)
+        text = normalized(aligned.text_emb) if aligned.text_emb is not None else None
+        similarity = (image * text).sum(axis=1) if text is not None else np.full(rows, np.nan, dtype=np.float32)
+        for field in ("min_similarity", "max_caption_rank"):
+            if getattr(self.config, field) is not None and text is None:
+                raise ValueError(f"filter.{field} is set but shard {shard} has no text embeddings")
+
+        def undecided() -> np.ndarray:
+            return np.asarray([i for i in range(rows) if reasons[i] is None], dtype=np.int64)
+
         if self.config.min_similarity is not None:
-            if aligned.text_emb is None:
-                raise ValueError(f"filter.min_similarity is set but shard {shard} has no text embeddings")
             for i in np.nonzero(similarity < self.config.min_similarity)[0]:
                 reasons[i] = reasons[i] or low_similarity(self.config.min_similarity)
         if self.config.max_caption_rank is not None:
-            if aligned.text_emb is None:
-                raise ValueError(f"filter.max_caption_rank is set but shard {shard} has no text embeddings")
-            still_kept = np.asarray([i for i in range(rows) if reasons[i] is None], dtype=np.int64)
-            ranks = caption_ranks(image, normalized(aligned.text_emb), aligned.captions, still_kept)
+            still_kept = undecided()
+            ranks = caption_ranks(image, text, aligned.captions, still_kept)
             for i in still_kept[ranks > self.config.max_caption_rank]:
                 reasons[i] = low_rank(self.config.max_caption_rank)
         duplicate_of: list[Optional[str]] = [None] * rows
         if self.config.duplicate_threshold is not None:
-            candidates = np.asarray([i for i in range(rows) if reasons[i] is None], dtype=np.int64)
+            candidates = undecided()
             for i, first in first_of_each_group(image[candidates], self.config.duplicate_threshold).items():
                 reasons[candidates[i]] = NEAR_DUPLICATE
                 duplicate_of[candidates[i]] = aligned.keys[candidates[first]]
