@@ -50,7 +50,8 @@ def _embed_complete(run: RunConfig) -> bool:
 
 
 def _filter_complete(run: RunConfig) -> bool:
-    from pipeline.filter import STAGE, aligned_shards, fingerprint
+    from pipeline.aligned import aligned_shards
+    from pipeline.filter import STAGE, fingerprint
     from pipeline.layout import RunLayout
     from pipeline.ledger import Ledger
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .layout import CAPTION, INDEX, KEY, PRESENT, RunLayout, make_key
-from .storage import read_npy, read_parquet, write_npy, write_parquet
+from .storage import list_files, read_npy, read_parquet, write_npy, write_parquet
 
 
 @dataclass
@@ -57,6 +57,11 @@ def align(
         out_captions[i] = caption
     keys = [make_key(shard_id, i, shard_digits, index_digits) for i in range(slots)]
     return AlignedShard(out_img, out_text, keys, out_captions, present)
+
+
+def aligned_shards(layout: RunLayout) -> list[str]:
+    """The shards with aligned embeddings, in order (a shard's parquet is written last, after its npy files)."""
+    return [url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet")]
 
 
 def write_aligned(layout: RunLayout, shard: str, aligned: AlignedShard) -> None:

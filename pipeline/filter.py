@@ -25,12 +25,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .aligned import read_aligned
+from .aligned import aligned_shards, read_aligned
 from .config import FilterConfig, RayConfig
 from .distributor import ensure_ray, run_shards
 from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, PRESENT, REASON, SIMILARITY, RunLayout
 from .ledger import Ledger, ShardRecord
-from .storage import exists, list_files, read_parquet, remove, write_parquet
+from .storage import exists, read_parquet, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,6 @@ class RunWideDuplicates:
 def fingerprint(config: FilterConfig) -> dict:
     """The settings a run's masks are made under (where the work runs does not count)."""
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor")}
-
-
-def aligned_shards(layout: RunLayout) -> list[str]:
-    """The shards with aligned embeddings (their parquet is written last), in order."""
-    return sorted(url.rsplit("/", 1)[-1][: -len(".parquet")] for url in list_files(layout.aligned, ".parquet"))
 
 
 def present_rows(layout: RunLayout, shard: str) -> int:

@@ -19,10 +19,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .aligned import read_aligned
+from .aligned import aligned_shards, read_aligned
 from .layout import INDEX, PRESENT, RunLayout, parse_key
 from .shard_reader import image_of, iter_samples
-from .storage import list_files, read_parquet
+from .storage import read_parquet
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SamplePlan:
         from .filter import kept_indices
 
         layout = RunLayout(root)
-        shards = [u.rsplit("/", 1)[-1][: -len(".parquet")] for u in list_files(layout.aligned, ".parquet")]
+        shards = aligned_shards(layout)
         if not shards:
             raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
         indices = {}
