@@ -146,7 +146,8 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
                                        f"near-duplicates: image cosine above {made_with.get('duplicate_threshold')}"
                                        if made_with.get("duplicate_threshold") else "near-duplicate search is off")
         # the rows shown come from a few shards, so a big run's report reads a few tars, not one per row
-        few = set(rng.sample(sorted({r["shard"] for r in rows}), min(SAMPLE_SHARDS, len({r["shard"] for r in rows}))))
+        shards = sorted({r["shard"] for r in rows})
+        few = set(rng.sample(shards, min(SAMPLE_SHARDS, len(shards))))
         kept = [r for r in rows if r["keep"] and r["shard"] in few]
         dropped = [r for r in rows if not r["keep"] and r["shard"] in few]
         shown_kept, shown_dropped = rng.sample(kept, min(samples, len(kept))), rng.sample(dropped, min(samples, len(dropped)))

@@ -327,13 +327,10 @@ class MetricsHistory:
     evaluation (its metrics). A resumed run keeps the lines up to the step it resumes from."""
 
     def __init__(self, worker: "Worker", resumed_from: int):
-        from pipeline.storage import exists, read_bytes
-
-        self.path = f"{storage_path(worker.root)}/{worker.job_name}/metrics.jsonl"
+        self.path = history_path(worker.root, worker.job_name)
         self.active, self.lines = worker.rank == 0, []
-        if self.active and resumed_from and exists(self.path):
-            lines = [json.loads(line) for line in read_bytes(self.path).decode().splitlines() if line.strip()]
-            self.lines = [line for line in lines if line.get("step", 0) <= resumed_from]
+        if self.active and resumed_from:
+            self.lines = [line for line in read_history(worker.root, worker.job_name) if line.get("step", 0) <= resumed_from]
 
     def add(self, **values: Any) -> None:
         if self.active:
@@ -353,11 +350,15 @@ class MetricsHistory:
             write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in self.lines).encode())
 
 
+def history_path(root: str, job_name: str) -> str:
+    return f"{storage_path(root)}/{job_name}/metrics.jsonl"
+
+
 def read_history(root: str, job_name: str) -> list[dict]:
     """The lines of a job's metrics.jsonl ([] when it has none)."""
     from pipeline.storage import exists, read_bytes
 
-    path = f"{storage_path(root)}/{job_name}/metrics.jsonl"
+    path = history_path(root, job_name)
     if not exists(path):
         return []
     return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
