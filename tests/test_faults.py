@@ -3,6 +3,7 @@ crash points, then re-run through the installed CLI; the outputs equal an uninte
 keys, the same rows (byte-identical where the stage is deterministic), nothing duplicated, and
 `dalle2 status` reconciling every row. Training resumes to the same sample sequence."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -211,6 +212,18 @@ def train_config(root, max_failures):
                                           "max_failures": max_failures, "shuffle_buffer": 16}}
 
 
+@contextlib.contextmanager
+def tracing(folder):
+    """While inside, every `dalle2` started here logs each rank's batch keys per step under `folder`."""
+    from jobs.train_common import SampleTrace
+
+    os.environ[SampleTrace.ENV] = str(folder)
+    try:
+        yield
+    finally:
+        del os.environ[SampleTrace.ENV]
+
+
 def trace(folder) -> dict[int, list[list[str]]]:
     """Per rank, the key lists of the steps in the order they were trained (a resumed run appends)."""
     out = {}
@@ -229,11 +242,8 @@ def training_reference(tmp_path_factory):
     make_training_run(root, count=72, per_shard=24, size=32, dim=64)
     pristine = str(folder / "pristine")
     shutil.copytree(root, pristine)
-    os.environ["DALLE2_TRACE_SAMPLES"] = str(folder / "trace")
-    try:
+    with tracing(folder / "trace"):
         done = dalle2("train-prior", train_config(root, 0), folder)
-    finally:
-        del os.environ["DALLE2_TRACE_SAMPLES"]
     assert done.returncode == 0, done.stderr[-3000:]
     return pristine, trace(folder / "trace")
 
@@ -244,15 +254,12 @@ def test_training_killed_resumes_to_the_same_sample_sequence(tmp_path, training_
     pristine, reference = training_reference
     root = str(tmp_path / "run")
     shutil.copytree(pristine, root)
-    os.environ["DALLE2_TRACE_SAMPLES"] = str(tmp_path / "trace")
-    try:
+    with tracing(tmp_path / "trace"):
         first = dalle2("train-prior", train_config(root, max_failures), tmp_path, crash=crash)
         if max_failures == 0:  # the run fails with its worker; the re-run resumes from the last checkpoint
             assert first.returncode != 0
             first = dalle2("train-prior", train_config(root, max_failures), tmp_path)
         assert first.returncode == 0, first.stderr[-3000:]  # with max_failures=1 Ray Train restarted it in-run
-    finally:
-        del os.environ["DALLE2_TRACE_SAMPLES"]
     summary = read_json(f"{root}/train/prior_summary.json")
     assert summary["step"] == 9 and 0 < summary["resumed_from_step"] < 9 and summary["resumed_from_step"] % 3 == 0
     got = trace(tmp_path / "trace")

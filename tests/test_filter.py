@@ -191,10 +191,8 @@ def test_the_filter_config_is_checked_at_start():
 
 @pytest.mark.slow
 def test_training_never_sees_a_dropped_row(tmp_path):
-    import os
-
     from tests.runs import make_training_run
-    from tests.test_faults import dalle2, train_config, trace
+    from tests.test_faults import dalle2, trace, tracing, train_config
 
     root = str(tmp_path / "run")
     # the runs' caption embeddings are a random map of the image's: some fall below cosine 0 and are dropped
@@ -204,11 +202,8 @@ def test_training_never_sees_a_dropped_row(tmp_path):
     kept = {k for m in masks for k, keep in zip(m["key"], m["keep"]) if keep}
     dropped = {k for m in masks for k, keep in zip(m["key"], m["keep"]) if not keep}
     assert len(dropped) >= 5 and len(kept) + len(dropped) == 72
-    os.environ["DALLE2_TRACE_SAMPLES"] = str(tmp_path / "trace")
-    try:
+    with tracing(tmp_path / "trace"):
         done = dalle2("train-prior", train_config(root, 0), tmp_path)
-    finally:
-        del os.environ["DALLE2_TRACE_SAMPLES"]
     assert done.returncode == 0, done.stderr[-3000:]
     seen = {key for lines in trace(tmp_path / "trace").values() for line in lines for key in line["keys"]}
     assert seen <= kept and not seen & dropped
