@@ -116,15 +116,21 @@ def input_rows(arrow: bytes) -> int:
     return pa.ipc.open_file(pa.BufferReader(arrow)).read_all().num_rows
 
 
+def plan_download(config: DownloadConfig, layout: RunLayout) -> tuple[dict[str, int], list[str]]:
+    """({shard: input rows} of the run, the shards still to download)."""
+    shards = split_url_list(config, layout)
+    ledger = Ledger(layout, STAGE)
+    return shards, [s for s in shards if not (ledger.is_done(s) and exists(layout.shard_stats(s)))]
+
+
 def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
     """Download every shard of the run that is not done yet; returns the stage summary."""
     started = time.time()
     layout = RunLayout(root)
-    shards = split_url_list(config, layout)
     ledger = Ledger(layout, STAGE)
     fs, shards_path = filesystem(layout.shards)
     fs.makedirs(shards_path, exist_ok=True)  # img2dataset's writer opens files in it without creating it
-    todo = [s for s in shards if not (ledger.is_done(s) and exists(layout.shard_stats(s)))]
+    shards, todo = plan_download(config, layout)
     log.info("download: %d shards, %d to do", len(shards), len(todo))
     if config.distributor == "ray":
         ensure_ray(ray_config)

@@ -277,6 +277,15 @@ def steady_timing(embed_times: list[np.ndarray], started: float) -> dict:
             "steady_rows_per_s": round(len(later) / span, 1) if span > 0 else None}
 
 
+def plan_embed(layout: RunLayout, shards: list[str]) -> dict[str, ShardInfo]:
+    """What the download says of each of `shards` not embedded yet."""
+    from .download import run_index_width
+
+    ledger = Ledger(layout, STAGE)
+    digits = run_index_width(layout)
+    return {s: shard_info(layout, s, digits) for s in shards if not ledger.is_done(s)}
+
+
 def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
     """Embed every downloaded shard that is not embedded yet; returns the stage summary."""
     import ray
@@ -294,7 +303,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     ledger.check_fingerprint(fingerprint(config),
                              remedy=f"embeddings of two CLIPs must not mix: set embed.clip back, or delete "
                                     f"{layout.embeddings}, {layout.aligned} and {layout.ledger_dir(STAGE)}* to re-embed")
-    todo = [s for s in shards if not ledger.is_done(s)]
+    infos = plan_embed(layout, shards)
+    todo = list(infos)
     log.info("embed: %d shards, %d to do", len(shards), len(todo))
     failures: dict[str, str] = {}
     timing: dict = {}
@@ -304,10 +314,6 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         import open_clip
 
         embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
-        from .download import run_index_width
-
-        digits = run_index_width(layout)
-        infos = {s: shard_info(layout, s, digits) for s in todo}
         ensure_ray(ray_config)
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -155,6 +155,28 @@ def infer_widths(config: ReorderConfig, layout: RunLayout, source: str) -> tuple
     return len(key) - shard_digits, shard_digits
 
 
+def source_parts(source: str) -> list[str]:
+    """The clip-retrieval parts under `source`, as listed: metadata_00.parquet -> "00" (never int("00") -> "0")."""
+    return [url.rsplit("/", 1)[-1][len("metadata_"):-len(".parquet")]
+            for url in list_files(f"{source}/metadata", ".parquet") if url.rsplit("/", 1)[-1].startswith("metadata_")]
+
+
+def parts_to_split(layout: RunLayout, parts: list[str]) -> list[str]:
+    """The parts whose split has not finished (no marker)."""
+    return [p for p in parts if not exists(layout.scratch(STAGE, "_parts", f"{p}.json"))]
+
+
+def split_markers(layout: RunLayout, parts: list[str]) -> list[dict]:
+    """The split markers of `parts`: the shards each touched and its record."""
+    return [read_json(layout.scratch(STAGE, "_parts", f"{p}.json")) for p in parts]
+
+
+def shards_to_gather(layout: RunLayout, markers: list[dict]) -> list[str]:
+    """The shards the split parts touched that are not gathered yet, in order."""
+    ledger = Ledger(layout, STAGE)
+    return [s for s in sorted({s for m in markers for s in m["shards"]}) if not ledger.is_done(s)]
+
+
 def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig] = None,
                 distributor: Optional[str] = None) -> dict:
     """Write the aligned layout from clip-retrieval embeddings; returns the stage summary."""
@@ -162,9 +184,7 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
     distributor = distributor or config.distributor
     layout = RunLayout(root)
     source = (config.source or layout.embeddings).rstrip("/")
-    # the part as listed: metadata_00.parquet -> "00" (never int("00") -> "0")
-    parts = [url.rsplit("/", 1)[-1][len("metadata_"):-len(".parquet")]
-             for url in list_files(f"{source}/metadata", ".parquet") if url.rsplit("/", 1)[-1].startswith("metadata_")]
+    parts = source_parts(source)
     if not parts:
         raise FileNotFoundError(f"no clip-retrieval metadata (metadata_*.parquet) under {source}/metadata")
     index_digits, shard_digits = infer_widths(config, layout, source)
@@ -180,14 +200,14 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
             ledger.clear_failure(name)
     if distributor == "ray":
         ensure_ray(ray_config)
-    todo = [p for p in parts if not exists(layout.scratch(STAGE, "_parts", f"{p}.json"))]
+    todo = parts_to_split(layout, parts)
     _, split_failures = run_shards(stage.split, todo, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split")
     for part, error in split_failures.items():
         ledger.fail(f"part-{part}", rows=part_rows(stage.part_files(part)["metadata"]), error=error)
     for part in todo:
         if part not in split_failures:
             ledger.clear_failure(f"part-{part}")
-    markers = [read_json(layout.scratch(STAGE, "_parts", f"{p}.json")) for p in parts if p not in split_failures]
+    markers = split_markers(layout, [p for p in parts if p not in split_failures])
     crash_point("reorder.after_split")
     ledger.keep_fingerprint(reorder_fingerprint)
     gather_failures: dict[str, str] = {}
@@ -195,8 +215,7 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
         log.error("reorder: %d parts failed to split; no shard is gathered until they do (re-run to retry): %s",
                   len(split_failures), split_failures)
     else:
-        shards = sorted({s for m in markers for s in m["shards"]})
-        pending = [s for s in shards if not ledger.is_done(s)]
+        pending = shards_to_gather(layout, markers)
         _, gather_failures = run_shards(stage.gather, pending, distributor=distributor,
                                         num_cpus=config.cpus_per_task, desc="reorder: gather")
         for shard, error in gather_failures.items():
