@@ -46,7 +46,7 @@ def _embed_complete(run: RunConfig) -> bool:
     ledger = Ledger(layout, "embed")
     if ledger.fingerprint_changes(fingerprint(embed_config(run))):
         return False  # made with another CLIP (train-clip ran on): not complete; the stage says why and stops
-    return _ledger_complete("embed")(run) and all(ledger.is_done(s) for s in complete_shards(layout))
+    return _ledger_complete("embed")(run) and set(complete_shards(layout)) <= ledger.done()
 
 
 def _filter_complete(run: RunConfig) -> bool:
@@ -60,7 +60,7 @@ def _filter_complete(run: RunConfig) -> bool:
     if ledger.fingerprint_changes(fingerprint(run.filter)):
         return False  # made under other settings: not complete; the stage says why and stops
     shards = aligned_shards(layout)
-    return _ledger_complete(STAGE)(run) and bool(shards) and all(ledger.is_done(s) for s in shards)
+    return _ledger_complete(STAGE)(run) and bool(shards) and set(shards) <= ledger.done()
 
 
 def _training_complete(section: str) -> Callable[[RunConfig], bool]:

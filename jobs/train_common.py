@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dalle2.configs import StrictModel, TrainerConfig
+from pipeline.config import Resources
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class TrainJobConfig(StrictModel):
     workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
+    resources_per_worker: Resources = {}  # custom resources, e.g. {gpu_pool: 0.001}: workers on the GPU node type
     max_failures: int = Field(default=1, ge=-1)  # a crashed worker restarts from its latest checkpoint this many times (-1: always)
     keep_checkpoints: PositiveInt = 2
     epochs: PositiveInt = 1
@@ -95,7 +97,7 @@ def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: Tra
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker}
+            num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker, **job.resources_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -389,8 +391,8 @@ def train_main(argv: Optional[list[str]], doc: str, loop: Callable[[dict], None]
     def run(config: RunConfig) -> dict:
         from pipeline.distributor import ensure_ray
 
-        ensure_ray(config.ray)
         job = getattr(config, section)
+        ensure_ray(config.ray, job.resources_per_worker, f"{section}.resources_per_worker")
         return fit(job.job_name, loop, config.model_dump(mode="json"), job, config.root)
 
     return stage_main(argv, doc.splitlines()[0], run)

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import AfterValidator, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dalle2.configs import StrictModel
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    reserved = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(resources))
+    if reserved:
+        raise ValueError(f"{reserved} have fields of their own (cpus_*, num_gpus_per_actor, use_gpu); resources names "
+                         "the custom resources of node types (cluster.yaml's cpu_pool / gpu_pool)")
+    return resources
+
+
+# Custom Ray resources a stage's tasks (or actors, or training workers) each ask for, which place them on the node
+# types that declare them: cluster.yaml gives CPU workers {cpu_pool: 1000} and GPU workers {gpu_pool: 1000}, and a
+# stage asking {cpu_pool: 0.001} runs on CPU workers only. An embedded local Ray is every pool at once.
+Resources = Annotated[dict[str, PositiveFloat], AfterValidator(_custom_only)]
 
 
 class RayConfig(StrictModel):
@@ -45,6 +59,7 @@ class DownloadConfig(StrictModel):
     shard_timeout: Optional[PositiveFloat] = None
     max_image_area: PositiveFloat = 1e8  # larger images fail with a reason, before their body is read
     cpus_per_shard: PositiveFloat = 0.5
+    resources: Resources = {}  # e.g. {cpu_pool: 0.001}: download on the CPU workers
     distributor: Literal["ray", "local"] = "ray"
 
 
@@ -70,6 +85,7 @@ class EmbedConfig(StrictModel):
     autocast: Literal["none", "bf16", "fp16"] = "none"
     output_dtype: Literal["float16", "float32"] = "float16"
     write_clip_retrieval: bool = True
+    resources: Resources = {}  # e.g. {gpu_pool: 0.001}: actors and decode tasks on the GPU workers
 
 
 class ReorderConfig(StrictModel):
@@ -79,6 +95,7 @@ class ReorderConfig(StrictModel):
     index_width: Optional[PositiveInt] = None  # digits of the in-shard index; inferred from shard names when None
     samples_per_shard: Optional[PositiveInt] = None  # rows of each aligned file; inferred from shard parquets when None
     cpus_per_task: PositiveFloat = 0.5
+    resources: Resources = {}  # e.g. {cpu_pool: 0.001}
     distributor: Literal["ray", "local"] = "ray"
 
 
@@ -104,4 +121,5 @@ class FilterConfig(StrictModel):
     languages: list[str] = ["en"]  # with language_model: captions in other languages are dropped
     min_language_score: float = Field(default=0.5, ge=0, le=1)
     cpus_per_task: PositiveFloat = 0.5
+    resources: Resources = {}  # e.g. {cpu_pool: 0.001}: pass 1 on the CPU workers
     distributor: Literal["ray", "local"] = "ray"

@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 ShardFn = Callable[[str], ShardRecord]
 
 
-def ensure_ray(config: Optional[RayConfig] = None) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), or start an embedded local Ray."""
+_EMBEDDED: list[bool] = []  # set once this process started its own local Ray
+
+
+def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str, float]] = None, field: str = "") -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), or start an embedded local Ray; then check that the
+    cluster has the custom `resources` the config `field` asks for."""
     import os
 
     import ray
@@ -29,6 +33,7 @@ def ensure_ray(config: Optional[RayConfig] = None) -> None:
     from .console import VERBOSE_ENV, verbose
 
     if ray.is_initialized():
+        require_resources(resources or {}, field)
         return
     config = config or RayConfig()
     address = config.address or os.environ.get("RAY_ADDRESS")
@@ -37,10 +42,35 @@ def ensure_ray(config: Optional[RayConfig] = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=verbose())
     else:
-        ray.init(num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=verbose())
+        # one machine is every node type at once: it has each pool a stage asks for, in plenty
+        ray.init(num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=verbose(),
+                 resources={name: LOCAL_POOL for name in resources or {}})
+        _EMBEDDED.append(True)
     if not verbose():
         log.info("Ray workers log to Ray's session folder (/tmp/ray/session_latest/logs on each node); "
                  "%s=1 or `dalle2 --verbose` shows them here", VERBOSE_ENV)
+    require_resources(resources or {}, field)
+
+
+LOCAL_POOL = 1000.0  # units of each custom resource an embedded local Ray has
+
+
+def require_resources(resources: dict[str, float], field: str) -> None:
+    """Refuse custom resources no node has when nothing can add one (an embedded Ray); on a cluster, warn: its
+    autoscaler adds the node types that declare them when tasks ask."""
+    import ray
+
+    if not resources:
+        return
+    have = ray.cluster_resources()
+    missing = {name: amount for name, amount in resources.items() if have.get(name, 0) < amount}
+    if not missing:
+        return
+    message = f"{field} asks for {missing}, which no node of the Ray cluster has"
+    if _EMBEDDED:
+        raise ValueError(f"{message}: this process's local Ray was started without them; set {field}: {{}} here")
+    log.warning("%s now: its work waits until a node that has them joins (cluster.yaml's node types declare "
+                "cpu_pool and gpu_pool; the autoscaler starts them on demand)", message)
 
 
 def run_shards(
@@ -52,6 +82,7 @@ def run_shards(
     retries: int = 2,
     desc: str = "shards",
     timeout: Optional[float] = None,
+    resources: Optional[dict[str, float]] = None,
 ) -> tuple[list[ShardRecord], dict[str, str]]:
     """Run `fn` on every shard; returns (records, {shard: error} of shards that failed every try).
 
@@ -63,7 +94,7 @@ def run_shards(
         return [], {}
     if distributor == "local":
         return _run_local(fn, shards, retries, desc)
-    return _run_ray(fn, shards, num_cpus, retries, desc, timeout)
+    return _run_ray(fn, shards, num_cpus, retries, desc, timeout, resources or {})
 
 
 def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple[list[ShardRecord], dict[str, str]]:
@@ -81,13 +112,16 @@ def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple
     return records, failures
 
 
-def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc: str, timeout: Optional[float]):
+def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc: str, timeout: Optional[float],
+             resources: dict[str, float]):
     import time
 
     import ray
 
     ensure_ray()
-    remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)
+    # a task on a node that dies is retried on another (max_retries), like one that raised
+    remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True,
+                                       resources=resources)
     fn_ref = ray.put(fn)
     # Twice as many tasks in flight as the cluster can run now (re-read as it grows, so an autoscaler sees
     # demand), and never all shards at once: the driver's bookkeeping stays bounded.

@@ -20,11 +20,12 @@ from .faults import crash_point
 from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
 from .ledger import Ledger, ShardRecord
 from .reader import split_url_list
-from .storage import exists, filesystem, read_bytes, read_json, read_parquet, remove, write_atomic
+from .storage import exists, filesystem, list_names, read_bytes, read_json, read_parquet, remove, write_atomic
 
 log = logging.getLogger(__name__)
 
 STAGE = "download"
+LOST_IN_IMG2DATASET = "lost inside img2dataset (see worker log)"  # a row img2dataset skipped without a parquet row
 SHARD_NAME_WIDTH = 5  # img2dataset's oom_shard_count: shard names are 5 digits
 
 
@@ -91,7 +92,7 @@ class ShardDownloader:
                 reasons[f"{status}: {normalise_error(message)}"] += 1
         lost = rows_in - len(table["status"])
         if lost:  # img2dataset logs and skips a row whose handling raised; count it, never drop it
-            reasons["lost inside img2dataset (see worker log)"] += lost
+            reasons[LOST_IN_IMG2DATASET] += lost
         return ShardRecord(shard, rows_in, written, dict(reasons))
 
 
@@ -119,8 +120,8 @@ def input_rows(arrow: bytes) -> int:
 def plan_download(config: DownloadConfig, layout: RunLayout) -> tuple[dict[str, int], list[str]]:
     """({shard: input rows} of the run, the shards still to download)."""
     shards = split_url_list(config, layout)
-    ledger = Ledger(layout, STAGE)
-    return shards, [s for s in shards if not (ledger.is_done(s) and exists(layout.shard_stats(s)))]
+    done = Ledger(layout, STAGE).done() & list_names(layout.shards, "_stats.json")  # two listings
+    return shards, [s for s in shards if s not in done]
 
 
 def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
@@ -133,10 +134,10 @@ def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConf
     shards, todo = plan_download(config, layout)
     log.info("download: %d shards, %d to do", len(shards), len(todo))
     if config.distributor == "ray":
-        ensure_ray(ray_config)
+        ensure_ray(ray_config, config.resources, "download.resources")
     _, failures = run_shards(ShardDownloader(config, root), todo, distributor=config.distributor,
                              num_cpus=config.cpus_per_shard, retries=config.shard_retries, desc="download",
-                             timeout=config.shard_timeout)
+                             timeout=config.shard_timeout, resources=config.resources)
     for shard, error in failures.items():
         ledger.fail(shard, rows=shards[shard], error=error)
     extra = {"input_rows": sum(shards.values()), "samples_per_shard": config.samples_per_shard,

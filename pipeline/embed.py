@@ -1,11 +1,12 @@
 """The embed stage: CLIP embeddings of every image and caption, streamed through Ray Data.
 
     shards --flat_map(read_shard)--> rows --map_batches(preprocess_batch, CPU tasks)--> pixels
-           --map_batches(ClipEmbedder, actor pool; GPUs on a cluster)--> embeddings --> driver
-The driver assembles rows per shard and writes a shard's outputs (clip-retrieval's files, the
-aligned files, then its ledger record) once its end-of-shard row (carrying the number of samples
-read) and all of those samples have arrived, so memory holds only shards in flight. Corrupt images,
-non-finite embeddings, bad and duplicate keys are skipped and counted; an unreadable shard fails alone.
+           --map_batches(ClipEmbedder, actor pool; GPUs on a cluster)--> embeddings
+           --map_batches(write_parts, CPU tasks)--> per-shard scratch parts --> driver: names and counts
+Once a shard's end row (carrying the number of samples read) and all of those samples are in parts, a
+Ray task writes its outputs (clip-retrieval's files, the aligned files, then its ledger record): see
+embed_writer. Corrupt images, non-finite embeddings, bad and duplicate keys are skipped and counted;
+an unreadable shard fails alone.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 
 from .config import ClipSource, EmbedConfig, RayConfig
-from .faults import crash_point
-from .layout import CAPTION, INDEX, KEY, SHARD, RunLayout, parse_key, shard_id_of
-from .ledger import Ledger, ShardRecord
+from .layout import CAPTION, KEY, SHARD, RunLayout
+from .ledger import Ledger
 from .shard_reader import image_of, iter_samples
-from .storage import exists, list_files, read_parquet
+from .storage import exists, list_names, read_parquet, remove
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,9 @@ def complete_shards(layout: RunLayout) -> list[str]:
     """Shards whose download finished: recorded in the download ledger when the run has one (a shard whose
     download died after img2dataset's stats file is downloaded again, so it is not final yet), else, for
     plain img2dataset output, those with img2dataset's stats file (written last)."""
-    stats = [url.rsplit("/", 1)[-1][: -len("_stats.json")] for url in list_files(layout.shards, "_stats.json")]
-    recorded = list_files(layout.ledger_dir("download"), ".json")
-    if not recorded:
-        return stats
-    done = {url.rsplit("/", 1)[-1][: -len(".json")] for url in recorded}
-    return [shard for shard in stats if shard in done]
+    stats = sorted(list_names(layout.shards, "_stats.json"))
+    recorded = Ledger(layout, "download").done()
+    return [shard for shard in stats if shard in recorded] if recorded else stats
 
 
 def shard_info(layout: RunLayout, name: str, index_digits: Optional[int]) -> ShardInfo:
@@ -156,134 +152,28 @@ class ClipEmbedder:
         return out
 
 
-class ShardAssembler:
-    """Collects embedded rows per shard on the driver and writes each shard once it is complete."""
-
-    def __init__(self, layout: RunLayout, infos: dict[str, ShardInfo], embed_dim: int, config: EmbedConfig):
-        self.layout, self.infos, self.embed_dim, self.config = layout, infos, embed_dim, config
-        self.rows: dict[str, list[dict]] = defaultdict(list)
-        self.ends: dict[str, int] = {}  # samples read from each shard whose end row has arrived
-        self.failures: dict[str, str] = {}
-        self.finished: set[str] = set()
-        self.ledger = Ledger(layout, STAGE)
-        self.started = {name: time.time() for name in infos}
-        self.embed_times: list[np.ndarray] = []  # when each row left CLIP
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        self.embed_times.append(np.asarray(batch["embedded_at"], dtype=np.float64))
-        for i, shard in enumerate(batch[SHARD]):
-            error = str(batch[ERROR][i])
-            if error.startswith(SHARD_FAILED):
-                self.failures[shard] = error[len(SHARD_FAILED):]
-                self.rows.pop(shard, None)
-                log.error("embed: shard %s failed: %s", shard, self.failures[shard])
-                continue
-            if shard in self.failures:
-                continue
-            if error.startswith(SHARD_END):
-                self.ends[shard] = int(error[len(SHARD_END):])
-            else:
-                self.rows[shard].append({KEY: str(batch[KEY][i]), CAPTION: str(batch[CAPTION][i]), ERROR: error,
-                                         "img_emb": batch["img_emb"][i], "text_emb": batch["text_emb"][i]})
-            if shard in self.ends and len(self.rows[shard]) == self.ends[shard]:
-                self.finish_or_fail(shard)
-
-    def close(self) -> dict[str, str]:
-        """Fail the shards whose samples did not all arrive; returns {shard: error} of every failed shard."""
-        for shard, info in self.infos.items():
-            if shard not in self.finished and shard not in self.failures:
-                got = len(self.rows.pop(shard, []))
-                self.failures[shard] = f"only {got} of {self.ends.get(shard, '?')} samples of {info.tar} came back"
-        return self.failures
-
-    def finish_or_fail(self, shard: str) -> None:
-        """Write the shard, or fail it alone with the reason (the other shards go on)."""
-        info, read = self.infos[shard], self.ends[shard]
-        if info.expected is not None and read != info.expected:
-            self.failures[shard] = f"tar {info.tar} holds {read} samples, its parquet lists {info.expected}"
-            self.rows.pop(shard, None)
-            return
-        try:
-            self.finish(shard)
-        except Exception as error:  # noqa: BLE001 - e.g. a write error: this shard fails, with its reason
-            self.failures[shard] = f"{type(error).__name__}: {error}"
-            log.error("embed: shard %s failed: %s", shard, self.failures[shard])
-
-    def finish(self, shard: str) -> None:
-        from .aligned import align, write_aligned
-        from .storage import write_npy, write_parquet
-
-        self.ledger.keep_fingerprint(fingerprint(self.config))
-        info = self.infos[shard]
-        rows = sorted(self.rows.pop(shard, []), key=lambda r: r[KEY])
-        index_digits = info.index_digits or (len(rows[0][KEY]) - len(shard) if rows else 1)
-        seen: set[int] = set()
-        for r in rows:  # keys that do not name a slot of this shard, and repeated keys, fail their row
-            if r[ERROR]:
-                continue
-            try:
-                shard_id, r[INDEX] = parse_key(r[KEY], index_digits)
-            except ValueError:
-                r[ERROR] = "unparsable key"
-                continue
-            if shard_id != shard_id_of(shard) or (info.slots is not None and r[INDEX] >= info.slots):
-                r[ERROR] = "key outside the shard"
-            elif r[INDEX] in seen:
-                r[ERROR] = "duplicate key"
-            seen.add(r[INDEX])
-        good = [r for r in rows if not r[ERROR]]
-        dtype = np.dtype(self.config.output_dtype)
-        img_emb = np.stack([r["img_emb"] for r in good]).astype(dtype) if good else np.zeros((0, self.embed_dim), dtype)
-        text_emb = np.stack([r["text_emb"] for r in good]).astype(dtype) if good else np.zeros((0, self.embed_dim), dtype)
-        keys, captions = [r[KEY] for r in good], [r[CAPTION] for r in good]
-        if self.config.write_clip_retrieval:
-            import pyarrow as pa
-
-            files = self.layout.clip_retrieval_files(shard_id_of(shard))
-            write_npy(files["img_emb"], img_emb)
-            write_npy(files["text_emb"], text_emb)
-            write_parquet(files["metadata"], pa.table({KEY: pa.array(keys, pa.string()), CAPTION: pa.array(captions, pa.string())}))
-        crash_point("embed.between_files")
-        indices = np.asarray([r[INDEX] for r in good], dtype=np.int64)
-        slots = info.slots if info.slots is not None else (int(indices.max()) + 1 if len(indices) else 0)
-        aligned = align(shard_id_of(shard), slots, len(shard), index_digits, indices, img_emb, text_emb, captions)
-        write_aligned(self.layout, shard, aligned)
-        crash_point("embed.after_outputs")
-        failed: dict[str, int] = defaultdict(int)
-        for r in rows:
-            if r[ERROR]:
-                failed[r[ERROR]] += 1
-                log.warning("embed: skipped %s in shard %s: %s", r[KEY], shard, r[ERROR])
-        record = ShardRecord(shard, len(rows), len(good), dict(failed), round(time.time() - self.started[shard], 3))
-        self.ledger.record(record)
-        self.finished.add(shard)
-
-
 def fingerprint(config: EmbedConfig) -> dict:
     """What a run's embeddings are made with: the CLIP (a trained checkpoint's path included) and the dtype."""
     return {"clip": config.clip.model_dump(mode="json"), "output_dtype": config.output_dtype}
 
 
-def steady_timing(embed_times: list[np.ndarray], started: float) -> dict:
-    """Startup (until CLIP's first batch: workers importing torch, actors loading the model) and the
-    rate after it, which is what a long run sees; small runs are dominated by the startup."""
-    times = np.sort(np.concatenate(embed_times)) if embed_times else np.zeros(0)
-    first_batch = times == times[0] if len(times) else times
-    later = times[~first_batch]
-    if not len(later):
-        return {}
-    span = later[-1] - times[0]
-    return {"startup_s": round(float(times[0] - started), 2),
-            "steady_rows_per_s": round(len(later) / span, 1) if span > 0 else None}
-
-
 def plan_embed(layout: RunLayout, shards: list[str]) -> dict[str, ShardInfo]:
-    """What the download says of each of `shards` not embedded yet."""
-    from .download import run_index_width
+    """What the download says of each of `shards` not embedded yet: its ledger records (read concurrently) give
+    each shard's samples and slots; only shards made elsewhere (no record) have their parquet read."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    ledger = Ledger(layout, STAGE)
+    from .download import LOST_IN_IMG2DATASET, STAGE as DOWNLOAD, run_index_width
+
+    done = Ledger(layout, STAGE).done()
+    todo = [s for s in shards if s not in done]
     digits = run_index_width(layout)
-    return {s: shard_info(layout, s, digits) for s in shards if not ledger.is_done(s)}
+    records = Ledger(layout, DOWNLOAD).records_of(todo) if digits else {}
+    infos = {s: ShardInfo(s, layout.shard_tar(s), r.written, r.rows_in - r.failed.get(LOST_IN_IMG2DATASET, 0), digits)
+             for s, r in records.items()}
+    unrecorded = [s for s in todo if s not in records]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        infos.update(zip(unrecorded, pool.map(lambda s: shard_info(layout, s, digits), unrecorded)))
+    return {s: infos[s] for s in todo}
 
 
 def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
@@ -293,6 +183,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     from dalle2.clip import checkpoint_model_name, clip_input_spec
 
     from .distributor import ensure_ray
+    from .embed_writer import ShardTracker, write_parts
 
     started = time.time()
     layout = RunLayout(root)
@@ -314,28 +205,33 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         import open_clip
 
         embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
-        ensure_ray(ray_config)
+        ensure_ray(ray_config, config.resources, "embed.resources")
+        placed = {"resources": config.resources} if config.resources else {}  # on the node type that embeds
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus)
+        ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus, **placed)
         ds = ds.map_batches(preprocess_batch, fn_kwargs=dict(image_size=image_size, mean=mean, std=std),
                             batch_size=config.batch_size, num_cpus=config.decode_cpus,
-                            compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency))
+                            compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
         ds = ds.map_batches(
             ClipEmbedder, batch_size=config.batch_size,
             fn_constructor_kwargs=dict(source=config.clip.model_dump(), use_gpu=config.num_gpus_per_actor > 0,
                                        autocast=config.autocast, output_dtype=config.output_dtype,
                                        torch_threads=config.torch_threads),
             num_cpus=config.cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            compute=ray.data.ActorPoolStrategy(size=config.actors), **placed,
         )
-        assembler = ShardAssembler(layout, infos, embed_dim, config)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            assembler.add(batch)
-        failures = assembler.close()
-        timing = steady_timing(assembler.embed_times, started)
+        ds = ds.map_batches(write_parts, fn_kwargs=dict(root=root, output_dtype=config.output_dtype), batch_size=None,
+                            num_cpus=config.decode_cpus, **placed)
+        tracker = ShardTracker(root, infos, config, embed_dim)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # part names and counts only
+            tracker.add(batch)
+        failures = tracker.close()
+        timing = tracker.steady_timing(started)
     for shard, error in failures.items():  # rows: what the parquet lists, else the samples read (if known)
         info = infos[shard]
-        ledger.fail(shard, rows=info.expected if info.expected is not None else assembler.ends.get(shard, 0), error=error)
+        ledger.fail(shard, rows=info.expected if info.expected is not None else tracker.ends.get(shard, 0), error=error)
+    if todo and not failures:
+        remove(layout.scratch(STAGE), recursive=True)
     summary = ledger.summarize(started, timing)
     return summary

@@ -30,7 +30,7 @@ from .config import FilterConfig, RayConfig
 from .distributor import ensure_ray, run_shards
 from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, PRESENT, REASON, SIMILARITY, RunLayout
 from .ledger import Ledger, ShardRecord
-from .storage import exists, read_parquet, remove, write_parquet
+from .storage import exists, list_names, read_parquet, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class RunWideDuplicates:
 
 def fingerprint(config: FilterConfig) -> dict:
     """The settings a run's masks are made under (where the work runs does not count)."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor")}
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor", "resources")}
 
 
 def present_rows(layout: RunLayout, shard: str) -> int:
@@ -295,12 +295,14 @@ def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] 
     if not exists(layout.ledger_fingerprint(STAGE)):  # a fresh start: nothing of an earlier first pass is reused
         remove(layout.scratch(STAGE), recursive=True)
     ledger.keep_fingerprint(fingerprint(config))
-    pending = [s for s in shards if not ledger.is_done(s)]
+    done = ledger.done()
+    pending = [s for s in shards if s not in done]
     if config.distributor == "ray" and pending:
-        ensure_ray(ray_config)
-    todo = [s for s in pending if not exists(layout.scratch(STAGE, f"{s}.parquet"))]
+        ensure_ray(ray_config, config.resources, "filter.resources")
+    first_pass_done = list_names(layout.scratch(STAGE), ".parquet")
+    todo = [s for s in pending if s not in first_pass_done]
     _, failures = run_shards(ShardFilter(config, root), todo, distributor=config.distributor,
-                             num_cpus=config.cpus_per_task, desc="filter: shards")
+                             num_cpus=config.cpus_per_task, desc="filter: shards", resources=config.resources)
     for shard, error in failures.items():
         ledger.fail(shard, rows=present_rows(layout, shard), error=error)
     if failures:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from .layout import RunLayout
-from .storage import exists, list_files, read_json, remove, write_json
+from .storage import exists, list_files, list_names, read_json, read_many_json, remove, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,25 @@ class Ledger:
     def is_done(self, shard: str) -> bool:
         return exists(self.layout.ledger_record(self.stage, shard))
 
+    def done(self) -> set[str]:
+        """The shards with a done record (one listing, whatever the number of shards)."""
+        return list_names(self.layout.ledger_dir(self.stage), ".json")
+
     def record(self, record: ShardRecord) -> None:
         """Mark `record.shard` done (its outputs must all be written before), clearing an earlier failure."""
         write_json(self.layout.ledger_record(self.stage, record.shard), asdict(record))
         remove(self._failure_path(record.shard))
 
     def records(self) -> list[ShardRecord]:
-        return [ShardRecord(**read_json(url)) for url in list_files(self.layout.ledger_dir(self.stage), ".json")]
+        """Every shard's record (one listing, the files read concurrently)."""
+        found = read_many_json(list_files(self.layout.ledger_dir(self.stage), ".json"))
+        return [ShardRecord(**record) for _, record in sorted(found.items())]
+
+    def records_of(self, shards: list[str]) -> dict[str, ShardRecord]:
+        """{shard: record} of those of `shards` that have one, read concurrently."""
+        done = self.done()
+        urls = {self.layout.ledger_record(self.stage, s): s for s in shards if s in done}
+        return {urls[url]: ShardRecord(**record) for url, record in read_many_json(list(urls)).items()}
 
     def _failure_path(self, shard: str) -> str:
         return self.layout.ledger_failure(self.stage, shard)
@@ -78,8 +90,9 @@ class Ledger:
 
     def failures(self) -> dict[str, dict]:
         """{shard: {rows, error}} of shards that failed and are not done since."""
-        found = [read_json(url) for url in list_files(f"{self.layout.ledger_dir(self.stage)}/_failed", ".json")]
-        return {f["shard"]: {"rows": f["rows"], "error": f["error"]} for f in found if not self.is_done(f["shard"])}
+        found = read_many_json(list_files(f"{self.layout.ledger_dir(self.stage)}/_failed", ".json")).values()
+        done = self.done() if found else set()
+        return {f["shard"]: {"rows": f["rows"], "error": f["error"]} for f in found if f["shard"] not in done}
 
     def fingerprint_changes(self, fingerprint: dict) -> dict:
         """{field: (recorded, now)} where the stage's recorded fingerprint differs ({} if none is recorded)."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import io
 import math
 import random
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -25,33 +25,94 @@ from .shard_reader import image_of, iter_samples
 from .storage import read_parquet
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """Where a shard's usable row indices come from, and how many the stage that made them counted."""
+
+    root: str
+    kind: Literal["aligned", "filtered", "downloaded"]
+    counts: dict[str, int]  # usable rows per shard, from the stage's ledger summary (or its files)
+
+    def read(self, shard: str) -> np.ndarray:
+        """The shard's usable row indices, ascending, read from its files."""
+        layout = RunLayout(self.root)
+        if self.kind == "filtered":
+            from .filter import kept_indices
+
+            return kept_indices(self.root, shard)
+        if self.kind == "aligned":
+            meta = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, PRESENT])
+            return meta.column(INDEX).to_numpy()[meta.column(PRESENT).to_numpy(zero_copy_only=False)].astype(np.int64)
+        meta = read_parquet(layout.shard_parquet(shard), columns=["key", "status"]).to_pydict()
+        digits = len(meta["key"][0]) - len(shard) if meta["key"] else 1
+        return np.asarray(sorted(parse_key(k, digits)[1] for k, s in zip(meta["key"], meta["status"]) if s == "success"),
+                          dtype=np.int64)
+
+    def __call__(self, shard: str) -> np.ndarray:
+        """The shard's usable row indices; refused when they are not as many as the plan counted (every rank
+        plans from the counts, so a shard rewritten since would give ranks different batches)."""
+        indices = self.read(shard)
+        if len(indices) != self.counts[shard]:
+            raise ValueError(f"shard {shard}: its {self.kind} files list {len(indices)} usable rows but the "
+                             f"{SUMMARY_STAGE[self.kind]} ledger summary counted {self.counts[shard]}: re-run "
+                             f"`dalle2 {SUMMARY_STAGE[self.kind]}` so the summary matches the files")
+        return indices
+
+
+# the stage whose ledger summary counts each kind of row (written = usable rows of the shard)
+SUMMARY_STAGE = {"filtered": "filter", "aligned": "embed", "downloaded": "download"}
+
+
+def planned_counts(root: str, kind: str, shards: list[str]) -> dict[str, int]:
+    """Usable rows of each shard: from the stages' ledger summaries (one read each), files read (concurrently)
+    only for shards no summary counts (data made elsewhere, or a stage that has not summarised yet)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .storage import exists, read_json
+
+    layout = RunLayout(root)
+    stages = {"filtered": ["filter"], "aligned": ["embed", "reorder"], "downloaded": ["download"]}[kind]
+    counts: dict[str, int] = {}
+    for stage in stages:
+        summary = layout.ledger_summary(stage)
+        per_shard = (read_json(summary).get("per_shard") or {}) if exists(summary) else {}
+        counts.update({s: per_shard[s]["written"] for s in shards if s in per_shard and s not in counts})
+    uncounted = [s for s in shards if s not in counts]
+    source = RowSource(root, kind, {})
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts.update(zip(uncounted, (len(i) for i in pool.map(source.read, uncounted))))
+    return {s: counts[s] for s in shards}
+
+
 @dataclass
 class SamplePlan:
-    """The samples a loader draws from: for each shard, the indices of its present samples."""
+    """The samples a loader draws from: how many from each shard, read when a rank needs that shard as
+    `source(shard)[first : first + count]`. Planning needs the counts alone, so every rank plans an epoch from
+    them and reads row indices only for the shards in its own slice."""
 
-    indices: dict[str, np.ndarray]
+    counts: dict[str, int]
+    source: RowSource
+    first: dict[str, int] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
-        return sum(len(v) for v in self.indices.values())
+        return sum(self.counts.values())
+
+    def indices(self, shard: str) -> np.ndarray:
+        """The row indices this plan draws from `shard`."""
+        start = self.first.get(shard, 0)
+        return self.source(shard)[start : start + self.counts[shard]]
 
     @classmethod
     def from_aligned(cls, root: str, filtered: bool = False) -> "SamplePlan":
         """Every present aligned row; with `filtered`, only the rows the filter stage kept."""
-        from .filter import kept_indices
-
         layout = RunLayout(root)
         shards = aligned_shards(layout)
         if not shards:
             raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
-        indices = {}
-        for shard in shards:
-            if filtered:
-                indices[shard] = kept_indices(root, shard)
-                continue
-            meta = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, PRESENT]).to_pydict()
-            indices[shard] = np.asarray([i for i, p in zip(meta[INDEX], meta[PRESENT]) if p], dtype=np.int64)
-        return cls(indices)
+        kind = "filtered" if filtered else "aligned"
+        counts = planned_counts(root, kind, shards)
+        return cls({s: n for s, n in counts.items() if n}, RowSource(root, kind, counts))
 
     @classmethod
     def from_shards(cls, root: str) -> "SamplePlan":
@@ -62,49 +123,51 @@ class SamplePlan:
         shards = complete_shards(layout)
         if not shards:
             raise FileNotFoundError(f"no downloaded shards under {layout.shards}: run download first")
-        indices = {}
-        for shard in shards:
-            meta = read_parquet(layout.shard_parquet(shard), columns=["key", "status"]).to_pydict()
-            digits = len(meta["key"][0]) - len(shard) if meta["key"] else 1
-            indices[shard] = np.asarray(sorted(parse_key(k, digits)[1] for k, s in zip(meta["key"], meta["status"])
-                                               if s == "success"), dtype=np.int64)
-        return cls(indices)
+        counts = planned_counts(root, "downloaded", shards)
+        return cls({s: n for s, n in counts.items() if n}, RowSource(root, "downloaded", counts))
 
     def split(self, holdout: int) -> tuple["SamplePlan", "SamplePlan"]:
         """(train, eval): the last `holdout` samples in shard order are held out of training."""
-        train, held = {}, {}
+        train, held, held_first = {}, {}, {}
         remaining = holdout
-        for shard in sorted(self.indices, reverse=True):
-            idx = self.indices[shard]
-            take = min(remaining, len(idx))
+        for shard in sorted(self.counts, reverse=True):
+            count = self.counts[shard]
+            take = min(remaining, count)
             if take:
-                held[shard] = idx[len(idx) - take:]
-            train[shard] = idx[: len(idx) - take]
+                held[shard], held_first[shard] = take, self.first.get(shard, 0) + count - take
+            train[shard] = count - take
             remaining -= take
-        return SamplePlan({s: v for s, v in sorted(train.items()) if len(v)}), SamplePlan(dict(sorted(held.items())))
+        return (SamplePlan({s: n for s, n in sorted(train.items()) if n}, self.source, self.first),
+                SamplePlan(dict(sorted(held.items())), self.source, held_first))
 
     def rank_slice(self, rank: int, world_size: int, epoch: int, seed: int) -> tuple[list[tuple[str, np.ndarray]], int]:
-        """This rank's samples for `epoch` as (shard, indices) runs, and how many were padding."""
-        rng = np.random.default_rng([seed, epoch])
-        shards = list(self.indices)
-        flat_shard, flat_index = [], []
-        for s in rng.permutation(len(shards)):
-            idx = rng.permutation(self.indices[shards[s]])
-            flat_shard.extend([s] * len(idx))
-            flat_index.append(idx)
-        if not flat_shard:
+        """This rank's samples for `epoch` as (shard, indices) runs, and how many were padding.
+
+        The epoch's order: shards permuted, each shard's samples permuted by a generator of its own, the whole
+        wrapped to a multiple of `world_size` and cut into one contiguous slice per rank. Only the counts are
+        needed to find the shards of a slice, so a rank reads the indices of its own shards alone."""
+        shards = list(self.counts)
+        counts = np.asarray([self.counts[s] for s in shards], dtype=np.int64)
+        total = int(counts.sum())
+        if not total:
             raise ValueError("the sample plan is empty")
-        flat_shard, flat_index = np.asarray(flat_shard), np.concatenate(flat_index)
-        per_rank = math.ceil(len(flat_shard) / world_size)
-        padded = per_rank * world_size - len(flat_shard)
-        wrap = np.arange(per_rank * world_size) % len(flat_shard)
-        lo, hi = rank * per_rank, (rank + 1) * per_rank
-        mine_shard, mine_index = flat_shard[wrap[lo:hi]], flat_index[wrap[lo:hi]]
-        runs, start = [], 0
-        for end in range(1, len(mine_shard) + 1):
-            if end == len(mine_shard) or mine_shard[end] != mine_shard[start]:
-                runs.append((shards[mine_shard[start]], mine_index[start:end]))
-                start = end
+        order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+        ends = np.cumsum(counts[order])
+        per_rank = math.ceil(total / world_size)
+        padded = per_rank * world_size - total
+        runs: list[tuple[str, np.ndarray]] = []
+        permuted: dict[int, np.ndarray] = {}
+        position, stop = rank * per_rank, (rank + 1) * per_rank
+        while position < stop:
+            at = position % total  # past the end: the padding wraps to the start
+            j = int(np.searchsorted(ends, at, side="right"))
+            shard = int(order[j])
+            within = at - int(ends[j] - counts[shard])
+            take = min(stop - position, int(counts[shard]) - within)
+            if shard not in permuted:
+                permuted[shard] = np.random.default_rng([seed, epoch, shard]).permutation(self.indices(shards[shard]))
+            runs.append((shards[shard], permuted[shard][within : within + take]))
+            position += take
         return runs, padded
 
 
@@ -123,40 +186,45 @@ class ShardedBatches:
     def batches_per_epoch(self) -> int:
         return math.ceil(self.samples_per_epoch() / self.batch_size)
 
-    def samples(self, shard: str, indices: np.ndarray) -> Iterator[dict]:
+    def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
+        """One item per entry of `indices`, in the order they are read: the sample, or None (not decoded) for
+        the k-th one read when `needed[k]` is False."""
         raise NotImplementedError
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The batches of `epoch` for this rank, starting after `skip_batches` of them."""
+        """The batches of `epoch` for this rank, starting after `skip_batches` of them. Samples go through a
+        shuffle buffer; the order they leave it depends only on how many there are, so it is computed first and
+        a resumed rank neither opens the shards nor decodes the samples of the batches it skips."""
         runs, _ = self.plan.rank_slice(self.rank, self.world_size, epoch, self.seed)
+        total = sum(len(indices) for _, indices in runs)
         rng = random.Random(hash((self.seed, epoch, self.rank)) & 0xFFFFFFFF)
-        buffer: list[dict] = []
+        order = shuffle_order(total, self.shuffle_buffer, rng)  # order[k]: the read position of the k-th out
+        first = min(skip_batches * self.batch_size, total)
+        needed = np.zeros(total, dtype=bool)
+        needed[order[first:]] = True
+        held: dict[int, dict] = {}  # read, not yet out (at most the buffer's size)
         batch: list[dict] = []
-        produced = 0
+        out, position = first, 0
 
-        def emit(sample: dict) -> Optional[dict]:
-            nonlocal produced
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                produced += 1
-                out = list(batch)
-                batch.clear()
-                return self.collate(out) if produced > skip_batches else {}
-            return None
+        def ready() -> Iterator[dict]:
+            nonlocal out
+            while out < total and order[out] in held:
+                batch.append(held.pop(order[out]))
+                out += 1
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch)
+                    batch.clear()
 
         for shard, indices in runs:
-            for sample in self.samples(shard, indices):
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    out = emit(buffer.pop(rng.randrange(len(buffer))))
-                    if out:
-                        yield out
-        rng.shuffle(buffer)
-        for sample in buffer:
-            out = emit(sample)
-            if out:
-                yield out
-        if batch and produced + 1 > skip_batches:
+            wanted = needed[position : position + len(indices)]
+            if wanted.any():
+                for k, sample in enumerate(self.samples(shard, indices, wanted)):
+                    if sample is not None:
+                        held[position + k] = sample
+                        yield from ready()
+            position += len(indices)
+        yield from ready()
+        if batch:
             yield self.collate(batch)
 
     @staticmethod
@@ -168,15 +236,29 @@ class ShardedBatches:
         return out
 
 
+def shuffle_order(count: int, buffer_size: int, rng: random.Random) -> np.ndarray:
+    """The order `count` samples read in sequence leave a shuffle buffer of `buffer_size`: out[k] is the read
+    position of the k-th sample out. Once the buffer is full each new sample sends a random one out; the rest
+    leave shuffled at the end."""
+    buffer: list[int] = []
+    out: list[int] = []
+    for position in range(count):
+        buffer.append(position)
+        if len(buffer) >= buffer_size:
+            out.append(buffer.pop(rng.randrange(len(buffer))))
+    rng.shuffle(buffer)
+    return np.asarray(out + buffer, dtype=np.int64)
+
+
 class EmbeddingBatches(ShardedBatches):
     """(text_embed, image_embed, caption) batches from the aligned layout, for the prior."""
 
-    def samples(self, shard: str, indices: np.ndarray) -> Iterator[dict]:
+    def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
         aligned = read_aligned(self.layout, shard)
         if aligned.text_emb is None:
             raise ValueError(f"shard {shard} has no text embeddings (aligned/text_emb): the prior needs them")
-        for i in indices.tolist():
-            yield {"text_embed": torch.from_numpy(np.asarray(aligned.text_emb[i], dtype=np.float32)),
+        for i, wanted in zip(indices.tolist(), needed.tolist()):
+            yield None if not wanted else {"text_embed": torch.from_numpy(np.asarray(aligned.text_emb[i], dtype=np.float32)),
                    "image_embed": torch.from_numpy(np.asarray(aligned.img_emb[i], dtype=np.float32)),
                    "caption": aligned.captions[i], "key": aligned.keys[i]}
 
@@ -192,16 +274,22 @@ class ShardImageBatches(ShardedBatches):
         """Per-shard data joined to each sample (none here); returns (lookup, index digits or None)."""
         return None, None
 
-    def samples(self, shard: str, indices: np.ndarray) -> Iterator[dict]:
+    def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
         from PIL import Image
 
         joined, index_digits = self.extra(shard)
         wanted: dict[int, int] = {}
         for i in indices.tolist():  # a sample wrapped in twice (padding) is yielded twice
             wanted[i] = wanted.get(i, 0) + 1
+        read = 0
         for key, fields in iter_samples(self.layout.shard_tar(shard)):
             index = parse_key(key, index_digits or len(key) - len(shard))[1]
             if index not in wanted:
+                continue
+            copies = wanted.pop(index)
+            if not needed[read : read + copies].any():  # read in a batch a resumed rank skips: not decoded
+                read += copies
+                yield from [None] * copies
                 continue
             with Image.open(io.BytesIO(image_of(fields))) as image:
                 image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
@@ -209,8 +297,9 @@ class ShardImageBatches(ShardedBatches):
             sample = {"image": pixels, "caption": fields.get("txt", b"").decode("utf-8", errors="replace"), "key": key}
             if joined is not None:
                 sample["image_embed"] = torch.from_numpy(np.asarray(joined.img_emb[index], np.float32))
-            for _ in range(wanted.pop(index)):
-                yield sample
+            for k in range(copies):
+                yield sample if needed[read + k] else None
+            read += copies
         if wanted:
             raise ValueError(f"shard {shard}: samples {sorted(wanted)[:5]} are present in aligned/ but not in its tar")
 

@@ -28,7 +28,7 @@ from .distributor import ensure_ray, run_shards
 from .faults import crash_point
 from .layout import CAPTION, INDEX, KEY, RunLayout, parse_key, shard_id_of, shard_name
 from .ledger import Ledger, ShardRecord
-from .storage import exists, list_files, read_json, read_npy, read_parquet, remove, write_json, write_parquet
+from .storage import exists, list_files, list_names, read_many_json, read_npy, read_parquet, remove, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +163,21 @@ def source_parts(source: str) -> list[str]:
 
 def parts_to_split(layout: RunLayout, parts: list[str]) -> list[str]:
     """The parts whose split has not finished (no marker)."""
-    return [p for p in parts if not exists(layout.scratch(STAGE, "_parts", f"{p}.json"))]
+    split = list_names(layout.scratch(STAGE, "_parts"), ".json")
+    return [p for p in parts if p not in split]
 
 
 def split_markers(layout: RunLayout, parts: list[str]) -> list[dict]:
-    """The split markers of `parts`: the shards each touched and its record."""
-    return [read_json(layout.scratch(STAGE, "_parts", f"{p}.json")) for p in parts]
+    """The split markers of `parts` (read concurrently): the shards each touched and its record."""
+    urls = [layout.scratch(STAGE, "_parts", f"{p}.json") for p in parts]
+    found = read_many_json(urls)
+    return [found[url] for url in urls]
 
 
 def shards_to_gather(layout: RunLayout, markers: list[dict]) -> list[str]:
     """The shards the split parts touched that are not gathered yet, in order."""
-    ledger = Ledger(layout, STAGE)
-    return [s for s in sorted({s for m in markers for s in m["shards"]}) if not ledger.is_done(s)]
+    done = Ledger(layout, STAGE).done()
+    return [s for s in sorted({s for m in markers for s in m["shards"]}) if s not in done]
 
 
 def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig] = None,
@@ -199,9 +202,10 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
         if name.startswith("part-") and name[len("part-"):] not in parts:
             ledger.clear_failure(name)
     if distributor == "ray":
-        ensure_ray(ray_config)
+        ensure_ray(ray_config, config.resources, "reorder.resources")
     todo = parts_to_split(layout, parts)
-    _, split_failures = run_shards(stage.split, todo, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split")
+    _, split_failures = run_shards(stage.split, todo, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split",
+                                   resources=config.resources)
     for part, error in split_failures.items():
         ledger.fail(f"part-{part}", rows=part_rows(stage.part_files(part)["metadata"]), error=error)
     for part in todo:
@@ -217,7 +221,8 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
     else:
         pending = shards_to_gather(layout, markers)
         _, gather_failures = run_shards(stage.gather, pending, distributor=distributor,
-                                        num_cpus=config.cpus_per_task, desc="reorder: gather")
+                                        num_cpus=config.cpus_per_task, desc="reorder: gather",
+                                        resources=config.resources)
         for shard, error in gather_failures.items():
             ledger.fail(shard, rows=scratch_rows(layout, shard), error=error)
         if not gather_failures:

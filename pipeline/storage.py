@@ -9,6 +9,7 @@ import uuid
 from typing import Any, Optional
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +50,44 @@ def list_files(folder: str, suffix: str = "") -> list[str]:
     protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
     return [protocol + p if protocol and not p.startswith(protocol) else p for p in names]
+
+
+def list_names(folder: str, suffix: str) -> set[str]:
+    """Names of the files directly in `folder` ending with `suffix`, that suffix removed (one listing)."""
+    return {url.rsplit("/", 1)[-1][: -len(suffix)] for url in list_files(folder, suffix)}
+
+
+def read_many(urls: list[str]) -> dict[str, bytes | Exception]:
+    """The bytes of many files of one filesystem, read concurrently (one listing's worth of GETs in flight on an
+    object store); a file that cannot be read maps to its exception."""
+    if not urls:
+        return {}
+    fs, _ = filesystem(urls[0])
+    paths = [filesystem(url)[1] for url in urls]
+    if isinstance(fs, fsspec.asyn.AsyncFileSystem):
+        found = fs.cat(paths, on_error="return")
+        return {url: found.get(path, FileNotFoundError(url)) for url, path in zip(urls, paths)}
+    out: dict[str, bytes | Exception] = {}
+    for url, path in zip(urls, paths):  # local (and other blocking) filesystems: reads are cheap in sequence
+        try:
+            with fs.open(path, "rb") as f:
+                out[url] = f.read()
+        except Exception as error:  # noqa: BLE001 - returned to the caller, who names the file
+            out[url] = error
+    return out
+
+
+def read_many_json(urls: list[str]) -> dict[str, Any]:
+    """JSON of many files, read concurrently; raises naming the first file that cannot be read or parsed."""
+    out = {}
+    for url, data in read_many(urls).items():
+        if isinstance(data, Exception):
+            raise OSError(f"cannot read {url}: {data}") from data
+        try:
+            out[url] = json.loads(data)
+        except ValueError as error:
+            raise ValueError(f"{url} is not JSON: {error}") from error
+    return out
 
 
 def write_atomic(url: str, data: bytes) -> None:

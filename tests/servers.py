@@ -45,6 +45,7 @@ class ImageServer:
         self.bodies["/not-an-image.png"] = b"<html>this is not an image</html>"
         self.bodies["/large.png"] = encode(Image.fromarray(np.full((6000, 6000, 3), 200, np.uint8)))
         self.bodies["/slow.png"] = self.bodies["/img/0.png"]
+        self.delay = 0.0  # seconds before every answer (a slow web, so a test can act in the middle of a stage)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +56,7 @@ class ImageServer:
                     return
                 if self.path == "/slow.png":
                     time.sleep(ImageServer.SLOW_SECONDS)
+                time.sleep(server.delay)
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(body)))
@@ -95,31 +97,60 @@ class RayCluster:
     """A real `ray start --head` on 127.0.0.1 (own ports and temp dir) plus `workers` more nodes joining it,
     each a process group of its own that the test ends; `env` is what a client of this cluster runs with."""
 
-    def __init__(self, workers: int = 0, cpus: int = 4):
+    def __init__(self, workers: int = 0, cpus: int = 4, head_cpus: int | None = None,
+                 node_resources: list[dict] | None = None):
+        """`node_resources[i]`: the custom resources of worker node i (cluster.yaml's pools, say)."""
         self.port, self.dashboard, self.workers, self.cpus = free_port(), free_port(), workers, cpus
+        self.head_cpus = cpus if head_cpus is None else head_cpus
+        self.node_resources = node_resources or [{} for _ in range(workers)]
         self.ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         # as with an activated virtualenv: `python` in a job's entrypoint is this environment's
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                    # a killed node is declared dead after about 3 s, not Ray's default 15-30 s
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                    "RAY_health_check_timeout_ms": "1000"}
         self.env.pop("RAY_ADDRESS", None)
         self.processes: list[subprocess.Popen] = []
         self.job_address = f"http://127.0.0.1:{self.dashboard}"  # for `ray job submit --address`
         self.address = f"127.0.0.1:{self.port}"  # for ray.init / ray.address
 
-    def _start(self, *args: str) -> None:
+    def _start(self, *args: str, cpus: int | None = None) -> None:
         self.processes.append(subprocess.Popen(
-            [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
-             "--disable-usage-stats", *args],
+            [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus if cpus is None else cpus}",
+             "--disable-usage-stats", *args,
+             # several nodes on one machine: each its own agent and metrics ports (the defaults are fixed numbers)
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=400000000"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
 
-    def alive_nodes(self) -> int:
-        probe = subprocess.run([self.ray_bin, "list", "nodes", "--address", self.job_address, "--format", "json"],
-                               env=self.env, capture_output=True, text=True)
-        if probe.returncode or not probe.stdout.lstrip().startswith("["):  # "No resource in the cluster" at first
-            return 0
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        """`ray list {kind}` (nodes, tasks, actors) as dicts, through the dashboard's state API."""
         import json
 
-        return sum(node.get("state") == "ALIVE" for node in json.loads(probe.stdout))
+        args = [x for f in filters for x in ("--filter", f)]
+        probe = subprocess.run([self.ray_bin, "list", kind, "--address", self.job_address, "--format", "json",
+                                "--limit", "10000", *args], env=self.env, capture_output=True, text=True)
+        if probe.returncode or not probe.stdout.lstrip().startswith("["):  # "No resource in the cluster" at first
+            return []
+        return json.loads(probe.stdout)
+
+    def alive_nodes(self) -> int:
+        return sum(node.get("state") == "ALIVE" for node in self.state("nodes"))
+
+    def node_of(self, node_id: str) -> int:
+        """The worker number (0-based, as in node_resources) of a node id; -1 for the head."""
+        for node in self.state("nodes"):
+            if node["node_id"] == node_id:
+                marker = [name for name in node.get("resources_total", {}) if name.startswith("test_node_")]
+                return int(marker[0][len("test_node_"):]) if marker else -1
+        raise KeyError(node_id)
+
+    def kill_node(self, worker: int) -> None:
+        """SIGKILL worker node `worker` (its raylet, its workers, everything in its process group), as a lost
+        machine ends: no cleanup, no graceful drain."""
+        os.killpg(self.processes[1 + worker].pid, signal.SIGKILL)
 
     def __enter__(self) -> "RayCluster":
         try:
@@ -131,18 +162,32 @@ class RayCluster:
     def _start_all(self) -> "RayCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
         self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-                    "--include-dashboard=true", f"--temp-dir={self.temp_dir}")
+                    "--include-dashboard=true", f"--temp-dir={self.temp_dir}", cpus=self.head_cpus)
         deadline = time.time() + 120
         while time.time() < deadline and (self.alive_nodes() < 1 or subprocess.run(
                 [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env, capture_output=True).returncode):
             time.sleep(1)
-        for _ in range(self.workers):
-            self._start(f"--address={self.address}")
-        while time.time() < deadline and self.alive_nodes() < 1 + self.workers:
-            time.sleep(1)
-        if self.alive_nodes() < 1 + self.workers:
-            raise RuntimeError(f"the Ray cluster did not come up with {1 + self.workers} nodes")
+        for resources in list(self.node_resources):
+            self.add_node(resources, registered=True)
         return self
+
+    def add_node(self, resources: dict, registered: bool = False) -> int:
+        """Start one more worker node with these custom resources (also marked test_node_<number>), as an
+        autoscaler replaces a lost one; returns its worker number once it is alive."""
+        import json
+
+        if not registered:
+            self.node_resources.append(resources)
+        number = len(self.processes) - 1
+        marker = f"test_node_{number}"
+        # one at a time: on two cores, raylets starting together can miss their start-up deadline
+        self._start(f"--address={self.address}", f"--resources={json.dumps({**resources, marker: 1})}")
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if any(n.get("state") == "ALIVE" and marker in n.get("resources_total", {}) for n in self.state("nodes")):
+                return number
+            time.sleep(1)
+        raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster")
 
     def __exit__(self, *exc) -> None:
         for process in reversed(self.processes):

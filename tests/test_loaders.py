@@ -44,8 +44,72 @@ def test_epochs_shuffle_at_sample_level_and_resume_skips_exactly(run_root):
 def test_holdout_is_excluded_from_training(run_root):
     train, held = SamplePlan.from_aligned(run_root).split(6)
     assert held.size == 6 and train.size == 44
-    for shard, indices in held.indices.items():
-        assert not set(indices) & set(train.indices.get(shard, []))
+    for shard in held.counts:
+        train_rows = set(train.indices(shard)) if shard in train.counts else set()
+        assert len(held.indices(shard)) == held.counts[shard] and not set(held.indices(shard)) & train_rows
+
+
+class CountingEmbeddings(EmbeddingBatches):
+    """Counts the shards it opens and the samples it hands out (decodes)."""
+
+    opened: list = []
+    decoded = 0
+
+    def samples(self, shard, indices, needed):
+        CountingEmbeddings.opened.append(shard)
+        for sample in super().samples(shard, indices, needed):
+            CountingEmbeddings.decoded += sample is not None
+            yield sample
+
+
+@pytest.mark.parametrize("loader_class", [CountingEmbeddings, ImageBatches])
+def test_resume_skips_without_opening_or_decoding_what_it_skips(run_root, loader_class):
+    plan = SamplePlan.from_aligned(run_root)
+    loader = loader_class(run_root, plan, batch_size=4, seed=5, shuffle_buffer=3)
+    keys = [k for batch in loader.epoch(0) for k in batch["key"]]
+    CountingEmbeddings.opened, CountingEmbeddings.decoded = [], 0
+    resumed = [k for batch in loader.epoch(0, skip_batches=9) for k in batch["key"]]
+    assert resumed == keys[36:]  # exactly the batches after the ninth
+    if loader_class is CountingEmbeddings:
+        assert CountingEmbeddings.decoded == len(keys) - 36
+        assert len(CountingEmbeddings.opened) < len(plan.counts)  # the first shards are not even opened
+
+
+def test_a_rank_reads_the_row_indices_of_its_own_shards_only(run_root):
+    from pipeline.loaders import RowSource
+
+    plan = SamplePlan.from_aligned(run_root)
+    read = []
+
+    class Counting(RowSource):
+        def read(self, shard):
+            read.append(shard)
+            return super().read(shard)
+
+    counted = SamplePlan(plan.counts, Counting(run_root, "aligned", plan.source.counts))
+    slices = [counted.rank_slice(rank, 8, 0, 1)[0] for rank in range(8)]
+    assert len(read) <= 8 + 4  # 4 shards cut among 8 ranks: each rank reads one or two, not all four
+    everything = sorted((s, int(i)) for runs in slices for s, indices in runs for i in indices)
+    assert len(everything) == 56  # 50 samples padded to 7 per rank
+    assert len(set(everything)) == 50  # every sample, the padding wrapped from the start
+    # the counting plan cuts the same slices as the plain one
+    assert [(s, i.tolist()) for s, i in slices[3]] == [(s, i.tolist()) for s, i in plan.rank_slice(3, 8, 0, 1)[0]]
+
+
+def test_a_shard_rewritten_since_its_summary_is_refused_by_name(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.layout import RunLayout
+    from pipeline.storage import read_parquet, write_parquet
+
+    root = str(tmp_path / "run")
+    make_training_run(root, count=20, per_shard=10, size=16, dim=8)
+    plan = SamplePlan.from_aligned(root, filtered=True)
+    mask_url = RunLayout(root).filter_mask("00001")
+    mask = read_parquet(mask_url)
+    write_parquet(mask_url, mask.set_column(mask.schema.get_field_index("keep"), "keep", pa.array([False] * 10)))
+    with pytest.raises(ValueError, match="shard 00001: its filtered files list 0 usable rows but the filter ledger"):
+        plan.rank_slice(0, 1, 0, 0)
 
 
 def test_image_batches_join_images_with_their_embeddings(run_root):

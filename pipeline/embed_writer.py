@@ -1,0 +1,217 @@
+"""The embed stage's writing side, off the driver.
+
+    embedded rows --map_batches(write_parts, CPU tasks)--> <root>/_scratch/embed/{shard}/part_*.parquet
+                  --> driver: one small row per part (shard, part, rows) or marker (shard end, shard failed)
+    all of a shard's rows in parts --> a Ray task (finish_shard): the shard's clip-retrieval files, its
+                  aligned files, then its ledger record; its parts are removed
+
+The driver holds part names and row counts, never an embedding, and writes no output file. A part's name
+is a hash of its keys, so a write task retried after its node died rewrites the same part instead of
+adding a second copy of its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+
+from .config import EmbedConfig
+from .faults import crash_point
+from .layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
+from .ledger import Ledger, ShardRecord
+from .storage import read_parquet, remove, write_parquet
+
+log = logging.getLogger(__name__)
+
+PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT = "part", "rows", "end", "failure", "first_at", "last_at"
+
+
+def _emb_column(array: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), array.shape[1])
+
+
+def _emb_array(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
+    column = column.combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), column.type.list_size)
+
+
+def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> dict[str, np.ndarray]:
+    """Ray Data task: this block's rows of each shard into one scratch part per shard; returns one row per part
+    written and per marker (a shard's end, carrying the samples read, or its failure)."""
+    from .embed import ERROR, SHARD_END, SHARD_FAILED, STAGE
+
+    layout, dtype = RunLayout(root), np.dtype(output_dtype)
+    out: dict[str, list] = {SHARD: [], PART: [], ROWS: [], END: [], FAILURE: [], FIRST_AT: [], LAST_AT: []}
+    times = np.asarray(batch["embedded_at"], dtype=np.float64)
+
+    def emit(shard: str, part: str = "", rows: int = 0, end: int = -1, failure: str = "", at=times) -> None:
+        for column, value in zip(out, (shard, part, rows, end, failure, float(at.min()), float(at.max()))):
+            out[column].append(value)
+
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for i, (shard, error) in enumerate(zip(batch[SHARD].tolist(), batch[ERROR].tolist())):
+        if error.startswith(SHARD_FAILED):
+            emit(shard, failure=error[len(SHARD_FAILED):], at=times[i : i + 1])
+        elif error.startswith(SHARD_END):
+            emit(shard, end=int(error[len(SHARD_END):]), at=times[i : i + 1])
+        else:
+            by_shard[shard].append(i)
+    for shard, rows in by_shard.items():
+        rows_arr = np.asarray(rows)
+        keys = [str(k) for k in batch[KEY][rows_arr]]
+        table = pa.table({KEY: keys, CAPTION: [str(c) for c in batch[CAPTION][rows_arr]],
+                          ERROR: [str(e) for e in batch[ERROR][rows_arr]],
+                          "img_emb": _emb_column(batch["img_emb"][rows_arr].astype(dtype)),
+                          "text_emb": _emb_column(batch["text_emb"][rows_arr].astype(dtype))})
+        digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
+        part = layout.scratch(STAGE, shard, f"part_{digest}_{len(keys)}.parquet")
+        write_parquet(part, table)
+        emit(shard, part=part, rows=len(keys), at=times[rows_arr])
+    return {column: np.asarray(values) for column, values in out.items()}
+
+
+def finish_shard(root: str, config: EmbedConfig, info, embed_dim: int, parts: list[str], started: float) -> ShardRecord:
+    """Ray task: the shard's outputs from its parts, then its ledger record. Keys that do not name a slot of the
+    shard, repeated keys and rows that failed upstream are counted by reason, never written."""
+    from .aligned import align, write_aligned
+    from .embed import ERROR, STAGE, fingerprint
+    from .storage import write_npy
+
+    layout, shard, dtype = RunLayout(root), info.name, np.dtype(config.output_dtype)
+    tables = [read_parquet(part) for part in parts]
+    table = pa.concat_tables(tables) if tables else None
+    keys = table.column(KEY).to_pylist() if table is not None else []
+    captions = table.column(CAPTION).to_pylist() if table is not None else []
+    errors = table.column(ERROR).to_pylist() if table is not None else []
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index_digits = info.index_digits or (len(keys[order[0]]) - len(shard) if keys else 1)
+    indices = np.full(len(keys), -1, dtype=np.int64)
+    seen: set[int] = set()
+    for row in order:
+        if errors[row]:
+            continue
+        try:
+            shard_id, index = parse_key(keys[row], index_digits)
+        except ValueError:
+            errors[row] = "unparsable key"
+            continue
+        if shard_id != shard_id_of(shard) or (info.slots is not None and index >= info.slots):
+            errors[row] = "key outside the shard"
+        elif index in seen:
+            errors[row] = "duplicate key"
+        else:
+            indices[row] = index
+        seen.add(index)
+    good = np.asarray([row for row in order if not errors[row]], dtype=np.int64)
+    img_emb = _emb_array(table.column("img_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
+    text_emb = _emb_array(table.column("text_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
+    good_keys, good_captions = [keys[row] for row in good], [captions[row] for row in good]
+    Ledger(layout, STAGE).keep_fingerprint(fingerprint(config))
+    if config.write_clip_retrieval:
+        files = layout.clip_retrieval_files(shard_id_of(shard))
+        write_npy(files["img_emb"], img_emb)
+        write_npy(files["text_emb"], text_emb)
+        write_parquet(files["metadata"], pa.table({KEY: pa.array(good_keys, pa.string()),
+                                                   CAPTION: pa.array(good_captions, pa.string())}))
+    crash_point("embed.between_files")
+    slots = info.slots if info.slots is not None else (int(indices[good].max()) + 1 if len(good) else 0)
+    aligned = align(shard_id_of(shard), slots, len(shard), index_digits, indices[good], img_emb, text_emb, good_captions)
+    write_aligned(layout, shard, aligned)
+    crash_point("embed.after_outputs")
+    failed = Counter(error for error in errors if error)
+    for row in order:
+        if errors[row]:
+            log.warning("embed: skipped %s in shard %s: %s", keys[row], shard, errors[row])
+    record = ShardRecord(shard, len(keys), len(good), dict(failed), round(time.time() - started, 3))
+    Ledger(layout, STAGE).record(record)
+    remove(layout.scratch(STAGE, shard), recursive=True)
+    return record
+
+
+class ShardTracker:
+    """The driver's side: counts each shard's rows as their parts arrive and starts its finish_shard task once
+    the shard's end marker and all of its rows are in; holds names and counts only."""
+
+    def __init__(self, root: str, infos: dict, config: EmbedConfig, embed_dim: int):
+        import ray
+
+        self.root, self.infos, self.config, self.embed_dim = root, infos, config, embed_dim
+        self.parts: dict[str, list[str]] = defaultdict(list)
+        self.rows: Counter = Counter()
+        self.ends: dict[str, int] = {}
+        self.failures: dict[str, str] = {}
+        self.finishing: dict = {}  # ref -> shard
+        self.finished: set[str] = set()
+        self.started = {name: time.time() for name in infos}
+        self.timing: list[tuple[float, float, int]] = []  # (first, last, rows) of each part
+        self.remote = ray.remote(finish_shard).options(num_cpus=config.decode_cpus, max_retries=2,
+                                                       retry_exceptions=True, resources=config.resources)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for shard, part, rows, end, failure, first, last in zip(*(batch[c].tolist() for c in
+                                                                  (SHARD, PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT))):
+            if failure:
+                self.failures[shard] = failure
+                log.error("embed: shard %s failed: %s", shard, failure)
+                continue
+            if end >= 0:
+                self.ends[shard] = end
+            else:
+                self.parts[shard].append(part)
+                self.rows[shard] += rows
+                self.timing.append((first, last, rows))
+            if shard not in self.failures and self.ends.get(shard) == self.rows[shard]:
+                self.submit(shard)
+        self.collect(timeout=0)
+
+    def submit(self, shard: str) -> None:
+        info, read = self.infos[shard], self.ends[shard]
+        if info.expected is not None and read != info.expected:
+            self.failures[shard] = f"tar {info.tar} holds {read} samples, its parquet lists {info.expected}"
+            return
+        ref = self.remote.remote(self.root, self.config, info, self.embed_dim, self.parts.pop(shard), self.started[shard])
+        self.finishing[ref] = shard
+
+    def collect(self, timeout: float | None) -> None:
+        """Take the records of finished shards (waiting up to `timeout`; None: until all are done)."""
+        import ray
+
+        while self.finishing:
+            done, _ = ray.wait(list(self.finishing), num_returns=len(self.finishing), timeout=timeout)
+            for ref in done:
+                shard = self.finishing.pop(ref)
+                try:
+                    ray.get(ref)
+                    self.finished.add(shard)
+                except Exception as error:  # noqa: BLE001 - e.g. a write error: this shard fails, with its reason
+                    cause = getattr(error, "cause", None) or error
+                    self.failures[shard] = f"{type(cause).__name__}: {cause}"
+                    log.error("embed: shard %s failed: %s", shard, self.failures[shard])
+            if timeout is not None:
+                return
+
+    def close(self) -> dict[str, str]:
+        """Wait for the shards being written; fail those whose samples did not all arrive; {shard: error}."""
+        self.collect(timeout=None)
+        for shard, info in self.infos.items():
+            if shard not in self.finished and shard not in self.failures:
+                self.failures[shard] = f"only {self.rows[shard]} of {self.ends.get(shard, '?')} samples of {info.tar} came back"
+        return self.failures
+
+    def steady_timing(self, started: float) -> dict:
+        """Startup (until CLIP's first batch: workers importing torch, actors loading the model) and the rate
+        after it, which is what a long run sees; small runs are dominated by the startup."""
+        if not self.timing:
+            return {}
+        first = min(t[0] for t in self.timing)
+        later = [t for t in self.timing if t[0] > first]
+        if not later:
+            return {"startup_s": round(first - started, 2)}
+        span = max(t[1] for t in later) - first
+        return {"startup_s": round(first - started, 2),
+                "steady_rows_per_s": round(sum(t[2] for t in later) / span, 1) if span > 0 else None}
