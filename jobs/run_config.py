@@ -52,6 +52,13 @@ class RunConfig(StrictModel):
     train_decoder: TrainDecoderConfig = TrainDecoderConfig()
     demo: DemoConfig = DemoConfig()
 
+    def custom_resources(self) -> set[str]:
+        """The names of the custom Ray resources the stages of this run ask for."""
+        sections = (self.download.resources, self.embed.resources, self.reorder.resources, self.filter.resources,
+                    self.train_clip.resources_per_worker, self.train_prior.resources_per_worker,
+                    self.train_decoder.resources_per_worker)
+        return {name for section in sections for name in section}
+
     @field_validator("root")
     @classmethod
     def _root_every_worker_sees(cls, root: str) -> str:
@@ -75,6 +82,9 @@ def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunCo
     from pipeline.console import setup_logging
 
     setup_logging()
+    from pipeline.distributor import declare_pools
+
+    declare_pools(config.custom_resources())
     check_root_reachable(config)
     save_run_config(config)
     summary = run(config)

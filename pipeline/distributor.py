@@ -21,6 +21,13 @@ ShardFn = Callable[[str], ShardRecord]
 
 
 _EMBEDDED: list[bool] = []  # set once this process started its own local Ray
+_LOCAL_POOLS: set[str] = set()  # custom resources an embedded local Ray is started with (every stage's of the run)
+
+
+def declare_pools(names: set[str]) -> None:
+    """The custom resources any stage of this run asks for: an embedded local Ray has them all, so `dalle2 run`
+    can run a CPU-pool stage and then a GPU-pool one in the one local Ray it started."""
+    _LOCAL_POOLS.update(names)
 
 
 def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str, float]] = None, field: str = "") -> None:
@@ -44,7 +51,7 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
     else:
         # one machine is every node type at once: it has each pool a stage asks for, in plenty
         ray.init(num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=verbose(),
-                 resources={name: LOCAL_POOL for name in resources or {}})
+                 resources={name: LOCAL_POOL for name in _LOCAL_POOLS | set(resources or {})})
         _EMBEDDED.append(True)
     if not verbose():
         log.info("Ray workers log to Ray's session folder (/tmp/ray/session_latest/logs on each node); "
@@ -118,7 +125,7 @@ def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc
 
     import ray
 
-    ensure_ray()
+    ensure_ray(resources=resources, field=f"{desc}: resources")
     # a task on a node that dies is retried on another (max_retries), like one that raised
     remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True,
                                        resources=resources)

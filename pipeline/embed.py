@@ -209,7 +209,9 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         placed = {"resources": config.resources} if config.resources else {}  # on the node type that embeds
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus, **placed)
+        # tar reads capped like decoding: a big cluster would otherwise open a tar per free CPU slice at once
+        ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus,
+                         compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
         ds = ds.map_batches(preprocess_batch, fn_kwargs=dict(image_size=image_size, mean=mean, std=std),
                             batch_size=config.batch_size, num_cpus=config.decode_cpus,
                             compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)

@@ -24,7 +24,7 @@ from .config import EmbedConfig
 from .faults import crash_point
 from .layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
 from .ledger import Ledger, ShardRecord
-from .storage import read_parquet, remove, write_parquet
+from .storage import read_json, read_parquet, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ def finish_shard(root: str, config: EmbedConfig, info, embed_dim: int, parts: li
     from .storage import write_npy
 
     layout, shard, dtype = RunLayout(root), info.name, np.dtype(config.output_dtype)
+    ledger = Ledger(layout, STAGE)
+    if ledger.is_done(shard):  # a retry of a task that recorded the shard and died removing its parts
+        remove(layout.scratch(STAGE, shard), recursive=True)
+        return ShardRecord(**read_json(layout.ledger_record(STAGE, shard)))
     tables = [read_parquet(part) for part in parts]
     table = pa.concat_tables(tables) if tables else None
     keys = table.column(KEY).to_pylist() if table is not None else []
@@ -111,7 +115,7 @@ def finish_shard(root: str, config: EmbedConfig, info, embed_dim: int, parts: li
     img_emb = _emb_array(table.column("img_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
     text_emb = _emb_array(table.column("text_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
     good_keys, good_captions = [keys[row] for row in good], [captions[row] for row in good]
-    Ledger(layout, STAGE).keep_fingerprint(fingerprint(config))
+    ledger.keep_fingerprint(fingerprint(config))
     if config.write_clip_retrieval:
         files = layout.clip_retrieval_files(shard_id_of(shard))
         write_npy(files["img_emb"], img_emb)
@@ -128,7 +132,7 @@ def finish_shard(root: str, config: EmbedConfig, info, embed_dim: int, parts: li
         if errors[row]:
             log.warning("embed: skipped %s in shard %s: %s", keys[row], shard, errors[row])
     record = ShardRecord(shard, len(keys), len(good), dict(failed), round(time.time() - started, 3))
-    Ledger(layout, STAGE).record(record)
+    ledger.record(record)
     remove(layout.scratch(STAGE, shard), recursive=True)
     return record
 
@@ -146,15 +150,20 @@ class ShardTracker:
         self.ends: dict[str, int] = {}
         self.failures: dict[str, str] = {}
         self.finishing: dict = {}  # ref -> shard
+        self.submitted: set[str] = set()
         self.finished: set[str] = set()
         self.started = {name: time.time() for name in infos}
-        self.timing: list[tuple[float, float, int]] = []  # (first, last, rows) of each part
+        # when CLIP's first rows came out, how many came then, and the rows and the last time of all (running
+        # figures: the driver keeps nothing per part)
+        self.first_at, self.rows_at_first, self.rows_total, self.last_at = float("inf"), 0, 0, 0.0
         self.remote = ray.remote(finish_shard).options(num_cpus=config.decode_cpus, max_retries=2,
                                                        retry_exceptions=True, resources=config.resources)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         for shard, part, rows, end, failure, first, last in zip(*(batch[c].tolist() for c in
                                                                   (SHARD, PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT))):
+            if shard in self.submitted:  # a replayed row of a shard whose outputs are being written: nothing new
+                continue
             if failure:
                 self.failures[shard] = failure
                 log.error("embed: shard %s failed: %s", shard, failure)
@@ -164,18 +173,27 @@ class ShardTracker:
             else:
                 self.parts[shard].append(part)
                 self.rows[shard] += rows
-                self.timing.append((first, last, rows))
+                self.time_rows(first, last, rows)
             if shard not in self.failures and self.ends.get(shard) == self.rows[shard]:
                 self.submit(shard)
         self.collect(timeout=0)
 
+    def time_rows(self, first: float, last: float, rows: int) -> None:
+        if first < self.first_at:
+            self.first_at, self.rows_at_first = first, rows
+        elif first == self.first_at:
+            self.rows_at_first += rows
+        self.rows_total, self.last_at = self.rows_total + rows, max(self.last_at, last)
+
     def submit(self, shard: str) -> None:
+        self.submitted.add(shard)
         info, read = self.infos[shard], self.ends[shard]
         if info.expected is not None and read != info.expected:
             self.failures[shard] = f"tar {info.tar} holds {read} samples, its parquet lists {info.expected}"
             return
-        ref = self.remote.remote(self.root, self.config, info, self.embed_dim, self.parts.pop(shard), self.started[shard])
+        ref = self.remote.remote(self.root, self.config, info, self.embed_dim, self.parts.pop(shard, []), self.started[shard])
         self.finishing[ref] = shard
+        crash_point("embed.after_submit")  # the driver lost with shards being written and parts in scratch
 
     def collect(self, timeout: float | None) -> None:
         """Take the records of finished shards (waiting up to `timeout`; None: until all are done)."""
@@ -206,12 +224,10 @@ class ShardTracker:
     def steady_timing(self, started: float) -> dict:
         """Startup (until CLIP's first batch: workers importing torch, actors loading the model) and the rate
         after it, which is what a long run sees; small runs are dominated by the startup."""
-        if not self.timing:
+        if not self.rows_total:
             return {}
-        first = min(t[0] for t in self.timing)
-        later = [t for t in self.timing if t[0] > first]
-        if not later:
-            return {"startup_s": round(first - started, 2)}
-        span = max(t[1] for t in later) - first
-        return {"startup_s": round(first - started, 2),
-                "steady_rows_per_s": round(sum(t[2] for t in later) / span, 1) if span > 0 else None}
+        later, span = self.rows_total - self.rows_at_first, self.last_at - self.first_at
+        timing = {"startup_s": round(self.first_at - started, 2)}
+        if later:
+            timing["steady_rows_per_s"] = round(later / span, 1) if span > 0 else None
+        return timing

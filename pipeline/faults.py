@@ -10,6 +10,7 @@ Unarmed (the normal case) a crash point costs one dictionary lookup. The points,
     download.after_outputs    after a shard's tar, parquet and stats, before its ledger record
     embed.between_files       after a shard's clip-retrieval files, before its aligned files
     embed.after_outputs       after a shard's aligned files, before its ledger record
+    embed.after_submit        in the driver, after starting the task that writes a shard's outputs
     reorder.mid_split         after some of a part's scratch files, before its done marker
     reorder.after_split       every part split, before any gather
     reorder.after_outputs     after a shard's aligned files, before its ledger record
@@ -27,7 +28,7 @@ ENV_POINTS = "DALLE2_CRASH_AT"
 ENV_STATE = "DALLE2_CRASH_STATE"
 
 POINTS = (
-    "download.mid_shard", "download.after_outputs", "embed.between_files", "embed.after_outputs",
+    "download.mid_shard", "download.after_outputs", "embed.between_files", "embed.after_outputs", "embed.after_submit",
     "reorder.mid_split", "reorder.after_split", "reorder.after_outputs", "storage.mid_write",
     "train.mid_step", "train.mid_checkpoint",
 )

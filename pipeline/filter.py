@@ -320,7 +320,8 @@ def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done
     from .console import progress_bar
 
     search = None
-    for shard in progress_bar(iterable=done + pending, desc="filter: across the run", unit="shard"):
+    earlier = done if config.duplicate_threshold is not None else []  # only the duplicate search needs them
+    for shard in progress_bar(iterable=earlier + pending, desc="filter: across the run", unit="shard"):
         is_done = shard in done
         mask = read_parquet(layout.filter_mask(shard) if is_done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
         if config.duplicate_threshold is not None and len(mask[KEY]):

@@ -55,12 +55,12 @@ class RowSource:
         if len(indices) != self.counts[shard]:
             raise ValueError(f"shard {shard}: its {self.kind} files list {len(indices)} usable rows but the "
                              f"{SUMMARY_STAGE[self.kind]} ledger summary counted {self.counts[shard]}: re-run "
-                             f"`dalle2 {SUMMARY_STAGE[self.kind]}` so the summary matches the files")
+                             "that stage so its summary matches the files")
         return indices
 
 
 # the stage whose ledger summary counts each kind of row (written = usable rows of the shard)
-SUMMARY_STAGE = {"filtered": "filter", "aligned": "embed", "downloaded": "download"}
+SUMMARY_STAGE = {"filtered": "filter", "aligned": "embed (or reorder)", "downloaded": "download"}
 
 
 def planned_counts(root: str, kind: str, shards: list[str]) -> dict[str, int]:
@@ -72,11 +72,15 @@ def planned_counts(root: str, kind: str, shards: list[str]) -> dict[str, int]:
 
     layout = RunLayout(root)
     stages = {"filtered": ["filter"], "aligned": ["embed", "reorder"], "downloaded": ["download"]}[kind]
-    counts: dict[str, int] = {}
+    counted: dict[str, set[int]] = {}
     for stage in stages:
         summary = layout.ledger_summary(stage)
         per_shard = (read_json(summary).get("per_shard") or {}) if exists(summary) else {}
-        counts.update({s: per_shard[s]["written"] for s in shards if s in per_shard and s not in counts})
+        for s in shards:
+            if s in per_shard:
+                counted.setdefault(s, set()).add(per_shard[s]["written"])
+    # a shard two stages counted differently (embed, then reorder over it) is read, not guessed
+    counts = {s: next(iter(n)) for s, n in counted.items() if len(n) == 1}
     uncounted = [s for s in shards if s not in counts]
     source = RowSource(root, kind, {})
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -155,8 +159,7 @@ class SamplePlan:
         ends = np.cumsum(counts[order])
         per_rank = math.ceil(total / world_size)
         padded = per_rank * world_size - total
-        runs: list[tuple[str, np.ndarray]] = []
-        permuted: dict[int, np.ndarray] = {}
+        cuts: list[tuple[int, int, int]] = []  # (shard, first, count) of this rank's slice, in order
         position, stop = rank * per_rank, (rank + 1) * per_rank
         while position < stop:
             at = position % total  # past the end: the padding wraps to the start
@@ -164,11 +167,15 @@ class SamplePlan:
             shard = int(order[j])
             within = at - int(ends[j] - counts[shard])
             take = min(stop - position, int(counts[shard]) - within)
-            if shard not in permuted:
-                permuted[shard] = np.random.default_rng([seed, epoch, shard]).permutation(self.indices(shards[shard]))
-            runs.append((shards[shard], permuted[shard][within : within + take]))
+            cuts.append((shard, within, take))
             position += take
-        return runs, padded
+        from concurrent.futures import ThreadPoolExecutor
+
+        mine = sorted({shard for shard, _, _ in cuts})
+        with ThreadPoolExecutor(max_workers=16) as pool:  # the slice's shards read at once, not one by one
+            permuted = dict(zip(mine, pool.map(
+                lambda s: np.random.default_rng([seed, epoch, s]).permutation(self.indices(shards[s])), mine)))
+        return [(shards[shard], permuted[shard][first : first + take]) for shard, first, take in cuts], padded
 
 
 class ShardedBatches:

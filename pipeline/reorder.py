@@ -208,8 +208,9 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
                                    resources=config.resources)
     for part, error in split_failures.items():
         ledger.fail(f"part-{part}", rows=part_rows(stage.part_files(part)["metadata"]), error=error)
+    failed_before = ledger.failures()  # one listing, not a request per part
     for part in todo:
-        if part not in split_failures:
+        if part not in split_failures and f"part-{part}" in failed_before:
             ledger.clear_failure(f"part-{part}")
     markers = split_markers(layout, [p for p in parts if p not in split_failures])
     crash_point("reorder.after_split")

@@ -63,14 +63,15 @@ def read_many(urls: list[str]) -> dict[str, bytes | Exception]:
     if not urls:
         return {}
     fs, _ = filesystem(urls[0])
-    paths = [filesystem(url)[1] for url in urls]
+    paths = [fs._strip_protocol(url) for url in urls]
     if isinstance(fs, fsspec.asyn.AsyncFileSystem):
         found = fs.cat(paths, on_error="return")
         return {url: found.get(path, FileNotFoundError(url)) for url, path in zip(urls, paths)}
+    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     out: dict[str, bytes | Exception] = {}
     for url, path in zip(urls, paths):  # local (and other blocking) filesystems: reads are cheap in sequence
         try:
-            with fs.open(path, "rb") as f:
+            with (open(path, "rb") if local else fs.open(path, "rb")) as f:
                 out[url] = f.read()
         except Exception as error:  # noqa: BLE001 - returned to the caller, who names the file
             out[url] = error

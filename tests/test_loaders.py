@@ -63,16 +63,23 @@ class CountingEmbeddings(EmbeddingBatches):
 
 
 @pytest.mark.parametrize("loader_class", [CountingEmbeddings, ImageBatches])
-def test_resume_skips_without_opening_or_decoding_what_it_skips(run_root, loader_class):
+def test_resume_skips_without_opening_or_decoding_what_it_skips(run_root, loader_class, monkeypatch):
+    import PIL.Image
+
     plan = SamplePlan.from_aligned(run_root)
     loader = loader_class(run_root, plan, batch_size=4, seed=5, shuffle_buffer=3)
     keys = [k for batch in loader.epoch(0) for k in batch["key"]]
     CountingEmbeddings.opened, CountingEmbeddings.decoded = [], 0
+    images_opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: images_opened.append(1) or real_open(*a, **k))
     resumed = [k for batch in loader.epoch(0, skip_batches=9) for k in batch["key"]]
     assert resumed == keys[36:]  # exactly the batches after the ninth
     if loader_class is CountingEmbeddings:
         assert CountingEmbeddings.decoded == len(keys) - 36
         assert len(CountingEmbeddings.opened) < len(plan.counts)  # the first shards are not even opened
+    else:
+        assert len(images_opened) == len(keys) - 36  # only the images of the batches it trains on are decoded
 
 
 def test_a_rank_reads_the_row_indices_of_its_own_shards_only(run_root):

@@ -101,10 +101,21 @@ def kill_when(cluster, process, node: int, ready, what: str, done_folder: str) -
     return done_before
 
 
-def placed_on(cluster, names: set[str]) -> set[int]:
-    """Worker numbers of the nodes where tasks named `names` ran (the dead ones included)."""
-    nodes = {task["node_id"] for task in cluster.state("tasks") if task.get("name") in names and task.get("node_id")}
+def placed_on(cluster, name: str) -> set[int]:
+    """Worker numbers of the nodes where tasks whose name contains `name` ran (the dead ones included); fails if
+    none ran, so a placement check can never pass on nothing."""
+    nodes = {task["node_id"] for task in cluster.state("tasks") if name in task.get("name", "") and task.get("node_id")}
+    assert nodes, f"no task named like {name!r} ran"
     return {cluster.node_of(node) for node in nodes}
+
+
+def scratch_parts(root: str) -> list:
+    """Embed's scratch parts now (written by write_parts once CLIP's first rows are out)."""
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(RunLayout(root).scratch("embed"))
+    fs.invalidate_cache()
+    return fs.find(path) if fs.exists(path) else []
 
 
 def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
@@ -130,7 +141,7 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
         finish(process, tmp_path, "download")
     finally:
         image_server.delay = 0.0
-    assert victim in CPU_NODES and placed_on(cluster, {"_call"}) <= CPU_NODES
+    assert victim in CPU_NODES and placed_on(cluster, "_call") <= CPU_NODES
     assert 0 < downloaded_before < ROWS // PER_SHARD
     summary = read_json(layout.ledger_summary("download"))
     assert (summary["shards"], summary["rows_in"], summary["written"]) == (ROWS // PER_SHARD, ROWS, ROWS), summary
@@ -141,9 +152,12 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
     process = start(cluster, "embed", config, tmp_path)
     victim = wait_for(lambda: node_running(cluster, "actors", lambda a: "ClipEmbedder" in a.get("class_name", "")),
                       "a CLIP actor", process)
-    embedded_before = kill_when(cluster, process, victim, lambda: True, "the CLIP actor alive", layout.ledger_dir("embed"))
+    embedded_before = kill_when(cluster, process, victim, lambda: scratch_parts(root) or list_files(layout.ledger_dir("embed")),
+                                "embedded rows", layout.ledger_dir("embed"))
     finish(process, tmp_path, "embed")
-    assert victim in GPU_NODES and placed_on(cluster, {"finish_shard"}) <= GPU_NODES
+    assert victim in GPU_NODES
+    for name in ("finish_shard", "write_parts", "preprocess_batch", "read_shard"):
+        assert placed_on(cluster, name) <= GPU_NODES, name
     assert embedded_before < ROWS // PER_SHARD  # lost in the middle: shards were left to embed
     aligned_keys = []
     for shard in sorted({k[:5] for k in keys}):
@@ -153,7 +167,7 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
 
     process = start(cluster, "filter", config, tmp_path)
     finish(process, tmp_path, "filter")
-    assert placed_on(cluster, {"_call"}) <= CPU_NODES
+    assert placed_on(cluster, "_call") <= CPU_NODES
 
     # training: the GPU node of the Ray Train worker is lost after a checkpoint; it resumes on the remaining one
     process = start(cluster, "train-prior", config, tmp_path)
@@ -183,4 +197,4 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
     finish(process, tmp_path, "reorder")
     summary = read_json(RunLayout(other).ledger_summary("reorder"))
     assert summary["written"] == ROWS and summary["input_rows"] == ROWS and not summary["failed_shards"], summary
-    assert placed_on(cluster, {"_call"}) <= CPU_NODES
+    assert placed_on(cluster, "_call") <= CPU_NODES
