@@ -24,20 +24,11 @@ from .config import EmbedConfig
 from .faults import crash_point
 from .layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
 from .ledger import Ledger, ShardRecord
-from .storage import read_json, read_parquet, remove, write_parquet
+from .storage import embedding_array, embedding_column, read_json, read_parquet, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
 PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT = "part", "rows", "end", "failure", "first_at", "last_at"
-
-
-def _emb_column(array: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), array.shape[1])
-
-
-def _emb_array(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
-    column = column.combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), column.type.list_size)
 
 
 def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> dict[str, np.ndarray]:
@@ -66,8 +57,8 @@ def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> d
         keys = [str(k) for k in batch[KEY][rows_arr]]
         table = pa.table({KEY: keys, CAPTION: [str(c) for c in batch[CAPTION][rows_arr]],
                           ERROR: [str(e) for e in batch[ERROR][rows_arr]],
-                          "img_emb": _emb_column(batch["img_emb"][rows_arr].astype(dtype)),
-                          "text_emb": _emb_column(batch["text_emb"][rows_arr].astype(dtype))})
+                          "img_emb": embedding_column(batch["img_emb"][rows_arr].astype(dtype)),
+                          "text_emb": embedding_column(batch["text_emb"][rows_arr].astype(dtype))})
         digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
         part = layout.scratch(STAGE, shard, f"part_{digest}_{len(keys)}.parquet")
         write_parquet(part, table)
@@ -112,8 +103,8 @@ def finish_shard(root: str, config: EmbedConfig, info, embed_dim: int, parts: li
             indices[row] = index
         seen.add(index)
     good = np.asarray([row for row in order if not errors[row]], dtype=np.int64)
-    img_emb = _emb_array(table.column("img_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
-    text_emb = _emb_array(table.column("text_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
+    img_emb = embedding_array(table.column("img_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
+    text_emb = embedding_array(table.column("text_emb"), dtype)[good] if table is not None else np.zeros((0, embed_dim), dtype)
     good_keys, good_captions = [keys[row] for row in good], [captions[row] for row in good]
     ledger.keep_fingerprint(fingerprint(config))
     if config.write_clip_retrieval:

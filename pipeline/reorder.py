@@ -28,20 +28,12 @@ from .distributor import ensure_ray, run_shards
 from .faults import crash_point
 from .layout import CAPTION, INDEX, KEY, RunLayout, parse_key, shard_id_of, shard_name
 from .ledger import Ledger, ShardRecord
-from .storage import exists, list_files, list_names, read_many_json, read_npy, read_parquet, remove, write_json, write_parquet
+from .storage import (embedding_array, embedding_column, exists, list_files, list_names, read_many_json, read_npy,
+                      read_parquet, remove, write_json, write_parquet)
 
 log = logging.getLogger(__name__)
 
 STAGE = "reorder"
-
-
-def _emb_column(array: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-
-
-def _emb_array(column: pa.ChunkedArray, dtype) -> np.ndarray:
-    column = column.combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), column.type.list_size)
 
 
 class Reorder:
@@ -90,9 +82,9 @@ class Reorder:
         for shard_id, rows in by_shard.items():
             rows_arr = np.asarray(rows)
             columns = {INDEX: pa.array(indices[rows_arr]), CAPTION: pa.array([str(captions[r] or "") for r in rows]),
-                       "img_emb": _emb_column(img_emb[rows_arr])}
+                       "img_emb": embedding_column(img_emb[rows_arr])}
             if text_emb is not None:
-                columns["text_emb"] = _emb_column(text_emb[rows_arr])
+                columns["text_emb"] = embedding_column(text_emb[rows_arr])
             name = shard_name(shard_id, self.shard_digits)
             write_parquet(self.layout.scratch(STAGE, name, f"part_{part}.parquet"), pa.table(columns))
             crash_point("reorder.mid_split")
@@ -112,10 +104,10 @@ class Reorder:
         first = np.sort(first)
         duplicates = len(indices) - len(first)
         slots = self.slots(shard, indices)
-        img_emb = _emb_array(table.column("img_emb"), np.float16)[first] if table is not None else np.zeros((0, 1), np.float16)
+        img_emb = embedding_array(table.column("img_emb"), np.float16)[first] if table is not None else np.zeros((0, 1), np.float16)
         text_emb = None
         if table is not None and "text_emb" in table.column_names:
-            text_emb = _emb_array(table.column("text_emb"), np.float16)[first]
+            text_emb = embedding_array(table.column("text_emb"), np.float16)[first]
         captions = [table.column(CAPTION)[int(i)].as_py() for i in first] if table is not None else []
         aligned = align(shard_id_of(shard), slots, self.shard_digits, self.index_digits, indices[first], img_emb,
                         text_emb, captions)

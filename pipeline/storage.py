@@ -145,6 +145,17 @@ def read_npy(url: str, mmap: bool = False) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(url)))
 
 
+def embedding_column(array: np.ndarray) -> pa.FixedSizeListArray:
+    """An [N, D] array as a parquet-storable column of N fixed-size lists (scratch files of embed and reorder)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), array.shape[1])
+
+
+def embedding_array(column: pa.ChunkedArray, dtype) -> np.ndarray:
+    """The [N, D] array of an embedding_column, as `dtype`."""
+    column = column.combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), column.type.list_size)
+
+
 def write_parquet(url: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
