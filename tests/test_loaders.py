@@ -145,3 +145,19 @@ def test_samples_gathered_from_every_rank_come_back_in_held_out_order(rows, worl
     parts = [rank_slice(batch, rank, world_size)["x"] for rank in range(world_size)]
     # a rank with no rows sends None
     assert torch.equal(unslice([part if len(part) else None for part in parts]), batch["x"])
+
+
+def test_the_shuffle_buffer_mixes_samples_read_in_shard_order(run_root):
+    import random
+
+    from pipeline.loaders import shuffle_order
+
+    plan = SamplePlan.from_aligned(run_root)
+    as_read = [k for batch in EmbeddingBatches(run_root, plan, 5, seed=3, shuffle_buffer=1).epoch(0) for k in batch["key"]]
+    mixed = [k for batch in EmbeddingBatches(run_root, plan, 5, seed=3, shuffle_buffer=20).epoch(0) for k in batch["key"]]
+    assert sorted(mixed) == sorted(as_read) and mixed != as_read
+    # shards read one after another come out interleaved
+    shard_changes = sum(a[:5] != b[:5] for a, b in zip(mixed, mixed[1:]))
+    assert shard_changes > sum(a[:5] != b[:5] for a, b in zip(as_read, as_read[1:])) + 5
+    order = shuffle_order(100, 10, random.Random(0))
+    assert sorted(order.tolist()) == list(range(100))  # every position out once
