@@ -190,13 +190,21 @@ class RayCluster:
         raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster")
 
     def __exit__(self, *exc) -> None:
+        # every node is told to stop at once; `ray start --block` often outlives a TERM by far (30 s and more
+        # a node), so what is left after a few seconds is killed: the cluster and its session folder go anyway
         for process in reversed(self.processes):
             try:
                 os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # what is left of its group (a worker that ignored TERM)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)

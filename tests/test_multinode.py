@@ -109,6 +109,16 @@ def placed_on(cluster, name: str) -> set[int]:
     return {cluster.node_of(node) for node in nodes}
 
 
+def registered_checkpoint(folder: str):
+    """The checkpoint Ray Train has registered for the run in `folder` (its manager snapshot), or None. A folder
+    named checkpoint_* shows up while it is being uploaded, before Ray knows of it: a node lost then restarts
+    the run from the previous checkpoint, which for the first one is none."""
+    try:
+        return read_json(f"{folder}/checkpoint_manager_snapshot.json").get("latest_checkpoint_result")
+    except FileNotFoundError:
+        return None
+
+
 def scratch_parts(root: str) -> list:
     """Embed's scratch parts now (written by write_parts once CLIP's first rows are out)."""
     from pipeline.storage import filesystem
@@ -173,8 +183,8 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
     process = start(cluster, "train-prior", config, tmp_path)
     victim = wait_for(lambda: node_running(cluster, "actors", lambda a: "RayTrainWorker" in a.get("class_name", "")),
                       "a training worker", process)
-    kill_when(cluster, process, victim, lambda: [u for u in list_files(f"{root}/train/prior") if "checkpoint_" in u],
-              "a checkpoint", f"{root}/train/prior")
+    kill_when(cluster, process, victim, lambda: registered_checkpoint(f"{root}/train/prior"),
+              "a registered checkpoint", f"{root}/train/prior")
     finish(process, tmp_path, "train-prior")
     assert victim in GPU_NODES
     trained = read_json(f"{root}/train/prior_summary.json")
