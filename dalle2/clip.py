@@ -147,15 +147,22 @@ class ClipAdapter(nn.Module):
         return self.tokenizer(list(texts)).to(self.mean.device)
 
     @torch.no_grad()
-    def embed_text(self, text: Union[Sequence[str], Tensor]) -> TextEmbedding:
-        """Unit-norm text embeds, per-token encodings and their mask, for strings or token ids."""
+    def embed_text(self, text: Union[Sequence[str], Tensor], trim_padding: bool = False) -> TextEmbedding:
+        """Unit-norm text embeds, per-token encodings and their mask, for strings or token ids.
+
+        With `trim_padding`, the padding after the batch's longest caption is not computed: attention is causal,
+        so no token sees a later one and the embeds are the same (encodings then stop at that length)."""
         tokens = text.to(self.mean.device) if isinstance(text, Tensor) else self.tokenize(text)
         tower = self._text_tower
         if not hasattr(tower, "token_embedding"):
             raise NotImplementedError(f"{self.config.model_name}: text encodings need an open_clip text transformer")
+        attn_mask = tower.attn_mask
+        if trim_padding and attn_mask is not None and tokens.shape[0]:
+            length = int(tokens.argmax(dim=-1).max()) + 1  # the last end-of-text token (the highest id) of the batch
+            tokens, attn_mask = tokens[:, :length], attn_mask[:length, :length]
         cast_dtype = tower.transformer.get_cast_dtype()
-        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
-        x = tower.transformer(x, attn_mask=tower.attn_mask)
+        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+        x = tower.transformer(x, attn_mask=attn_mask)
         encodings = tower.ln_final(x)
         # The pooled token is the end-of-text one (the highest id), as open_clip's own encode_text does.
         pooled = encodings[torch.arange(tokens.shape[0], device=tokens.device), tokens.argmax(dim=-1)]

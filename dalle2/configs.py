@@ -37,9 +37,9 @@ class DiffusionConfig(StrictModel):
             raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
         if self.sample_timesteps is not None and not 1 <= self.sample_timesteps <= self.timesteps:
             raise ValueError(f"sample_timesteps must be in [1, timesteps={self.timesteps}], got {self.sample_timesteps}")
-        from .diffusion import BETA_SCHEDULES  # a schedule that never reaches noise is refused here, at load
+        from .schedules import signal_left  # a schedule that never reaches noise is refused here, at load
 
-        left = float((1 - BETA_SCHEDULES[self.beta_schedule](self.timesteps)).prod())
+        left = signal_left(self.beta_schedule, self.timesteps)
         if left > 0.01:
             raise ValueError(f"a {self.beta_schedule} schedule of {self.timesteps} timesteps keeps {left:.0%} of the "
                              "signal at its last step: use more timesteps")

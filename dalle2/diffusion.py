@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .schedules import BETA_SCHEDULES
+
 Prediction = Literal["eps", "x0", "v"]
 BetaSchedule = Literal["cosine", "linear"]
 LossType = Literal["l1", "l2", "huber"]
@@ -22,23 +24,6 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 X0Transform = Callable[[Tensor], Tensor]
 
 
-def cosine_betas(timesteps: int, s: float = 0.008) -> Tensor:
-    """Betas of the cosine schedule (Nichol & Dhariwal 2021)."""
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    alphas_cumprod = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
-    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
-    return betas.clamp(0, 0.999)
-
-
-def linear_betas(timesteps: int) -> Tensor:
-    """Betas of the linear schedule (Ho et al. 2020), rescaled so any step count spans the same noise."""
-    scale = 1000 / timesteps
-    # with 50 steps or fewer the rescaled end passes 1 (T=20: 1.0, T=10: 2.0): clamp as the cosine schedule does
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
-
-
-BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {"cosine": cosine_betas, "linear": linear_betas}
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -133,7 +118,7 @@ class GaussianDiffusion(nn.Module):
         self.timesteps = timesteps
         self.predict = predict
 
-        betas = BETA_SCHEDULES[beta_schedule](timesteps)
+        betas = torch.from_numpy(BETA_SCHEDULES[beta_schedule](timesteps))
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         if alphas_cumprod[-1] > 0.01:  # sampling starts from pure noise: the last step must (nearly) reach it
             raise ValueError(f"a {beta_schedule} schedule of {timesteps} timesteps keeps {alphas_cumprod[-1]:.0%} of "

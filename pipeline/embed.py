@@ -1,6 +1,6 @@
 """The embed stage: CLIP embeddings of every image and caption, streamed through Ray Data.
 
-    shards --flat_map(read_shard)--> rows --map_batches(preprocess_batch, CPU tasks)--> pixels
+    shards --flat_map(read_shard)--> rows --map_batches(preprocess_batch, CPU tasks)--> uint8 pixels
            --map_batches(ClipEmbedder, actor pool; GPUs on a cluster)--> embeddings
            --map_batches(write_parts, CPU tasks)--> per-shard scratch parts --> driver: names and counts
 Once a shard's end row (carrying the number of samples read) and all of those samples are in parts, a
@@ -11,7 +11,6 @@ an unreadable shard fails alone.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -84,23 +83,18 @@ def read_shard(item: dict) -> Iterator[dict]:
     yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_END}{read}"}
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, mean: tuple, std: tuple) -> dict[str, np.ndarray]:
-    """Decode images and apply CLIP's preprocessing (CPU); undecodable images get an error, zero pixels."""
-    import torch
-    from PIL import Image
-
-    from dalle2.clip import clip_preprocess
+def preprocess_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """Decode images to CLIP's input size as uint8 (CPU; no torch here, so a decode task starts fast);
+    undecodable images get an error and zero pixels."""
+    from .decode import decode_resized
 
     errors = list(batch[ERROR])
-    pixels = np.zeros((len(errors), 3, image_size, image_size), dtype=np.float32)
+    pixels = np.zeros((len(errors), image_size, image_size, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
         if errors[i]:
             continue
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-            tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
-            pixels[i] = clip_preprocess(tensor, image_size, mean, std)[0].numpy()
+            pixels[i] = decode_resized(data, image_size)
         except Exception as error:  # noqa: BLE001 - a corrupt image is skipped and counted
             errors[i] = f"corrupt image: {type(error).__name__}"
     out = {k: v for k, v in batch.items() if k != "image"}
@@ -127,6 +121,9 @@ class ClipEmbedder:
         import contextlib
 
         import torch
+        from einops import rearrange
+
+        from dalle2.clip import clip_preprocess
 
         ok = np.asarray([not e for e in batch[ERROR]], dtype=bool)
         dim = self.clip.embed_dim
@@ -136,10 +133,13 @@ class ClipEmbedder:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
             amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with torch.inference_mode(), amp:
-                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+                # uint8 [B, H, W, 3] from the decode tasks; scaled and normalised here, on the actor's device
+                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
+                pixels = rearrange(pixels, "b h w c -> b c h w").float() / 255
+                pixels = clip_preprocess(pixels, self.clip.image_size, self.clip.mean, self.clip.std)
                 img_emb[ok] = self.clip.embed_preprocessed(pixels).float().cpu().numpy()
                 captions = [str(c) for c in batch[CAPTION][ok]]
-                text_emb[ok] = self.clip.embed_text(captions).text_embed.float().cpu().numpy()
+                text_emb[ok] = self.clip.embed_text(captions, trim_padding=True).text_embed.float().cpu().numpy()
         # NaN / inf (a broken model, or float16 overflow) must never reach reorder or training
         finite = np.isfinite(img_emb).all(axis=1) & np.isfinite(text_emb).all(axis=1)
         errors = np.asarray([e if (e or finite[i]) else "non-finite embedding" for i, e in enumerate(batch[ERROR])],
@@ -201,7 +201,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     timing: dict = {}
     if todo:
         model_name = checkpoint_model_name(config.clip.checkpoint) if config.clip.checkpoint else config.clip.model_name
-        image_size, mean, std = clip_input_spec(model_name)
+        image_size, _, _ = clip_input_spec(model_name)
         import open_clip
 
         embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
@@ -212,7 +212,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         # tar reads capped like decoding: a big cluster would otherwise open a tar per free CPU slice at once
         ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus,
                          compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
-        ds = ds.map_batches(preprocess_batch, fn_kwargs=dict(image_size=image_size, mean=mean, std=std),
+        ds = ds.map_batches(preprocess_batch, fn_kwargs=dict(image_size=image_size),
                             batch_size=config.batch_size, num_cpus=config.decode_cpus,
                             compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
         ds = ds.map_batches(

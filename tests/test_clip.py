@@ -70,3 +70,15 @@ def test_embed_text_equals_open_clips_own_encode_text(name):
         theirs = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenize(texts)).float(), dim=-1)
     torch.testing.assert_close(ours.text_embed, theirs, atol=1e-5, rtol=1e-5)
     assert ours.mask.sum(1).tolist()[2] == 2  # start and end tokens of the empty caption
+
+
+def test_trimmed_padding_gives_the_same_text_embeds(tiny_clip):
+    captions = ["a red square", "", "a much longer caption about a small blue circle in the center, on a white field"]
+    full, trimmed = tiny_clip.embed_text(captions), tiny_clip.embed_text(captions, trim_padding=True)
+    longest = int(tiny_clip.tokenize(captions).argmax(dim=-1).max()) + 1
+    assert trimmed.text_encodings.shape[1] == longest < full.text_encodings.shape[1]
+    torch.testing.assert_close(trimmed.text_embed, full.text_embed, rtol=1e-5, atol=1e-6)
+    # every caption's own embed, alone in its batch (trimmed to itself), is the same as in the mixed batch
+    for i, caption in enumerate(captions):
+        torch.testing.assert_close(tiny_clip.embed_text([caption], trim_padding=True).text_embed[0], full.text_embed[i],
+                                   rtol=1e-5, atol=1e-6)
