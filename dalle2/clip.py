@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, load_state, save_checkpoint, trainable_state
+from .clip_spec import OPENAI_MEAN, OPENAI_STD
 from .configs import StrictModel
 
 log = logging.getLogger(__name__)
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
@@ -44,20 +42,6 @@ def clip_preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor) -> Ten
         images = images[..., top : top + size, left : left + size]
     mean, std = torch.as_tensor(mean).view(1, 3, 1, 1), torch.as_tensor(std).view(1, 3, 1, 1)
     return (images.float().clamp(0, 1) - mean.to(images.device)) / std.to(images.device)
-
-
-def clip_input_spec(model_name: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """(image_size, mean, std) of an open_clip model, read from its config without building it."""
-    import open_clip
-
-    register_model_configs()
-    config = open_clip.get_model_config(model_name)
-    if config is None:
-        raise ValueError(f"unknown CLIP model {model_name!r}")
-    size = config["vision_cfg"]["image_size"]
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    preprocess = config.get("preprocess_cfg", {})
-    return int(size), tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
 
 
 class ClipConfig(StrictModel):

@@ -81,7 +81,8 @@ class EmbedConfig(StrictModel):
     cpus_per_actor: PositiveFloat = 0.5  # Ray also gives the actor this many torch threads (OMP_NUM_THREADS)
     torch_threads: Optional[PositiveInt] = None  # override the actor's torch threads
     decode_cpus: PositiveFloat = 0.25  # per decode task
-    decode_concurrency: PositiveInt = 2
+    decode_concurrency: PositiveInt = 2  # decode tasks at once (each reads and decodes one shard)
+    decode_block_rows: PositiveInt = 256  # rows a decode task sends on at once: Ray's cost per block stays small
     autocast: Literal["none", "bf16", "fp16"] = "none"
     output_dtype: Literal["float16", "float32"] = "float16"
     write_clip_retrieval: bool = True

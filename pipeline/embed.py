@@ -1,6 +1,6 @@
 """The embed stage: CLIP embeddings of every image and caption, streamed through Ray Data.
 
-    shards --flat_map(read_shard)--> rows --map_batches(preprocess_batch, CPU tasks)--> uint8 pixels
+    shards --map_batches(decode_shards, CPU tasks: read a tar, decode to CLIP's size)--> uint8 pixels
            --map_batches(ClipEmbedder, actor pool; GPUs on a cluster)--> embeddings
            --map_batches(write_parts, CPU tasks)--> per-shard scratch parts --> driver: names and counts
 Once a shard's end row (carrying the number of samples read) and all of those samples are in parts, a
@@ -83,24 +83,36 @@ def read_shard(item: dict) -> Iterator[dict]:
     yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_END}{read}"}
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Decode images to CLIP's input size as uint8 (CPU; no torch here, so a decode task starts fast);
-    undecodable images get an error and zero pixels."""
+def decode_rows(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
+    """A block of read rows with their images decoded to CLIP's input size as uint8 (no torch here, so a decode
+    task starts fast); an undecodable image gets an error and zero pixels."""
     from .decode import decode_resized
 
-    errors = list(batch[ERROR])
-    pixels = np.zeros((len(errors), image_size, image_size, 3), dtype=np.uint8)
-    for i, data in enumerate(batch["image"]):
+    errors = [row[ERROR] for row in rows]
+    pixels = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
         if errors[i]:
             continue
         try:
-            pixels[i] = decode_resized(data, image_size)
+            pixels[i] = decode_resized(row["image"], image_size)
         except Exception as error:  # noqa: BLE001 - a corrupt image is skipped and counted
             errors[i] = f"corrupt image: {type(error).__name__}"
-    out = {k: v for k, v in batch.items() if k != "image"}
-    out[ERROR] = np.asarray(errors, dtype=object)
-    out["pixels"] = pixels
-    return out
+    block = {column: np.asarray([row[column] for row in rows], dtype=object) for column in (SHARD, KEY, CAPTION)}
+    return {**block, ERROR: np.asarray(errors, dtype=object), "pixels": pixels}
+
+
+def decode_shards(batch: dict[str, np.ndarray], image_size: int, block_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task over shards: each one read and decoded in the same task (the tar's bytes never cross the
+    object store), sent on `block_rows` rows at a time; its end (or failure) row comes last."""
+    for shard, tar in zip(batch[SHARD].tolist(), batch["tar"].tolist()):
+        rows: list[dict] = []
+        for row in read_shard({SHARD: shard, "tar": tar}):
+            rows.append(row)
+            if len(rows) == block_rows:
+                yield decode_rows(rows, image_size)
+                rows = []
+        if rows:
+            yield decode_rows(rows, image_size)
 
 
 class ClipEmbedder:
@@ -116,6 +128,7 @@ class ClipEmbedder:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.clip = load_clip(**ClipSource(**source).model_dump()).to(self.device).eval()
         self.autocast, self.output_dtype = autocast, np.dtype(output_dtype)
+        self.loaded_at = time.time()  # for the stage's start-up figures
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import contextlib
@@ -149,6 +162,7 @@ class ClipEmbedder:
         out[ERROR] = errors
         out["img_emb"], out["text_emb"] = img_emb, text_emb
         out["embedded_at"] = np.full(len(ok), time.time())  # for the stage's steady-rate figure
+        out["loaded_at"] = np.full(len(ok), self.loaded_at)
         return out
 
 
@@ -180,7 +194,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     """Embed every downloaded shard that is not embedded yet; returns the stage summary."""
     import ray
 
-    from dalle2.clip import checkpoint_model_name, clip_input_spec
+    from dalle2.clip_spec import clip_input_spec, clip_model_config
 
     from .distributor import ensure_ray
     from .embed_writer import ShardTracker, write_parts
@@ -196,24 +210,27 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
                                     f"{layout.embeddings}, {layout.aligned} and {layout.ledger_dir(STAGE)}* to re-embed")
     infos = plan_embed(layout, shards)
     todo = list(infos)
+    marks = {"planning_s": time.time()}
     log.info("embed: %d shards, %d to do", len(shards), len(todo))
     failures: dict[str, str] = {}
     timing: dict = {}
     if todo:
-        model_name = checkpoint_model_name(config.clip.checkpoint) if config.clip.checkpoint else config.clip.model_name
-        image_size, _, _ = clip_input_spec(model_name)
-        import open_clip
+        if config.clip.checkpoint:  # reads the checkpoint's config: imports torch, not open_clip
+            from dalle2.clip import checkpoint_model_name
 
-        embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+            model_name = checkpoint_model_name(config.clip.checkpoint)
+        else:
+            model_name = config.clip.model_name
+        image_size, _, _ = clip_input_spec(model_name)
+        embed_dim = int(clip_model_config(model_name)["embed_dim"])
         ensure_ray(ray_config, config.resources, "embed.resources")
+        marks["ray_s"] = time.time()
         placed = {"resources": config.resources} if config.resources else {}  # on the node type that embeds
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # tar reads capped like decoding: a big cluster would otherwise open a tar per free CPU slice at once
-        ds = ds.flat_map(read_shard, num_cpus=config.decode_cpus,
-                         compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
-        ds = ds.map_batches(preprocess_batch, fn_kwargs=dict(image_size=image_size),
-                            batch_size=config.batch_size, num_cpus=config.decode_cpus,
+        # a task per shard reads and decodes it; capped, or a big cluster would open a tar per free CPU at once
+        ds = ds.map_batches(decode_shards, fn_kwargs=dict(image_size=image_size, block_rows=config.decode_block_rows),
+                            batch_size=1, num_cpus=config.decode_cpus,
                             compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
         ds = ds.map_batches(
             ClipEmbedder, batch_size=config.batch_size,
@@ -223,13 +240,14 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
             num_cpus=config.cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
             compute=ray.data.ActorPoolStrategy(size=config.actors), **placed,
         )
-        ds = ds.map_batches(write_parts, fn_kwargs=dict(root=root, output_dtype=config.output_dtype), batch_size=None,
-                            num_cpus=config.decode_cpus, **placed)
+        # CLIP's blocks gathered back to decode-sized ones: fewer, larger scratch parts
+        ds = ds.map_batches(write_parts, fn_kwargs=dict(root=root, output_dtype=config.output_dtype),
+                            batch_size=config.decode_block_rows, num_cpus=config.decode_cpus, **placed)
         tracker = ShardTracker(root, infos, config, embed_dim)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # part names and counts only
             tracker.add(batch)
         failures = tracker.close()
-        timing = tracker.steady_timing(started)
+        timing = tracker.steady_timing(started, marks)
     for shard, error in failures.items():  # rows: what the parquet lists, else the samples read (if known)
         info = infos[shard]
         ledger.fail(shard, rows=info.expected if info.expected is not None else tracker.ends.get(shard, 0), error=error)

@@ -28,7 +28,7 @@ from .storage import embedding_array, embedding_column, read_json, read_parquet,
 
 log = logging.getLogger(__name__)
 
-PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT = "part", "rows", "end", "failure", "first_at", "last_at"
+PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT, LOADED_AT = "part", "rows", "end", "failure", "first_at", "last_at", "loaded_at"
 
 
 def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> dict[str, np.ndarray]:
@@ -37,11 +37,12 @@ def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> d
     from .embed import ERROR, SHARD_END, SHARD_FAILED, STAGE
 
     layout, dtype = RunLayout(root), np.dtype(output_dtype)
-    out: dict[str, list] = {SHARD: [], PART: [], ROWS: [], END: [], FAILURE: [], FIRST_AT: [], LAST_AT: []}
+    out: dict[str, list] = {SHARD: [], PART: [], ROWS: [], END: [], FAILURE: [], FIRST_AT: [], LAST_AT: [], LOADED_AT: []}
     times = np.asarray(batch["embedded_at"], dtype=np.float64)
+    loaded_at = float(np.min(batch["loaded_at"])) if len(times) else 0.0
 
     def emit(shard: str, part: str = "", rows: int = 0, end: int = -1, failure: str = "", at=times) -> None:
-        for column, value in zip(out, (shard, part, rows, end, failure, float(at.min()), float(at.max()))):
+        for column, value in zip(out, (shard, part, rows, end, failure, float(at.min()), float(at.max()), loaded_at)):
             out[column].append(value)
 
     by_shard: dict[str, list[int]] = defaultdict(list)
@@ -147,10 +148,12 @@ class ShardTracker:
         # when CLIP's first rows came out, how many came then, and the rows and the last time of all (running
         # figures: the driver keeps nothing per part)
         self.first_at, self.rows_at_first, self.rows_total, self.last_at = float("inf"), 0, 0, 0.0
+        self.loaded_at = float("inf")  # when the first CLIP actor had its model loaded
         self.remote = ray.remote(finish_shard).options(num_cpus=config.decode_cpus, max_retries=2,
                                                        retry_exceptions=True, resources=config.resources)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.loaded_at = min(self.loaded_at, float(np.min(batch[LOADED_AT]))) if len(batch[LOADED_AT]) else self.loaded_at
         for shard, part, rows, end, failure, first, last in zip(*(batch[c].tolist() for c in
                                                                   (SHARD, PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT))):
             if shard in self.submitted:  # a replayed row of a shard whose outputs are being written: nothing new
@@ -212,13 +215,17 @@ class ShardTracker:
                 self.failures[shard] = f"only {self.rows[shard]} of {self.ends.get(shard, '?')} samples of {info.tar} came back"
         return self.failures
 
-    def steady_timing(self, started: float) -> dict:
-        """Startup (until CLIP's first batch: workers importing torch, actors loading the model) and the rate
+    def steady_timing(self, started: float, marks: dict[str, float]) -> dict:
+        """Startup (command start to CLIP's first embeddings), broken into its steps (`marks`: the times planning
+        and Ray's start ended; then the first CLIP actor's model loaded, then its first batch out), and the rate
         after it, which is what a long run sees; small runs are dominated by the startup."""
         if not self.rows_total:
             return {}
         later, span = self.rows_total - self.rows_at_first, self.last_at - self.first_at
-        timing = {"startup_s": round(self.first_at - started, 2)}
+        steps, previous = {}, started
+        for name, at in (*marks.items(), ("model_load_s", self.loaded_at), ("first_batch_s", self.first_at)):
+            steps[name], previous = round(max(0.0, at - previous), 2), at
+        timing = {"startup_s": round(self.first_at - started, 2), "startup_steps": steps}
         if later:
             timing["steady_rows_per_s"] = round(later / span, 1) if span > 0 else None
         return timing

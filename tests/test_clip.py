@@ -82,3 +82,24 @@ def test_trimmed_padding_gives_the_same_text_embeds(tiny_clip):
     for i, caption in enumerate(captions):
         torch.testing.assert_close(tiny_clip.embed_text([caption], trim_padding=True).text_embed[0], full.text_embed[i],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_architecture_configs_are_read_without_open_clip_as_open_clip_reads_them():
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from dalle2.clip import register_model_configs
+    from dalle2.clip_spec import clip_input_spec, clip_model_config
+
+    register_model_configs()
+    for name in open_clip.list_models():
+        assert clip_model_config(name) == open_clip.get_model_config(name), name
+    assert clip_input_spec("ViT-B-32")[0] == 224 and clip_input_spec("tiny-clip")[0] == 32
+    with pytest.raises(ValueError, match="unknown CLIP model 'no-such-clip'"):
+        clip_model_config("no-such-clip")
+    # a driver planning the embed stage imports neither open_clip nor torch
+    code = ("import sys; from dalle2.clip_spec import clip_input_spec, clip_model_config; clip_input_spec('ViT-B-32'); "
+            "clip_model_config('tiny-clip'); print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -166,7 +166,7 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
                                 "embedded rows", layout.ledger_dir("embed"))
     finish(process, tmp_path, "embed")
     assert victim in GPU_NODES
-    for name in ("finish_shard", "write_parts", "preprocess_batch", "read_shard"):
+    for name in ("finish_shard", "write_parts", "decode_shards"):
         assert placed_on(cluster, name) <= GPU_NODES, name
     assert embedded_before < ROWS // PER_SHARD  # lost in the middle: shards were left to embed
     aligned_keys = []

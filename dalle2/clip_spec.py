@@ -1,0 +1,46 @@
+"""What a driver needs to know of an open_clip architecture (input size, normalisation, embedding width), read
+from its JSON config: ours in dalle2/model_configs/clip, then open_clip's own files. Neither open_clip nor
+torch is imported for a name found there (importing them costs a planning driver seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from importlib import resources
+from pathlib import Path
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip requires of a model config file
+
+
+def clip_model_config(model_name: str) -> dict:
+    """The architecture's config, as open_clip.get_model_config returns it."""
+    folders = [resources.files("dalle2") / "model_configs" / "clip"]
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running it
+    folders += [Path(location) / "model_configs" for location in (spec.submodule_search_locations or [])] if spec else []
+    for folder in folders:
+        path = folder / f"{model_name}.json"
+        if path.is_file():
+            config = json.loads(path.read_text())
+            if all(key in config for key in CONFIG_KEYS):
+                return config
+    # hf-hub: and local-dir: names, or configs added at run time: open_clip's own lookup
+    import open_clip
+
+    from .clip import register_model_configs
+
+    register_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown CLIP model {model_name!r}")
+    return config
+
+
+def clip_input_spec(model_name: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image_size, mean, std) of an open_clip model."""
+    config = clip_model_config(model_name)
+    size = config["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    preprocess = config.get("preprocess_cfg", {})
+    return int(size), tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
