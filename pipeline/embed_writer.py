@@ -28,7 +28,8 @@ from .storage import embedding_array, embedding_column, read_json, read_parquet,
 
 log = logging.getLogger(__name__)
 
-PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT, LOADED_AT = "part", "rows", "end", "failure", "first_at", "last_at", "loaded_at"
+PART, ROWS, END, FAILURE, LOADED_AT = "part", "rows", "end", "failure", "loaded_at"
+FIRST_AT, FIRST_ROWS, LAST_AT = "first_at", "first_rows", "last_at"  # a part's first CLIP batch: when, how many rows
 
 
 def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> dict[str, np.ndarray]:
@@ -37,12 +38,16 @@ def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> d
     from .embed import ERROR, SHARD_END, SHARD_FAILED, STAGE
 
     layout, dtype = RunLayout(root), np.dtype(output_dtype)
-    out: dict[str, list] = {SHARD: [], PART: [], ROWS: [], END: [], FAILURE: [], FIRST_AT: [], LAST_AT: [], LOADED_AT: []}
+    out: dict[str, list] = {SHARD: [], PART: [], ROWS: [], END: [], FAILURE: [], FIRST_AT: [], FIRST_ROWS: [],
+                            LAST_AT: [], LOADED_AT: []}
     times = np.asarray(batch["embedded_at"], dtype=np.float64)
     loaded_at = float(np.min(batch["loaded_at"])) if len(times) else 0.0
 
     def emit(shard: str, part: str = "", rows: int = 0, end: int = -1, failure: str = "", at=times) -> None:
-        for column, value in zip(out, (shard, part, rows, end, failure, float(at.min()), float(at.max()), loaded_at)):
+        first = float(at.min())  # a CLIP batch's rows share one time: the rows at the minimum are one batch's
+        values = (shard, part, rows, end, failure, first, int((at == first).sum()) if rows else 0, float(at.max()),
+                  loaded_at)
+        for column, value in zip(out, values):
             out[column].append(value)
 
     by_shard: dict[str, list[int]] = defaultdict(list)
@@ -154,8 +159,8 @@ class ShardTracker:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         self.loaded_at = min(self.loaded_at, float(np.min(batch[LOADED_AT]))) if len(batch[LOADED_AT]) else self.loaded_at
-        for shard, part, rows, end, failure, first, last in zip(*(batch[c].tolist() for c in
-                                                                  (SHARD, PART, ROWS, END, FAILURE, FIRST_AT, LAST_AT))):
+        for shard, part, rows, end, failure, first, first_rows, last in zip(*(
+                batch[c].tolist() for c in (SHARD, PART, ROWS, END, FAILURE, FIRST_AT, FIRST_ROWS, LAST_AT))):
             if shard in self.submitted:  # a replayed row of a shard whose outputs are being written: nothing new
                 continue
             if failure:
@@ -167,16 +172,16 @@ class ShardTracker:
             else:
                 self.parts[shard].append(part)
                 self.rows[shard] += rows
-                self.time_rows(first, last, rows)
+                self.time_rows(first, first_rows, last, rows)
             if shard not in self.failures and self.ends.get(shard) == self.rows[shard]:
                 self.submit(shard)
         self.collect(timeout=0)
 
-    def time_rows(self, first: float, last: float, rows: int) -> None:
+    def time_rows(self, first: float, first_rows: int, last: float, rows: int) -> None:
         if first < self.first_at:
-            self.first_at, self.rows_at_first = first, rows
+            self.first_at, self.rows_at_first = first, first_rows
         elif first == self.first_at:
-            self.rows_at_first += rows
+            self.rows_at_first += first_rows
         self.rows_total, self.last_at = self.rows_total + rows, max(self.last_at, last)
 
     def submit(self, shard: str) -> None:

@@ -98,8 +98,11 @@ class RayCluster:
     each a process group of its own that the test ends; `env` is what a client of this cluster runs with."""
 
     def __init__(self, workers: int = 0, cpus: int = 4, head_cpus: int | None = None,
-                 node_resources: list[dict] | None = None):
-        """`node_resources[i]`: the custom resources of worker node i (cluster.yaml's pools, say)."""
+                 node_resources: list[dict] | None = None, as_local_default: bool = False):
+        """`node_resources[i]`: the custom resources of worker node i (cluster.yaml's pools, say).
+        `as_local_default`: the cluster a plain `ray start --head` makes, the one ray.init() finds on its own
+        (its address file in Ray's default temp dir, here RAY_TMPDIR in `env`), instead of only by address."""
+        self.as_local_default = as_local_default
         self.port, self.dashboard, self.workers, self.cpus = free_port(), free_port(), workers, cpus
         self.head_cpus = cpus if head_cpus is None else head_cpus
         self.node_resources = node_resources or [{} for _ in range(workers)]
@@ -161,8 +164,11 @@ class RayCluster:
 
     def _start_all(self) -> "RayCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+        if self.as_local_default:
+            self.env["RAY_TMPDIR"] = self.temp_dir  # Ray's default temp dir is then <RAY_TMPDIR>/ray
+        temp = [] if self.as_local_default else [f"--temp-dir={self.temp_dir}"]
         self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-                    "--include-dashboard=true", f"--temp-dir={self.temp_dir}", cpus=self.head_cpus)
+                    "--include-dashboard=true", *temp, cpus=self.head_cpus)
         deadline = time.time() + 120
         while time.time() < deadline and (self.alive_nodes() < 1 or subprocess.run(
                 [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env, capture_output=True).returncode):

@@ -2,8 +2,10 @@
 and a local root refused on a Ray cluster of several nodes (its shards would scatter over the nodes' disks)."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import fsspec
 import pytest
@@ -58,3 +60,40 @@ def test_a_local_root_is_refused_on_a_cluster_of_several_nodes(tmp_path):
     assert f"root: {tmp_path}/runs/local is a local path but the Ray cluster has 2 nodes" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_a_running_local_ray_is_used_and_a_stale_address_file_ignored(tmp_path):
+    """With no address configured, a stage joins the local Ray a user keeps up with `ray start --head` (ray.init()
+    alone would join it and then refuse the CPUs and pools of an embedded one); once it is gone, its address file
+    left behind does not stop the next stage from starting its own."""
+    from pipeline import shapes
+    from pipeline.layout import RunLayout
+    from pipeline.storage import read_json
+    from tests.servers import RayCluster
+
+    dalle2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
+
+    def embed(root, env):
+        shapes.write_shards(str(root), 24, per_shard=12)
+        done = subprocess.run([dalle2, "embed", "--set", f"root={root}"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_json(RunLayout(str(root)).ledger_summary("embed"))["written"] == 24
+        return done.stderr
+
+    with RayCluster(cpus=4, as_local_default=True) as cluster:
+        env = cluster.env
+        log = embed(tmp_path / "warm", env)
+        line = next(line for line in log.splitlines() if "using the local Ray started with `ray start` at" in line)
+        assert line.endswith(f":{cluster.port} (`ray stop` ends it)"), line
+        assert any("ClipEmbedder" in actor.get("class_name", "") for actor in cluster.state("actors"))
+    temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        os.makedirs(os.path.join(temp, "ray"))
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(cluster.address)  # that cluster is gone; its address file stays, as after a crash
+        log = embed(tmp_path / "cold", {**env, "RAY_TMPDIR": temp})
+        assert "using the local Ray" not in log
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
