@@ -13,7 +13,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -69,16 +69,6 @@ def register_model_configs() -> None:
     open_clip.add_model_config(str(folder))
 
 
-@functools.lru_cache(maxsize=None)
-def caption_tokenizer(model_name: str) -> Callable[[Sequence[str]], Tensor]:
-    """open_clip's tokenizer of an architecture (its context length from the config), once per process; the
-    embed stage's decode tasks tokenize with it so the CLIP actors run only the model."""
-    import open_clip
-
-    register_model_configs()
-    return open_clip.get_tokenizer(model_name)
-
-
 def build_open_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
     """An open_clip model by name; `pretrained` downloads or reads weights as open_clip does."""
     import open_clip
@@ -94,10 +84,12 @@ class ClipAdapter(nn.Module):
 
     def __init__(self, model_name: str = "tiny-clip", pretrained: Optional[str] = None, config: Optional[ClipConfig] = None):
         super().__init__()
+        import open_clip
+
         self.config = config if config is not None else ClipConfig(model_name=model_name, pretrained=pretrained)
         self.model = build_open_clip(self.config.model_name, self.config.pretrained)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = caption_tokenizer(self.config.model_name)
+        self.tokenizer = open_clip.get_tokenizer(self.config.model_name)
         preprocess = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         self.register_buffer("mean", torch.tensor(preprocess.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.get("std", OPENAI_STD)).view(1, 3, 1, 1), persistent=False)

@@ -83,11 +83,9 @@ def read_shard(item: dict) -> Iterator[dict]:
     yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_END}{read}"}
 
 
-def decode_rows(rows: list[dict], image_size: int, model_name: str) -> dict[str, np.ndarray]:
-    """A block of read rows with their images decoded to CLIP's input size as uint8 and their captions tokenized
-    (CPU work kept off the CLIP actors); an undecodable image gets an error and zero pixels."""
-    from dalle2.clip import caption_tokenizer
-
+def decode_rows(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
+    """A block of read rows with their images decoded to CLIP's input size as uint8 (no torch here, so a decode
+    task starts fast); an undecodable image gets an error and zero pixels."""
     from .decode import decode_resized
 
     errors = [row[ERROR] for row in rows]
@@ -100,12 +98,10 @@ def decode_rows(rows: list[dict], image_size: int, model_name: str) -> dict[str,
         except Exception as error:  # noqa: BLE001 - a corrupt image is skipped and counted
             errors[i] = f"corrupt image: {type(error).__name__}"
     block = {column: np.asarray([row[column] for row in rows], dtype=object) for column in (SHARD, KEY, CAPTION)}
-    tokens = caption_tokenizer(model_name)([row[CAPTION] for row in rows]).numpy()
-    return {**block, ERROR: np.asarray(errors, dtype=object), "pixels": pixels, "tokens": tokens}
+    return {**block, ERROR: np.asarray(errors, dtype=object), "pixels": pixels}
 
 
-def decode_shards(batch: dict[str, np.ndarray], image_size: int, model_name: str,
-                  block_rows: int) -> Iterator[dict[str, np.ndarray]]:
+def decode_shards(batch: dict[str, np.ndarray], image_size: int, block_rows: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task over shards: each one read and decoded in the same task (the tar's bytes never cross the
     object store), sent on `block_rows` rows at a time; its end (or failure) row comes last."""
     for shard, tar in zip(batch[SHARD].tolist(), batch["tar"].tolist()):
@@ -113,10 +109,10 @@ def decode_shards(batch: dict[str, np.ndarray], image_size: int, model_name: str
         for row in read_shard({SHARD: shard, "tar": tar}):
             rows.append(row)
             if len(rows) == block_rows:
-                yield decode_rows(rows, image_size, model_name)
+                yield decode_rows(rows, image_size)
                 rows = []
         if rows:
-            yield decode_rows(rows, image_size, model_name)
+            yield decode_rows(rows, image_size)
 
 
 class ClipEmbedder:
@@ -155,14 +151,14 @@ class ClipEmbedder:
                 pixels = rearrange(pixels, "b h w c -> b c h w").float() / 255
                 pixels = clip_preprocess(pixels, self.clip.image_size, self.clip.mean, self.clip.std)
                 img_emb[ok] = self.clip.embed_preprocessed(pixels).float().cpu().numpy()
-                tokens = torch.from_numpy(np.ascontiguousarray(batch["tokens"][ok]))
-                text_emb[ok] = self.clip.embed_text(tokens, trim_padding=True).text_embed.float().cpu().numpy()
+                captions = [str(c) for c in batch[CAPTION][ok]]
+                text_emb[ok] = self.clip.embed_text(captions, trim_padding=True).text_embed.float().cpu().numpy()
         # NaN / inf (a broken model, or float16 overflow) must never reach reorder or training
         finite = np.isfinite(img_emb).all(axis=1) & np.isfinite(text_emb).all(axis=1)
         errors = np.asarray([e if (e or finite[i]) else "non-finite embedding" for i, e in enumerate(batch[ERROR])],
                             dtype=object)
         img_emb[~finite], text_emb[~finite] = 0, 0
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "tokens")}
+        out = {k: v for k, v in batch.items() if k != "pixels"}
         out[ERROR] = errors
         out["img_emb"], out["text_emb"] = img_emb, text_emb
         out["embedded_at"] = np.full(len(ok), time.time())  # for the stage's steady-rate figure
@@ -233,8 +229,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # a task per shard reads and decodes it; capped, or a big cluster would open a tar per free CPU at once
-        ds = ds.map_batches(decode_shards, fn_kwargs=dict(image_size=image_size, model_name=model_name,
-                                                          block_rows=config.decode_block_rows),
+        ds = ds.map_batches(decode_shards, fn_kwargs=dict(image_size=image_size, block_rows=config.decode_block_rows),
                             batch_size=1, num_cpus=config.decode_cpus,
                             compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
         ds = ds.map_batches(
