@@ -33,9 +33,13 @@ class EMA:
         if step % self.update_every:
             return
         beta = 0.0 if step <= self.update_after_step else self.beta
-        for key, value in module.state_dict().items():
-            if key in self.shadow:
-                self.shadow[key].lerp_(value.detach().to(self.shadow[key].dtype), 1 - beta)
+        pairs = [(self.shadow[k], v.detach()) for k, v in module.state_dict().items() if k in self.shadow]
+        same = [(s, v) for s, v in pairs if s.dtype == v.dtype and s.device == v.device]
+        if same:  # one fused kernel over all tensors instead of a lerp per tensor
+            torch._foreach_lerp_([s for s, _ in same], [v for _, v in same], 1 - beta)
+        for shadow, value in pairs:
+            if shadow.dtype != value.dtype or shadow.device != value.device:
+                shadow.lerp_(value.to(device=shadow.device, dtype=shadow.dtype), 1 - beta)
 
     @contextlib.contextmanager
     def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -87,8 +91,11 @@ class DiffusionTrainer:
             raise ValueError(f"trainer.amp='fp16' needs a CUDA device, the model is on {self.device}; use 'bf16'")
         self.parts = list(parts)
         self.model = self.place(model)
+        # fused: one kernel for every parameter's update (torch's CPU default is a Python loop per tensor)
+        fused = self.device.type in ("cpu", "cuda")
         self.optimizers = [
-            torch.optim.AdamW(p.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas) for p in self.parts
+            torch.optim.AdamW(p.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, fused=fused)
+            for p in self.parts
         ]
         warmup = max(c.warmup_steps, 1)
         self.schedulers = [
@@ -153,9 +160,9 @@ class DiffusionTrainer:
     def _optimizer_step(self, part: int) -> None:
         optimizer, scaler = self.optimizers[part], self.scalers[part]
         scaler.unscale_(optimizer)
-        for p in self.parts[part].parameters():
-            if p.grad is not None:
-                p.grad /= self._pending_rows[part]
+        grads = [p.grad for p in self.parts[part].parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, self._pending_rows[part])
         self._sync_gradients(part)
         if self.config.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.parts[part].parameters(), self.config.max_grad_norm)
