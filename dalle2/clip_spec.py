@@ -20,8 +20,9 @@ def clip_model_config(model_name: str) -> dict:
     spec = importlib.util.find_spec("open_clip")  # finds the package without running it
     folders += [Path(location) / "model_configs" for location in (spec.submodule_search_locations or [])] if spec else []
     for folder in folders:
-        path = folder / f"{model_name}.json"
-        if path.is_file():
+        # names are matched exactly, as open_clip's registry does (no path tricks, no case folding on macOS)
+        path = next((p for p in folder.iterdir() if p.name == f"{model_name}.json"), None) if folder.is_dir() else None
+        if path is not None:
             config = json.loads(path.read_text())
             if all(key in config for key in CONFIG_KEYS):
                 return config

@@ -99,7 +99,7 @@ def check_root_reachable(config: RunConfig) -> None:
 
     from pipeline.storage import is_local
 
-    if not is_local(config.root) or not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+    if not is_local(config.root) or (config.ray.address or os.environ.get("RAY_ADDRESS")) in (None, "", "local"):
         return  # an embedded local Ray is one node
     from pipeline.distributor import ensure_ray
 

@@ -27,7 +27,7 @@ Resources = Annotated[dict[str, PositiveFloat], AfterValidator(_custom_only)]
 class RayConfig(StrictModel):
     """Where stages run. With no address (and no RAY_ADDRESS), an embedded local Ray is started."""
 
-    address: Optional[str] = None
+    address: Optional[str] = None  # a cluster's address; "auto": the local Ray `ray start --head` keeps up
     # Logical CPUs of the embedded local Ray. More than the machine's cores is deliberate: Ray Data
     # pipelines with several operators deadlock on a 2-CPU cluster (see environment notes).
     num_cpus: Optional[PositiveInt] = None

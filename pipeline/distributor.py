@@ -46,14 +46,14 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
     address = config.address or os.environ.get("RAY_ADDRESS")
     # Ray's workers (their logging, Train's controllers and cleaners) print to their log files in Ray's session
     # folder; the stages show their own progress bars. With DALLE2_VERBOSE=1 all of it comes here too.
-    warm = None if address else running_local_ray()
-    if address or warm:
-        if warm:  # a local Ray a user keeps up (`ray start --head`): no start-up, and workers already running
-            log.info("using the local Ray started with `ray start` at %s (`ray stop` ends it)", warm)
-        ray.init(address=address or warm, log_to_driver=verbose())
+    if address == "local":
+        address = None  # Ray's word for a new local instance: the embedded one below, with its CPUs and pools
+    if address:  # a cluster's address, or "auto": the local Ray a `ray start --head` on this machine keeps up
+        ray.init(address=address, log_to_driver=verbose())
     else:
-        # one machine is every node type at once: it has each pool a stage asks for, in plenty. "local": a new
-        # one even where a stopped cluster's address file is left behind (ray.init would try to join it)
+        # one machine is every node type at once: it has each pool a stage asks for, in plenty. "local": always a
+        # new one, even with a `ray start` cluster up or its address file left behind (ray.init() would join
+        # those, and then refuse the CPUs and pools asked for here)
         ray.init(address="local", num_cpus=config.local_cpus(), include_dashboard=False, log_to_driver=verbose(),
                  resources={name: LOCAL_POOL for name in _LOCAL_POOLS | set(resources or {})})
         _EMBEDDED.append(True)
@@ -64,19 +64,6 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
 
 
 LOCAL_POOL = 1000.0  # units of each custom resource an embedded local Ray has
-
-
-def running_local_ray() -> Optional[str]:
-    """The address of a live local Ray started with `ray start` on this machine, or None. ray.init() with no
-    address would join it too, but then refuses the embedded Ray's CPUs and pools; a stale address file (its
-    cluster gone) is ignored."""
-    from ray._private import services  # how ray.init itself finds it: the address file, then the live GCS
-
-    try:
-        recorded = services.find_bootstrap_address(None)
-        return recorded if recorded and recorded in services.find_gcs_addresses() else None
-    except Exception:  # noqa: BLE001 - no usable local cluster: start one
-        return None
 
 
 def require_resources(resources: dict[str, float], field: str) -> None:

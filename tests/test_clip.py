@@ -1,5 +1,7 @@
 """The CLIP adapter over open_clip, on the tiny registered architecture."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +105,16 @@ def test_architecture_configs_are_read_without_open_clip_as_open_clip_reads_them
     code = ("import sys; from dalle2.clip_spec import clip_input_spec, clip_model_config; clip_input_spec('ViT-B-32'); "
             "clip_model_config('tiny-clip'); print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_a_text_tower_that_pools_otherwise_than_at_the_end_token_is_refused(tmp_path):
+    import json
+
+    import open_clip
+
+    config = json.loads((Path(__file__).parents[1] / "dalle2" / "model_configs" / "clip" / "tiny-clip.json").read_text())
+    config["text_cfg"].update(pool_type="eos", eos_id=2)  # as MetaCLIP 2's worldwide models (an HF tokenizer's EOS)
+    (tmp_path / "tiny-eos-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path))
+    with pytest.raises(NotImplementedError, match="tiny-eos-clip: its text tower pools by 'eos'"):
+        ClipAdapter("tiny-eos-clip").embed_text(["a red square"])

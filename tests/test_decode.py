@@ -57,3 +57,10 @@ def test_pixels_match_the_full_decode_resized_by_the_model_preprocessing(fmt, to
 def test_undecodable_bytes_raise():
     with pytest.raises(Exception):
         decode_resized(b"not an image", 32)
+
+
+def test_a_banner_is_cropped_before_it_is_resized():
+    """A 20000 x 2 banner resized whole to a 224 px short side would be 2.2M x 224 pixels (1.5 GB): the centre
+    square is resampled straight from the source instead."""
+    pixels = decode_resized(encoded(Image.new("RGB", (20000, 2), GREEN), "PNG"), 224)
+    assert pixels.shape == (224, 224, 3) and (pixels == GREEN).all()

@@ -4,7 +4,6 @@ The stages run through the installed `dalle2` command with the run root on S3 (m
 config's resources; a worker node is SIGKILLed in the middle of download, of embed and of training, and each
 stage still ends with every row written once and `dalle2 status` reconciling."""
 
-import io
 import os
 import subprocess
 import sys
