@@ -53,12 +53,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .config_io import ConfigError
 
+    from pipeline.distributor import stop_embedded_ray
+
     module = importlib.import_module(COMMANDS[command][0])
     try:
         result = module.main(rest)
     except (ConfigError, StaleRunError) as error:  # a bad config or root, stale outputs: one line, no traceback
         print(f"dalle2 {command}: {error}", file=sys.stderr)
         return 2
+    finally:
+        stop_embedded_ray()
     if isinstance(result, dict) and (result.get("failed_shards") or result.get("problems")):
         failed = result.get("failed_shards") or {}
         print(f"dalle2 {command}: " + (f"{len(failed)} shards failed (re-run to retry them): {sorted(failed)[:10]}"

@@ -83,6 +83,9 @@ class EmbedConfig(StrictModel):
     decode_cpus: PositiveFloat = 0.25  # per decode task
     decode_concurrency: PositiveInt = 2  # decode tasks at once (each reads and decodes one shard)
     decode_block_rows: PositiveInt = 256  # rows a decode task sends on at once: Ray's cost per block stays small
+    # scratch-part writes and shard finishes at once, each: every task running at once needs its own worker
+    # process, whose imports cost seconds of CPU on a small machine; raise it where writes wait on an object store
+    write_concurrency: PositiveInt = 1
     autocast: Literal["none", "bf16", "fp16"] = "none"
     output_dtype: Literal["float16", "float32"] = "float16"
     write_clip_retrieval: bool = True

@@ -66,6 +66,16 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
 LOCAL_POOL = 1000.0  # units of each custom resource an embedded local Ray has
 
 
+def stop_embedded_ray() -> None:
+    """Stop the local Ray this process started, if it did (a cluster is left as it is): called when a command ends,
+    it skips the half second Ray's exit hook sleeps for late log lines."""
+    import ray
+
+    if _EMBEDDED and ray.is_initialized():
+        ray.shutdown()
+    _EMBEDDED.clear()
+
+
 def require_resources(resources: dict[str, float], field: str) -> None:
     """Refuse custom resources no node has when nothing can add one (an embedded Ray); on a cluster, warn: its
     autoscaler adds the node types that declare them when tasks ask."""

@@ -242,7 +242,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         )
         # CLIP's blocks gathered back to decode-sized ones: fewer, larger scratch parts
         ds = ds.map_batches(write_parts, fn_kwargs=dict(root=root, output_dtype=config.output_dtype),
-                            batch_size=config.decode_block_rows, num_cpus=config.decode_cpus, **placed)
+                            batch_size=config.decode_block_rows, num_cpus=config.decode_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=config.write_concurrency), **placed)
         tracker = ShardTracker(root, infos, config, embed_dim)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # part names and counts only
             tracker.add(batch)

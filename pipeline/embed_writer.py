@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 
 import numpy as np
 import pyarrow as pa
@@ -147,6 +147,7 @@ class ShardTracker:
         self.ends: dict[str, int] = {}
         self.failures: dict[str, str] = {}
         self.finishing: dict = {}  # ref -> shard
+        self.waiting: deque = deque()  # (shard, parts) complete, for a finish task once one is free
         self.submitted: set[str] = set()
         self.finished: set[str] = set()
         self.started = {name: time.time() for name in infos}
@@ -190,16 +191,25 @@ class ShardTracker:
         if info.expected is not None and read != info.expected:
             self.failures[shard] = f"tar {info.tar} holds {read} samples, its parquet lists {info.expected}"
             return
-        ref = self.remote.remote(self.root, self.config, info, self.embed_dim, self.parts.pop(shard, []), self.started[shard])
-        self.finishing[ref] = shard
-        crash_point("embed.after_submit")  # the driver lost with shards being written and parts in scratch
+        self.waiting.append((shard, self.parts.pop(shard, [])))
+        self.start_waiting()
+
+    def start_waiting(self) -> None:
+        """Start finish tasks for waiting shards, up to `write_concurrency` at once."""
+        while self.waiting and len(self.finishing) < self.config.write_concurrency:
+            shard, parts = self.waiting.popleft()
+            ref = self.remote.remote(self.root, self.config, self.infos[shard], self.embed_dim, parts, self.started[shard])
+            self.finishing[ref] = shard
+            crash_point("embed.after_submit")  # the driver lost with shards being written and parts in scratch
 
     def collect(self, timeout: float | None) -> None:
-        """Take the records of finished shards (waiting up to `timeout`; None: until all are done)."""
+        """Take the records of finished shards and start waiting ones (waiting up to `timeout`; None: until all
+        are done)."""
         import ray
 
         while self.finishing:
-            done, _ = ray.wait(list(self.finishing), num_returns=len(self.finishing), timeout=timeout)
+            ready = len(self.finishing) if timeout is not None else 1  # blocking: on as soon as one is done
+            done, _ = ray.wait(list(self.finishing), num_returns=ready, timeout=timeout)
             for ref in done:
                 shard = self.finishing.pop(ref)
                 try:
@@ -209,6 +219,7 @@ class ShardTracker:
                     cause = getattr(error, "cause", None) or error
                     self.failures[shard] = f"{type(cause).__name__}: {cause}"
                     log.error("embed: shard %s failed: %s", shard, self.failures[shard])
+            self.start_waiting()
             if timeout is not None:
                 return
 
