@@ -246,6 +246,38 @@ def test_causal_attention_stays_causal_with_a_key_mask():
     torch.testing.assert_close(attention(masked, mask=mask, causal=True)[:, [0, 1, 3, 4]], out[:, [0, 1, 3, 4]])
 
 
+@pytest.mark.parametrize("text_len", [0, 6])
+def test_the_last_block_computing_only_the_final_token_changes_no_output_or_gradient(text_len):
+    torch.manual_seed(0)
+    net = DiffusionPriorNetwork(dim=64, depth=3, heads=4, dim_head=16, embed_dim=DIM, max_text_len=8)
+    inputs = dict(image_embed=torch.randn(5, DIM), t=torch.randint(0, 100, (5,)), text_embed=torch.randn(5, DIM),
+                  cond_drop_mask=torch.tensor([False, True, False, False, True]))
+    if text_len:
+        inputs.update(text_encodings=torch.randn(5, text_len, DIM),
+                      text_mask=torch.arange(text_len)[None] < torch.tensor([6, 3, 1, 6, 4])[:, None])
+
+    full = net(**inputs)
+    # the reference: the network's own token sequence, every token through every block, the final one read
+    tokens = {}
+    hook = net.blocks[0].register_forward_pre_hook(lambda module, args: tokens.setdefault("x", args[0]))
+    net(**inputs)
+    hook.remove()
+    x = tokens["x"]
+    for block in net.blocks:
+        x = block(x)
+    reference = net.to_out(net.norm(x[:, -1]))
+    torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-5)
+
+    grads = torch.autograd.grad(full.square().sum(), list(net.parameters()), allow_unused=True)
+    reference_grads = torch.autograd.grad(reference.square().sum(), list(net.parameters()), allow_unused=True)
+    for (name, _), grad, expected in zip(net.named_parameters(), grads, reference_grads):
+        if expected is None:
+            assert grad is None, name
+        else:
+            scale = expected.abs().max().item()  # float32 sums in another order: close against the gradient's size
+            torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+
+
 class UnusedParameterTrainer(DiffusionTrainer):
     def compute_loss(self, batch, part):
         return self.model.trained(batch["x"]).pow(2).mean()
