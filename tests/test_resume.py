@@ -20,12 +20,13 @@ from pipeline.shard_reader import iter_samples
 from pipeline.storage import list_files
 
 
-def start_job(stage: str, config: dict, tmp_path) -> subprocess.Popen:
+def start_job(stage: str, config: dict, tmp_path, env: dict | None = None) -> subprocess.Popen:
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = open(tmp_path / f"{stage}.log", "w")
     return subprocess.Popen([sys.executable, "-m", f"jobs.{stage}", "--config", str(path)], stdout=log, stderr=log,
-                            start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                            env={**os.environ, **(env or {})})
 
 
 def kill_after_first_record(proc: subprocess.Popen, ledger_dir, total: int, tmp_path, timeout: float = 180) -> int:
@@ -34,7 +35,10 @@ def kill_after_first_record(proc: subprocess.Popen, ledger_dir, total: int, tmp_
     while time.time() < deadline:
         done = len(list_files(str(ledger_dir), ".json"))
         if done >= 1:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group is gone already (a job that crashed itself, and its Ray)
+                pass
             proc.wait()
             assert done < total, "the job finished before it could be killed"
             return done
@@ -86,7 +90,10 @@ def test_embed_killed_midway_resumes_to_the_same_embeddings(url_list, tmp_path, 
 
     root = tmp_path / "killed"
     run_download(DownloadConfig(**fields), str(root))
-    job = start_job("embed", {"root": str(root), "embed": embed}, tmp_path)
+    # the driver kills itself as it starts the second shard's finish (one at a time: the first is recorded by then),
+    # then the rest of its process group goes too; polling alone lost the race once 6 small shards took a second
+    crash = {"DALLE2_CRASH_AT": "embed.after_submit@2", "DALLE2_CRASH_STATE": str(tmp_path / "crash-counters")}
+    job = start_job("embed", {"root": str(root), "embed": embed}, tmp_path, env=crash)
     kill_after_first_record(job, root / "ledger" / "embed", total=6, tmp_path=tmp_path)
 
     resumed = run_embed(EmbedConfig(**embed), str(root))
