@@ -147,7 +147,7 @@ class ShardTracker:
         self.ends: dict[str, int] = {}
         self.failures: dict[str, str] = {}
         self.finishing: dict = {}  # ref -> shard
-        self.waiting: deque = deque()  # (shard, parts) complete, for a finish task once one is free
+        self.waiting: deque = deque()  # shards complete (their parts in self.parts), for a finish task once one is free
         self.submitted: set[str] = set()
         self.finished: set[str] = set()
         self.started = {name: time.time() for name in infos}
@@ -191,14 +191,15 @@ class ShardTracker:
         if info.expected is not None and read != info.expected:
             self.failures[shard] = f"tar {info.tar} holds {read} samples, its parquet lists {info.expected}"
             return
-        self.waiting.append((shard, self.parts.pop(shard, [])))
+        self.waiting.append(shard)
         self.start_waiting()
 
     def start_waiting(self) -> None:
         """Start finish tasks for waiting shards, up to `write_concurrency` at once."""
         while self.waiting and len(self.finishing) < self.config.write_concurrency:
-            shard, parts = self.waiting.popleft()
-            ref = self.remote.remote(self.root, self.config, self.infos[shard], self.embed_dim, parts, self.started[shard])
+            shard = self.waiting.popleft()
+            ref = self.remote.remote(self.root, self.config, self.infos[shard], self.embed_dim, self.parts.pop(shard, []),
+                                     self.started[shard])
             self.finishing[ref] = shard
             crash_point("embed.after_submit")  # the driver lost with shards being written and parts in scratch
 
