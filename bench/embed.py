@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from pipeline import shapes
+from pipeline.config import EmbedConfig
 from pipeline.decode import decode_resized
 from pipeline.layout import RunLayout
 from pipeline.shard_reader import image_of, iter_samples
@@ -102,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     from dalle2.clip_spec import clip_input_spec
 
-    for model_name, images, batch_size in (("tiny-clip", args.images, 64), ("ViT-B-32", args.vit_images, 32)):
+    # tiny-clip at the EmbedConfig default; ViT-B-32 at a smaller batch, or a CPU run of a few hundred images would
+    # be too few batches for a steady rate
+    default_batch = EmbedConfig().batch_size
+    for model_name, images, batch_size in (("tiny-clip", args.images, default_batch), ("ViT-B-32", args.vit_images, 32)):
         with tempfile.TemporaryDirectory() as root:
             shapes.write_shards(root, images, per_shard=250)
             jpegs, captions = read_samples(root)

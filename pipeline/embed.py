@@ -12,6 +12,7 @@ an unreadable shard fails alone.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -30,6 +31,10 @@ STAGE = "embed"
 ERROR = "error"
 SHARD_FAILED = "shard failed: "  # prefix of the error of the marker row an unreadable shard emits
 SHARD_END = "shard end: "  # the error of the row that follows a shard's last sample: "shard end: <samples read>"
+# batches a CLIP actor works on at once: one tokenizes its captions and takes its pixels in while the other runs the
+# model, so the model never waits on Python (on a GPU: never idles between batches); the model itself runs one
+# batch at a time (ClipEmbedder.model_lock), so a GPU holds one batch of activations
+ACTOR_CALLS = 2
 
 
 @dataclass
@@ -116,7 +121,7 @@ def decode_shards(batch: dict[str, np.ndarray], image_size: int, block_rows: int
 
 
 class ClipEmbedder:
-    """Ray Data actor: loads CLIP once, embeds batches of preprocessed pixels and captions."""
+    """Ray Data actor: loads CLIP once, embeds batches of uint8 pixels and captions; thread-safe (ACTOR_CALLS)."""
 
     def __init__(self, source: dict, use_gpu: bool, autocast: str, output_dtype: str, torch_threads: Optional[int] = None):
         import torch
@@ -128,6 +133,7 @@ class ClipEmbedder:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.clip = load_clip(**ClipSource(**source).model_dump()).to(self.device).eval()
         self.autocast, self.output_dtype = autocast, np.dtype(output_dtype)
+        self.model_lock = threading.Lock()
         self.loaded_at = time.time()  # for the stage's start-up figures
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -146,13 +152,15 @@ class ClipEmbedder:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
             amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with torch.inference_mode(), amp:
-                # uint8 [B, H, W, 3] from the decode tasks; scaled and normalised here, on the actor's device
+                # outside the lock, beside the other call's forward: the tokenizer is Python (a fifth of a tiny
+                # CLIP's time), the pixels are uint8 [B, H, W, 3] from the decode tasks
+                tokens = self.clip.tokenize([str(c) for c in batch[CAPTION][ok]])
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
-                pixels = rearrange(pixels, "b h w c -> b c h w").float() / 255
-                pixels = clip_preprocess(pixels, self.clip.image_size, self.clip.mean, self.clip.std)
-                img_emb[ok] = self.clip.embed_preprocessed(pixels).float().cpu().numpy()
-                captions = [str(c) for c in batch[CAPTION][ok]]
-                text_emb[ok] = self.clip.embed_text(captions, trim_padding=True).text_embed.float().cpu().numpy()
+                with self.model_lock:  # scaled and normalised on the actor's device
+                    pixels = rearrange(pixels, "b h w c -> b c h w").float() / 255
+                    pixels = clip_preprocess(pixels, self.clip.image_size, self.clip.mean, self.clip.std)
+                    img_emb[ok] = self.clip.embed_preprocessed(pixels).float().cpu().numpy()
+                    text_emb[ok] = self.clip.embed_text(tokens, trim_padding=True).text_embed.float().cpu().numpy()
         # NaN / inf (a broken model, or float16 overflow) must never reach reorder or training
         finite = np.isfinite(img_emb).all(axis=1) & np.isfinite(text_emb).all(axis=1)
         errors = np.asarray([e if (e or finite[i]) else "non-finite embedding" for i, e in enumerate(batch[ERROR])],
@@ -238,7 +246,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
                                        autocast=config.autocast, output_dtype=config.output_dtype,
                                        torch_threads=config.torch_threads),
             num_cpus=config.cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
-            compute=ray.data.ActorPoolStrategy(size=config.actors), **placed,
+            compute=ray.data.ActorPoolStrategy(size=config.actors, max_concurrent_calls_per_actor=ACTOR_CALLS,
+                                               enable_true_multi_threading=True), **placed,
         )
         # CLIP's blocks gathered back to decode-sized ones: fewer, larger scratch parts
         ds = ds.map_batches(write_parts, fn_kwargs=dict(root=root, output_dtype=config.output_dtype),

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from PIL import Image
 from jobs.cli import main as dalle2
 from pipeline.aligned import read_aligned
 from pipeline.config import DownloadConfig, EmbedConfig, ReorderConfig
-from pipeline.embed import ClipEmbedder, run_embed
+from pipeline.embed import ACTOR_CALLS, ClipEmbedder, run_embed
 from pipeline.layout import RunLayout, make_key
 from pipeline.ledger import StaleRunError
 from pipeline.reader import split_url_list
@@ -175,6 +177,36 @@ def test_non_finite_embeddings_fail_their_rows(tiny_clip):
     out = embedder(batch)
     assert list(out["error"]) == ["", "non-finite embedding", ""]
     assert np.isfinite(out["img_emb"].astype(np.float32)).all() and out["img_emb"][0].any()
+
+
+def test_concurrent_calls_embed_each_batch_as_alone_and_the_model_runs_one_batch_at_a_time(tiny_clip):
+    embedder = ClipEmbedder(source={"model_name": "tiny-clip"}, use_gpu=False, autocast="none", output_dtype="float32")
+    size, rng = embedder.clip.image_size, np.random.default_rng(0)
+    words = ["red", "square", "on", "a", "blue", "circle", "small", "green", "triangle", "left"]
+    batches = [{"shard": np.asarray(["00000"] * 5, object), "key": np.asarray([str(i) for i in range(5)], object),
+                "caption": np.asarray([" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(5)], object),
+                "error": np.asarray([""] * 5, object), "pixels": rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)}
+               for _ in range(6)]
+    alone = [embedder(batch) for batch in batches]
+
+    real, running, most = embedder.clip.embed_preprocessed, [0], [0]
+
+    def slow_forward(pixels):  # long enough that two calls would overlap here without the lock
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        out = real(pixels)
+        running[0] -= 1
+        return out
+
+    embedder.clip.embed_preprocessed = slow_forward
+    with ThreadPoolExecutor(max_workers=ACTOR_CALLS) as pool:
+        together = list(pool.map(embedder, batches))
+    assert most[0] == 1
+    for one, other in zip(alone, together):
+        np.testing.assert_array_equal(one["img_emb"], other["img_emb"])
+        np.testing.assert_array_equal(one["text_emb"], other["text_emb"])
+    assert len({out["text_emb"][0].tobytes() for out in together}) == len(batches)  # each batch its own captions
 
 
 def test_a_changed_url_list_or_shard_size_is_refused(tmp_path):
