@@ -144,6 +144,9 @@ class ClipAdapter(nn.Module):
         if pool_type != "argmax":  # e.g. MetaCLIP 2's "eos" with an HF tokenizer: pooled elsewhere, padded with another id
             raise NotImplementedError(f"{self.config.model_name}: its text tower pools by {pool_type!r}; only "
                                       "open_clip's argmax (end-of-text token) pooling is supported")
+        if getattr(tower, "cls_emb", None) is not None:  # CoCa: its embeds pool a token appended after the text
+            raise NotImplementedError(f"{self.config.model_name}: its text tower pools a CLS token it appends (CoCa); "
+                                      "only open_clip's argmax (end-of-text token) pooling is supported")
         attn_mask = tower.attn_mask
         if trim_padding and attn_mask is not None and tokens.shape[0]:
             length = int(tokens.argmax(dim=-1).max()) + 1  # the last end-of-text token (the highest id) of the batch

@@ -45,3 +45,16 @@ def clip_input_spec(model_name: str) -> tuple[int, tuple[float, ...], tuple[floa
     size = size[0] if isinstance(size, (list, tuple)) else size
     preprocess = config.get("preprocess_cfg", {})
     return int(size), tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
+
+
+def text_tower_unsupported(model_name: str) -> str | None:
+    """Why ClipAdapter.embed_text cannot embed this architecture's captions, or None: it runs open_clip's own
+    text transformer and pools its end-of-text token (open_clip's CLIP models; not SigLIP, CoCa or HF towers)."""
+    text = clip_model_config(model_name).get("text_cfg", {})
+    if "hf_model_name" in text:
+        return f"its text tower is a Hugging Face model ({text['hf_model_name']})"
+    if text.get("pool_type", "argmax") != "argmax":
+        return f"its text tower pools by {text['pool_type']!r}"
+    if text.get("embed_cls"):
+        return "its text tower pools a CLS token it appends (CoCa)"
+    return None

@@ -202,7 +202,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
     """Embed every downloaded shard that is not embedded yet; returns the stage summary."""
     import ray
 
-    from dalle2.clip_spec import clip_input_spec, clip_model_config
+    from dalle2.clip_spec import clip_input_spec, clip_model_config, text_tower_unsupported
 
     from .distributor import ensure_ray
     from .embed_writer import ShardTracker, write_parts
@@ -229,6 +229,10 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
             model_name = checkpoint_model_name(config.clip.checkpoint)
         else:
             model_name = config.clip.model_name
+        unsupported = text_tower_unsupported(model_name)
+        if unsupported:  # refused here, not by every CLIP actor after its model loads
+            raise ValueError(f"embed.clip: {model_name}: {unsupported}; the embed stage embeds captions with open_clip's "
+                             "own text transformer pooled at its end-of-text token (ViT-B-32, ViT-L-14, ViT-H-14, ...)")
         image_size, _, _ = clip_input_spec(model_name)
         embed_dim = int(clip_model_config(model_name)["embed_dim"])
         ensure_ray(ray_config, config.resources, "embed.resources")

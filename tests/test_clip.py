@@ -7,6 +7,7 @@ import torch
 
 from dalle2 import ClipAdapter
 from dalle2.checkpoint import ConfigMismatchError, load_checkpoint
+from dalle2.clip_spec import text_tower_unsupported
 
 
 def test_shapes_and_unit_norms(tiny_clip):
@@ -118,3 +119,28 @@ def test_a_text_tower_that_pools_otherwise_than_at_the_end_token_is_refused(tmp_
     open_clip.add_model_config(str(tmp_path))
     with pytest.raises(NotImplementedError, match="tiny-eos-clip: its text tower pools by 'eos'"):
         ClipAdapter("tiny-eos-clip").embed_text(["a red square"])
+
+
+def test_a_coca_text_tower_is_refused_not_embedded_at_the_wrong_token(tmp_path):
+    import json
+
+    import open_clip
+
+    tiny = json.loads((Path(__file__).parents[1] / "dalle2" / "model_configs" / "clip" / "tiny-clip.json").read_text())
+    coca = {"embed_dim": 64, "custom_text": True,
+            "vision_cfg": {**tiny["vision_cfg"], "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+            "text_cfg": {**tiny["text_cfg"], "embed_cls": True, "output_tokens": True},
+            "multimodal_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                               "attn_pooler_heads": 2}}
+    (tmp_path / "tiny-coca.json").write_text(json.dumps(coca))
+    open_clip.add_model_config(str(tmp_path))
+    with pytest.raises(NotImplementedError, match="tiny-coca: its text tower pools a CLS token it appends"):
+        ClipAdapter("tiny-coca").embed_text(["a red square"])
+
+
+@pytest.mark.parametrize("name, reason", [("ViT-B-16-SigLIP", "pools by 'last'"), ("coca_ViT-B-32", "CLS token"),
+                                          ("roberta-ViT-B-32", "Hugging Face model (roberta-base)"),
+                                          ("ViT-B-32", None), ("tiny-clip", None)])
+def test_text_towers_the_embed_stage_cannot_read_are_known_from_the_config(name, reason):
+    found = text_tower_unsupported(name)
+    assert found is None if reason is None else reason in found

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as dalle2
+from pipeline import shapes
 from pipeline.aligned import read_aligned
 from pipeline.config import DownloadConfig, EmbedConfig, ReorderConfig
 from pipeline.embed import ACTOR_CALLS, ClipEmbedder, run_embed
@@ -177,6 +178,12 @@ def test_non_finite_embeddings_fail_their_rows(tiny_clip):
     out = embedder(batch)
     assert list(out["error"]) == ["", "non-finite embedding", ""]
     assert np.isfinite(out["img_emb"].astype(np.float32)).all() and out["img_emb"][0].any()
+
+
+def test_a_clip_whose_captions_the_stage_cannot_embed_is_refused_before_ray_starts(tmp_path):
+    shapes.write_shards(str(tmp_path), 4)
+    with pytest.raises(ValueError, match="embed.clip: ViT-B-16-SigLIP: its text tower pools by 'last'"):
+        run_embed(EmbedConfig(clip={"model_name": "ViT-B-16-SigLIP"}), str(tmp_path))
 
 
 def test_concurrent_calls_embed_each_batch_as_alone_and_the_model_runs_one_batch_at_a_time(tiny_clip):
