@@ -1,6 +1,7 @@
 """The embed stage beside its two limits, in one run: the model alone, and decoding alone.
 
-For each model: write img2dataset-style shards of generated JPEGs, then measure
+For each model: write img2dataset-style shards of generated JPEGs (the download stage's default shard size; the
+stage's costs per shard, a task and its output files, were a quarter of its steady time at 250 a shard), then measure
   - decode loop: one process, one core, that only decodes and resizes the same JPEGs to the model's input
     (pipeline.decode, PIL draft mode): the physical limit per core of everything that is not the model;
   - bare forward: the model alone (`--threads` torch threads, the CLIP actor's) on pre-decoded, normalised
@@ -31,7 +32,7 @@ import torch
 import yaml
 
 from pipeline import shapes
-from pipeline.config import EmbedConfig
+from pipeline.config import DownloadConfig, EmbedConfig
 from pipeline.decode import decode_resized
 from pipeline.layout import RunLayout
 from pipeline.shard_reader import image_of, iter_samples
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     default_batch = EmbedConfig().batch_size
     for model_name, images, batch_size in (("tiny-clip", args.images, default_batch), ("ViT-B-32", args.vit_images, 32)):
         with tempfile.TemporaryDirectory() as root:
-            shapes.write_shards(root, images, per_shard=250)
+            shapes.write_shards(root, images, per_shard=DownloadConfig().samples_per_shard)
             jpegs, captions = read_samples(root)
             size = clip_input_spec(model_name)[0]
             result = stage(root, model_name, images, batch_size, args.threads)

@@ -2,7 +2,7 @@
 
 For each model (tiny-clip: the model is cheap, so decoding and overheads dominate, as on a GPU; ViT-B-32
 on fewer images: the model dominates), write img2dataset-style shards of generated 64 px JPEGs
-(pipeline.shapes.write_shards, 250 a shard, as bench/embed.py does), save one random-init state dict, then time
+(pipeline.shapes.write_shards, the download stage's default shard size, as bench/embed.py does), save one random-init state dict, then time
 two commands, each from its start to its exit after all outputs are written:
   theirs  clip_retrieval.clip_inference.main.main(...) in its own venv (bench/.venvs/clip-retrieval, built
           here on first use: clip-retrieval pins numpy<2, pyarrow<16, open_clip<3), the model given as
@@ -164,9 +164,10 @@ def compare(model: str, images: int, batch_size: int, threads: int) -> dict:
 
     from dalle2.clip import build_open_clip
     from pipeline import shapes
+    from pipeline.config import DownloadConfig
 
     with tempfile.TemporaryDirectory() as root:
-        shapes.write_shards(root, images, per_shard=250)
+        shapes.write_shards(root, images, per_shard=DownloadConfig().samples_per_shard)
         weights = f"{root}/{model}.pt"  # one random-init state dict, read by open_clip on both sides
         torch.manual_seed(0)
         torch.save(build_open_clip(model).state_dict(), weights)
