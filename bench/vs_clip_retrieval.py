@@ -2,12 +2,14 @@
 
 For each model (tiny-clip: the model is cheap, so decoding and overheads dominate, as on a GPU; ViT-B-32
 on fewer images: the model dominates), write img2dataset-style shards of generated 64 px JPEGs
-(pipeline.shapes.write_shards, the download stage's default shard size, as bench/embed.py does), save one random-init state dict, then time
+(pipeline.shapes.write_shards, the download stage's default shard size, as bench/embed.py does), save one
+random-init state dict, then time
 two commands, each from its start to its exit after all outputs are written:
   theirs  clip_retrieval.clip_inference.main.main(...) in its own venv (bench/.venvs/clip-retrieval, built
           here on first use: clip-retrieval pins numpy<2, pyarrow<16, open_clip<3), the model given as
           "open_clip:<name>/<weights file>"; input_format="webdataset", enable_text=True,
-          enable_metadata=False (it needs a .json per sample), num_prepro_workers=2, distribution "sequential"
+          enable_metadata=False (it needs a .json per sample), num_prepro_workers=2 (1 for one shard), distribution
+          "sequential"
   ours    `dalle2 embed --config run.yaml` (run_embed with the run's EmbedConfig, as bench/embed.py runs it),
           which starts its own local Ray (pipeline.distributor.ensure_ray); EmbedConfig defaults but for the
           weights (clip.pretrained: the same file), batch_size and the threads (torch_threads, cpus_per_actor)
@@ -16,7 +18,8 @@ on 2 cores 1 for ours and 2 for theirs, whose 2 DataLoader workers then fight it
 Prints one JSON line per model: wall times, images/s and their ratio, rows written by each, and the max cosine
 difference (1 - cos) between the two sides' image and text embeddings of every key both wrote.
 
-    python bench/vs_clip_retrieval.py [--images 2000] [--vit-images 256] [--batch-size 256] [--threads 1]
+    python bench/vs_clip_retrieval.py [--images 2000] [--vit-images 256] [--batch-size 256] [--vit-batch-size 32]
+        [--threads 1]
 
 Differences in the work done that remain:
   - ours writes more: clip-retrieval's files per shard (theirs: one img_emb_0 / text_emb_0 / metadata_0 for the
@@ -100,10 +103,18 @@ def ensure_venv() -> float | None:
     return round(time.perf_counter() - start, 1)
 
 
+TIMEOUT_S = 1800  # per side and model
+
+
 def timed(command: list[str], name: str, env: dict | None = None) -> float:
     """Seconds from starting `command` to its exit; its output goes to the log only if it fails."""
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:  # a clip_inference whose worker failed waits for its logger processes for ever
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        output = (timeout.stdout or b"").decode(errors="replace") + (timeout.stderr or b"").decode(errors="replace")
+        log.error("%s did not end within %d s:\n%s", name, TIMEOUT_S, output[-4000:])
+        raise SystemExit(1) from None
     seconds = time.perf_counter() - start
     if result.returncode:
         log.error("%s failed (exit %d):\n%s", name, result.returncode, (result.stdout + result.stderr)[-4000:])
@@ -117,7 +128,9 @@ def run_theirs(root: str, model: str, weights: str, batch_size: int, threads: in
     out = f"{root}/clip_retrieval"
     args = dict(input_dataset=f"{root}/shards/{pattern}.tar", output_folder=out, input_format="webdataset",
                 clip_model=f"open_clip:{model}/{weights}",  # all_clip: name / pretrained (here an absolute path)
-                batch_size=batch_size, num_prepro_workers=2, enable_text=True, enable_metadata=False,
+                # a DataLoader worker per shard at most: a worker given no shard fails, and clip_inference then
+                # waits for ever on its logger processes
+                batch_size=batch_size, num_prepro_workers=min(2, len(shards)), enable_text=True, enable_metadata=False,
                 config_dir=str(resources.files("dalle2") / "model_configs" / "clip"), threads=threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}  # nothing may reach the network
     return timed([str(VENV / "bin" / "python"), "-c", THEIRS, json.dumps(args)], "clip-retrieval", env), out
@@ -202,10 +215,12 @@ def compare(model: str, images: int, batch_size: int, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="tiny-clip images")
-    parser.add_argument("--vit-images", type=int, default=256,
-                        help="ViT-B-32 images (about 10 img/s per core on CPU); 250 a shard, and clip-retrieval's "
-                             "2 prepro workers each need a shard: at least 251")
-    parser.add_argument("--batch-size", type=int, default=256, help="both sides (our EmbedConfig default and theirs)")
+    parser.add_argument("--vit-images", type=int, default=256, help="ViT-B-32 images (about 10 img/s per core on CPU)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="tiny-clip's, both sides (our EmbedConfig default and theirs)")
+    parser.add_argument("--vit-batch-size", type=int, default=32,
+                        help="ViT-B-32's, both sides: a few hundred CPU images in 256s would be one batch, and "
+                             "clip-retrieval's warm-up (two full batches) would weigh more than its work")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the model, both sides (1: our default, and steady on 2 cores where "
                              "decoding needs the other); 0: each side's default (ours 1, clip-retrieval one per core)")
@@ -219,8 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                    check=True, capture_output=True)
     subprocess.run([sys.executable, "-c", "import ray, ray.data, torch, open_clip, pipeline.embed, jobs.embed"],
                    check=True)
-    for model, images in (("tiny-clip", args.images), ("ViT-B-32", args.vit_images)):
-        result = compare(model, images, args.batch_size, args.threads)
+    for model, images, batch_size in (("tiny-clip", args.images, args.batch_size),
+                                      ("ViT-B-32", args.vit_images, args.vit_batch_size)):
+        result = compare(model, images, batch_size, args.threads)
         print(json.dumps({**result, "venv_build_s": build_s}), flush=True)
 
 
