@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ import numpy as np
 log = logging.getLogger("vs_clip_retrieval")
 
 VENV = Path(__file__).parent / ".venvs" / "clip-retrieval"
+TIMEOUT_S = 1800  # per side and model
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]  # the local-disk build; pinned in every later install too
 # What `import clip_retrieval.clip_inference.main` needs (its package __init__ imports every subcommand), found by
 # trying; each with its own dependencies, under the torch pin. open_clip is ours (3.3), not clip-retrieval's <3.
@@ -103,21 +105,23 @@ def ensure_venv() -> float | None:
     return round(time.perf_counter() - start, 1)
 
 
-TIMEOUT_S = 1800  # per side and model
-
-
 def timed(command: list[str], name: str, env: dict | None = None) -> float:
     """Seconds from starting `command` to its exit; its output goes to the log only if it fails."""
     start = time.perf_counter()
-    try:  # a clip_inference whose worker failed waits for its logger processes for ever
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as timeout:
-        output = (timeout.stdout or b"").decode(errors="replace") + (timeout.stderr or b"").decode(errors="replace")
+    # its own process group: a clip_inference whose worker failed waits for ever on its logger processes, which
+    # a timeout must stop too
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
         log.error("%s did not end within %d s:\n%s", name, TIMEOUT_S, output[-4000:])
         raise SystemExit(1) from None
     seconds = time.perf_counter() - start
-    if result.returncode:
-        log.error("%s failed (exit %d):\n%s", name, result.returncode, (result.stdout + result.stderr)[-4000:])
+    if process.returncode:
+        log.error("%s failed (exit %d):\n%s", name, process.returncode, output[-4000:])
         raise SystemExit(1)
     return seconds
 
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                    check=True)
     for model, images, batch_size in (("tiny-clip", args.images, args.batch_size),
                                       ("ViT-B-32", args.vit_images, args.vit_batch_size)):
-        result = compare(model, images, batch_size, args.threads)
+        result = compare(model=model, images=images, batch_size=batch_size, threads=args.threads)
         print(json.dumps({**result, "venv_build_s": build_s}), flush=True)
 
 

@@ -48,8 +48,9 @@ def clip_input_spec(model_name: str) -> tuple[int, tuple[float, ...], tuple[floa
 
 
 def text_tower_unsupported(model_name: str) -> str | None:
-    """Why ClipAdapter.embed_text cannot embed this architecture's captions, or None: it runs open_clip's own
-    text transformer and pools its end-of-text token (open_clip's CLIP models; not SigLIP, CoCa or HF towers)."""
+    """Why ClipAdapter.embed_text cannot embed this architecture's captions, or None."""
+    # it runs open_clip's own text transformer and pools its end-of-text token: open_clip's CLIP models, not
+    # SigLIP (last token), MetaCLIP 2 (eos), CoCa (an appended CLS) or Hugging Face text towers
     text = clip_model_config(model_name).get("text_cfg", {})
     if "hf_model_name" in text:
         return f"its text tower is a Hugging Face model ({text['hf_model_name']})"

@@ -31,9 +31,9 @@ STAGE = "embed"
 ERROR = "error"
 SHARD_FAILED = "shard failed: "  # prefix of the error of the marker row an unreadable shard emits
 SHARD_END = "shard end: "  # the error of the row that follows a shard's last sample: "shard end: <samples read>"
-# batches a CLIP actor works on at once: one tokenizes its captions and takes its pixels in while the other runs the
-# model, so the model never waits on Python (on a GPU: never idles between batches); the model itself runs one
-# batch at a time (ClipEmbedder.model_lock), so a GPU holds one batch of activations
+# batches a CLIP actor works on at once: one tokenizes its captions (Python: a fifth of a tiny CLIP's time on CPU,
+# measured) while the other runs the model, which runs one batch at a time (ClipEmbedder.model_lock), so a GPU holds
+# one batch of activations; Ray Data then queues up to twice as many blocks an actor (in the object store)
 ACTOR_CALLS = 2
 
 
@@ -152,8 +152,8 @@ class ClipEmbedder:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
             amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with torch.inference_mode(), amp:
-                # outside the lock, beside the other call's forward: the tokenizer is Python (a fifth of a tiny
-                # CLIP's time), the pixels are uint8 [B, H, W, 3] from the decode tasks
+                # outside the lock, beside the other call's forward: the tokenizer, and the uint8 [B, H, W, 3]
+                # pixels from the decode tasks
                 tokens = self.clip.tokenize([str(c) for c in batch[CAPTION][ok]])
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
                 with self.model_lock:  # scaled and normalised on the actor's device

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as dalle2
-from pipeline import shapes
+from pipeline import distributor, shapes
 from pipeline.aligned import read_aligned
 from pipeline.config import DownloadConfig, EmbedConfig, ReorderConfig
 from pipeline.embed import ACTOR_CALLS, ClipEmbedder, run_embed
@@ -180,8 +180,13 @@ def test_non_finite_embeddings_fail_their_rows(tiny_clip):
     assert np.isfinite(out["img_emb"].astype(np.float32)).all() and out["img_emb"][0].any()
 
 
-def test_a_clip_whose_captions_the_stage_cannot_embed_is_refused_before_ray_starts(tmp_path):
-    shapes.write_shards(str(tmp_path), 4)
+def test_a_clip_whose_captions_the_stage_cannot_embed_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    shapes.write_shards(str(tmp_path), count=4)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a CLIP the stage refuses")
+
+    monkeypatch.setattr(distributor, "ensure_ray", no_ray)
     with pytest.raises(ValueError, match="embed.clip: ViT-B-16-SigLIP: its text tower pools by 'last'"):
         run_embed(EmbedConfig(clip={"model_name": "ViT-B-16-SigLIP"}), str(tmp_path))
 
@@ -196,17 +201,20 @@ def test_concurrent_calls_embed_each_batch_as_alone_and_the_model_runs_one_batch
                for _ in range(6)]
     alone = [embedder(batch) for batch in batches]
 
-    real, running, most = embedder.clip.embed_preprocessed, [0], [0]
+    running, most = [0], [0]
 
-    def slow_forward(pixels):  # long enough that two calls would overlap here without the lock
-        running[0] += 1
-        most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        out = real(pixels)
-        running[0] -= 1
-        return out
+    def slowed(forward):  # long enough that two calls would overlap here without the lock
+        def slow_forward(*args, **kwargs):
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            out = forward(*args, **kwargs)
+            running[0] -= 1
+            return out
+        return slow_forward
 
-    embedder.clip.embed_preprocessed = slow_forward
+    embedder.clip.embed_preprocessed = slowed(embedder.clip.embed_preprocessed)
+    embedder.clip.embed_text = slowed(embedder.clip.embed_text)
     with ThreadPoolExecutor(max_workers=ACTOR_CALLS) as pool:
         together = list(pool.map(embedder, batches))
     assert most[0] == 1
