@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline import faults
 from pipeline.aligned import read_aligned
 from pipeline.layout import RunLayout
 from pipeline.shard_reader import iter_samples
@@ -33,7 +34,7 @@ def dalle2(command: str, config: dict, tmp_path, crash: str | None = None, timeo
     if crash:
         state = tmp_path / f"crash-{crash.replace('@', '-')}"
         shutil.rmtree(state, ignore_errors=True)
-        env.update(DALLE2_CRASH_AT=crash, DALLE2_CRASH_STATE=str(state))
+        env.update({faults.ENV_POINTS: crash, faults.ENV_STATE: str(state)})
     return subprocess.run([DALLE2, command, "--config", str(path)], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=timeout)
 

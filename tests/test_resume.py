@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline import faults
 from pipeline.aligned import read_aligned
 from pipeline.config import DownloadConfig, EmbedConfig
 from pipeline.download import run_download
@@ -92,7 +93,7 @@ def test_embed_killed_midway_resumes_to_the_same_embeddings(url_list, tmp_path, 
     run_download(DownloadConfig(**fields), str(root))
     # the driver kills itself as it starts the second shard's finish (one at a time: the first is recorded by then),
     # then the rest of its process group goes too; polling alone lost the race once 6 small shards took a second
-    crash = {"DALLE2_CRASH_AT": "embed.after_submit@2", "DALLE2_CRASH_STATE": str(tmp_path / "crash-counters")}
+    crash = {faults.ENV_POINTS: "embed.after_submit@2", faults.ENV_STATE: str(tmp_path / "crash-counters")}
     job = start_job("embed", {"root": str(root), "embed": embed}, tmp_path, env=crash)
     kill_after_first_record(job, root / "ledger" / "embed", total=6, tmp_path=tmp_path)
 
