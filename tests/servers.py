@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import signal
@@ -103,7 +104,7 @@ class RayCluster:
         `as_local_default`: the cluster a plain `ray start --head` makes, the one ray.init() finds on its own
         (its address file in Ray's default temp dir, here RAY_TMPDIR in `env`), instead of only by address."""
         self.as_local_default = as_local_default
-        self.port, self.dashboard, self.workers, self.cpus = free_port(), free_port(), workers, cpus
+        self.workers, self.cpus = workers, cpus
         self.head_cpus = cpus if head_cpus is None else head_cpus
         self.node_resources = node_resources or [{} for _ in range(workers)]
         self.ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -115,10 +116,27 @@ class RayCluster:
                     "RAY_health_check_timeout_ms": "1000"}
         self.env.pop("RAY_ADDRESS", None)
         self.processes: list[subprocess.Popen] = []
+        self.temp_dir = self.logs = ""
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.port, self.dashboard = free_port(), free_port()
         self.job_address = f"http://127.0.0.1:{self.dashboard}"  # for `ray job submit --address`
         self.address = f"127.0.0.1:{self.port}"  # for ray.init / ray.address
 
+    def _log(self, number: int) -> str:
+        return os.path.join(self.logs, f"node-{number}.log")
+
+    def log_tail(self, number: int, chars: int = 3000) -> str:
+        """The end of what `ray start` printed for node `number` (0: the head)."""
+        try:
+            with open(self._log(number), errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError as error:
+            return f"(no log: {error})"
+
     def _start(self, *args: str, cpus: int | None = None) -> None:
+        log = open(self._log(len(self.processes)), "wb")
         self.processes.append(subprocess.Popen(
             [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus if cpus is None else cpus}",
              "--disable-usage-stats", *args,
@@ -126,7 +144,8 @@ class RayCluster:
              f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
              f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
              "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=400000000"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        log.close()  # the child has its own copy
 
     def state(self, kind: str, *filters: str) -> list[dict]:
         """`ray list {kind}` (nodes, tasks, actors) as dicts, through the dashboard's state API."""
@@ -164,15 +183,35 @@ class RayCluster:
 
     def _start_all(self) -> "RayCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.logs = tempfile.mkdtemp(prefix="raylog")
         if self.as_local_default:
             self.env["RAY_TMPDIR"] = self.temp_dir  # Ray's default temp dir is then <RAY_TMPDIR>/ray
         temp = [] if self.as_local_default else [f"--temp-dir={self.temp_dir}"]
-        self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-                    "--include-dashboard=true", *temp, cpus=self.head_cpus)
-        deadline = time.time() + 120
-        while time.time() < deadline and (self.alive_nodes() < 1 or subprocess.run(
-                [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env, capture_output=True).returncode):
-            time.sleep(1)
+        # a head that exits at once lost a port it was given to another process between free_port() and its bind:
+        # it is started again on new ports. One that never answers fails the test here, with its own words: a test
+        # that went on would run against no cluster (ray.address=auto then joins any other Ray on the machine)
+        for attempt in range(3):
+            self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
+                        "--include-dashboard=true", *temp, cpus=self.head_cpus)
+            head = self.processes[0]
+            deadline = time.time() + 120
+            while time.time() < deadline and head.poll() is None:
+                if self.alive_nodes() >= 1 and not subprocess.run(
+                        [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env,
+                        capture_output=True).returncode:
+                    break
+                time.sleep(1)
+            else:
+                if head.poll() is not None and attempt < 2:
+                    logging.getLogger(__name__).warning("ray start --head exited (%s); again on new ports:\n%s",
+                                                        head.returncode, self.log_tail(0))
+                    self._stop_nodes()
+                    self.processes.clear()
+                    self._pick_ports()
+                    continue
+                state = "exited with %s" % head.returncode if head.poll() is not None else "did not answer in 120 s"
+                raise RuntimeError(f"the test's Ray head on port {self.port} {state}:\n{self.log_tail(0)}")
+            break
         for resources in list(self.node_resources):
             self.add_node(resources, registered=True)
         return self
@@ -193,9 +232,14 @@ class RayCluster:
             if any(n.get("state") == "ALIVE" and marker in n.get("resources_total", {}) for n in self.state("nodes")):
                 return number
             time.sleep(1)
-        raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster")
+        raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster:\n{self.log_tail(1 + number)}")
 
     def __exit__(self, *exc) -> None:
+        self._stop_nodes()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+    def _stop_nodes(self) -> None:
         # every node is told to stop at once; `ray start --block` often outlives a TERM by far (30 s and more
         # a node), so what is left after a few seconds is killed: the cluster and its session folder go anyway
         for process in reversed(self.processes):
@@ -213,4 +257,3 @@ class RayCluster:
                 os.killpg(process.pid, signal.SIGKILL)  # what is left of its group (a worker that ignored TERM)
             except ProcessLookupError:
                 pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
