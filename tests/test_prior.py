@@ -283,10 +283,11 @@ class UnusedParameterTrainer(DiffusionTrainer):
         return self.model.trained(batch["x"]).pow(2).mean()
 
 
-def _two_rank_step(rank: int, port: int, out: str) -> None:
+def _two_rank_step(rank: int, rendezvous: str, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file rendezvous: no port that another process could take between choosing it and binding it
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = FrozenMemberModel()
     trainer = UnusedParameterTrainer(model, [model], lr=0.1, weight_decay=0.5)
@@ -299,10 +300,8 @@ def _two_rank_step(rank: int, port: int, out: str) -> None:
 def test_a_parameter_no_rank_used_is_not_decayed_on_several_workers(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.servers import free_port
-
     out = str(tmp_path / "result")
-    mp.spawn(_two_rank_step, args=(free_port(), out), nprocs=2)
+    mp.spawn(_two_rank_step, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert not result["unused_changed"]  # as on one worker: AdamW skips a parameter without a gradient
