@@ -1,20 +1,15 @@
 """Shared fixtures: one thread per test process keeps CPU timings steady on 2 cores."""
 
 import os
-import socket
+
+from tests.ports import free_port
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # s3:// in tests means moto's S3 server on 127.0.0.1. The variables are set before anything starts
 # (Ray workers included) so that every process's s3fs/botocore talks to it and to nothing else.
-MOTO_PORT = _free_port()
+MOTO_PORT = free_port()
 os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
     "AWS_ACCESS_KEY_ID": "testing",

@@ -1,0 +1,31 @@
+"""Ports for the servers the tests start, chosen where the kernel never hands one out on its own."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, between Ray's default worker ports (10002-19999) and the kernel's ephemeral
+    range: bind(0) would give one the kernel also gives to outgoing connections, and one of those may take it
+    before the server that was told it binds."""
+    low, high = 20000, _ephemeral_low()
+    for port in random.sample(range(low, high), k=min(200, high - low)) if high > low else []:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # an unusual port range: the kernel's choice
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
