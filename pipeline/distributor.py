@@ -51,7 +51,7 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
     if address:  # a cluster's address, or "auto": the local Ray a `ray start --head` on this machine keeps up
         ray.init(address=address, log_to_driver=verbose())
         # which cluster: "auto" with no `ray start` address file joins any Ray it finds running on this machine
-        log.info("Ray: joined the cluster at %s (ray.address=%s; nodes: %d, CPUs: %d)",
+        log.info("Ray: joined the cluster at %s (address: %s; nodes: %d, CPUs: %d)",
                  ray.get_runtime_context().gcs_address, address, sum(node["Alive"] for node in ray.nodes()),
                  ray.cluster_resources().get("CPU", 0))
     else:

@@ -6,6 +6,10 @@ import random
 import socket
 
 
+_CHOICE = random.SystemRandom()
+_GIVEN: set[int] = set()  # ports this process handed out: never twice
+
+
 def _ephemeral_low() -> int:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -19,13 +23,17 @@ def free_port() -> int:
     range: bind(0) would give one the kernel also gives to outgoing connections, and one of those may take it
     before the server that was told it binds."""
     low, high = 20000, _ephemeral_low()
-    for port in random.sample(range(low, high), k=min(200, high - low)) if high > low else []:
+    # its own generator: a test that seeds `random` must not make two runs hand out the same ports
+    for port in _CHOICE.sample(range(low, high), k=min(200, high - low)) if high > low else []:
+        if port in _GIVEN:  # told to a server that may not have bound it yet
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _GIVEN.add(port)
+        return port
     with socket.socket() as probe:  # an unusual port range: the kernel's choice
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

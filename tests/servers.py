@@ -93,10 +93,13 @@ class RayCluster:
     each a process group of its own that the test ends; `env` is what a client of this cluster runs with."""
 
     def __init__(self, workers: int = 0, cpus: int = 4, head_cpus: int | None = None,
-                 node_resources: list[dict] | None = None, as_local_default: bool = False):
+                 node_resources: list[dict] | None = None, as_local_default: bool = False,
+                 lost_nodes_fast: bool = False):
         """`node_resources[i]`: the custom resources of worker node i (cluster.yaml's pools, say).
         `as_local_default`: the cluster a plain `ray start --head` makes, the one ray.init() finds on its own
-        (its address file in Ray's default temp dir, here RAY_TMPDIR in `env`), instead of only by address."""
+        (its address file in Ray's default temp dir, here RAY_TMPDIR in `env`), instead of only by address.
+        `lost_nodes_fast`: a killed node is declared dead after about 3 s, not Ray's default 15-30 s (for tests
+        that kill one; elsewhere a head busy on 2 cores is not put at risk of missing its own health checks)."""
         self.as_local_default = as_local_default
         self.workers, self.cpus = workers, cpus
         self.head_cpus = cpus if head_cpus is None else head_cpus
@@ -104,10 +107,10 @@ class RayCluster:
         self.ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         # as with an activated virtualenv: `python` in a job's entrypoint is this environment's
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-                    # a killed node is declared dead after about 3 s, not Ray's default 15-30 s
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                    "RAY_health_check_timeout_ms": "1000"}
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+        if lost_nodes_fast:
+            self.env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                             "RAY_health_check_timeout_ms": "1000"})
         self.env.pop("RAY_ADDRESS", None)
         self.processes: list[subprocess.Popen] = []
         self.temp_dir = self.logs = ""
@@ -130,16 +133,15 @@ class RayCluster:
             return f"(no log: {error})"
 
     def _start(self, *args: str, cpus: int | None = None) -> None:
-        log = open(self._log(len(self.processes)), "wb")
-        self.processes.append(subprocess.Popen(
-            [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus if cpus is None else cpus}",
-             "--disable-usage-stats", *args,
-             # several nodes on one machine: each its own agent and metrics ports (the defaults are fixed numbers)
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-             "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=400000000"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()  # the child has its own copy
+        with open(self._log(len(self.processes)), "wb") as log:  # the child keeps its own copy
+            self.processes.append(subprocess.Popen(
+                [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus if cpus is None else cpus}",
+                 "--disable-usage-stats", *args,
+                 # several nodes on one machine: each its own agent and metrics ports (the defaults are fixed numbers)
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                 "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=400000000"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def state(self, kind: str, *filters: str) -> list[dict]:
         """`ray list {kind}` (nodes, tasks, actors) as dicts, through the dashboard's state API."""
@@ -229,6 +231,11 @@ class RayCluster:
         raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster:\n{self.log_tail(1 + number)}")
 
     def __exit__(self, *exc) -> None:
+        if exc and exc[0] is not None and self.processes:  # the test failed: say how the head was, before its log goes
+            head = self.processes[0].poll()
+            logging.getLogger(__name__).warning("the test's Ray head %s; its log ends:\n%s",
+                                                "is running" if head is None else f"had exited with {head}",
+                                                self.log_tail(0))
         self._stop_nodes()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         shutil.rmtree(self.logs, ignore_errors=True)

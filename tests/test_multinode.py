@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # about 5 min here
 def cluster():
     from tests.servers import RayCluster
 
-    with RayCluster(workers=len(POOLS), cpus=2, head_cpus=0, node_resources=POOLS) as cluster:
+    with RayCluster(workers=len(POOLS), cpus=2, head_cpus=0, node_resources=POOLS, lost_nodes_fast=True) as cluster:
         yield cluster
 
 

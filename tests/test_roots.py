@@ -91,7 +91,7 @@ def test_a_running_local_ray_is_joined_only_when_asked_and_a_stale_address_file_
         assert embedders(cluster) == 0  # ran on a Ray of its own
         joined = embed(tmp_path / "joined", env, "--set", "ray.address=auto")
         assert embedders(cluster) == 1  # ran on the cluster ray start keeps up
-        assert f":{cluster.port} (ray.address=auto; nodes: 1, CPUs: 4)" in joined  # and said which one it joined
+        assert f":{cluster.port} (address: auto; nodes: 1, CPUs: 4)" in joined  # and said which one it joined
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a length limit
     try:
         os.makedirs(os.path.join(temp, "ray"))
