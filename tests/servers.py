@@ -13,12 +13,15 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from pipeline.shapes import generate
 from tests.ports import free_port
+
+log = logging.getLogger(__name__)
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -133,15 +136,15 @@ class RayCluster:
             return f"(no log: {error})"
 
     def _start(self, *args: str, cpus: int | None = None) -> None:
-        with open(self._log(len(self.processes)), "wb") as log:  # the child keeps its own copy
+        with open(self._log(len(self.processes)), "wb") as output:  # the child keeps its own copy
             self.processes.append(subprocess.Popen(
-                [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus if cpus is None else cpus}",
-                 "--disable-usage-stats", *args,
+                [self.ray_bin, "start", "--block", "--node-ip-address=127.0.0.1",
+                 f"--num-cpus={self.cpus if cpus is None else cpus}", "--disable-usage-stats", *args,
                  # several nodes on one machine: each its own agent and metrics ports (the defaults are fixed numbers)
                  f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                  f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                  "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=400000000"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                env=self.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True))
 
     def state(self, kind: str, *filters: str) -> list[dict]:
         """`ray list {kind}` (nodes, tasks, actors) as dicts, through the dashboard's state API."""
@@ -189,25 +192,15 @@ class RayCluster:
         for attempt in range(3):
             self._start("--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
                         "--include-dashboard=true", *temp, cpus=self.head_cpus)
-            head = self.processes[0]
-            deadline = time.time() + 120
-            while time.time() < deadline and head.poll() is None:
-                if self.alive_nodes() >= 1 and not subprocess.run(
-                        [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env,
-                        capture_output=True).returncode:
-                    break
-                time.sleep(1)
-            else:
-                if head.poll() is not None and attempt < 2:
-                    logging.getLogger(__name__).warning("ray start --head exited (%s); again on new ports:\n%s",
-                                                        head.returncode, self.log_tail(0))
-                    self._stop_nodes()
-                    self.processes.clear()
-                    self._pick_ports()
-                    continue
-                state = "exited with %s" % head.returncode if head.poll() is not None else "did not answer in 120 s"
-                raise RuntimeError(f"the test's Ray head on port {self.port} {state}:\n{self.log_tail(0)}")
-            break
+            if self._came_up(0, self._head_answers, seconds=120):
+                break
+            if self.processes[0].poll() is None or attempt == 2:
+                raise RuntimeError(f"the test's Ray head on port {self.port} did not come up in 120 s (it "
+                                   f"{self._state_of(0)}):\n{self.log_tail(0)}")
+            log.warning("ray start --head %s; again on new ports:\n%s", self._state_of(0), self.log_tail(0))
+            self._stop_nodes()
+            self.processes.clear()
+            self._pick_ports()
         for resources in list(self.node_resources):
             self.add_node(resources, registered=True)
         return self
@@ -223,19 +216,32 @@ class RayCluster:
         marker = f"test_node_{number}"
         # one at a time: on two cores, raylets starting together can miss their start-up deadline
         self._start(f"--address={self.address}", f"--resources={json.dumps({**resources, marker: 1})}")
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if any(n.get("state") == "ALIVE" and marker in n.get("resources_total", {}) for n in self.state("nodes")):
-                return number
+        if self._came_up(1 + number, lambda: any(n.get("state") == "ALIVE" and marker in n.get("resources_total", {})
+                                                 for n in self.state("nodes")), seconds=90):
+            return number
+        raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster (it "
+                           f"{self._state_of(1 + number)}):\n{self.log_tail(1 + number)}")
+
+    def _head_answers(self) -> bool:
+        return self.alive_nodes() >= 1 and not subprocess.run(
+            [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env, capture_output=True).returncode
+
+    def _came_up(self, number: int, ready: Callable[[], bool], seconds: float) -> bool:
+        """Whether node `number` (0: the head) is `ready()` within `seconds`; False as soon as its `ray start` exits."""
+        process, deadline = self.processes[number], time.time() + seconds
+        while time.time() < deadline and process.poll() is None:
+            if ready():
+                return True
             time.sleep(1)
-        raise RuntimeError(f"worker node {number} ({resources}) did not join the Ray cluster:\n{self.log_tail(1 + number)}")
+        return False
+
+    def _state_of(self, number: int) -> str:
+        code = self.processes[number].poll()
+        return "is running" if code is None else f"exited with {code}"
 
     def __exit__(self, *exc) -> None:
         if exc and exc[0] is not None and self.processes:  # the test failed: say how the head was, before its log goes
-            head = self.processes[0].poll()
-            logging.getLogger(__name__).warning("the test's Ray head %s; its log ends:\n%s",
-                                                "is running" if head is None else f"had exited with {head}",
-                                                self.log_tail(0))
+            log.warning("the test's Ray head %s; its log ends:\n%s", self._state_of(0), self.log_tail(0))
         self._stop_nodes()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         shutil.rmtree(self.logs, ignore_errors=True)
