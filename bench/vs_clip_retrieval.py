@@ -3,13 +3,12 @@
 For each model (tiny-clip: the model is cheap, so decoding and overheads dominate, as on a GPU; ViT-B-32
 on fewer images: the model dominates), write img2dataset-style shards of generated 64 px JPEGs
 (pipeline.shapes.write_shards, the download stage's default shard size, as bench/embed.py does), save one
-random-init state dict, then time
-two commands, each from its start to its exit after all outputs are written:
+random-init state dict, then time two commands, each from its start to its exit after all outputs are written:
   theirs  clip_retrieval.clip_inference.main.main(...) in its own venv (bench/.venvs/clip-retrieval, built
           here on first use: clip-retrieval pins numpy<2, pyarrow<16, open_clip<3), the model given as
           "open_clip:<name>/<weights file>"; input_format="webdataset", enable_text=True,
-          enable_metadata=False (it needs a .json per sample), num_prepro_workers=2 (1 for one shard), distribution
-          "sequential"
+          enable_metadata=False (it needs a .json per sample), num_prepro_workers=2 (1 for one shard),
+          distribution "sequential"
   ours    `dalle2 embed --config run.yaml` (run_embed with the run's EmbedConfig, as bench/embed.py runs it),
           which starts its own local Ray (pipeline.distributor.ensure_ray); EmbedConfig defaults but for the
           weights (clip.pretrained: the same file), batch_size and the threads (torch_threads, cpus_per_actor)
