@@ -131,8 +131,10 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
     config = run_config(root, f"{bucket}/urls.csv", clip)
     layout = RunLayout(root)
 
-    # download: a slow web, so the CPU node running shards can be lost with some shards done and some not
-    image_server.delay = 2.0
+    # download: a slow web, so the CPU node running shards can be lost with some shards done and some not; 3 s an
+    # image keeps shard tasks running for over 20 s, long enough to be seen through `ray list` (seconds a call on
+    # 2 busy cores: at 2 s an image the whole download once ran in 15 s and no poll saw a task running)
+    image_server.delay = 3.0
     try:
         process = start(cluster, "download", config, tmp_path)
         victim = wait_for(lambda: node_running(cluster, "tasks", lambda t: t.get("name") == "_call"),
