@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import sys
+import time
 from collections import Counter
 
 VERBOSE_ENV = "DALLE2_VERBOSE"
@@ -59,9 +60,62 @@ def setup_logging(level: int = logging.INFO) -> None:
             atexit.register(quiet.report)
 
 
+class LogProgress:
+    """Progress for a log file: a line at each quarter of the work and one at the end, never on a clock, so a slow
+    machine writes the same lines as a fast one (tqdm redraws on a timer, and a log keeps every redraw)."""
+
+    MARKS = 4  # lines before the end: at 25%, 50%, 75%
+
+    def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it", **_) -> None:
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n, self.postfix = total, 0, ""
+        self._mark, self._closed, self._start = 0, False, time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> "LogProgress":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        """Count `n` more done; writes a line when that crosses a quarter of the total."""
+        self.n += n
+        if self.total:
+            mark = min(self.MARKS - 1, self.n * self.MARKS // self.total)
+            if mark > self._mark:
+                self._mark = mark
+                self._write()
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        """Figures shown after the count on the next line written (tqdm's signature)."""
+        self.postfix = ", ".join(f"{name}={value}" for name, value in values.items())
+
+    def close(self) -> None:
+        """The last line: what was done in all, and how long it took."""
+        if not self._closed:
+            self._closed = True
+            self._write()
+
+    def _write(self) -> None:
+        count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        percent = f"{100 * self.n // self.total:3d}% " if self.total else ""
+        postfix = f", {self.postfix}" if self.postfix else ""
+        sys.stderr.write(f"{self.desc}: {percent}{count} {self.unit} [{time.monotonic() - self._start:.0f} s{postfix}]\n")
+        sys.stderr.flush()
+
+
 def progress_bar(**kwargs):
-    """A tqdm bar; where the output is not a terminal (a log file) it redraws at most every 10 s."""
+    """A tqdm bar in a terminal; in a log file (not a terminal), lines at fixed fractions of the work."""
+    if not sys.stderr.isatty():
+        return LogProgress(**kwargs)
     from tqdm.auto import tqdm
 
-    interactive = sys.stderr.isatty()
-    return tqdm(mininterval=0.1 if interactive else 10.0, **kwargs)
+    return tqdm(mininterval=0.1, **kwargs)

@@ -44,3 +44,28 @@ def test_the_cli_takes_verbose_anywhere(argv, verbose, tmp_path, monkeypatch):
     monkeypatch.setenv(VERBOSE_ENV, "0")  # recorded, so what the CLI sets is undone after the test
     assert main([a.format(root=tmp_path) for a in argv]) == 0
     assert (os.environ.get(VERBOSE_ENV) == "1") == verbose
+
+
+def test_progress_in_a_log_file_writes_at_quarters_of_the_work_whatever_the_clock(monkeypatch, capsys):
+    # a slow machine must print the lines a fast one does: the README demo's line budget counts events, not seconds
+    import pipeline.console as console
+
+    clock = iter(range(0, 10**6, 1000))  # every look at the clock is 1,000 s later
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: False, raising=False)
+    with console.progress_bar(total=10, desc="download", unit="shard") as progress:
+        for _ in range(10):
+            progress.update(1)
+            progress.set_postfix(loss="0.5")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" [")[0] for line in lines] == ["download:  30% 3/10 shard", "download:  50% 5/10 shard",
+                                                       "download:  80% 8/10 shard", "download: 100% 10/10 shard"]
+    assert lines[-1].endswith("loss=0.5]")
+    # a training bar that jumps from step 0 to the end writes two lines (one crossing, the end), not one a second
+    progress = console.progress_bar(total=400, desc="train-prior", unit="step")
+    progress.update(400)
+    progress.close()
+    assert len(capsys.readouterr().err.splitlines()) == 2
+    # an iterable of unknown length: its count at the end, once
+    assert list(console.progress_bar(iterable=(i for i in range(7)), desc="filter", unit="shard")) == list(range(7))
+    assert capsys.readouterr().err.splitlines()[0].startswith("filter: 7 shard [")
