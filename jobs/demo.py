@@ -121,6 +121,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             with open(url_list, "w") as f:
                 f.write("url,caption\n" + "".join(f"{base}/{path},{caption}\n" for path, caption, _ in rows))
             log.info("serving %d built-in images at %s", len(rows), base)
+            # the built-in server is on 127.0.0.1, which the download policy refuses unless told; a user's
+            # --url-list gets no such pass (download.allow_private_network is theirs to set)
+            overrides.append("download.allow_private_network=true")
         overrides.append(f"download.url_list={url_list}")
         config = load_config(RunConfig, defaults, overrides)
         if server is not None:

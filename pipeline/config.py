@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import AfterValidator, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_serializer
 
 from dalle2.configs import StrictModel
 
@@ -61,6 +61,23 @@ class DownloadConfig(StrictModel):
     cpus_per_shard: PositiveFloat = 0.5
     resources: Resources = {}  # e.g. {cpu_pool: 0.001}: download on the CPU workers
     distributor: Literal["ray", "local"] = "ray"
+    # The download policy (pipeline/policy.py). Private, loopback and other non-global addresses are refused
+    # unless this is set (a crawl on a cloud VM must not reach its neighbours); link-local and cloud metadata
+    # addresses are refused always.
+    allow_private_network: bool = False
+    max_bytes: int = Field(default=32 << 20, ge=1024, le=1 << 31)  # per response body, refused past it
+    # X-Robots-Tag directives that opt an image out (img2dataset's names and defaults); [] honours none
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    user_agent_token: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")  # also in User-Agent
+    skip_malformed_rows: bool = False  # a malformed URL-list line: skipped and counted instead of an error
+    redirects: int = Field(default=5, ge=0, le=20)  # hops followed, each one checked like the first URL
+
+    @field_serializer("url_list", when_used="json")
+    def _redacted(self, url_list: Optional[str]) -> Optional[str]:
+        """A signed url_list is stored (config.yaml) without its signature."""
+        from .policy import redact_url
+
+        return redact_url(url_list) if url_list else url_list
 
 
 class ClipSource(StrictModel):
@@ -83,6 +100,10 @@ class EmbedConfig(StrictModel):
     decode_cpus: PositiveFloat = 0.25  # per decode task
     decode_concurrency: PositiveInt = 2  # decode tasks at once (each reads and decodes one shard)
     decode_block_rows: PositiveInt = 256  # rows a decode task sends on at once: Ray's cost per block stays small
+    # seconds a decode task may spend reading and decoding one shard (the time it waits for CLIP to take its
+    # blocks is not counted) before the shard fails with this field named and the task moves on; a 10,000-sample
+    # shard of 512 px JPEGs reads and decodes in well under a minute, so this stops only a hung read
+    shard_timeout: Optional[PositiveFloat] = 600.0
     # scratch-part writes and shard finishes at once, each: every task running at once needs its own worker
     # process, whose imports cost seconds of CPU on a small machine; raise it where writes wait on an object store
     write_concurrency: PositiveInt = 1

@@ -39,14 +39,15 @@ class ShardDownloader:
     def _build(self):
         # img2dataset (and cv2) load on first use, in the worker, not at import time.
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        decoder_pixel_limits(self.config.max_image_area)
         from img2dataset.downloader import Downloader
         from img2dataset.resizer import Resizer
         from img2dataset.writer import WebDatasetSampleWriter
 
-        from .fetch import install
+        from .fetch import FetchPolicy, install
 
         c = self.config
-        install(max_image_area=c.max_image_area)  # whole-request deadline, size checked from the header
+        install(FetchPolicy.of(c))  # the download policy, a whole-request deadline, size checked from the header
         resizer = Resizer(
             image_size=c.image_size, resize_mode=c.resize_mode, resize_only_if_bigger=False,
             encode_quality=c.encode_quality, encode_format=c.encode_format, max_image_area=c.max_image_area,
@@ -57,7 +58,7 @@ class ShardDownloader:
             column_list=[URL, CAPTION, *c.save_additional_columns], timeout=c.timeout,
             number_sample_per_shard=c.samples_per_shard, oom_shard_count=SHARD_NAME_WIDTH,
             compute_hash=None, verify_hash_type=None, encode_format=c.encode_format, retries=c.retries,
-            user_agent_token=None, disallowed_header_directives=[],
+            user_agent_token=c.user_agent_token, disallowed_header_directives=c.disallowed_header_directives,
         )
 
     def __call__(self, shard: str) -> ShardRecord:
@@ -72,8 +73,12 @@ class ShardDownloader:
         # img2dataset deletes the file it downloads from: give it a copy, so the input survives a crash
         # or a retry between that and the ledger record
         copy = self.layout.scratch(STAGE, f"{shard}.arrow")
-        write_atomic(copy, source)
-        self._downloader.download_shard((shard_id_of(shard), copy))
+        redacted, real = redact_urls(source)  # the shards keep the redacted URL; the fetch gets the real one
+        write_atomic(copy, redacted)
+        from .fetch import real_urls
+
+        with real_urls(real):
+            self._downloader.download_shard((shard_id_of(shard), copy))
         crash_point("download.after_outputs")
         record = self.record_of(shard, rows_in)
         record.seconds = round(time.time() - start, 3)
@@ -89,21 +94,49 @@ class ShardDownloader:
             if status == "success":
                 written += 1
             else:
-                reasons[f"{status}: {normalise_error(message)}"] += 1
+                reasons[f"{status}: {row_reason(status, message)}"] += 1
         lost = rows_in - len(table["status"])
         if lost:  # img2dataset logs and skips a row whose handling raised; count it, never drop it
             reasons[LOST_IN_IMG2DATASET] += lost
         return ShardRecord(shard, rows_in, written, dict(reasons))
 
 
-def normalise_error(message: Optional[str]) -> str:
-    """A short, stable reason from an error message (URLs and addresses removed)."""
-    if not message:
-        return "unknown"
-    text = str(message).strip().splitlines()[0] if str(message).strip() else "unknown"
-    if "timed out" in text.lower():
-        return "timed out"
-    return text.split(" for url")[0].split(": http")[0][:120]
+def row_reason(status: Optional[str], message: Optional[str]) -> str:
+    """A failed row's reason from the policy's vocabulary (pipeline/policy.py), never free text."""
+    from .policy import resize_reason, stable_reason
+
+    return resize_reason(message) if status == "failed_to_resize" else stable_reason(message)
+
+
+def redact_urls(arrow: bytes) -> tuple[bytes, dict[int, str]]:
+    """An input shard with its url column redacted, and {row: real URL} of the rows that changed."""
+    from .policy import redact_url
+
+    table = pa.ipc.open_file(pa.BufferReader(arrow)).read_all()
+    urls = table.column(URL).to_pylist()
+    redacted = [redact_url(u) for u in urls]
+    real = {i: u for i, (u, r) in enumerate(zip(urls, redacted)) if u != r}
+    if not real:
+        return arrow, real
+    table = table.set_column(table.schema.get_field_index(URL), URL, pa.array(redacted, pa.string()))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes(), real
+
+
+def decoder_pixel_limits(max_image_area: float) -> None:
+    """PIL's and OpenCV's own pixel limits from max_image_area (OpenCV reads its variable once, at import)."""
+    import sys
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = int(max_image_area)
+    wanted = str(int(max_image_area))
+    if "cv2" in sys.modules and os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS") != wanted:
+        log.warning("download: cv2 was imported before OPENCV_IO_MAX_IMAGE_PIXELS=%s could be set; the header "
+                    "check still refuses larger images", wanted)
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = wanted
 
 
 def run_index_width(layout: RunLayout) -> Optional[int]:

@@ -1,26 +1,69 @@
-"""One image request, as img2dataset's `download_image` makes it, with two limits the web needs:
+"""One image request, as img2dataset's `download_image` makes it, under the download policy
+(`pipeline/policy.py`) and with the limits the web needs:
 
+- only http(s); the host is resolved once, each address checked (link-local and metadata: always
+  refused; private and loopback: unless `download.allow_private_network`) and the connection made to the
+  checked address (no second lookup a rebinding DNS could answer otherwise), with the Host header and
+  TLS SNI still the hostname; redirects are followed here, each hop checked the same way;
 - a whole-request deadline: urllib's `timeout` bounds each socket read, so a server that sends one
-  byte a second never times out; here the body is read in chunks against one deadline;
-- an early size check: the image header is parsed as soon as it has arrived, and an image whose
-  width x height exceeds `max_image_area` fails before its body is read or decoded.
+  byte a second never times out; here each read gets what is left of one deadline;
+- `max_bytes`: a Content-Length over it is refused before the body, and the body is cut at it;
+- the image size is parsed as soon as the header has arrived: an image over `max_image_area`, or whose
+  size is not in its first MiB, fails before OpenCV decodes it;
+- X-Robots-Tag opt-outs (img2dataset's rule) are honoured before the body is read.
 
-`install(...)` makes img2dataset's downloader use it (img2dataset looks `download_image` up in its
-module at call time, and has no hook for either limit).
+Every failure is a reason from the policy's vocabulary. `install(...)` makes img2dataset's downloader
+use it (img2dataset looks `download_image` up in its module at call time, and has no hook for any of this).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
+import socket
+import ssl
+import threading
 import time
-import urllib.request
-from typing import Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional
+from urllib.parse import quote, urljoin, urlsplit
 
+from . import policy as P
 from .faults import crash_point
 
-USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 CHUNK = 1 << 16
-HEADER_PROBE_LIMIT = 1 << 20  # give up parsing the size after this many bytes (img2dataset checks it later)
+HEADER_PROBE_LIMIT = 1 << 20  # an image whose size is not in its first MiB is refused
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """The limits of one request (from DownloadConfig)."""
+
+    timeout: float = 10.0
+    max_image_area: float = 1e8
+    max_bytes: int = 32 << 20
+    allow_private_network: bool = False
+    redirects: int = 5
+    user_agent_token: Optional[str] = None
+    disallowed_header_directives: tuple[str, ...] = tuple(P.DEFAULT_DISALLOWED_DIRECTIVES)
+
+    @classmethod
+    def of(cls, config) -> "FetchPolicy":
+        """The policy of a DownloadConfig."""
+        return cls(timeout=config.timeout, max_image_area=config.max_image_area, max_bytes=config.max_bytes,
+                   allow_private_network=config.allow_private_network, redirects=config.redirects,
+                   user_agent_token=config.user_agent_token,
+                   disallowed_header_directives=tuple(config.disallowed_header_directives))
+
+
+class Refused(Exception):
+    """A request ended with a reason of the policy's vocabulary."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RequestTimeout(TimeoutError):
@@ -68,42 +111,178 @@ def _jpeg_area(head: bytes) -> Optional[int]:
     return None
 
 
-def fetch(url: str, timeout: float, max_image_area: float) -> bytes:
-    """The body of `url`, within `timeout` seconds in all; raises with a reason otherwise."""
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, data=None, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        chunks, size, area_known = [], 0, False
-        while True:
-            if time.monotonic() > deadline:
-                raise RequestTimeout(f"timed out: no whole body within {timeout:g} s")
-            chunk = response.read1(CHUNK)  # what the socket has now (at most one read of `timeout`)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if not area_known and size <= HEADER_PROBE_LIMIT:
-                area = image_area(b"".join(chunks))
-                if area is not None:
-                    area_known = True
-                    if area > max_image_area:
-                        raise ValueError("image area too large")
-        missing = getattr(response, "length", None)  # http(s) only: file:// and data: URLs have no length
-        if missing:  # the server closed before its Content-Length: a truncated body
-            raise ValueError(f"truncated body: {size} of {size + missing} bytes")
-        return b"".join(chunks)
+# The two calls a test replaces to count lookups and connections (nothing else in this module resolves or connects).
+_resolve = socket.getaddrinfo
+_connect = socket.create_connection
 
 
-def install(max_image_area: float) -> None:
-    """Make img2dataset's downloader fetch through `fetch`, with `max_image_area` as the area limit."""
+def checked_addresses(host: str, port: int, policy: FetchPolicy) -> list[str]:
+    """The addresses of `host` the policy allows, in the resolver's order; raises Refused if there are none."""
+    try:
+        infos = _resolve(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise Refused(P.REFUSED_NO_ADDRESS) from None
+    allowed, refusals = [], []
+    for address in dict.fromkeys(str(info[4][0]) for info in infos):
+        refusal = P.address_refusal(address, policy.allow_private_network)
+        (refusals if refusal else allowed).append(refusal or address)
+    if not allowed:
+        # the always-refused reason first: the flag would not help there
+        raise Refused(P.REFUSED_METADATA if P.REFUSED_METADATA in refusals else (refusals or [P.REFUSED_NO_ADDRESS])[0])
+    return allowed
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to one checked address; the Host header still names the host."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = _connect((self.address, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """An HTTPS connection to one checked address; SNI and the certificate check still use the host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.address = address
+
+    def connect(self) -> None:
+        sock = _connect((self.address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _remaining(deadline: float, timeout: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RequestTimeout(f"timed out: no whole body within {timeout:g} s")
+    return left
+
+
+def _open(url: str, policy: FetchPolicy, deadline: float):
+    """(connection, response) for one hop of `url`, checked before any connection is made."""
+    refusal = P.scheme_refusal(url)
+    if refusal:
+        raise Refused(refusal)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:  # a port that is not a number, brackets that do not close
+        raise Refused(P.REFUSED_BAD_URL) from None
+    if not parts.hostname:
+        raise Refused(P.REFUSED_BAD_URL)
+    target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (
+        "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?") if parts.query else "")
+    kind = _PinnedHTTPS if parts.scheme.lower() == "https" else _PinnedHTTP
+    headers = {"User-Agent": P.user_agent(policy.user_agent_token), "Accept": "image/*,*/*;q=0.8"}
+    error: Optional[BaseException] = None
+    for address in checked_addresses(parts.hostname, port, policy):
+        connection = kind(parts.hostname, port, address, timeout=min(policy.timeout, _remaining(deadline, policy.timeout)))
+        try:
+            connection.request("GET", target, headers=headers)
+            return connection, connection.getresponse()
+        except OSError as e:  # refused or unreachable: the next checked address, as create_connection does
+            connection.close()
+            error = e
+    raise error  # type: ignore[misc]
+
+
+def fetch(url: str, policy: FetchPolicy) -> bytes:
+    """The body of `url` under `policy`, within its timeout in all; raises Refused (a reason) or an error."""
+    deadline = time.monotonic() + policy.timeout
+    for _ in range(policy.redirects + 1):
+        connection, response = _open(url, policy, deadline)
+        try:
+            if response.status in REDIRECT_CODES:
+                location = response.getheader("Location")
+                if not location:
+                    raise Refused(P.REDIRECT_WITHOUT_LOCATION)
+                url = urljoin(url, location.strip())
+                continue
+            if not 200 <= response.status < 300:
+                raise Refused(P.http_status(response.status))
+            directive = P.opt_out(response.headers.get_all("X-Robots-Tag") or [], policy.user_agent_token,
+                                  policy.disallowed_header_directives)
+            if directive:
+                raise Refused(P.opted_out(directive))
+            return _read_body(connection, response, policy, deadline)
+        finally:
+            connection.close()
+    raise Refused(P.TOO_MANY_REDIRECTS)
+
+
+def _read_body(connection, response, policy: FetchPolicy, deadline: float) -> bytes:
+    """The body, read against the deadline and cut at max_bytes, its image size checked from its header."""
+    if response.length is not None and response.length > policy.max_bytes:
+        raise Refused(P.TOO_LARGE_BYTES)  # the Content-Length says so: not one byte of the body is read
+    body, area = bytearray(), None
+    while True:
+        if connection.sock is not None:  # each read waits at most what is left of the deadline
+            connection.sock.settimeout(_remaining(deadline, policy.timeout))
+        try:
+            chunk = response.read1(CHUNK)
+        except http.client.IncompleteRead:
+            raise Refused(P.TRUNCATED) from None
+        _remaining(deadline, policy.timeout)
+        if not chunk:
+            break
+        if len(body) + len(chunk) > policy.max_bytes:
+            raise Refused(P.TOO_LARGE_BYTES)
+        body += chunk
+        if area is None and len(body) - len(chunk) < HEADER_PROBE_LIMIT:
+            area = image_area(bytes(body[:HEADER_PROBE_LIMIT]))
+            if area is not None and area > policy.max_image_area:
+                raise Refused(P.TOO_LARGE_AREA)
+    if response.length:  # the server closed before its Content-Length
+        raise Refused(P.TRUNCATED)
+    if area is None:  # OpenCV would decode it whole to learn its size
+        raise Refused(P.SIZE_UNREADABLE)
+    return bytes(body)
+
+
+def reason_of(error: BaseException) -> str:
+    """The vocabulary's reason for an error a fetch raised."""
+    if isinstance(error, Refused):
+        return error.reason
+    if isinstance(error, TimeoutError):  # socket.timeout and RequestTimeout
+        return P.TIMED_OUT
+    if isinstance(error, http.client.IncompleteRead):
+        return P.TRUNCATED
+    return P.error_class(error)
+
+
+# img2dataset's download_image gets (key, url) only: the url column it reads (and writes into the
+# shards) is redacted, and the real URLs of the shard in flight are looked up here by key.
+_REAL_URLS: dict[int, str] = {}
+_SHARD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def real_urls(urls: dict[int, str]) -> Iterator[None]:
+    """While one shard downloads: {row index: real URL} for the rows whose url column was redacted."""
+    with _SHARD_LOCK:  # one shard at a time per process (a Ray worker runs one task at a time anyway)
+        _REAL_URLS.clear()
+        _REAL_URLS.update(urls)
+        try:
+            yield
+        finally:
+            _REAL_URLS.clear()
+
+
+def install(policy: FetchPolicy) -> None:
+    """Make img2dataset's downloader fetch through `fetch` under `policy`."""
     from img2dataset import downloader
 
     def download_image(row, timeout, user_agent_token, disallowed_header_directives):
         key, url = row
         try:
-            body = fetch(url, timeout, max_image_area)
-        except Exception as error:  # noqa: BLE001 - img2dataset records the message as the row's error
-            return key, None, str(error) or type(error).__name__
+            body = fetch(_REAL_URLS.get(key, url), policy)
+        except Exception as error:  # noqa: BLE001 - the row fails with the vocabulary's reason
+            return key, None, reason_of(error)
         crash_point("download.mid_shard")
         return key, io.BytesIO(body), None
 

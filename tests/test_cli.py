@@ -51,7 +51,7 @@ def test_ray_job_submit_runs_a_stage(ray_head, tmp_path, image_server):
     root = str(tmp_path / "run")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"root": root, "download": {"url_list": str(url_list), "image_size": 32,
-                                                                "samples_per_shard": 10}}))
+                                                                "samples_per_shard": 10, "allow_private_network": True}}))
     for _ in range(30):  # the head's job agent can come up a little after its job API
         submit = subprocess.run(
             [ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--no-wait", "--",

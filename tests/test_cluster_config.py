@@ -24,6 +24,7 @@ DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")  # the console 
 SMALL = [
     "ray.num_cpus=4",
     "download.samples_per_shard=12", "download.threads=8", "download.cpus_per_shard=0.5",
+    "download.allow_private_network=true",  # the images are served from 127.0.0.1
     "embed.clip.pretrained=null", "embed.batch_size=8", "embed.actors=1", "embed.num_gpus_per_actor=0",
     "embed.cpus_per_actor=1", "embed.decode_concurrency=1", "embed.autocast=none",
     # the CLIP here is randomly initialised: its similarities mean nothing (tests/test_filter.py runs the

@@ -28,7 +28,8 @@ def write_url_list(rows, path, fmt):
 
 def config(url_list, **overrides):
     fields = dict(url_list=url_list, url_col="URL", caption_col="TEXT", save_additional_columns=["source"],
-                  image_size=32, samples_per_shard=20, threads=8, timeout=4.0, max_image_area=2e7)
+                  image_size=32, samples_per_shard=20, threads=8, timeout=4.0, max_image_area=2e7,
+                  allow_private_network=True)  # the image server is on 127.0.0.1
     return DownloadConfig(**{**fields, **overrides})
 
 

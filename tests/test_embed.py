@@ -25,7 +25,8 @@ def downloaded(tmp_path_factory, image_server, ray_local):
     root = tmp_path_factory.mktemp("embed") / "run"
     url_list = root.parent / "urls.parquet"
     pd.DataFrame(image_server.rows(with_failures=False)).to_parquet(url_list)
-    summary = run_download(DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=20, threads=8), str(root))
+    summary = run_download(DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=20, threads=8,
+                                          allow_private_network=True), str(root))
     assert summary["written"] == 60
     return root
 
@@ -118,7 +119,8 @@ def test_download_and_embed_on_s3(s3_server, image_server, ray_local, tmp_path):
     from pipeline.storage import write_atomic
 
     write_atomic(url_list, (tmp_path / "urls.jsonl").read_bytes())
-    download = run_download(DownloadConfig(url_list=url_list, image_size=32, samples_per_shard=16, threads=8, timeout=4), root)
+    download = run_download(DownloadConfig(url_list=url_list, image_size=32, samples_per_shard=16, threads=8, timeout=4,
+                                           allow_private_network=True), root)
     assert download["rows_in"] == 30 and download["written"] + download["failed"] == 30 and download["written"] >= 25
     embed = run_embed(EmbedConfig(batch_size=16), root)
     assert embed["rows_in"] == embed["written"] == download["written"] and not embed["failed_shards"]

@@ -85,7 +85,8 @@ def url_list(tmp_path_factory, image_server):
 
 def download_config(root, url_list, distributor="local"):
     return {"root": root, "download": {"url_list": url_list, "image_size": 32, "samples_per_shard": 14, "threads": 4,
-                                       "timeout": 4, "distributor": distributor, "shard_retries": 1}}
+                                       "timeout": 4, "distributor": distributor, "shard_retries": 1,
+                                       "allow_private_network": True}}
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ def run_config(root: str, url_list: str, clip: str) -> dict:
     return {
         "root": root,
         "download": {"url_list": url_list, "image_size": 32, "samples_per_shard": PER_SHARD, "threads": 2,
-                     "cpus_per_shard": 1, "timeout": 20, "shard_retries": 3, "resources": ON_CPU},
+                     "cpus_per_shard": 1, "timeout": 20, "shard_retries": 3, "resources": ON_CPU,
+                     "allow_private_network": True},
         "train_clip": {"enabled": False},
         "embed": {"clip": {"checkpoint": clip}, "batch_size": 4, "actors": 1, "cpus_per_actor": 1, "decode_cpus": 0.5,
                   "decode_concurrency": 1, "resources": ON_GPU},

@@ -296,12 +296,13 @@ def test_a_shard_past_its_deadline_is_cancelled_and_failed(ray_local):
     assert list(failures) == ["stuck"] and "deadline exceeded" in failures["stuck"]
 
 
-def test_file_urls_still_download_and_a_mistyped_clip_leaves_nothing_to_refuse(tmp_path, awkward_run):
-    from pipeline.fetch import fetch
+def test_file_urls_are_refused_and_a_mistyped_clip_leaves_nothing_to_refuse(tmp_path, awkward_run):
+    from pipeline.fetch import FetchPolicy, Refused, fetch
 
     image = tmp_path / "a.png"
     image.write_bytes(png((1, 2, 3)))
-    assert fetch(f"file://{image}", timeout=5, max_image_area=1e6) == image.read_bytes()  # no Content-Length there
+    with pytest.raises(Refused, match="^refused: scheme file$"):  # the download policy: http(s) only
+        fetch(f"file://{image}", FetchPolicy(timeout=5, max_image_area=1e6, allow_private_network=True))
 
     with pytest.raises(Exception, match="nonexistent-clip"):
         run_embed(EmbedConfig(clip={"model_name": "nonexistent-clip"}), awkward_run)

@@ -46,7 +46,8 @@ def embedded(tmp_path_factory, image_server, ray_local):
     root = tmp_path_factory.mktemp("reorder") / "run"
     url_list = root.parent / "urls.csv"
     pd.DataFrame(image_server.rows()).to_csv(url_list, index=False)
-    run_download(DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=25, threads=8, timeout=4), str(root))
+    run_download(DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=25, threads=8, timeout=4,
+                                allow_private_network=True), str(root))
     summary = run_embed(EmbedConfig(batch_size=32), str(root))
     assert summary["written"] == 61  # the 60 shapes and the very large image (resized); 4 failures
     return RunLayout(str(root))
