@@ -87,3 +87,108 @@ def test_damaged_streams_raise_with_where(tmp_path):
 
     # a stream that stops at a member boundary (no end-of-archive blocks) is read to there, as tarfile does
     assert len(list(iter_members(io.BytesIO(data[: offsets[4]])))) == 2
+
+
+# The corpus is read in a child process under RLIMIT_AS (its address space at start + 512 MiB), so a reader that
+# balloons fails there with MemoryError instead of taking the test machine down, and a hang is cut by an alarm.
+CORPUS_CHILD = r"""
+import json, resource, signal, sys, time
+from pipeline.shard_reader import ShardReadError, iter_samples
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (512 << 20), resource.RLIM_INFINITY))
+
+def alarm(*_):
+    raise TimeoutError("still reading after 5 s")
+
+signal.signal(signal.SIGALRM, alarm)
+results = {}
+for name, path in json.loads(sys.argv[1]).items():
+    rss, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        samples = sum(1 for _ in iter_samples(path))
+        error = None
+    except BaseException as e:  # MemoryError and TimeoutError included: the parent names them
+        samples, error = None, (type(e).__name__, isinstance(e, ShardReadError), str(e))
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024
+    results[name] = {"seconds": time.perf_counter() - started, "grew": grew, "samples": samples, "error": error}
+print(json.dumps(results))
+"""
+
+
+def test_every_attack_raises_the_readers_error_fast_in_bounded_memory(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.malformed_tars import corpus, write_corpus
+
+    expected = {name: words for name, (_, _, words) in corpus().items()}
+    paths = write_corpus(str(tmp_path))
+    child = subprocess.run([sys.executable, "-c", CORPUS_CHILD, json.dumps(paths)], capture_output=True, text=True,
+                           timeout=300, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = json.loads(child.stdout.strip().splitlines()[-1])
+    wrong = {}
+    for name, result in results.items():
+        error = result["error"]
+        if error is None or not error[1] or expected[name] not in error[2] or paths[name] not in error[2]:
+            wrong[name] = f"wanted ShardReadError naming the file with {expected[name]!r}, got {error or result}"
+        # 2 s: inflating a bomb's 32 MiB took 0.5 s on this busy 2-core machine; 1.5 x ReadLimits.member_bytes
+        elif result["seconds"] > 2.0 or result["grew"] > 96 << 20:
+            wrong[name] = f"{result['seconds']:.2f} s, peak RSS +{result['grew'] >> 20} MiB"
+    assert not wrong and len(results) == len(expected) >= 23, wrong
+
+
+def test_the_readers_error_is_a_tarfile_error_naming_the_shard(tmp_path):
+    from pipeline.shard_reader import ShardReadError
+
+    path = tmp_path / "00003.tar"
+    path.write_bytes(b"this is not a tar file at all" * 100)
+    with pytest.raises(tarfile.ReadError) as caught:  # what callers catching tarfile's error see
+        list(iter_samples(str(path)))
+    assert isinstance(caught.value, ShardReadError) and caught.value.url == str(path)
+    assert str(caught.value) == f"{path}: invalid header at byte 0 (not a tar member: bad checksum)"
+    assert caught.value.reason == "invalid header at byte 0 (not a tar member: bad checksum)"
+
+
+def test_limits_are_configurable_and_sizes_within_them_read(tmp_path):
+    from pipeline.shard_reader import ReadLimits, ShardReadError
+    from tests.malformed_tars import end, member, pax, pax_record
+
+    # a pax `size` replaces the member's own (tarfile writes one for members over 8 GiB); a long pax path is read
+    data = (pax(pax_record(b"size", b"5") + pax_record(b"path", b"d/" + b"p" * 300 + b".jpg")) + member(b"x.jpg", b"")[:512]
+            + b"hello" + bytes(507) + member(b"1.txt", b"t" * 2000) + end())
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    assert [(k, f) for k, f in iter_samples(str(path))] == [("p" * 300, {"jpg": b"hello"}), ("1", {"txt": b"t" * 2000})]
+    with pytest.raises(ShardReadError, match=r"the member at byte 2048 declares 2000 bytes, over the 1999-byte limit "
+                                             r"\(ReadLimits.member_bytes\)"):
+        list(iter_samples(str(path), ReadLimits(member_bytes=1999)))
+    with pytest.raises(ShardReadError, match=r"the x header at byte 0 declares \d+ bytes, over the 100-byte limit"):
+        list(iter_samples(str(path), ReadLimits(metadata_bytes=100)))
+    with pytest.raises(ShardReadError, match="ReadLimits.sample_bytes"):
+        list(iter_samples(str(path), ReadLimits(sample_bytes=1000)))
+
+
+def test_a_gzip_shard_inflates_up_to_its_cap(tmp_path):
+    import gzip
+
+    from pipeline.shard_reader import ReadLimits, ShardReadError
+    from tests.malformed_tars import end, good_samples
+
+    data = good_samples(200) + end()  # headers and padding: mostly zeros, about 60:1 under gzip
+    path = tmp_path / "shard.tar.gz"
+    path.write_bytes(gzip.compress(data))
+    assert len(data) > 40 * len(path.read_bytes())
+    assert len(list(iter_samples(str(path), ReadLimits(decompressed_floor=0)))) == 200  # 100:1 holds it
+    with pytest.raises(ShardReadError, match="inflates past"):
+        list(iter_samples(str(path), ReadLimits(decompressed_floor=0, decompressed_ratio=20)))
+    cap = len(data) - 2 * 512 - 1  # the reader stops at the first end-of-archive block
+    with pytest.raises(ShardReadError, match=f"the gzip stream inflates past {cap} bytes"):
+        list(iter_samples(str(path), ReadLimits(decompressed_bytes=cap)))
