@@ -27,6 +27,13 @@ def _png(plt, figure) -> bytes:
     return buffer.getvalue()
 
 
+def legend_label(text: str) -> str:
+    """`text` shown as written: a `$` would start matplotlib maths (a bad formula fails the whole figure), and a
+    label starting with `_` would be left out of the legend."""
+    text = str(text)[:60].replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def download_outcomes(per_shard: dict[str, dict]) -> bytes:
     """Stacked bars per shard: rows written and rows failed, by reason."""
     plt, figure, axes = _figure()
@@ -40,7 +47,7 @@ def download_outcomes(per_shard: dict[str, dict]) -> bytes:
     bottom += written
     for i, reason in enumerate(reasons):
         counts = np.asarray([per_shard[s]["failed"].get(reason, 0) for s in shards], dtype=float)
-        axes.bar(shards, counts, bottom=bottom, label=reason[:60], color=colours[i % len(colours)])
+        axes.bar(shards, counts, bottom=bottom, label=legend_label(reason), color=colours[i % len(colours)])
         bottom += counts
     axes.set(xlabel="shard", ylabel="rows", title="Download outcomes per shard")
     axes.tick_params(axis="x", rotation=90 if len(shards) > 12 else 0)

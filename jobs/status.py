@@ -26,7 +26,8 @@ def run_status(root: str) -> dict:
         if exists(layout.ledger_summary(stage)):
             summary = read_json(layout.ledger_summary(stage))
             status[stage] = {k: summary.get(k) for k in ("shards", "rows_in", "written", "failed", "failed_by_reason",
-                                                         "failed_shards", "input_rows", "unplaced_rows_by_reason",
+                                                         "failed_shards", "input_rows", "input_rows_skipped",
+                                                         "unplaced_rows_by_reason",
                                                          "seconds", "rows_per_s")}
     for job in training_jobs(root):
         path = f"{storage_path(root)}/{job}_summary.json"
@@ -54,9 +55,11 @@ def reconcile(status: dict) -> list[str]:
         if info["rows_in"] != info["written"] + info["failed"]:
             problems.append(f"{stage}: {info['rows_in']} rows in but {info['written']} written and {info['failed']} failed")
     download, embed, reorder = status.get("download"), status.get("embed"), status.get("reorder")
-    if download and download.get("input_rows") is not None and download["input_rows"] != download["rows_in"] \
+    skipped = sum(((download or {}).get("input_rows_skipped") or {}).values())  # malformed URL-list rows
+    if download and download.get("input_rows") is not None and download["input_rows"] != download["rows_in"] + skipped \
             and not download.get("failed_shards"):
-        problems.append(f"download: {download['input_rows']} input rows but {download['rows_in']} rows recorded")
+        problems.append(f"download: {download['input_rows']} input rows but {download['rows_in']} rows recorded"
+                        + (f" and {skipped} skipped as malformed" if skipped else ""))
     if download and embed and embed["shards"] == download["shards"] and embed["rows_in"] != download["written"]:
         problems.append(f"embed: {embed['rows_in']} rows in but download wrote {download['written']}")
     if reorder and not reorder.get("failed_shards") and reorder.get("input_rows") is not None:
@@ -95,6 +98,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    f"{info['failed']} {failed} ({reasons})"
             if info.get("input_rows") is not None:
                 line += f"; {info['input_rows']} input rows"
+            if info.get("input_rows_skipped"):
+                line += f" ({', '.join(f'{n} {r}' for r, n in info['input_rows_skipped'].items())}, skipped)"
             if info.get("failed_shards"):
                 line += f"; {len(info['failed_shards'])} FAILED SHARDS"
                 for shard, failure in sorted(info["failed_shards"].items()):

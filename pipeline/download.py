@@ -19,7 +19,7 @@ from .distributor import ensure_ray, run_shards
 from .faults import crash_point
 from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
 from .ledger import Ledger, ShardRecord
-from .reader import split_url_list
+from .reader import skipped_rows, split_url_list
 from .storage import exists, filesystem, list_names, read_bytes, read_json, read_parquet, remove, write_atomic
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,9 @@ def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConf
                              timeout=config.shard_timeout, resources=config.resources)
     for shard, error in failures.items():
         ledger.fail(shard, rows=shards[shard], error=error)
-    extra = {"input_rows": sum(shards.values()), "samples_per_shard": config.samples_per_shard,
+    skipped = skipped_rows(layout)  # malformed rows of the URL list: counted, not in any shard
+    extra = {"input_rows": sum(shards.values()) + sum(skipped.values()), "input_rows_skipped": skipped,
+             "samples_per_shard": config.samples_per_shard,
              "index_width": index_width(config.samples_per_shard)}
     summary = ledger.summarize(started, extra)
     if failures:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Iterator
+from collections import Counter
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -19,11 +20,59 @@ import pyarrow.parquet as pq
 from .config import DownloadConfig
 from .layout import CAPTION, URL, RunLayout, shard_name
 from .ledger import StaleRunError
+from .policy import redact_url
 from .storage import exists, filesystem, list_files, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 65536
+MALFORMED_CSV = "malformed row: wrong number of columns"  # reasons of rows skipped with download.skip_malformed_rows
+MALFORMED_JSON = "malformed row: not a JSON object"
+
+
+class MalformedRows:
+    """What a split met of malformed rows: skipped ones counted by reason, or the first one refused."""
+
+    def __init__(self, url: str, skip: bool):
+        self.url, self.skip = url, skip
+        self.skipped: Counter = Counter()
+        self.first: Optional[str] = None  # the text of the first malformed row
+
+    def csv_row(self, row) -> str:
+        """pyarrow's invalid_row_handler (it gives no line number: the error looks the row up)."""
+        self.first = self.first or row.text
+        if self.skip:
+            self.skipped[MALFORMED_CSV] += 1
+            return "skip"
+        return "error"
+
+    def refuse(self, detail: str, line: Optional[int]) -> ValueError:
+        """The error naming the list, the line and the way out."""
+        where = f"line {line}" if line else "a row"
+        fix = "quote values that hold the delimiter" if "column" in detail else "fix the line"
+        return ValueError(f"download.url_list {redact_url(self.url)}: {where} is malformed ({detail}): {fix}, or set "
+                          "download.skip_malformed_rows: true to skip and count such rows")
+
+
+def line_of(url: str, text: str) -> Optional[int]:
+    """The 1-based line of a file on which `text` first starts (streamed), or None."""
+    needle = text.encode()
+    if not needle:
+        return None
+    fs, path = filesystem(url)
+    lines, carry = 0, b""
+    with fs.open(path, "rb", compression="infer") as f:
+        while True:
+            block = f.read(1 << 22)
+            data = carry + block
+            at = data.find(needle)
+            if at >= 0:
+                return lines + data.count(b"\n", 0, at) + 1
+            if not block:
+                return None
+            keep = max(len(needle), 1)
+            lines += data.count(b"\n", 0, len(data) - keep)
+            carry = data[len(data) - keep:]
 
 
 def detect_format(url: str, configured: str) -> str:
@@ -34,33 +83,69 @@ def detect_format(url: str, configured: str) -> str:
     for suffix, fmt in ((".csv", "csv"), (".tsv", "tsv"), (".parquet", "parquet"), (".jsonl", "jsonl"), (".json", "jsonl")):
         if name.endswith(suffix) or name.endswith(suffix + ".gz"):
             return fmt
-    raise ValueError(f"download.url_list {url}: cannot tell its format from the name; set download.input_format")
+    raise ValueError(f"download.url_list {redact_url(url)}: cannot tell its format from the name; "
+                     "set download.input_format")
 
 
-def iter_batches(url: str, fmt: str) -> Iterator[pa.RecordBatch]:
-    """Record batches of the URL list, streamed."""
+def iter_batches(url: str, fmt: str, malformed: Optional[MalformedRows] = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of the URL list, streamed; a malformed row is refused by line, or skipped and counted."""
+    malformed = malformed or MalformedRows(url, skip=False)
     fs, path = filesystem(url)
     with fs.open(path, "rb", compression="infer") as f:
         if fmt in ("csv", "tsv"):
-            options = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+            options = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True,
+                                          invalid_row_handler=malformed.csv_row)
             convert = pa_csv.ConvertOptions(strings_can_be_null=False)
-            reader = pa_csv.open_csv(f, parse_options=options, convert_options=convert,
-                                     read_options=pa_csv.ReadOptions(block_size=1 << 22))
-            yield from reader
+            try:
+                yield from pa_csv.open_csv(f, parse_options=options, convert_options=convert,
+                                           read_options=pa_csv.ReadOptions(block_size=1 << 22))
+            except pa.ArrowInvalid as error:
+                if malformed.first is None:  # another parse error (an unclosed quote): name the file at least
+                    raise ValueError(f"download.url_list {redact_url(url)}: {str(error).splitlines()[0][:200]}") from None
+                raise malformed.refuse(str(error).split(":", 2)[1].strip() if str(error).count(":") >= 2 else
+                                       "wrong number of columns", line_of(url, malformed.first)) from None
         elif fmt == "parquet":
             yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
         else:
             # pyarrow's json reader reads the whole file; jsonl lists are read in blocks of whole lines instead.
-            carry = b""
+            carry, lines = b"", 0
             while True:
                 block = f.read(1 << 22)
                 data = carry + block
                 cut = data.rfind(b"\n") + 1 if block else len(data)
                 if data[:cut].strip():
-                    yield from pa_json.read_json(io.BytesIO(data[:cut])).to_batches()
+                    yield from _json_block(data[:cut], lines, malformed)
+                lines += data.count(b"\n", 0, cut)
                 carry = data[cut:]
                 if not block:
                     break
+
+
+def _json_block(data: bytes, lines_before: int, malformed: MalformedRows) -> Iterator[pa.RecordBatch]:
+    """A block of whole jsonl lines; on a parse error, line by line, to name (or skip) the bad ones."""
+    import json
+
+    try:
+        yield from pa_json.read_json(io.BytesIO(data)).to_batches()
+        return
+    except pa.ArrowInvalid:
+        pass
+    rows = []
+    for number, line in enumerate(data.split(b"\n"), start=lines_before + 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if not malformed.skip:
+                raise malformed.refuse("not a JSON object", number) from None
+            malformed.skipped[MALFORMED_JSON] += 1
+            continue
+        rows.append(row)
+    if rows:
+        yield from pa.Table.from_pylist(rows).to_batches()
 
 
 def select_columns(batch: pa.RecordBatch, config: DownloadConfig, source: str) -> pa.Table:
@@ -88,7 +173,7 @@ def url_list_identity(config: DownloadConfig) -> dict:
     fs, path = filesystem(config.url_list)
     with fs.open(path, "rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-    return {"url_list": config.url_list, "url_list_size": fs.size(path), "url_list_head_sha256": head,
+    return {"url_list": redact_url(config.url_list), "url_list_size": fs.size(path), "url_list_head_sha256": head,
             "samples_per_shard": config.samples_per_shard}
 
 
@@ -107,13 +192,20 @@ def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
                 raise StaleRunError(f"download: {layout.inputs} was split from another URL list or shard size "
                                     f"({'; '.join(changed)}): use a new root, or delete {layout.root} to start over")
             if missing:  # lost (older versions let img2dataset delete them): the same list splits the same way
-                log.warning("download: input shards %s are missing: splitting %s again", missing[:10], config.url_list)
+                log.warning("download: input shards %s are missing: splitting %s again", missing[:10],
+                            redact_url(config.url_list))
                 split = None
         if split is not None:
             return split["shards"]  # (a missing input of an unfinished shard then fails that shard, with the reason)
     if not config.url_list:
         raise ValueError("download.url_list is not set and the run has no inputs yet")
     return _split(config, layout, done_marker)
+
+
+def skipped_rows(layout: RunLayout) -> dict[str, int]:
+    """Rows of the URL list the split skipped (download.skip_malformed_rows), by reason."""
+    marker = f"{layout.inputs}/_SUCCESS.json"
+    return dict(read_json(marker).get("input_rows_skipped") or {}) if exists(marker) else {}
 
 
 def _split(config: DownloadConfig, layout: RunLayout, done_marker: str) -> dict[str, int]:
@@ -132,15 +224,20 @@ def _split(config: DownloadConfig, layout: RunLayout, done_marker: str) -> dict[
         shards[name] = head.num_rows
         pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
-    for batch in iter_batches(config.url_list, fmt):
-        pending.append(select_columns(batch, config, config.url_list))
+    malformed = MalformedRows(config.url_list, skip=config.skip_malformed_rows)
+    for batch in iter_batches(config.url_list, fmt, malformed):
+        pending.append(select_columns(batch, config, redact_url(config.url_list)))
         pending_rows += batch.num_rows
         while pending_rows >= per_shard:
             flush(per_shard)
     if pending_rows:
         flush(pending_rows)
     if not shards:
-        raise ValueError(f"download.url_list {config.url_list} has no rows")
-    write_json(done_marker, {**url_list_identity(config), "shards": shards})
-    log.info("split %s into %d shards (%d rows)", config.url_list, len(shards), sum(shards.values()))
+        raise ValueError(f"download.url_list {redact_url(config.url_list)} has no rows")
+    skipped = dict(malformed.skipped)
+    write_json(done_marker, {**url_list_identity(config), "shards": shards, "input_rows_skipped": skipped})
+    log.info("split %s into %d shards (%d rows)", redact_url(config.url_list), len(shards), sum(shards.values()))
+    if skipped:
+        log.warning("split %s: skipped malformed rows %s (download.skip_malformed_rows)", redact_url(config.url_list),
+                    skipped)
     return shards

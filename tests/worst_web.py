@@ -1,8 +1,10 @@
 """A web server on 127.0.0.1 that behaves like the web at its worst, one path per misbehaviour, with the
-reason each row must end up failed with (None: the row must be written)."""
+reason each row must end up failed with (None: the row must be written), and the hostile URLs a list can
+hold that no server of ours answers (file://, ftp://, data:, the cloud metadata service)."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 import time
@@ -25,6 +27,7 @@ class WorstWeb:
     """Each case: (path, caption, expected reason fragment or None). DRIP_SECONDS bounds the drip response."""
 
     DRIP_SECONDS = 30
+    METADATA = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
 
     def __init__(self):
         good = encode(Image.new("RGB", (40, 40), (200, 30, 30)))
@@ -35,16 +38,37 @@ class WorstWeb:
             ("/ok/3.png", "x" * 2000, None),  # a 2,000-character caption
             ("/ok/4.png", "ünïcødé ✓ 画像 \u202e rtl \u0000 nul", None),
             ("/ok/1.png", "the same URL a second time", None),  # duplicate URLs: two rows, both written
-            ("/status/404", "not found", "404"),
-            ("/status/403", "forbidden", "403"),
-            ("/status/500", "server error", "500"),
-            ("/loop", "a redirect loop", "redirect"),
+            ("/status/404", "not found", "http 404"),
+            ("/status/403", "forbidden", "http 403"),
+            ("/status/500", "server error", "http 500"),
+            ("/loop", "a redirect loop", "too many redirects"),
             ("/drip", "one byte per second", "timed out"),
             ("/truncated", "a body shorter than its Content-Length", "truncated body"),
-            ("/html", "a page, not an image", "failed_to_resize"),
-            ("/huge-header.png", "a PNG header claiming 20000x20000", "image area too large"),
-            ("/empty", "a zero-byte body", "failed_to_resize"),
+            ("/html", "a page, not an image", "refused: image size not in its header"),
+            ("/huge-header.png", "a PNG header claiming 20000x20000", "too large: max_image_area"),
+            ("/empty", "a zero-byte body", "refused: image size not in its header"),
+            ("/huge-length.png", "a Content-Length of 10 GiB", "too large: max_bytes"),
+            ("/endless.png", "a small PNG header, then zeros for ever (/dev/zero)", "too large: max_bytes"),
+            ("/noai.png", "X-Robots-Tag: noai", "opted out: noai"),
+            ("/noimageai-for-us.png", "X-Robots-Tag: dalle2-test: noimageai", "opted out: noimageai"),
+            ("/noai-for-others.png", "X-Robots-Tag: otherbot: noai (not us)", None),
+            ("/status-text/1", "a 500 whose status text changes every time", "http 500"),
+            ("/status-text/2", "and again", "http 500"),
+            ("/status-text/3", "and again", "http 500"),
+            ("/redirect/ok", "a redirect to a good image", None),
+            ("/redirect/metadata", "a redirect to the metadata service", "refused: link-local or metadata address"),
+            ("/redirect/file", "a redirect to file:///etc/hostname", "refused: scheme file"),
+            ("/ok/1.png?X-Amz-Signature=s3cr3t&X-Amz-Date=1&sig=s3cr3t", "a signed URL", None),
+            ("file:///etc/hostname", "a local file", "refused: scheme file"),
+            ("file:///dev/zero", "an endless local file", "refused: scheme file"),
+            ("ftp://127.0.0.1/a.png", "ftp", "refused: scheme ftp"),
+            ("data:image/png;base64,iVBORw0KGgo=", "a data: URL", "refused: scheme data"),
+            (self.METADATA, "the cloud metadata service", "refused: link-local or metadata address"),
+            ("http://[fd00:ec2::254]/latest/meta-data/", "AWS metadata over IPv6", "refused: link-local or metadata address"),
+            ("http://100.100.100.200/latest/meta-data/", "Alibaba's metadata service", "refused: link-local or metadata address"),
         ]
+        self.status_texts = itertools.count()
+        self.requests: list[str] = []  # every path asked for, in order
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +89,7 @@ class WorstWeb:
 
     def respond(self, handler: BaseHTTPRequestHandler) -> None:
         path = handler.path
+        self.requests.append(path)
 
         def send(status: int, body: bytes, length: int | None = None, headers: dict | None = None) -> None:
             handler.send_response(status)
@@ -95,10 +120,10 @@ class WorstWeb:
             handler.close_connection = True
         elif path == "/html":
             send(200, b"<html><body>a page</body></html>", headers={"Content-Type": "text/html"})
-        elif path == "/huge-header.png":  # the header, then a body that never ends within the deadline
+        elif path == "/huge-header.png":  # the header, then a body with no length that never ends in time
             header = png_header_claiming(20000, 20000)
             handler.send_response(200)
-            handler.send_header("Content-Length", str(20000 * 20000 * 3))
+            handler.send_header("Connection", "close")
             handler.end_headers()
             handler.wfile.write(header)
             handler.wfile.flush()
@@ -109,11 +134,49 @@ class WorstWeb:
             handler.close_connection = True
         elif path == "/empty":
             send(200, b"", headers={"Content-Type": "image/png"})
+        elif path == "/huge-length.png":  # a length far past max_bytes, then the body as fast as it goes
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(10 << 30))
+            handler.end_headers()
+            self.stream_zeros(handler, png_header_claiming(40, 40))
+        elif path == "/endless.png":  # no length: zeros until the client hangs up
+            handler.send_response(200)
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            self.stream_zeros(handler, png_header_claiming(40, 40))
+        elif path == "/noai.png":
+            send(200, self.good, headers={"X-Robots-Tag": "noarchive, NoAI"})
+        elif path == "/noimageai-for-us.png":
+            send(200, self.good, headers={"X-Robots-Tag": "dalle2-test: noimageai"})
+        elif path == "/noai-for-others.png":
+            send(200, self.good, headers={"X-Robots-Tag": "otherbot: noai"})
+        elif path.startswith("/status-text/"):  # a new status text every time, with maths a plot would parse
+            handler.send_response(500, f"Broken #{next(self.status_texts)} $\\frac{{1}}{{0}}$")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        elif path.startswith("/redirect/"):
+            target = {"ok": "/ok/1.png", "metadata": self.METADATA, "file": "file:///etc/hostname"}[path.rsplit("/", 1)[1]]
+            send(302, b"", headers={"Location": target})
         else:
             send(404, b"no")
 
+    @staticmethod
+    def stream_zeros(handler: BaseHTTPRequestHandler, head: bytes) -> None:
+        """`head`, then zeros as fast as the client reads, until it hangs up (or 1 GiB: a broken client)."""
+        handler.wfile.write(head)
+        block = bytes(1 << 16)
+        try:
+            for _ in range(1 << 14):
+                handler.wfile.write(block)
+        except OSError:
+            pass
+        handler.close_connection = True
+
+    def url_of(self, path: str) -> str:
+        return self.url + path if path.startswith("/") else path
+
     def rows(self) -> list[dict]:
-        return [{"url": self.url + path, "caption": caption} for path, caption, _ in self.cases]
+        return [{"url": self.url_of(path), "caption": caption} for path, caption, _ in self.cases]
 
     def __enter__(self) -> "WorstWeb":
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
