@@ -76,3 +76,32 @@ def test_download_accounts_for_every_row(tmp_path, image_server, ray_local):
 
     again = run_download(config(url_list), root)  # everything done: nothing is redone or duplicated
     assert again["written"] == 60 and again["rows_in"] == 65
+
+
+def test_a_malformed_line_is_named_or_skipped_and_counted(tmp_path, image_server):
+    from jobs.status import run_status
+
+    rows = image_server.rows(with_failures=False)[:6]
+    lines = ["URL,TEXT,source"] + [f"{r['url']},{r['caption']},test" for r in rows]
+    lines.insert(4, f"{rows[0]['url']},an unquoted, comma,test")  # line 5 of the file
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"urls.csv: line 5 is malformed \(Expected 3 columns, got 4\).*"
+                                         r"download.skip_malformed_rows"):
+        split_url_list(config(str(url_list)), RunLayout(str(tmp_path / "refused")))
+
+    root = str(tmp_path / "run")
+    summary = run_download(config(str(url_list), skip_malformed_rows=True, distributor="local"), root)
+    assert summary["input_rows_skipped"] == {"malformed row: wrong number of columns": 1}
+    assert summary["input_rows"] == 7 and summary["rows_in"] == summary["written"] == 6
+    assert run_status(root)["problems"] == []
+
+
+def test_status_finds_skipped_rows_that_do_not_add_up(tmp_path):
+    from jobs.status import reconcile
+
+    download = {"shards": 1, "rows_in": 6, "written": 6, "failed": 0, "failed_shards": {}, "input_rows": 8,
+                "input_rows_skipped": {"malformed row: wrong number of columns": 1}}
+    assert reconcile({"download": download}) == ["download: 8 input rows but 6 rows recorded and 1 skipped as malformed"]
+    download["input_rows"] = 7
+    assert reconcile({"download": download}) == []

@@ -32,6 +32,9 @@ class WorstWeb:
     def __init__(self):
         good = encode(Image.new("RGB", (40, 40), (200, 30, 30)))
         self.good = good
+        # a JPEG whose frame size comes after 1.1 MB of APP2 segments (served, not in `cases`)
+        jpeg = encode(Image.new("RGB", (40, 40), (30, 30, 200)), "JPEG")
+        self.late_size = jpeg[:2] + (b"\xff\xe2" + struct.pack(">H", 65535) + bytes(65533)) * 17 + jpeg[2:]
         self.cases = [
             ("/ok/1.png", "a plain good image", None),
             ("/ok/2.png", "", None),  # an empty caption is still a row
@@ -69,6 +72,7 @@ class WorstWeb:
         ]
         self.status_texts = itertools.count()
         self.requests: list[str] = []  # every path asked for, in order
+        self.headers: list[dict] = []  # and the request headers of each
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +94,7 @@ class WorstWeb:
     def respond(self, handler: BaseHTTPRequestHandler) -> None:
         path = handler.path
         self.requests.append(path)
+        self.headers.append(dict(handler.headers))
 
         def send(status: int, body: bytes, length: int | None = None, headers: dict | None = None) -> None:
             handler.send_response(status)
@@ -144,6 +149,8 @@ class WorstWeb:
             handler.send_header("Connection", "close")
             handler.end_headers()
             self.stream_zeros(handler, png_header_claiming(40, 40))
+        elif path == "/late-size.jpg":
+            send(200, self.late_size, headers={"Content-Type": "image/jpeg"})
         elif path == "/noai.png":
             send(200, self.good, headers={"X-Robots-Tag": "noarchive, NoAI"})
         elif path == "/noimageai-for-us.png":

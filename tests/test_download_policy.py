@@ -1,0 +1,190 @@
+"""The download policy piece by piece, against the worst-web server on 127.0.0.1: addresses checked once
+and connected to as checked, limits on bytes and pixels, opt-outs, the User-Agent, redacted URLs, and the
+places a server's or a list's bytes reach (report legends, config.yaml, URL-list errors)."""
+
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import pandas as pd
+import pytest
+
+from pipeline import fetch as fetch_module
+from pipeline.config import DownloadConfig
+from pipeline.fetch import FetchPolicy, Refused, fetch
+from pipeline.policy import REFUSED_METADATA, REFUSED_PRIVATE, address_refusal, opt_out, redact_url, user_agent
+from tests.worst_web import WorstWeb
+
+
+@pytest.fixture(scope="module")
+def web():
+    with WorstWeb() as server:
+        yield server
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every lookup and connection the fetch makes: {"resolved": [host], "connected": [address]}."""
+    seen = {"resolved": [], "connected": []}
+    real_resolve, real_connect = fetch_module._resolve, fetch_module._connect
+    monkeypatch.setattr(fetch_module, "_resolve", lambda host, *a, **k: seen["resolved"].append(host) or real_resolve(host, *a, **k))
+    monkeypatch.setattr(fetch_module, "_connect", lambda address, *a, **k: seen["connected"].append(address[0]) or real_connect(address, *a, **k))
+    return seen
+
+
+def resolving(monkeypatch, answers: list[str]):
+    """Make the resolver answer each lookup with the next address of `answers` (the last one for ever after)."""
+    calls = []
+
+    def resolve(host, port, *args, **kwargs):
+        calls.append(host)
+        address = answers[min(len(calls), len(answers)) - 1]
+        return [(2, 1, 6, "", (address, port))]
+
+    monkeypatch.setattr(fetch_module, "_resolve", resolve)
+    return calls
+
+
+ALWAYS = ["169.254.169.254", "169.254.0.1", "fe80::1", "fd00:ec2::254", "100.100.100.200", "::ffff:169.254.169.254",
+          "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1"]
+PRIVATE = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "::1", "0.0.0.0", "::", "224.0.0.1", "240.0.0.1",
+           "100.64.0.1", "fc00::1", "::ffff:127.0.0.1"]
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_addresses_link_local_and_metadata_always_refused_private_unless_allowed(allow):
+    assert {a: address_refusal(a, allow) for a in ALWAYS} == {a: REFUSED_METADATA for a in ALWAYS}
+    assert {a: address_refusal(a, allow) for a in PRIVATE} == {a: None if allow else REFUSED_PRIVATE for a in PRIVATE}
+    assert address_refusal("93.184.216.34", allow) is None and address_refusal("2606:4700::1", allow) is None
+
+
+def test_a_name_resolving_to_loopback_is_refused_before_any_connection(web, counted):
+    port = web.url.rsplit(":", 1)[1]
+    with pytest.raises(Refused, match=r"^refused: private address \(set download.allow_private_network\)$"):
+        fetch(f"http://localhost:{port}/ok/1.png", FetchPolicy(timeout=3))
+    assert counted["resolved"] == ["localhost"] and counted["connected"] == []
+
+
+def test_a_name_resolving_to_the_metadata_service_is_refused_even_when_private_is_allowed(monkeypatch, counted):
+    resolving(monkeypatch, ["169.254.169.254"])
+    with pytest.raises(Refused, match="^refused: link-local or metadata address$"):
+        fetch("http://metadata.google.internal/computeMetadata/v1/", FetchPolicy(timeout=3, allow_private_network=True))
+    assert counted["connected"] == []
+
+
+def test_the_connection_goes_to_the_address_checked_not_to_a_second_lookup(web, monkeypatch, counted):
+    # a rebinding DNS: 127.0.0.1 (allowed here) when checked, the metadata service on any later lookup
+    port = int(web.url.rsplit(":", 1)[1])
+    calls = resolving(monkeypatch, ["127.0.0.1", "169.254.169.254"])
+    body = fetch(f"http://rebind.test:{port}/ok/1.png", FetchPolicy(timeout=3, allow_private_network=True))
+    assert body == web.good and calls == ["rebind.test"] and counted["connected"] == ["127.0.0.1"]
+    assert web.headers[-1]["Host"] == f"rebind.test:{port}"  # the Host header keeps the name
+    # each redirect hop is looked up and checked again: the hop's lookup answers the metadata service
+    calls = resolving(monkeypatch, ["127.0.0.1", "169.254.169.254"])
+    with pytest.raises(Refused, match="^refused: link-local or metadata address$"):
+        fetch(f"http://rebind.test:{port}/redirect/ok", FetchPolicy(timeout=3, allow_private_network=True))
+    assert calls == ["rebind.test", "rebind.test"] and counted["connected"] == ["127.0.0.1", "127.0.0.1"]
+    assert web.requests[-1] == "/redirect/ok"  # the refused hop (/ok/1.png) was never asked for
+
+
+def test_an_endless_body_stops_at_max_bytes_in_bounded_memory(web):
+    policy = FetchPolicy(timeout=20, allow_private_network=True, max_bytes=4 << 20)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Refused, match="^too large: max_bytes$"):
+            fetch(web.url + "/endless.png", policy)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * policy.max_bytes, peak  # the body is cut at max_bytes, not read until the deadline
+    assert time.monotonic() - started < policy.timeout
+
+
+def test_a_content_length_past_max_bytes_is_refused_before_the_body(web):
+    tracemalloc.start()
+    try:
+        with pytest.raises(Refused, match="^too large: max_bytes$"):
+            fetch(web.url + "/huge-length.png", FetchPolicy(timeout=20, allow_private_network=True, max_bytes=4 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # not one chunk of the 10 GiB was buffered
+
+
+def test_opt_outs_follow_img2dataset_and_the_user_agent_names_the_project(web):
+    defaults = DownloadConfig().disallowed_header_directives
+    assert opt_out(["noarchive, NoAI"], None, defaults) == "noai"
+    assert opt_out(["otherbot: noai"], None, defaults) is None and opt_out(["mybot: noindex"], "MyBot", defaults) == "noindex"
+    assert opt_out(["noai"], None, []) is None
+    policy = FetchPolicy(timeout=3, allow_private_network=True, user_agent_token="mybot")
+    with pytest.raises(Refused, match="^opted out: noai$"):
+        fetch(web.url + "/noai.png", policy)
+    agent = web.headers[-1]["User-Agent"]
+    assert agent == user_agent("mybot") and agent.startswith("dalle2-ray/") and "#readme" in agent and "mybot" in agent
+    honour_none = FetchPolicy(timeout=3, allow_private_network=True, disallowed_header_directives=())
+    assert fetch(web.url + "/noai.png", honour_none) == web.good
+
+
+def test_redact_url_removes_credentials_and_signatures_only():
+    assert redact_url("https://user:pa55@cdn.example/a.png?X-Amz-Signature=abc&X-Amz-Date=2&w=3") == \
+        "https://REDACTED@cdn.example/a.png?X-Amz-Signature=REDACTED&X-Amz-Date=2&w=3"
+    assert redact_url("https://x.blob.core.windows.net/c/a.jpg?sv=1&sig=s3cr3t%2B") == \
+        "https://x.blob.core.windows.net/c/a.jpg?sv=1&sig=REDACTED"
+    assert redact_url("https://api.example/i?token=t&Signature=s&key=k") == "https://api.example/i?token=REDACTED&Signature=REDACTED&key=REDACTED"
+    plain = "https://example.com/img/1.png?width=64"
+    assert redact_url(plain) == plain
+
+
+def test_config_yaml_keeps_a_signed_url_list_redacted(tmp_path):
+    from jobs.run_config import CONFIG_NAME, RunConfig, save_run_config
+
+    signed = "https://bucket.s3.amazonaws.com/list.parquet?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef"
+    config = RunConfig(root=str(tmp_path / "run"), download={"url_list": signed})
+    save_run_config(config)
+    text = (tmp_path / "run" / CONFIG_NAME).read_text()
+    assert "deadbeef" not in text and "AKIA" not in text and "X-Amz-Signature=REDACTED" in text
+    assert config.download.url_list == signed  # the run itself still reads the real list
+
+
+def test_a_maths_reason_does_not_break_the_report_plot():
+    from jobs.plots import download_outcomes
+
+    reasons = {r"failed_to_download: $\frac{1}{0}$": 2, "_hidden": 1, "a $ b": 1}
+    png = download_outcomes({"00000": {"written": 3, "failed": reasons}})
+    assert png.startswith(b"\x89PNG")
+
+
+def test_opencv_and_pil_pixel_limits_come_from_max_image_area(tmp_path):
+    # OpenCV reads its limit once, at import: a fresh process, as a Ray worker is
+    image = tmp_path / "big.png"
+    from PIL import Image
+
+    Image.new("RGB", (1500, 1000)).save(image)
+    code = f"""
+import io, os
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+from pipeline.download import decoder_pixel_limits
+decoder_pixel_limits(1e6)
+from PIL import Image
+from img2dataset.resizer import Resizer
+from pipeline.policy import resize_reason
+assert Image.MAX_IMAGE_PIXELS == 1000000
+out = Resizer(image_size=32, resize_mode="center_crop", resize_only_if_bigger=False, max_image_area=float("inf"))(
+    io.BytesIO(open({str(image)!r}, "rb").read()))
+print(resize_reason(out[-1]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "too large: max_image_area"
+
+
+def test_an_image_whose_size_is_not_in_its_first_mib_is_refused(web, monkeypatch):
+    policy = FetchPolicy(timeout=5, allow_private_network=True)
+    with pytest.raises(Refused, match="^refused: image size not in its header$"):  # OpenCV would decode it whole
+        fetch(web.url + "/late-size.jpg", policy)
+    monkeypatch.setattr(fetch_module, "HEADER_PROBE_LIMIT", 4 << 20)  # the same image, its size within the probe
+    assert fetch(web.url + "/late-size.jpg", policy) == web.late_size
