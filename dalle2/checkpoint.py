@@ -3,13 +3,21 @@
 Layout of a checkpoint folder:
     model.safetensors      trained weights
     ema.safetensors        EMA weights (trainers only)
-    state.pt               step, optimizer/scaler/scheduler states, config, package version (written last:
-                           its presence marks the checkpoint complete)
+    state.pt               step, optimizer/scaler/scheduler states, config, package version
+    COMPLETE               written last: the step and every file's size and sha256 (JSON)
+
+A folder without COMPLETE, or whose files do not match it, is never loaded (a save cut short by a crash leaves
+files that look whole: `state.pt` written in place could be half there). Local files are written under a
+temporary name, fsynced and renamed (`pipeline.storage.write_atomic`), so a name is whole or absent.
+Checkpoints saved before markers existed are refused by name; `python -m dalle2.checkpoint DIR` marks one
+you trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 from typing import Any, Optional, Sequence
 
@@ -26,6 +34,12 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
+COMPLETE_FILE = "COMPLETE"
+MAX_MARKER_BYTES = 1 << 20  # a marker lists a few files: anything bigger is not one of ours
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint folder without its COMPLETE marker, or whose files do not match it."""
 
 
 class ConfigMismatchError(ValueError):
@@ -51,7 +65,12 @@ def trainable_state(module: nn.Module, prefixes: Optional[Sequence[str]] = None)
 
 
 def write_bytes(url: str, data: bytes, storage_options: Optional[dict] = None) -> None:
-    """Write a whole file through fsspec."""
+    """Write a whole file: local ones under a temporary name, fsynced, then renamed; others in one PUT."""
+    if "://" not in url or url.startswith("file://"):
+        from pipeline.storage import write_atomic  # the project's one durable local write
+
+        write_atomic(url, data)
+        return
     with fsspec.open(url, "wb", **(storage_options or {})) as f:
         f.write(data)
 
@@ -68,6 +87,80 @@ def exists(url: str, storage_options: Optional[dict] = None) -> bool:
     return fs.exists(path)
 
 
+def marker_bytes(files: dict[str, bytes], step: Optional[int]) -> bytes:
+    """The COMPLETE marker of a checkpoint made of `files` (name -> bytes)."""
+    listed = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    return json.dumps({"step": step, "version": package_version(), "files": listed}, indent=1, sort_keys=True).encode()
+
+
+def read_marker(root: str, storage_options: Optional[dict] = None) -> Optional[dict]:
+    """The COMPLETE marker of the folder `root`, or None when it has none (raises naming a marker that is not ours)."""
+    url = _join(root, COMPLETE_FILE)
+    if not exists(url, storage_options):
+        return None
+    data = read_bytes(url, storage_options)
+    try:
+        marker = json.loads(data) if len(data) <= MAX_MARKER_BYTES else None
+        files = marker["files"]
+        if not all(isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+            raise ValueError("files without bytes and sha256")
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise IncompleteCheckpointError(f"checkpoint {root}: {COMPLETE_FILE} is not a checkpoint marker ({error})") from error
+    return marker
+
+
+def incomplete_reason(root: str, storage_options: Optional[dict] = None) -> Optional[str]:
+    """Why the folder `root` is not a complete checkpoint (None when it is): no marker, or a listed file missing or
+    of another size (one listing; the sha256 of each file is checked when it is read)."""
+    if not exists(root, storage_options):
+        return "the folder does not exist"
+    try:
+        marker = read_marker(root, storage_options)
+    except IncompleteCheckpointError as error:
+        return str(error)
+    if marker is None:
+        return (f"its {COMPLETE_FILE} marker is missing (the save was cut short, or it was saved before markers "
+                f"existed: `python -m dalle2.checkpoint {root}` marks one you trust)")
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs.invalidate_cache()
+    sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") for entry in fs.ls(path, detail=True)}
+    for name, listed in sorted(marker["files"].items()):
+        if sizes.get(name) != listed["bytes"]:
+            found = "missing" if name not in sizes else f"{sizes[name]} bytes"
+            return f"{name} is {found}, its {COMPLETE_FILE} marker says {listed['bytes']} bytes"
+    return None
+
+
+def require_complete(root: str, storage_options: Optional[dict] = None) -> dict:
+    """The marker of a complete checkpoint at `root`; raises IncompleteCheckpointError naming the folder otherwise."""
+    reason = incomplete_reason(root, storage_options)
+    if reason:
+        raise IncompleteCheckpointError(f"checkpoint {root} is incomplete: {reason}")
+    return read_marker(root, storage_options)
+
+
+def _read_checked(root: str, name: str, marker: dict, storage_options: Optional[dict]) -> bytes:
+    """A file of a complete checkpoint, its sha256 checked against the marker."""
+    listed = marker["files"].get(name)
+    if listed is None:
+        raise IncompleteCheckpointError(f"checkpoint {root}: {name} is not in its {COMPLETE_FILE} marker")
+    data = read_bytes(_join(root, name), storage_options)
+    if hashlib.sha256(data).hexdigest() != listed["sha256"]:
+        raise IncompleteCheckpointError(f"checkpoint {root}: {name} does not match the sha256 in its {COMPLETE_FILE} marker")
+    return data
+
+
+def mark_complete(root: str, storage_options: Optional[dict] = None) -> None:
+    """Write the COMPLETE marker of an existing folder (a checkpoint saved before markers, that you trust)."""
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    files = {n: read_bytes(_join(root, n), storage_options) for n in (MODEL_FILE, EMA_FILE, STATE_FILE) if n in names}
+    if STATE_FILE not in files or MODEL_FILE not in files:
+        raise FileNotFoundError(f"{root} has no {MODEL_FILE} and {STATE_FILE}: not a checkpoint")
+    step = torch.load(io.BytesIO(files[STATE_FILE]), map_location="cpu", weights_only=True).get("steps")
+    write_bytes(_join(root, COMPLETE_FILE), marker_bytes(files, sum(step) if step else None), storage_options)
+
+
 def save_checkpoint(
     root: str,
     weights: dict[str, torch.Tensor],
@@ -76,29 +169,39 @@ def save_checkpoint(
     state: Optional[dict[str, Any]] = None,
     storage_options: Optional[dict] = None,
 ) -> None:
-    """Save weights (a state dict, see `trainable_state`) and state to the folder `root` (local or remote)."""
+    """Save weights (a state dict, see `trainable_state`) and state to the folder `root` (local or remote); the
+    COMPLETE marker goes last, after every file is whole (a marker from an earlier save there goes first)."""
+    from pipeline.faults import crash_point
+
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     fs.makedirs(path, exist_ok=True)
-    write_bytes(_join(root, MODEL_FILE), save_safetensors(weights), storage_options)
+    if fs.exists(_join(path, COMPLETE_FILE)):
+        fs.rm(_join(path, COMPLETE_FILE))  # overwriting a checkpoint: it is incomplete until the new marker
+    files = {MODEL_FILE: save_safetensors(weights)}
     if ema is not None:
-        write_bytes(_join(root, EMA_FILE), save_safetensors({k: v.contiguous() for k, v in ema.items()}), storage_options)
+        files[EMA_FILE] = save_safetensors({k: v.contiguous() for k, v in ema.items()})
     buffer = io.BytesIO()
     torch.save({**(state or {}), "config": config, "version": package_version()}, buffer)
-    write_bytes(_join(root, STATE_FILE), buffer.getvalue(), storage_options)
+    files[STATE_FILE] = buffer.getvalue()
+    for name, data in files.items():
+        write_bytes(_join(root, name), data, storage_options)
+    crash_point("checkpoint.before_marker")  # every file whole, no marker: never taken as a checkpoint
+    steps = (state or {}).get("steps")
+    write_bytes(_join(root, COMPLETE_FILE), marker_bytes(files, sum(steps) if steps else None), storage_options)
     log.info("saved checkpoint to %s", root)
 
 
 def load_state(root: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
-    """The non-weight part of a checkpoint, unpickled with `weights_only=True`."""
-    url = _join(root, STATE_FILE)
-    if not exists(url, storage_options):
-        raise FileNotFoundError(f"no complete checkpoint at {root} ({STATE_FILE} is missing)")
-    return torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
+    """The non-weight part of a complete checkpoint, unpickled with `weights_only=True`."""
+    marker = require_complete(root, storage_options)
+    data = _read_checked(root, STATE_FILE, marker, storage_options)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_weights(root: str, name: str = MODEL_FILE, storage_options: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """A safetensors file of the checkpoint as a state dict."""
-    return load_safetensors(read_bytes(_join(root, name), storage_options))
+    """A safetensors file of a complete checkpoint as a state dict."""
+    marker = require_complete(root, storage_options)
+    return load_safetensors(_read_checked(root, name, marker, storage_options))
 
 
 def check_config(saved: dict, current: dict, root: str) -> None:
@@ -126,3 +229,14 @@ def load_checkpoint(
     if missing or unexpected:
         raise ConfigMismatchError(f"checkpoint {root} does not fit the model: missing {missing}, unexpected {unexpected}")
     return state
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m dalle2.checkpoint CHECKPOINT_DIR   (writes its COMPLETE marker: a checkpoint "
+                 "saved before markers existed, that you trust)")
+    mark_complete(sys.argv[1])
+    log.info("marked %s complete", sys.argv[1])

@@ -11,6 +11,34 @@ from .train_common import latest_checkpoint
 log = logging.getLogger(__name__)
 
 
+def with_scheme(root: str, path: str) -> str:
+    """A path Ray gives (without its scheme: `bucket/run/...`) as a URL on the run root's filesystem."""
+    return path if "://" in path or "://" not in root else f"{root.split('://')[0]}://{path}"
+
+
+def upload_checkpoint(root: str, local, name: str):
+    """Ray Train's upload of rank 0's local checkpoint `local` to `name` in the job's folder (a
+    `checkpoint_upload_fn`): each file written whole (local: temporary name, fsync, rename; object stores: one
+    PUT), the COMPLETE marker last, so a folder Ray may list is never taken as a checkpoint before every file of
+    it is there (Ray's own copy runs in threads, in any order, and never fsyncs)."""
+    import os
+
+    import ray.train
+
+    from dalle2.checkpoint import COMPLETE_FILE, write_bytes
+    from pipeline.faults import crash_point
+
+    storage = ray.train.get_context().get_storage()
+    path = storage.build_checkpoint_path_from_name(name)
+    names = sorted(os.listdir(local.path))  # save() wrote plain files there
+    for file in [n for n in names if n != COMPLETE_FILE] + [n for n in names if n == COMPLETE_FILE]:
+        if file == COMPLETE_FILE:
+            crash_point("train.before_marker")  # every file persisted, no marker: never resumed from
+        with open(os.path.join(local.path, file), "rb") as f:
+            write_bytes(f"{with_scheme(root, path)}/{file}", f.read())
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
+
+
 def run_clip(run: RunConfig):
     """The run's CLIP: the one train_clip produced, else embed.clip (a checkpoint, or an open_clip name)."""
     from dalle2.clip import load_clip

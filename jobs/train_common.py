@@ -154,16 +154,31 @@ def follow_progress(path: str, job_name: str, total: Optional[int]):
         bar.close()
 
 
-def latest_checkpoint(root: str, job_name: str) -> Optional[str]:
-    """The newest checkpoint folder a job reported, from its summary or by listing its run folder."""
+def latest_checkpoint(root: str, job_name: str, skip: tuple[str, ...] = ()) -> Optional[str]:
+    """The newest complete checkpoint folder of a job (its COMPLETE marker there and its files matching it), from
+    its summary or by listing its run folder; incomplete ones (a crash mid-save) and those in `skip` are passed
+    over with a warning naming them."""
+    from dalle2.checkpoint import incomplete_reason
     from pipeline.storage import exists, list_files, read_json
 
+    from .checkpoints import with_scheme
+
     summary = f"{storage_path(root)}/{job_name}_summary.json"
+    candidates = []
     if exists(summary) and read_json(summary).get("checkpoint"):
-        path = read_json(summary)["checkpoint"]
-        return path if "://" in path or "://" not in root else f"{root.split('://')[0]}://{path}"
+        candidates.append(with_scheme(root, read_json(summary)["checkpoint"]))
     folders = [p for p in list_files(f"{storage_path(root)}/{job_name}") if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")]
-    return sorted(folders)[-1] if folders else None
+    candidates += sorted((with_scheme(root, p) for p in folders), reverse=True)  # Ray names them by time: newest first
+    passed = {s.rstrip("/") for s in skip}
+    for candidate in candidates:
+        if candidate.rstrip("/") in passed:
+            continue
+        passed.add(candidate.rstrip("/"))
+        reason = incomplete_reason(candidate)
+        if reason is None:
+            return candidate
+        log.warning("%s: checkpoint %s is passed over: %s", job_name, candidate, reason)
+    return None
 
 
 def training_jobs(root: str) -> list[str]:
@@ -200,15 +215,32 @@ class Worker:
             self.writer = SummaryWriter(os.path.join(storage_path(root), job_name, "tensorboard"))
 
     def resume(self, load: Callable[[str], dict]) -> dict:
-        """Load the latest checkpoint if Ray has one (a re-run or a restart after a failure)."""
+        """Load the checkpoint Ray hands back (a re-run or a restart after a failure); when Ray has none (a worker
+        killed before Ray registered it) or it is incomplete (no COMPLETE marker, or files that do not match it),
+        the newest complete one on disk instead, else start from scratch."""
         import ray.train
 
+        from dalle2.checkpoint import IncompleteCheckpointError
+
+        from .checkpoints import with_scheme
+
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            try:
+                with checkpoint.as_directory() as folder:
+                    extra = load(folder)
+                log.info("rank %d resumed from %s at %s", self.rank, checkpoint.path, extra)
+                return extra
+            except IncompleteCheckpointError as error:
+                log.warning("rank %d: %s", self.rank, error)
+        skip = (with_scheme(self.root, checkpoint.path),) if checkpoint is not None else ()
+        previous = latest_checkpoint(self.root, self.job_name, skip=skip)
+        if previous is None:
+            if checkpoint is not None:
+                log.warning("rank %d: no complete checkpoint to resume from: starting from scratch", self.rank)
             return {}
-        with checkpoint.as_directory() as folder:
-            extra = load(folder)
-        log.info("rank %d resumed from %s at %s", self.rank, checkpoint.path, extra)
+        extra = load(previous)
+        log.info("rank %d resumed from %s (the newest complete checkpoint on disk) at %s", self.rank, previous, extra)
         return extra
 
     def gathered(self, part: Any) -> list:
@@ -245,7 +277,11 @@ class Worker:
 
                 crash_point("train.mid_checkpoint")  # written locally, not yet persisted by Ray
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            from .checkpoints import upload_checkpoint
+
+            # our upload, not Ray's copy: each file whole, the COMPLETE marker last
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_upload_fn=lambda local, name: upload_checkpoint(self.root, local, name))
 
 
 def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Callable[[dict], float],

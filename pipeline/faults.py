@@ -17,6 +17,8 @@ Unarmed (the normal case) a crash point costs one dictionary lookup. The points,
     storage.mid_write         half of a file written, before it is complete (every atomic write)
     train.mid_step            after an optimizer step, before it is reported
     train.mid_checkpoint      a checkpoint written to its local folder, before Ray persists it
+    train.before_marker       a checkpoint persisted by Ray (and maybe registered), before its COMPLETE marker
+    checkpoint.before_marker  every file of a save_checkpoint written, before its COMPLETE marker
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ ENV_STATE = "DALLE2_CRASH_STATE"
 POINTS = (
     "download.mid_shard", "download.after_outputs", "embed.between_files", "embed.after_outputs", "embed.after_submit",
     "reorder.mid_split", "reorder.after_split", "reorder.after_outputs", "storage.mid_write",
-    "train.mid_step", "train.mid_checkpoint",
+    "train.mid_step", "train.mid_checkpoint", "train.before_marker", "checkpoint.before_marker",
 )
 
 

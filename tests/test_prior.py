@@ -223,6 +223,9 @@ def test_resuming_uses_the_configs_lr_and_restores_ema_from_the_weights_without_
     assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(4e-4 * 5 / 10)
 
     os.remove(tmp_path / "ckpt" / EMA_FILE)
+    from dalle2.checkpoint import mark_complete
+
+    mark_complete(str(tmp_path / "ckpt"))  # a checkpoint saved without EMA weights: its marker lists none
     no_ema = PriorTrainer(small_prior(), lr=1e-3)
     no_ema.load(str(tmp_path / "ckpt"))
     live = no_ema.model.net.state_dict()

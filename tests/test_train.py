@@ -1,5 +1,6 @@
 """Training jobs on Ray Train with 2 CPU workers: checkpoints, resume, a killed worker, s3 storage."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dalle2.checkpoint import COMPLETE_FILE, STATE_FILE, incomplete_reason
 from jobs import train_prior
 from jobs.train_common import latest_checkpoint, read_history, storage_path
 from tests.runs import make_training_run
@@ -46,6 +48,8 @@ def test_train_prior_checkpoints_and_resumes(training_root, tmp_path, ray_local)
     checkpoints = sorted(p for p in os.listdir(os.path.join(storage_path(root), "prior")) if p.startswith("checkpoint_") and not p.endswith(".json"))
     assert len(checkpoints) == 2  # keeps the last K
     assert latest_checkpoint(root, "prior").endswith(checkpoints[-1])
+    for name in checkpoints:  # Ray persisted each through our upload: the COMPLETE marker last, matching the files
+        assert incomplete_reason(os.path.join(storage_path(root), "prior", name)) is None, name
 
     # a re-run with a higher step budget continues from step 30, not from zero
     more = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=40))])
@@ -57,6 +61,61 @@ def test_train_prior_checkpoints_and_resumes(training_root, tmp_path, ray_local)
     evaluations = [line["step"] for line in history if "image_similarity" in line]
     assert losses == [20, 30, 40] and evaluations == [10, 20, 30, 40]  # log_every 20 and the last step; eval_every 10
     assert all(np.isfinite(line["loss"]) for line in history if "loss" in line)
+
+
+def complete_checkpoints(root) -> dict[int, str]:
+    """{step: folder} of the prior's checkpoints that have their COMPLETE marker."""
+    folder = os.path.join(storage_path(root), "prior")
+    out = {}
+    for name in os.listdir(folder):
+        marker = os.path.join(folder, name, COMPLETE_FILE)
+        if name.startswith("checkpoint_") and os.path.exists(marker):
+            out[json.load(open(marker))["step"]] = os.path.join(folder, name)
+    return out
+
+
+@pytest.mark.slow
+def test_a_torn_latest_checkpoint_is_passed_over_and_training_resumes_from_the_one_before(training_root, tmp_path,
+                                                                                         ray_local):
+    import shutil
+
+    root = str(tmp_path / "run")
+    shutil.copytree(training_root, root)
+    short = dict(max_steps=6, checkpoint_every=3, eval_every=3)
+    assert train_prior.main(["--config", write_config(tmp_path, run_config(root, **short))])["step"] == 6
+    checkpoints = complete_checkpoints(root)
+    assert sorted(checkpoints) == [3, 6]
+    # a power loss after Ray registered step 6: its marker never reached the disk and state.pt is half there
+    os.remove(os.path.join(checkpoints[6], COMPLETE_FILE))
+    with open(os.path.join(checkpoints[6], STATE_FILE), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    assert latest_checkpoint(root, "prior") == checkpoints[3]
+    more = train_prior.main(["--config", write_config(tmp_path, run_config(root, **{**short, "max_steps": 9}))])
+    assert more["step"] == 9 and more["resumed_from_step"] == 3  # Ray offered step 6; the run took step 3
+
+
+@pytest.mark.slow
+def test_killed_between_a_checkpoints_files_and_its_marker_the_rerun_resumes_from_the_previous_one(training_root,
+                                                                                                  tmp_path):
+    import shutil
+
+    from tests.test_faults import dalle2
+
+    root = str(tmp_path / "run")
+    shutil.copytree(training_root, root)
+    config = run_config(root, max_steps=9, checkpoint_every=3, eval_every=3, keep_checkpoints=5, max_failures=0)
+    first = dalle2("train-prior", config, tmp_path, crash="train.before_marker@2")
+    assert first.returncode != 0  # the worker died persisting its step-6 checkpoint, before the marker
+    folder = os.path.join(storage_path(root), "prior")
+    torn = [n for n in os.listdir(folder) if n.startswith("checkpoint_") and os.path.isdir(f"{folder}/{n}")
+            and not os.path.exists(f"{folder}/{n}/{COMPLETE_FILE}")]
+    assert len(torn) == 1 and os.path.exists(f"{folder}/{torn[0]}/{STATE_FILE}"), os.listdir(folder)
+    assert latest_checkpoint(root, "prior") == complete_checkpoints(root)[3]
+    again = dalle2("train-prior", config, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.load(open(f"{storage_path(root)}/prior_summary.json"))
+    assert summary["step"] == 9 and summary["resumed_from_step"] == 3
+    assert sorted(complete_checkpoints(root)) == [3, 6, 9]
 
 
 def train_worker_pids():
