@@ -26,15 +26,21 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {path}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as error:  # found by tests/test_fuzz.py: "--set a=[1" raised yaml's own error
+        raise ConfigError(f"--set {path}: the value is not YAML: {error}") from None
 
 
 def load_config(model: type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
     """Load YAML (any fsspec URL) into `model`, apply overrides, validate; errors name the field."""
     data: dict = {}
     if path:
-        with fsspec.open(path, "r") as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with fsspec.open(path, "r") as f:
+                data = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:  # found by tests/test_fuzz.py
+            raise ConfigError(f"{path}: not a YAML file: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for assignment in overrides:
