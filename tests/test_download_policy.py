@@ -150,11 +150,13 @@ def test_config_yaml_keeps_a_signed_url_list_redacted(tmp_path):
 
 
 def test_a_maths_reason_does_not_break_the_report_plot():
-    from jobs.plots import download_outcomes
+    from jobs.plots import download_outcomes, legend_label
 
-    reasons = {r"failed_to_download: $\frac{1}{0}$": 2, "_hidden": 1, "a $ b": 1}
+    # reasons written before the vocabulary (or by a future bug): maths matplotlib cannot parse fails the figure
+    reasons = {r"failed_to_download: http 500 $\frac{1}{0$": 2, r"a $\nosuchcommand$ b": 1, "_hidden": 1}
     png = download_outcomes({"00000": {"written": 3, "failed": reasons}})
     assert png.startswith(b"\x89PNG")
+    assert legend_label(r"$\frac{1}{0}$") == r"\$\frac{1}{0}\$" and not legend_label("_hidden").startswith("_")
 
 
 def test_opencv_and_pil_pixel_limits_come_from_max_image_area(tmp_path):
