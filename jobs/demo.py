@@ -113,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             url_list = args.url_list
         else:
             planned = load_config(RunConfig, defaults, overrides)
+            claim_root(planned.root)  # before any work: the demo may delete its own stale inputs there
             rows = build_site(site, planned.demo.images, size=max(planned.download.image_size, 32),
                               withhold=tuple(planned.demo.withhold), mismatched=planned.demo.mismatched_captions)
             planted = [path for path, _, wrong in rows if wrong]
@@ -194,14 +195,41 @@ def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     return out
 
 
+DEMO_MARKER = "demo_run.json"  # written by the demo into a root it starts: what it may delete there is its own
+
+
+def claim_root(root: str) -> None:
+    """Mark `root` as the demo's run, or refuse naming it when it holds files and is not one: the demo deletes its
+    stale `inputs/` (forget_stale_inputs), which in someone else's folder would be their files."""
+    from pipeline.storage import exists, list_files, write_json
+
+    from .config_io import ConfigError
+
+    root = root.rstrip("/")
+    if exists(f"{root}/{DEMO_MARKER}"):
+        return
+    found = list_files(root)
+    if found:
+        raise ConfigError(f"root: {root} already holds files ({', '.join(f.rsplit('/', 1)[-1] for f in found[:5])}"
+                         f"{', ...' if len(found) > 5 else ''}) and is not a run the demo made (it has no {DEMO_MARKER}): "
+                         "the demo would write into it and delete its inputs/ folder. Give a new or empty folder.")
+    write_json(f"{root}/{DEMO_MARKER}", {"made_by": "dalle2 demo", "purpose": "marks a root whose inputs/ the demo "
+                                         "may delete and split again"})
+
+
 def forget_stale_inputs(config) -> None:
     """A demo interrupted mid-download split URLs of a server port that is gone: split again (same order,
-    same shard names); finished shards stay finished through their ledger records."""
+    same shard names); finished shards stay finished through their ledger records. Only in a root the demo made
+    (claim_root): never anyone else's inputs/."""
     from pipeline.layout import RunLayout
-    from pipeline.storage import remove
+    from pipeline.storage import exists, remove
 
+    from .config_io import ConfigError
     from .stages import STAGES
 
+    if not exists(f"{config.root.rstrip('/')}/{DEMO_MARKER}"):
+        raise ConfigError(f"root: {config.root} is not a run the demo made (no {DEMO_MARKER}): its inputs/ "
+                         "are left as they are")
     download = next(stage for stage in STAGES if stage.name == "download")
     if not download.complete(config):
         remove(RunLayout(config.root).inputs, recursive=True)

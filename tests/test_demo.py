@@ -14,6 +14,44 @@ import yaml
 from jobs.cli import main as dalle2
 from jobs.demo import prompt_match
 
+
+def test_the_demo_refuses_a_folder_it_did_not_make_before_any_work_and_deletes_nothing(tmp_path, capsys, monkeypatch):
+    from jobs import demo
+
+    root = tmp_path / "mine"
+    (root / "inputs").mkdir(parents=True)
+    (root / "inputs" / "thesis.txt").write_text("years of work")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started work in a folder it did not make")
+
+    monkeypatch.setattr(demo, "build_site", no_work)
+    assert dalle2(["demo", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"root: {root} already holds files (inputs) and is not a run the demo made (it has no demo_run.json)" in err
+    assert (root / "inputs" / "thesis.txt").read_text() == "years of work" and os.listdir(root) == ["inputs"]
+
+
+def test_only_a_root_the_demo_claimed_has_its_stale_inputs_forgotten(tmp_path):
+    from jobs.config_io import ConfigError
+    from jobs.demo import DEMO_MARKER, claim_root, forget_stale_inputs
+    from jobs.run_config import RunConfig
+
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    (theirs / "inputs").mkdir(parents=True)
+    (theirs / "inputs" / "00000.arrow").write_bytes(b"their file")
+    with pytest.raises(ConfigError, match=f"root: {theirs} is not a run the demo made"):
+        forget_stale_inputs(RunConfig(root=str(theirs)))
+    assert (theirs / "inputs" / "00000.arrow").read_bytes() == b"their file"
+
+    claim_root(str(ours))  # a new folder: the demo's from now on
+    assert (ours / DEMO_MARKER).exists()
+    (ours / "inputs").mkdir()
+    (ours / "inputs" / "00000.arrow").write_bytes(b"split for a server port that is gone")
+    claim_root(str(ours))  # a re-run of the demo there is welcome
+    forget_stale_inputs(RunConfig(root=str(ours)))
+    assert not (ours / "inputs").exists()
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the whole demo, about 8 minutes here
 def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_their_prompts(tmp_path, capsys):
