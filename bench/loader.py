@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def fresh_trainer() -> DecoderTrainer:
             torch.manual_seed(0)
-            unet = Unet(dim=32, dim_mults=(1, 2, 4), image_embed_dim=DIM, cond_dim=64)
+            unet = Unet(dim=32, dim_mults=(1, 2, 4), image_embed_dim=DIM, cond_dim=64, learned_variance=True)
             return DecoderTrainer(Decoder(unet=unet, image_sizes=64, timesteps=100))
 
         in_memory = list(loader.epoch(0))

@@ -71,7 +71,8 @@ def prior_sample_ddim64() -> dict:
 def decoder_training(unet_kwargs: dict, image_sizes: tuple, unet_number: int, batch: int) -> dict:
     from dalle2 import Decoder, DecoderTrainer, Unet
 
-    unets = [Unet(image_embed_dim=256, lowres_cond=i > 0, **kw) for i, kw in enumerate(unet_kwargs)]
+    # learned variance on unet 1 only, as a config-built decoder has it by default
+    unets = [Unet(image_embed_dim=256, lowres_cond=i > 0, learned_variance=i == 0, **kw) for i, kw in enumerate(unet_kwargs)]
     decoder = Decoder(unet=unets, image_sizes=image_sizes, timesteps=100)
     trainer = DecoderTrainer(decoder, unet_numbers=[unet_number])
     size = image_sizes[-1]
@@ -99,7 +100,7 @@ def decoder_train_unet2_64_to_128px() -> dict:
 def decoder_sample_64px_ddim50() -> dict:
     from dalle2 import Decoder, Unet
 
-    unet = Unet(image_embed_dim=256, **BASE_UNET)
+    unet = Unet(image_embed_dim=256, learned_variance=True, **BASE_UNET)
     decoder = Decoder(unet=unet, image_sizes=64, timesteps=100, sample_timesteps=50).eval()
     embeds = torch.randn(4, 256)
     seconds = timed(lambda: decoder.sample(image_embed=embeds, cond_scale=1.0), warmup=1, iters=2)

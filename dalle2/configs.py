@@ -174,9 +174,20 @@ class DecoderConfig(StrictModel):
         flags = self.learned_variance_flags()
         if len(flags) != len(self.unets):
             raise ValueError(f"learned_variance has {len(flags)} entries but there are {len(self.unets)} unets")
-        # the unets' output width follows the decoder's choice
-        self.unets = [u if u.learned_variance == f else u.model_copy(update={"learned_variance": f})
-                      for u, f in zip(self.unets, flags)]
+        # A unet's own setting wins; the decoder's fills in the unets that leave it unset. Both set and different
+        # is a conflict: which one the user meant cannot be guessed.
+        decoder_set, unets = "learned_variance" in self.model_fields_set, []
+        for i, (unet, flag) in enumerate(zip(self.unets, flags)):
+            if "learned_variance" not in unet.model_fields_set:
+                unet = unet.model_copy(update={"learned_variance": flag})
+            elif decoder_set and unet.learned_variance != flag:
+                raise ValueError(f"unets[{i}].learned_variance is {unet.learned_variance} but learned_variance="
+                                 f"{self.learned_variance!r} gives unet {i + 1} {flag}: set one of them")
+            unets.append(unet)
+        self.unets = unets
+        resolved = tuple(u.learned_variance for u in unets)
+        if resolved != flags:  # said once, in the decoder's field too, so a saved config reads back the same
+            self.learned_variance = resolved
         return self
 
     def learned_variance_flags(self) -> tuple[bool, ...]:

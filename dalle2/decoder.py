@@ -48,12 +48,21 @@ class Decoder(nn.Module):
         unets = [unet] if isinstance(unet, Unet) else list(unet or [])
         if config is None:
             fields = with_diffusion_kwargs(DecoderConfig, kwargs)
-            if unets:
-                fields["unets"] = [u.config for u in unets]
+            if unets:  # a given unet is used as it is: its output width (learned variance or not) is built in
+                fields["unets"] = [u.config.model_copy(update={"learned_variance": u.config.learned_variance})
+                                   for u in unets]
             config = DecoderConfig(**fields)
+        elif kwargs:
+            raise ValueError(f"pass either config or keyword settings, not both (got {sorted(kwargs)})")
         self.config = config
-        # a given unet whose output width does not fit the decoder's learned-variance choice is rebuilt to fit
-        unets = [u if u.config == c else Unet(c) for u, c in zip(unets, config.unets)] if unets else None
+        for i, (given, wanted) in enumerate(zip(unets, config.unets)):
+            given_fields, wanted_fields = given.config.model_dump(), wanted.model_dump()
+            differences = [f"{name}: the unet has {value!r}, the config {wanted_fields[name]!r}"
+                           for name, value in given_fields.items() if value != wanted_fields[name]]
+            if differences:  # never swapped for a fresh one: that would throw the given weights away
+                raise ValueError(f"the unet given as unets[{i}] does not match the config: {'; '.join(differences)}")
+        if unets and len(unets) != len(config.unets):
+            raise ValueError(f"{len(unets)} unets given for a config of {len(config.unets)}")
         self.unets = nn.ModuleList(unets or [Unet(c) for c in config.unets])
         self.diffusions = nn.ModuleList(
             GaussianDiffusion(d.timesteps, d.beta_schedule, config.predict, d.p2_loss_weight_gamma, d.p2_loss_weight_k,

@@ -45,7 +45,7 @@ def test_unet_rejects_sizes_it_cannot_halve():
 
 
 def overfit_decoder():
-    unet = Unet(dim=32, dim_mults=(1, 2, 4), image_embed_dim=EMBED, num_resnet_blocks=1,
+    unet = Unet(dim=32, dim_mults=(1, 2, 4), image_embed_dim=EMBED, num_resnet_blocks=1, learned_variance=True,
                 layer_attns=(False, False, True), layer_cross_attns=(False, False, True))
     return Decoder(unet=unet, image_sizes=32, timesteps=100, sample_timesteps=20, predict="x0", image_cond_drop_prob=0.0)
 
@@ -65,7 +65,8 @@ def test_decoder_overfits_eight_images():
 
 
 def cascade(clip_dim=EMBED):
-    base = Unet(dim=16, dim_mults=(1, 2), image_embed_dim=clip_dim, layer_attns=False, layer_cross_attns=(False, True))
+    base = Unet(dim=16, dim_mults=(1, 2), image_embed_dim=clip_dim, layer_attns=False, layer_cross_attns=(False, True),
+                learned_variance=True)
     upsampler = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=clip_dim, lowres_cond=True, groups=4,
                      layer_attns=False, layer_cross_attns=False)
     return Decoder(unet=[base, upsampler], image_sizes=(16, 32), timesteps=50, sample_timesteps=8)
@@ -139,7 +140,7 @@ def test_checkpoint_round_trip_gives_identical_samples(tmp_path):
     b = restored.sample(image_embed=embeds, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-    wider = Decoder(unet=[Unet(dim=24, dim_mults=(1, 2), image_embed_dim=EMBED), cascade().unets[1]],
+    wider = Decoder(unet=[Unet(dim=24, dim_mults=(1, 2), image_embed_dim=EMBED, learned_variance=True), cascade().unets[1]],
                     image_sizes=(16, 32), timesteps=50, sample_timesteps=8)
     with pytest.raises(ConfigMismatchError, match=r"unets\[0\]\.dim: checkpoint 16, model 24"):
         DecoderTrainer(wider).load(str(tmp_path / "decoder"))
@@ -265,7 +266,7 @@ def test_per_unet_sample_timesteps_as_a_tuple():
     assert all(decoder.config.diffusion_for(i).timesteps == 100 for i in (0, 1))
 
 
-def test_the_first_unet_learns_its_variance_by_default_and_guidance_leaves_it_alone():
+def test_the_first_unet_learns_its_variance_when_asked_and_guidance_leaves_it_alone():
     from dalle2.diffusion import classifier_free_guidance
 
     decoder = cascade()
@@ -283,3 +284,38 @@ def test_the_first_unet_learns_its_variance_by_default_and_guidance_leaves_it_al
     assert torch.all(out[:, :3] == 3.0) and torch.all(out[:, 3:] == 12.0)  # guided mean, the conditional variance
     loss = decoder(shape_images(2, 32), image_embed=torch.randn(2, EMBED), unet_number=1)
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_a_decoder_keeps_the_unets_it_is_given_and_each_unets_own_settings():
+    from dalle2.configs import DecoderConfig, UnetConfig
+
+    torch.manual_seed(0)
+    # as the README builds it: a unet of its own, then the decoder around it; its weights must be the ones used
+    unet = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4)
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    decoder = Decoder(unet=unet, image_sizes=16, timesteps=20, sample_timesteps=4)
+    assert decoder.unets[0] is unet and not decoder.diffusions[0].learned_variance
+    for name, value in decoder.unets[0].state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    # a cascade whose unets say [False, True]: each keeps its own, in the diffusion too
+    base = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4, learned_variance=False)
+    up = Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4, lowres_cond=True, learned_variance=True)
+    cascade_ = Decoder(unet=[base, up], image_sizes=(8, 16), timesteps=20)
+    assert [u is g for u, g in zip(cascade_.unets, (base, up))] == [True, True]
+    assert [d.learned_variance for d in cascade_.diffusions] == [False, True]
+    assert [u.final_conv.out_channels for u in cascade_.unets] == [3, 6]
+    # the same from configs alone: per-unet settings win over the decoder's default, unset ones take it
+    config = DecoderConfig(unets=[UnetConfig(dim=8, dim_mults=(1, 2), groups=4, learned_variance=False),
+                                  UnetConfig(dim=8, dim_mults=(1, 2), groups=4, lowres_cond=True, learned_variance=True)],
+                           image_sizes=(8, 16))
+    assert [u.learned_variance for u in config.unets] == [False, True]
+    assert [u.learned_variance for u in DecoderConfig(unets=[UnetConfig(), UnetConfig(lowres_cond=True)],
+                                                      image_sizes=(8, 16)).unets] == [True, False]
+    assert DecoderConfig(**config.model_dump()) == config  # a saved config reads back as it was
+    # a real conflict names both fields instead of picking one
+    with pytest.raises(ValueError, match=r"unets\[0\]\.learned_variance is False but learned_variance=True"):
+        Decoder(unet=Unet(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, groups=4), image_sizes=16,
+                learned_variance=True)
+    # a given unet that does not match a given config is refused by field, never replaced by a fresh one
+    with pytest.raises(ValueError, match=r"unets\[0\].*dim: the unet has 8, the config 16"):
+        Decoder(unet=unet, config=DecoderConfig(unets=[UnetConfig(dim=16, dim_mults=(1, 2), groups=4)], image_sizes=16))
