@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import fetch as fetch_module
 from pipeline.config import DownloadConfig
-from pipeline.fetch import FetchPolicy, Refused, fetch
+from pipeline.fetch import FetchPolicy, Refused, fetch, reason_of
 from pipeline.policy import REFUSED_METADATA, REFUSED_PRIVATE, address_refusal, opt_out, redact_url, user_agent
 from tests.worst_web import WorstWeb
 
@@ -190,3 +190,50 @@ def test_an_image_whose_size_is_not_in_its_first_mib_is_refused(web, monkeypatch
         fetch(web.url + "/late-size.jpg", policy)
     monkeypatch.setattr(fetch_module, "HEADER_PROBE_LIMIT", 4 << 20)  # the same image, its size within the probe
     assert fetch(web.url + "/late-size.jpg", policy) == web.late_size
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, monkeypatch, counted):
+    import shutil
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=pinned.test", "-addext", "subjectAltName=DNS:pinned.test"],
+                   check=True, capture_output=True)
+    body = b"\x89PNG\r\n\x1a\n"  # (its size is not in it: refused after a verified TLS exchange)
+    seen = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen["host"] = self.headers["Host"]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        policy = FetchPolicy(timeout=5, allow_private_network=True)
+        with pytest.raises(ssl.SSLCertVerificationError) as refused:  # not a CA we trust
+            fetch(f"https://127.0.0.1:{port}/a.png", policy)
+        assert reason_of(refused.value) == "error: SSLCertVerificationError"  # the row's reason, no server text
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it: the default context reads this
+        resolving(monkeypatch, ["127.0.0.1"])
+        with pytest.raises(Refused, match="^refused: image size not in its header$"):
+            fetch(f"https://pinned.test:{port}/a.png", policy)  # SNI and the name check use pinned.test
+        assert seen["host"] == f"pinned.test:{port}" and counted["connected"][-1] == "127.0.0.1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
