@@ -11,6 +11,8 @@ Unarmed (the normal case) a crash point costs one dictionary lookup. The points,
     embed.between_files       after a shard's clip-retrieval files, before its aligned files
     embed.after_outputs       after a shard's aligned files, before its ledger record
     embed.after_submit        in the driver, after starting the task that writes a shard's outputs
+    filter.mid_search         in the run-wide duplicate search, before a pending shard (those before it recorded)
+    filter.after_mask         after a shard's final mask, before its ledger record
     reorder.mid_split         after some of a part's scratch files, before its done marker
     reorder.after_split       every part split, before any gather
     reorder.after_outputs     after a shard's aligned files, before its ledger record
@@ -31,7 +33,8 @@ ENV_STATE = "DALLE2_CRASH_STATE"
 
 POINTS = (
     "download.mid_shard", "download.after_outputs", "embed.between_files", "embed.after_outputs", "embed.after_submit",
-    "reorder.mid_split", "reorder.after_split", "reorder.after_outputs", "storage.mid_write",
+    "filter.mid_search", "filter.after_mask", "reorder.mid_split", "reorder.after_split", "reorder.after_outputs",
+    "storage.mid_write",
     "train.mid_step", "train.mid_checkpoint", "train.before_marker", "checkpoint.before_marker",
 )
 

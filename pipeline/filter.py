@@ -28,6 +28,7 @@ import pyarrow as pa
 from .aligned import aligned_shards, read_aligned
 from .config import FilterConfig, RayConfig
 from .distributor import ensure_ray, run_shards
+from .faults import crash_point
 from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, PRESENT, REASON, SIMILARITY, RunLayout
 from .ledger import Ledger, ShardRecord
 from .storage import exists, list_names, read_parquet, remove, write_parquet
@@ -323,6 +324,8 @@ def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done
     earlier = done if config.duplicate_threshold is not None else []  # only the duplicate search needs them
     for shard in progress_bar(iterable=earlier + pending, desc="filter: across the run", unit="shard"):
         is_done = shard in done
+        if not is_done:
+            crash_point("filter.mid_search")
         mask = read_parquet(layout.filter_mask(shard) if is_done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
         if config.duplicate_threshold is not None and len(mask[KEY]):
             image = normalized(read_aligned(layout, shard).img_emb)
@@ -342,6 +345,7 @@ def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done
         table = mask_table(mask[KEY], [None if keep else reason for keep, reason in zip(mask[KEEP], mask[REASON])],
                            np.asarray(mask[SIMILARITY], dtype=np.float32), mask[DUPLICATE_OF])
         write_parquet(layout.filter_mask(shard), table)
+        crash_point("filter.after_mask")
         ledger.record(shard_record(shard, [None if k else r for k, r in zip(mask[KEEP], mask[REASON])], 0.0))
 
 

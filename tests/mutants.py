@@ -108,4 +108,18 @@ MUTANTS = [
          old="            if differences:  # never swapped",
          new="            if False:  # never swapped",
          tests=["tests/test_decoder.py::test_a_decoder_keeps_the_unets_it_is_given_and_each_unets_own_settings"]),
+    # the filter killed and re-run: the kept rows of recorded shards go back into the run-wide index; a shard's
+    # record follows its mask
+    dict(name="filter.rerun_forgets_recorded_rows", file="pipeline/filter.py",
+         old="earlier = done if config.duplicate_threshold is not None else []",
+         new="earlier = []",
+         tests=["tests/test_faults.py::test_filter_killed_then_rerun_equals_an_uninterrupted_run"]),
+    dict(name="filter.record_before_mask", file="pipeline/filter.py",
+         old="""        write_parquet(layout.filter_mask(shard), table)
+        crash_point("filter.after_mask")
+        ledger.record(shard_record(shard, [None if k else r for k, r in zip(mask[KEEP], mask[REASON])], 0.0))""",
+         new="""        ledger.record(shard_record(shard, [None if k else r for k, r in zip(mask[KEEP], mask[REASON])], 0.0))
+        crash_point("filter.after_mask")
+        write_parquet(layout.filter_mask(shard), table)""",
+         tests=["tests/test_faults.py::test_filter_killed_then_rerun_equals_an_uninterrupted_run"]),
 ]

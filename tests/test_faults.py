@@ -107,6 +107,7 @@ def download_reference(tmp_path_factory, url_list):
 def test_download_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, url_list, download_reference, crash, distributor):
     root = str(tmp_path / "run")
     first = dalle2("download", download_config(root, url_list, distributor), tmp_path, crash=crash)
+    assert fired(tmp_path, crash), first.stderr[-3000:]  # on Ray too, where the run itself ends well: a worker died
     if distributor == "local":
         assert crashed(first), first.stderr[-3000:]
         again = dalle2("download", download_config(root, url_list, distributor), tmp_path)
@@ -198,6 +199,40 @@ def clip_retrieval_output(folder: str) -> None:
 
 def reorder_config(root, source):
     return {"root": root, "reorder": {"source": source, "index_width": 1, "samples_per_shard": 5, "distributor": "local"}}
+
+
+# ---------------------------------------------------------------- filter
+
+
+def filter_masks(root: str) -> dict:
+    """Every shard's final mask, column by column."""
+    layout = RunLayout(root)
+    return {shard: read_parquet(layout.filter_mask(shard)).to_pydict() for shard in ("00000", "00001", "00002")}
+
+
+@pytest.mark.parametrize("crash", ["filter.after_mask@2",  # shard 2's mask written, no record
+                                   "filter.mid_search@2",  # the run-wide index holds shard 1's rows only
+                                   "filter.mid_search@3"])
+def test_filter_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, crash):
+    from tests.test_filter import CONFIG, planted_run
+
+    config = lambda root: {"root": root, "filter": CONFIG}  # noqa: E731
+    reference, root = str(tmp_path / "reference"), str(tmp_path / "run")
+    expected = planted_run(reference)
+    planted_run(root)
+    assert dalle2("filter", config(reference), tmp_path).returncode == 0
+    first = dalle2("filter", config(root), tmp_path, crash=crash)
+    assert crashed(first) and fired(tmp_path, crash), first.stderr[-3000:]
+    again = dalle2("filter", config(root), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert filter_masks(root) == filter_masks(reference)
+    dropped = {k: r for mask in filter_masks(root).values() for k, keep, r in zip(mask["key"], mask["keep"], mask["reason"])
+               if not keep and r != "absent"}
+    assert dropped == expected  # every planted fault, the cross-shard duplicates too, and nothing else
+    got, want = status_of(root)["filter"], status_of(reference)["filter"]
+    for field in ("shards", "rows_in", "written", "failed", "failed_by_reason"):
+        assert got[field] == want[field], field
+    assert not os.path.exists(RunLayout(root).scratch("filter"))  # the first pass's masks are gone once done
 
 
 @pytest.mark.parametrize("crash", ["reorder.mid_split@2", "reorder.after_split@1", "reorder.after_outputs@2",
