@@ -256,19 +256,21 @@ def agreement(config, images, prompts: list[str], per_prompt: int) -> dict:
 
 
 def render_report(report: dict) -> str:
-    """The report as a short Markdown page."""
+    """The report as a short Markdown page (every value from the run's files escaped: md_cell)."""
+    from .report import md_cell
+
     lines = ["# Demo report", "", f"Total time: {report['seconds']} s", "", "| stage | outcome | seconds |", "|---|---|---|"]
     for stage, outcome in report["stages"].items():
-        lines.append(f"| {stage} | {outcome} | {report['seconds_per_stage'].get(stage, '')} |")
+        lines.append(f"| {md_cell(stage)} | {md_cell(outcome)} | {md_cell(report['seconds_per_stage'].get(stage, ''))} |")
     lines += ["", "## Data", ""]
     for stage, info in report["status"].items():
         if "rows_in" in info:
-            lines.append(f"- {stage}: {info['rows_in']} rows in, {info['written']} written, {info['failed']} failed "
-                         f"{info.get('failed_by_reason') or ''}")
+            lines.append(f"- {md_cell(stage)}: {md_cell(info['rows_in'])} rows in, {md_cell(info['written'])} written, "
+                         f"{md_cell(info['failed'])} failed {md_cell(info.get('failed_by_reason') or '')}")
     filtered = report.get("filter")
     if filtered:
-        lines += ["", "## Filter", "", f"- {filtered['rows_in']} rows in, {filtered['kept']} kept, dropped: "
-                  f"{filtered['dropped_by_reason'] or 'none'}"]
+        lines += ["", "## Filter", "", f"- {md_cell(filtered['rows_in'])} rows in, {md_cell(filtered['kept'])} kept, "
+                  f"dropped: {md_cell(filtered['dropped_by_reason'] or 'none')}"]
         if "planted_mismatched" in filtered:
             lines.append(f"- captions planted on the wrong image: {filtered['planted_mismatched']}, dropped by the CLIP "
                          f"checks: {filtered['planted_dropped']}; other rows they dropped: {filtered['other_dropped_by_clip']}")
@@ -276,7 +278,7 @@ def render_report(report: dict) -> str:
     for stage, info in report["status"].items():
         if "step" in info:
             metrics = {k: round(v, 4) for k, v in info.items() if isinstance(v, float)}
-            lines.append(f"- {stage}: step {info['step']}, {metrics}")
+            lines.append(f"- {md_cell(stage)}: step {md_cell(info['step'])}, {md_cell(metrics)}")
     lines += ["", "## Do the samples match their prompts?", "",
               "Colour, shape and position read off the pixels of each sample; withheld prompts name combinations "
               "the data set left out (each attribute seen in training, the combination never).", "",

@@ -26,6 +26,17 @@ PLOT_NAMES = ("download_outcomes", "image_sizes", "caption_lengths", "clip_simil
               "training_loss", "evaluation")
 
 
+MARKDOWN_SPECIAL = "\\`*_[]|$"  # escaped with a backslash in a Markdown cell: emphasis, links, tables, math
+
+
+def md_cell(value) -> str:
+    """`value` as text inside one Markdown table cell or list item: HTML escaped (renderers pass raw HTML through),
+    Markdown's specials (`|` ends a cell, `$` starts math) backslash-escaped, and newlines made spaces."""
+    text = html.escape(str(value), quote=False)
+    text = "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
+    return " ".join(text.splitlines())
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
@@ -71,8 +82,9 @@ def filter_rows(root: str) -> list[dict]:
     return rows
 
 
-def sample_rows(root: str, rows: list[dict]) -> list[tuple[str, str, str]]:
-    """(key, thumbnail data URI, caption) of filter `rows` (with their shard), read from the shards' tars."""
+def sample_rows(root: str, rows: list[dict], undecodable: list[str]) -> list[tuple[str, str, str]]:
+    """(key, thumbnail data URI, caption) of filter `rows` (with their shard), read from the shards' tars; the key
+    of an image that does not decode is appended to `undecodable` and the row left out."""
     from pipeline.layout import RunLayout
     from pipeline.shard_reader import image_of, iter_samples
 
@@ -84,8 +96,14 @@ def sample_rows(root: str, rows: list[dict]) -> list[tuple[str, str, str]]:
     for shard, wanted in by_shard.items():
         for key, fields in iter_samples(layout.shard_tar(shard)):
             if key in wanted and image_of(fields):
-                found[key] = (thumbnail(image_of(fields)), fields.get("txt", b"").decode("utf-8", "replace"))
                 wanted.discard(key)
+                try:
+                    uri = thumbnail(image_of(fields))
+                except Exception as error:  # noqa: BLE001 - any decoder error: one row fewer, counted and named
+                    log.warning("report: the image of %s does not decode (%s): not shown", key, error)
+                    undecodable.append(key)
+                    continue
+                found[key] = (uri, fields.get("txt", b"").decode("utf-8", "replace"))
                 if not wanted:
                     break  # the rest of the tar is not read
     return [(key, *found[key]) for key in keys if key in found]
@@ -172,9 +190,14 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
         if shown:
             body.append(f"<h2>{title}</h2>" + "".join(shown))
         if title == "Filter" and rows:
-            body.append(samples_html(f"{len(shown_kept)} random kept rows", sample_rows(root, shown_kept), kept_notes))
+            undecodable: list[str] = []
+            body.append(samples_html(f"{len(shown_kept)} random kept rows", sample_rows(root, shown_kept, undecodable),
+                                     kept_notes))
             body.append(samples_html(f"{len(shown_dropped)} random dropped rows, with their reasons",
-                                     sample_rows(root, shown_dropped), dropped_notes))
+                                     sample_rows(root, shown_dropped, undecodable), dropped_notes))
+            if undecodable:
+                body.append(f'<p class="note" id="undecodable">{len(undecodable)} of the rows picked have an image '
+                            f"that does not decode and are not shown: {html.escape(', '.join(undecodable))}</p>")
     grids = []
     if exists(f"{root}/samples.png"):
         grids.append(("Samples of the finished model (samples.png)", read_bytes(f"{root}/samples.png")))
@@ -198,8 +221,8 @@ def stage_table(status: dict) -> str:
     for stage, info in status.items():
         if isinstance(info, dict) and "rows_in" in info:
             reasons = ", ".join(f"{n} {r}" for r, n in (info.get("failed_by_reason") or {}).items()) or "none"
-            rows.append(f"<tr><td>{stage}</td><td>{info['rows_in']}</td><td>{info['written']}</td>"
-                        f"<td>{info['failed']}</td><td>{html.escape(reasons)}</td></tr>")
+            cells = (stage, info["rows_in"], info["written"], info["failed"], reasons)
+            rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in status.get("problems", []))
     return ("<table><tr><th>stage</th><th>rows in</th><th>written / kept</th><th>failed / dropped</th>"
             f"<th>by reason</th></tr>{''.join(rows)}</table>" + (f"<h3>Problems</h3><ul>{problems}</ul>" if problems else ""))

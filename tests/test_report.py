@@ -2,6 +2,7 @@
 captions and reasons, and a page that a real browser renders with every image decoded."""
 
 import base64
+import html
 import io
 import os
 import re
@@ -87,3 +88,70 @@ def test_a_browser_renders_the_report_with_every_image(report_run, tmp_path):
     # matplotlib's first colour (#1f77b4) fills the bars of the plots on screen
     blue = (abs(shot - np.array([31, 119, 180])).sum(-1) < 30).sum()
     assert blue > 5000, blue
+
+
+HOSTILE = "<script>alert(1)</script> | $x$ *bold*"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """A small run whose shard 00000 holds a hostile caption and one image that does not decode, and whose download
+    ledger counts a hostile reason (a web server's error text)."""
+    import tarfile
+
+    root = str(tmp_path_factory.mktemp("hostile") / "run")
+    make_training_run(root, count=20, per_shard=10, size=32, dim=16,
+                      filter_config=FilterConfig(min_similarity=0.0, distributor="local"))
+    tar_path = RunLayout(root).shard_tar("00000")
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})
+    hostile_key, broken_key = keys[1], keys[2]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            if member.name == f"{hostile_key}.txt":
+                data = HOSTILE.encode()
+            if member.name == f"{broken_key}.jpg":
+                data = b"\xff\xd8 not a jpeg at all"
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    download = Ledger(RunLayout(root), "download")
+    for shard in range(2):
+        download.record(ShardRecord(f"{shard:05d}", 12, 10, {"<img src=x onerror=alert(2)>": 2}))
+    download.summarize(started=time.time())
+    return root, hostile_key, broken_key
+
+
+def test_hostile_captions_and_reasons_are_escaped_and_an_undecodable_image_is_skipped_and_counted(hostile_run, capsys):
+    from jobs import report
+
+    root, hostile_key, broken_key = hostile_run
+    result = report.main(["--root", root, "--samples", "20"])  # the entry point `dalle2 report` runs
+    with open(result["html"]) as f:
+        page = f.read()
+    assert page.count("<script") == 1  # the page's own image counter, nothing from the data
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(2)&gt;" in page  # the ledger table's reason
+    assert html.escape(HOSTILE, quote=False) in page  # the caption, shown as text
+    skipped = re.search(r'<p class="note" id="undecodable">(\d+) of the rows picked have an image that does not decode '
+                        r"and are not shown: ([^<]*)</p>", page)
+    assert skipped and skipped.groups() == ("1", broken_key), skipped
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == len(result["plots"]) + 20 - 1  # every row but the broken one, beside the plots
+    assert hostile_key in page and f'alt="{broken_key}"' not in page
+
+
+def test_the_demos_markdown_report_escapes_every_cell():
+    from jobs.demo import render_report
+
+    match = {"color_match": 1.0, "shape_match": 1.0, "position_match": 1.0, "all_match": 1.0, "chance_color": 0.2,
+             "chance_shape": 0.3, "chance_position": 0.3, "chance_all": 0.01}
+    page = render_report({"seconds": 1, "stages": {"download": "ran | <b>x</b>\n| injected | row |"}, "seconds_per_stage": {},
+                          "status": {"download": {"rows_in": 3, "written": 1, "failed": 2,
+                                                  "failed_by_reason": {HOSTILE + "\nsecond line": 2}}},
+                          "prompt_match": match, "prompts": []})
+    row = next(line for line in page.splitlines() if line.startswith("| download"))
+    assert re.sub(r"\\\|", "", row).count("|") == 4 and "&lt;b&gt;x&lt;/b&gt;" in row  # three cells, whatever the text
+    assert "injected" in row and not any(line.startswith("| injected") for line in page.splitlines())
+    line = next(line for line in page.splitlines() if line.startswith("- download"))
+    assert "&lt;script&gt;" in line and "\\$x\\$" in line and "\\*bold\\*" in line and line.endswith("second line': 2}")
+    assert "<script>" not in page and "<b>" not in page
