@@ -12,6 +12,7 @@ an unreadable shard fails alone.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from .config import ClipSource, EmbedConfig, RayConfig
 from .layout import CAPTION, KEY, SHARD, RunLayout
 from .ledger import Ledger
-from .shard_reader import image_of, iter_samples
+from .shard_reader import ShardReadError, image_of, iter_samples
 from .storage import exists, list_names, read_parquet, remove
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ SHARD_END = "shard end: "  # the error of the row that follows a shard's last sa
 # measured) while the other runs the model, which runs one batch at a time (ClipEmbedder.model_lock), so a GPU holds
 # one batch of activations; Ray Data then queues up to twice as many blocks an actor (in the object store)
 ACTOR_CALLS = 2
+READ_AHEAD = 32  # rows a decode task's reader thread reads ahead of its decoding (their image bytes are held)
 
 
 @dataclass
@@ -83,7 +85,8 @@ def read_shard(item: dict) -> Iterator[dict]:
             yield {SHARD: shard, KEY: key, "image": image or b"", CAPTION: caption,
                    ERROR: "" if image else "no image in sample"}
     except Exception as error:  # noqa: BLE001 - reported as the shard's failure, the others go on
-        yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_FAILED}unreadable shard {tar}: {error}"}
+        reason = error.reason if isinstance(error, ShardReadError) else error  # the reader's own names the tar too
+        yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_FAILED}unreadable shard {tar}: {reason}"}
         return
     yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_END}{read}"}
 
@@ -106,18 +109,81 @@ def decode_rows(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
     return {**block, ERROR: np.asarray(errors, dtype=object), "pixels": pixels}
 
 
-def decode_shards(batch: dict[str, np.ndarray], image_size: int, block_rows: int) -> Iterator[dict[str, np.ndarray]]:
+class _Budget:
+    """Seconds left to read and decode a shard, spent only while the task works on it: the time it waits for
+    CLIP to take its blocks (Ray Data's backpressure holds a generator at its yield) is not the shard's fault."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.left, self.since = seconds, time.monotonic()
+
+    def remaining(self) -> Optional[float]:
+        return None if self.left is None else max(0.0, self.left - (time.monotonic() - self.since))
+
+    def pause(self) -> None:
+        self.left = self.remaining()
+
+    def resume(self) -> None:
+        self.since = time.monotonic()
+
+
+def _read_ahead(rows: Iterator[dict], budget: _Budget) -> Iterator[Optional[dict]]:
+    """`rows` read by a thread of their own, so that a read blocked for ever (a stalled object store, a FIFO that
+    never delivers) cannot hold the task past its budget; yields None when the budget runs out first. The
+    thread is then told to stop; one blocked inside a read stays blocked (threads cannot be killed), a daemon
+    holding one open file, and the task goes on to its next shard."""
+    ahead: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    stop, done = threading.Event(), object()
+
+    def pump() -> None:
+        try:
+            for row in rows:
+                ahead.put(row)
+                if stop.is_set():
+                    return
+        finally:
+            if not stop.is_set():
+                ahead.put(done)
+
+    threading.Thread(target=pump, daemon=True, name="embed-read-shard").start()
+    try:
+        while True:
+            try:
+                row = ahead.get(timeout=budget.remaining())
+            except queue.Empty:
+                yield None
+                return
+            if row is done:
+                return
+            yield row
+    finally:  # unblock a pump waiting on a full queue, so that it sees `stop` and closes the tar
+        stop.set()
+        while not ahead.empty():
+            ahead.get_nowait()
+
+
+def decode_shards(batch: dict[str, np.ndarray], image_size: int, block_rows: int,
+                  shard_timeout: Optional[float] = None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task over shards: each one read and decoded in the same task (the tar's bytes never cross the
-    object store), sent on `block_rows` rows at a time; its end (or failure) row comes last."""
+    object store), sent on `block_rows` rows at a time; its end (or failure) row comes last. A shard not read
+    and decoded within `shard_timeout` seconds fails with a marker row naming the deadline."""
     for shard, tar in zip(batch[SHARD].tolist(), batch["tar"].tolist()):
         rows: list[dict] = []
-        for row in read_shard({SHARD: shard, "tar": tar}):
-            rows.append(row)
-            if len(rows) == block_rows:
-                yield decode_rows(rows, image_size)
-                rows = []
-        if rows:
-            yield decode_rows(rows, image_size)
+        budget = _Budget(shard_timeout)
+        for row in _read_ahead(read_shard({SHARD: shard, "tar": tar}), budget):
+            if row is not None:
+                rows.append(row)
+                if len(rows) < block_rows and not row[ERROR].startswith((SHARD_END, SHARD_FAILED)):
+                    continue
+                block, rows = decode_rows(rows, image_size), []
+            if row is None or budget.remaining() == 0:  # the read, or the decode, ran the budget out
+                log.error("embed: shard %s not read and decoded within embed.shard_timeout", shard)
+                yield decode_rows([{SHARD: shard, KEY: "", "image": b"", CAPTION: "",
+                                    ERROR: f"{SHARD_FAILED}{tar} not read and decoded within embed.shard_timeout "
+                                           f"({shard_timeout:g} s)"}], image_size)
+                break
+            budget.pause()
+            yield block
+            budget.resume()
 
 
 class ClipEmbedder:
@@ -241,7 +307,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # a task per shard reads and decodes it; capped, or a big cluster would open a tar per free CPU at once
-        ds = ds.map_batches(decode_shards, fn_kwargs=dict(image_size=image_size, block_rows=config.decode_block_rows),
+        ds = ds.map_batches(decode_shards, fn_kwargs=dict(image_size=image_size, block_rows=config.decode_block_rows,
+                                                          shard_timeout=config.shard_timeout),
                             batch_size=1, num_cpus=config.decode_cpus,
                             compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency), **placed)
         ds = ds.map_batches(
