@@ -25,7 +25,9 @@ class DiffusionConfig(StrictModel):
     """The noise process shared by prior and decoder stages."""
 
     timesteps: int = 1000
-    sample_timesteps: Optional[int] = None  # None: DDPM over all steps; a number: DDIM with that many (and eta)
+    sample_timesteps: Optional[int] = None  # None: DDPM over all steps; a number: `sampler` over that many
+    # with sample_timesteps: "ddim" (eta's noise), or "ddpm" over the respaced process (uses a learned variance)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     beta_schedule: Literal["cosine", "linear"] = "cosine"
     loss_type: Literal["l1", "l2", "huber"] = "l2"
     p2_loss_weight_gamma: NonNegativeFloat = 0.0

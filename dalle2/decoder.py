@@ -233,6 +233,7 @@ class Decoder(nn.Module):
             x = diffusion.sample(
                 model_fn, (batch, self.config.channels, size, size), device=device,
                 sample_timesteps=self.config.diffusion_for(number - 1).sample_timesteps, eta=eta,
+                sampler=self.config.diffusion_for(number - 1).sampler,
                 x0_transform=self.threshold, generator=generator, **inpaint,
             )
             images = (x.clamp(-1, 1) + 1) / 2

@@ -22,6 +22,7 @@ BetaSchedule = Literal["cosine", "linear"]
 LossType = Literal["l1", "l2", "huber"]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 X0Transform = Callable[[Tensor], Tensor]
+Sampler = Literal["ddim", "ddpm"]
 
 
 
@@ -104,21 +105,24 @@ class GaussianDiffusion(nn.Module):
         p2_loss_weight_k: float = 1.0,
         learned_variance: bool = False,
         vb_loss_weight: float = 0.001,
+        betas: Optional[Tensor] = None,
+        timestep_map: Optional[Tensor] = None,
     ):
         """With `learned_variance` the network outputs twice the channels: the prediction, then v in [-1, 1]
         (unconstrained) interpolating the log variance of each reverse step between the posterior's
         variance and beta (Nichol & Dhariwal 2021), trained with the variational bound weighted by
-        `vb_loss_weight` next to the simple loss, and used by DDPM (DDIM reads it off and keeps eta's)."""
+        `vb_loss_weight` next to the simple loss, and used by DDPM (DDIM reads it off and keeps eta's).
+        `betas` and `timestep_map` are for `respaced`: a schedule of its own, whose step k the network knows as
+        step timestep_map[k] of the schedule it was trained on."""
         super().__init__()
         self.learned_variance, self.vb_loss_weight = learned_variance, vb_loss_weight
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
         if predict not in ("eps", "x0", "v"):
             raise ValueError(f"predict must be 'eps', 'x0' or 'v', got {predict!r}")
-        self.timesteps = timesteps
-        self.predict = predict
-
-        betas = torch.from_numpy(BETA_SCHEDULES[beta_schedule](timesteps))
+        self.beta_schedule, self.predict = beta_schedule, predict
+        betas = torch.from_numpy(BETA_SCHEDULES[beta_schedule](timesteps)) if betas is None else betas.double()
+        self.timesteps = timesteps = len(betas)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         if alphas_cumprod[-1] > 0.01:  # sampling starts from pure noise: the last step must (nearly) reach it
             raise ValueError(f"a {beta_schedule} schedule of {timesteps} timesteps keeps {alphas_cumprod[-1]:.0%} of "
@@ -132,6 +136,9 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
 
         buffer("betas", betas)
+        # the network's own step numbers (a respaced process samples with fewer, larger steps)
+        self.register_buffer("timestep_map", torch.arange(timesteps) if timestep_map is None else timestep_map.long(),
+                             persistent=False)
         buffer("alphas_cumprod", alphas_cumprod)
         buffer("alphas_cumprod_prev", alphas_cumprod_prev)
         buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
@@ -242,6 +249,19 @@ class GaussianDiffusion(nn.Module):
 
     # ---- sampling --------------------------------------------------------------------------------
 
+    def respaced(self, sample_timesteps: int) -> "GaussianDiffusion":
+        """The same process over `sample_timesteps` evenly spaced steps (improved DDPM's respacing): the kept
+        steps' abar unchanged, each step's beta the whole jump 1 - abar_k / abar_{k-1}, so DDPM over it takes
+        larger steps and a learned variance interpolates between that jump's own posterior variance and beta."""
+        if not 1 <= sample_timesteps <= self.timesteps:
+            raise ValueError(f"sample_timesteps must be in [1, {self.timesteps}], got {sample_timesteps}")
+        kept = torch.linspace(0, self.timesteps - 1, sample_timesteps).round().long().unique()
+        abar = self.alphas_cumprod.double()[kept]
+        betas = 1 - abar / F.pad(abar[:-1], (1, 0), value=1.0)
+        return GaussianDiffusion(predict=self.predict, learned_variance=self.learned_variance,
+                                 vb_loss_weight=self.vb_loss_weight, beta_schedule=self.beta_schedule, betas=betas,
+                                 timestep_map=self.timestep_map[kept]).to(self.betas.device)
+
     def time_pairs(self, sample_timesteps: int) -> list[tuple[int, int]]:
         """(t, t_prev) pairs from T-1 down to 0, `sample_timesteps` of them; t_prev=-1 means 'clean'."""
         if not 1 <= sample_timesteps <= self.timesteps:
@@ -308,16 +328,28 @@ class GaussianDiffusion(nn.Module):
         inpaint_mask: Optional[Tensor] = None,
         inpaint_resample_times: int = 1,
         progress: bool = False,
+        sampler: Sampler = "ddim",
     ) -> Tensor:
-        """Draw samples: DDPM over all steps when `sample_timesteps` is None, else DDIM with that many steps
-        (and `eta`: 0 deterministic, 1 as stochastic as DDPM).
+        """Draw samples: DDPM over all steps when `sample_timesteps` is None; else, with that many steps, DDIM
+        (`sampler="ddim"`, with `eta`: 0 deterministic, 1 as stochastic as DDPM) or DDPM over the respaced
+        process (`sampler="ddpm"`, which samples with a learned variance where DDIM keeps eta's).
 
         With `inpaint_image` and `inpaint_mask` (True/1 = known pixel), the known region is
         re-imposed at every noise level and each step is resampled `inpaint_resample_times` times
         (RePaint, Lugmayr et al. 2022); the known pixels of the result equal `inpaint_image`.
         """
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler == "ddpm" and sample_timesteps is not None and sample_timesteps < self.timesteps:
+            respaced = self.respaced(sample_timesteps)
+            timestep_map = respaced.timestep_map
+            return respaced.sample(lambda x, t: model_fn(x, timestep_map[t]), shape, device=device, eta=eta,
+                                   x0_transform=x0_transform, noise=noise, generator=generator,
+                                   inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
+                                   inpaint_resample_times=inpaint_resample_times, progress=progress)
         steps = sample_timesteps or self.timesteps
-        use_ddim = sample_timesteps is not None  # eta means something on every step count, all steps included
+        # eta means something on every step count, all steps included
+        use_ddim = sample_timesteps is not None and sampler == "ddim"
         if noise is None:
             noise = torch.randn(shape, device=device, generator=generator)
         x = noise

@@ -203,7 +203,7 @@ class DiffusionPrior(nn.Module):
         steps = sample_timesteps or self.config.diffusion.sample_timesteps
         samples = self.diffusion.sample(
             model_fn, (batch * n, self.image_embed_dim), device=text_embed.device, sample_timesteps=steps,
-            eta=eta, x0_transform=clamp, generator=generator,
+            eta=eta, x0_transform=clamp, generator=generator, sampler=self.config.diffusion.sampler,
         )
         samples = l2norm(samples).view(batch, n, -1)
         if n == 1:

@@ -122,4 +122,17 @@ MUTANTS = [
         crash_point("filter.after_mask")
         write_parquet(layout.filter_mask(shard), table)""",
          tests=["tests/test_faults.py::test_filter_killed_then_rerun_equals_an_uninterrupted_run"]),
+    # strided DDPM (respacing): the network asked at its own steps, each jump's beta the whole jump
+    dict(name="respacing.network_asked_at_respaced_steps", file="dalle2/diffusion.py",
+         old="return respaced.sample(lambda x, t: model_fn(x, timestep_map[t])",
+         new="return respaced.sample(lambda x, t: model_fn(x, t)",
+         tests=["tests/test_diffusion.py"]),
+    dict(name="respacing.betas_of_single_steps", file="dalle2/diffusion.py",
+         old="betas = 1 - abar / F.pad(abar[:-1], (1, 0), value=1.0)",
+         new="betas = self.betas.double()[kept]",
+         tests=["tests/test_diffusion.py"]),
+    dict(name="respacing.ddpm_not_respaced", file="dalle2/diffusion.py",
+         old='if sampler == "ddpm" and sample_timesteps is not None and sample_timesteps < self.timesteps:',
+         new='if False:',
+         tests=["tests/test_diffusion.py"]),
 ]

@@ -209,7 +209,7 @@ def test_bad_settings_are_named():
 def exact_model_with_variance(d: GaussianDiffusion, mu: Tensor, var: Tensor):
     """For Gaussian data with a diagonal covariance `var`: the exact prediction and the exact reverse variance
     Var(x_{t-1} | x_t) = beta~_t + coef1_t^2 Var(x0 | x_t), written as the learned-variance output v."""
-    mean_fn = exact_model(GaussianDiffusion(d.timesteps, predict=d.predict), mu, torch.diag(var))
+    mean_fn = exact_model(d, mu, torch.diag(var))  # d's own schedule: a respaced one too
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         a = d.alphas_cumprod[t][:, None]
@@ -257,3 +257,48 @@ def test_the_variational_bound_trains_the_variance_and_only_it():
     expected = torch.autograd.grad(GaussianDiffusion(timesteps=50, predict="eps").loss(
         lambda x, tt: prediction, x0, t=t, noise=torch.ones_like(x0)), prediction)[0]
     torch.testing.assert_close(prediction.grad, expected)
+
+
+def test_strided_ddpm_uses_the_learned_variance_rescaled_to_the_respaced_steps():
+    """DDPM over 10 of 100 steps (improved DDPM's respacing): the network is asked at its own step numbers, each
+    jump's variance interpolates between that jump's posterior variance and its beta, and with the exact learned
+    variance the samples have the data's variance, which the fixed posterior variance misses."""
+    mu, var = torch.tensor([0.2, -0.1]), torch.tensor([0.5, 0.2])
+    d = GaussianDiffusion(timesteps=100, predict="eps", learned_variance=True)
+    respaced = d.respaced(10)
+    assert respaced.timestep_map.tolist() == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    torch.testing.assert_close(respaced.alphas_cumprod, d.alphas_cumprod[respaced.timestep_map])
+    # the network knows step k of the respaced process as step timestep_map[k]: the exact model of the respaced
+    # process, asked through that map
+    exact = exact_model_with_variance(respaced, mu, var)
+    asked: set = set()
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        asked.update(t.tolist())
+        return exact(x, torch.searchsorted(respaced.timestep_map, t))
+
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    strided = d.sample(model_fn, (20000, 2), sample_timesteps=10, sampler="ddpm", generator=generator())
+    assert asked == set(respaced.timestep_map.tolist())
+    assert ((strided.var(0) - var).abs() < 0.04).all(), strided.var(0)
+    torch.testing.assert_close(strided.mean(0), mu, atol=0.03, rtol=0)
+    fixed = GaussianDiffusion(timesteps=100, predict="eps").sample(lambda x, t: model_fn(x, t)[:, :2], (20000, 2),
+                                                                   sample_timesteps=10, sampler="ddpm",
+                                                                   generator=generator())
+    assert ((fixed.var(0) - var).abs() > 0.08).all(), fixed.var(0)  # the posterior variance under-disperses
+
+
+def test_a_strided_ddpm_step_adds_the_jumps_own_noise():
+    # one respaced step from k to k - 1 with v = 0.2: variance exp(0.6 log beta'_k + 0.4 log posterior'_k), where
+    # beta'_k = 1 - abar_k / abar_(k-1) over the kept steps
+    d = GaussianDiffusion(timesteps=100, predict="eps", learned_variance=True)
+    r = d.respaced(10)
+    k = 5
+    abar, abar_prev = d.alphas_cumprod[r.timestep_map[k]].double(), d.alphas_cumprod[r.timestep_map[k - 1]].double()
+    beta = 1 - abar / abar_prev
+    posterior = beta * (1 - abar_prev) / (1 - abar)
+    expected = torch.exp(0.6 * beta.log() + 0.4 * posterior.log()).item()
+    x = torch.zeros(40000, 1)
+    out, _ = r.ddpm_step(lambda xx, t: torch.cat([torch.zeros_like(xx), torch.full_like(xx, 0.2)], dim=1), x, k,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.var().item() == pytest.approx(expected, rel=0.03)
