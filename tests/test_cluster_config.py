@@ -43,6 +43,38 @@ SMALL = [
 ]
 
 
+def ray_start_flags(command: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(environment assignments, --flags) of the `ray start` in one of cluster.yaml's shell commands."""
+    import shlex
+
+    words = shlex.split(command.split(";")[-1])
+    at = words.index("ray")
+    assert words[at + 1] == "start", command
+    env = dict(w.split("=", 1) for w in words[:at])
+    flags = dict((w[2:].split("=", 1) + [""])[:2] for w in words[at + 2:] if w.startswith("--"))
+    return env, flags
+
+
+def test_cluster_yaml_keeps_the_dashboard_on_localhost_with_token_auth_and_the_readme_says_how_to_reach_it():
+    import yaml
+
+    with open(os.path.join(REPO, "cluster.yaml")) as f:
+        cluster = yaml.safe_load(f)
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    head_env, head = ray_start_flags(cluster["head_start_ray_commands"][-1])
+    # the dashboard's Jobs API runs whatever it is sent: never on every interface of the head
+    assert "head" in head and head.get("dashboard-host") == "127.0.0.1", head
+    for command in starts:
+        env, _ = ray_start_flags(command)
+        assert env.get("RAY_AUTH_MODE") == "token", command
+    assert cluster["file_mounts"].get("/home/ubuntu/.ray/auth_token") == "~/.ray/auth_token"
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert "ray dashboard cluster.yaml" in readme and "ssh -L 8265:localhost:8265" in readme
+    assert "export RAY_AUTH_MODE=token RAY_ADDRESS=http://localhost:8265" in readme and "<head-ip>:8265" not in readme
+
+
 def dalle2(*args: str, timeout: int = 420) -> str:
     """Run the installed `dalle2` command in a fresh process; its stdout, or the test fails with its log."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
