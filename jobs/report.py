@@ -84,9 +84,10 @@ def filter_rows(root: str) -> list[dict]:
 
 def sample_rows(root: str, rows: list[dict], undecodable: list[str]) -> list[tuple[str, str, str]]:
     """(key, thumbnail data URI, caption) of filter `rows` (with their shard), read from the shards' tars; the key
-    of an image that does not decode is appended to `undecodable` and the row left out."""
+    of an image that does not decode, or in a tar the reader refuses, is appended to `undecodable` and the row left
+    out."""
     from pipeline.layout import RunLayout
-    from pipeline.shard_reader import image_of, iter_samples
+    from pipeline.shard_reader import ShardReadError, image_of, iter_samples
 
     layout, found = RunLayout(root), {}
     by_shard: dict[str, set] = {}
@@ -94,18 +95,22 @@ def sample_rows(root: str, rows: list[dict], undecodable: list[str]) -> list[tup
         by_shard.setdefault(row["shard"], set()).add(row["key"])
     keys = [row["key"] for row in rows]
     for shard, wanted in by_shard.items():
-        for key, fields in iter_samples(layout.shard_tar(shard)):
-            if key in wanted and image_of(fields):
-                wanted.discard(key)
-                try:
-                    uri = thumbnail(image_of(fields))
-                except Exception as error:  # noqa: BLE001 - any decoder error: one row fewer, counted and named
-                    log.warning("report: the image of %s does not decode (%s): not shown", key, error)
-                    undecodable.append(key)
-                    continue
-                found[key] = (uri, fields.get("txt", b"").decode("utf-8", "replace"))
-                if not wanted:
-                    break  # the rest of the tar is not read
+        try:
+            for key, fields in iter_samples(layout.shard_tar(shard)):
+                if key in wanted and image_of(fields):
+                    wanted.discard(key)
+                    try:
+                        uri = thumbnail(image_of(fields))
+                    except Exception as error:  # noqa: BLE001 - any decoder error: one row fewer, counted and named
+                        log.warning("report: the image of %s does not decode (%s): not shown", key, error)
+                        undecodable.append(key)
+                        continue
+                    found[key] = (uri, fields.get("txt", b"").decode("utf-8", "replace"))
+                    if not wanted:
+                        break  # the rest of the tar is not read
+        except ShardReadError as error:  # a damaged tar: its rows not yet found are not shown, counted and named
+            log.warning("report: %s: %d rows not shown", error, len(wanted))
+            undecodable.extend(sorted(wanted))
     return [(key, *found[key]) for key in keys if key in found]
 
 
