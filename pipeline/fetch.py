@@ -116,12 +116,35 @@ _resolve = socket.getaddrinfo
 _connect = socket.create_connection
 
 
-def checked_addresses(host: str, port: int, policy: FetchPolicy) -> list[str]:
+def _lookup(host: str, port: int, deadline: float, timeout: float) -> list:
+    """getaddrinfo within the request's deadline: the resolver has no timeout of its own (a slow DNS server
+    holds it for its retries, 10 s and more), so it runs in a thread the request stops waiting for."""
+    answer: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            answer["infos"] = _resolve(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            answer["refused"] = True
+        except Exception as error:  # noqa: BLE001 - handed to the request's thread
+            answer["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="dns").start()
+    if not done.wait(_remaining(deadline, timeout)):
+        raise RequestTimeout(f"timed out: no address within {timeout:g} s")
+    if "refused" in answer:
+        raise Refused(P.REFUSED_NO_ADDRESS)
+    if "error" in answer:
+        raise answer["error"]
+    return answer["infos"]
+
+
+def checked_addresses(host: str, port: int, policy: FetchPolicy, deadline: Optional[float] = None) -> list[str]:
     """The addresses of `host` the policy allows, in the resolver's order; raises Refused if there are none."""
-    try:
-        infos = _resolve(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise Refused(P.REFUSED_NO_ADDRESS) from None
+    infos = _lookup(host, port, time.monotonic() + policy.timeout if deadline is None else deadline, policy.timeout)
     allowed, refusals = [], []
     for address in dict.fromkeys(str(info[4][0]) for info in infos):
         refusal = P.address_refusal(address, policy.allow_private_network)
@@ -180,7 +203,7 @@ def _open(url: str, policy: FetchPolicy, deadline: float):
     kind = _PinnedHTTPS if parts.scheme.lower() == "https" else _PinnedHTTP
     headers = {"User-Agent": P.user_agent(policy.user_agent_token), "Accept": "image/*,*/*;q=0.8"}
     error: Optional[BaseException] = None
-    for address in checked_addresses(parts.hostname, port, policy):
+    for address in checked_addresses(parts.hostname, port, policy, deadline):
         connection = kind(parts.hostname, port, address, timeout=min(policy.timeout, _remaining(deadline, policy.timeout)))
         try:
             connection.request("GET", target, headers=headers)

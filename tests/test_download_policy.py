@@ -237,3 +237,17 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_resolver_that_never_answers_is_bounded_by_the_request_deadline(monkeypatch):
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(fetch_module, "_resolve", lambda *a, **k: release.wait(60) and [])  # a DNS that hangs
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            fetch("http://slow-dns.test/a.png", FetchPolicy(timeout=0.5, allow_private_network=True))
+    finally:
+        release.set()
+    assert time.monotonic() - started < 5  # not the resolver's 60 s
