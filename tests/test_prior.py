@@ -337,3 +337,22 @@ def test_r_precision_clip_score_and_cmmd_tell_matching_from_unrelated():
     shifted = l2norm(torch.randn(200, DIM) + 2.0)
     assert 0 <= cmmd(same_a, same_b) < 0.2 * cmmd(same_a, shifted)
     assert cmmd(same_a, same_a) == pytest.approx(0, abs=1e-4)
+
+
+def test_the_prior_network_attends_causally_inside_its_blocks():
+    # a token never sees the tokens after it: the noised image and the query may not change what the blocks make
+    # of the text and time tokens before them (only the final token, read at the end, sees everything)
+    from dalle2.prior import DiffusionPriorNetwork
+
+    torch.manual_seed(0)
+    net = DiffusionPriorNetwork(dim=16, depth=3, heads=2, dim_head=8, embed_dim=8).eval()
+    seen: list[torch.Tensor] = []
+    hook = net.blocks[1].register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    text, t = torch.randn(2, 8), torch.tensor([3, 7])
+    net(torch.randn(2, 8), t, text)
+    net(torch.randn(2, 8), t, text)  # another noised image: tokens 0-1 (text, time) must not notice
+    net(torch.randn(2, 8), t, torch.randn(2, 8))  # another text: every later token does
+    hook.remove()
+    torch.testing.assert_close(seen[1][:, :2], seen[0][:, :2])
+    assert (seen[1][:, 2:] - seen[0][:, 2:]).abs().amax() > 1e-3
+    assert (seen[2][:, 1:] - seen[0][:, 1:]).abs().amax() > 1e-3
