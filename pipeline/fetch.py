@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import ipaddress
 import socket
 import ssl
 import threading
@@ -119,6 +120,11 @@ _connect = socket.create_connection
 def _lookup(host: str, port: int, deadline: float, timeout: float) -> list:
     """getaddrinfo within the request's deadline: the resolver has no timeout of its own (a slow DNS server
     holds it for its retries, 10 s and more), so it runs in a thread the request stops waiting for."""
+    try:  # an address literal needs no DNS (nor a thread)
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return _resolve(host, port, type=socket.SOCK_STREAM)
+    except ValueError:
+        pass
     answer: dict = {}
     done = threading.Event()
 

@@ -14,6 +14,7 @@ metadata service or the Ray dashboard, and a server may write anything into its 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Iterable, Optional
@@ -124,6 +125,7 @@ def scheme_refusal(url: str) -> Optional[str]:
 
 
 # ---- who we are, and who opted out ----
+@functools.lru_cache(maxsize=16)  # importlib.metadata reads the installed files: once per token, not per request
 def user_agent(token: Optional[str]) -> str:
     """Our User-Agent: the project, its version and README, and the configured token (img2dataset's form)."""
     try:
