@@ -155,25 +155,21 @@ def follow_progress(path: str, job_name: str, total: Optional[int]):
 
 
 def latest_checkpoint(root: str, job_name: str, skip: tuple[str, ...] = ()) -> Optional[str]:
-    """The newest complete checkpoint folder of a job (its COMPLETE marker there and its files matching it), from
-    its summary or by listing its run folder; incomplete ones (a crash mid-save) and those in `skip` are passed
-    over with a warning naming them."""
+    """The newest complete checkpoint folder of a job (its COMPLETE marker there and its files matching it), of
+    those its summary names and its run folder lists; incomplete ones (a crash mid-save) are passed over with a
+    warning naming them, and those in `skip` silently."""
     from dalle2.checkpoint import incomplete_reason
     from pipeline.storage import exists, list_files, read_json
 
     from .checkpoints import with_scheme
 
     summary = f"{storage_path(root)}/{job_name}_summary.json"
-    candidates = []
+    found = {with_scheme(root, p).rstrip("/") for p in list_files(f"{storage_path(root)}/{job_name}")
+             if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")}
     if exists(summary) and read_json(summary).get("checkpoint"):
-        candidates.append(with_scheme(root, read_json(summary)["checkpoint"]))
-    folders = [p for p in list_files(f"{storage_path(root)}/{job_name}") if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")]
-    candidates += sorted((with_scheme(root, p) for p in folders), reverse=True)  # Ray names them by time: newest first
-    passed = {s.rstrip("/") for s in skip}
-    for candidate in candidates:
-        if candidate.rstrip("/") in passed:
-            continue
-        passed.add(candidate.rstrip("/"))
+        found.add(with_scheme(root, read_json(summary)["checkpoint"]).rstrip("/"))
+    # Ray names checkpoints by the time they were made: the newest first, whichever run made it
+    for candidate in sorted(found - {s.rstrip("/") for s in skip}, key=lambda p: p.rsplit("/", 1)[-1], reverse=True):
         reason = incomplete_reason(candidate)
         if reason is None:
             return candidate
