@@ -169,7 +169,7 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.address = address
 
     def connect(self) -> None:
-        self.sock = _connect((self.address, self.port), self.timeout)
+        self.sock = self.pinned = _connect((self.address, self.port), self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -182,7 +182,7 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = _connect((self.address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self.pinned = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def _remaining(deadline: float, timeout: float) -> float:
@@ -250,8 +250,9 @@ def _read_body(connection, response, policy: FetchPolicy, deadline: float) -> by
         raise Refused(P.TOO_LARGE_BYTES)  # the Content-Length says so: not one byte of the body is read
     body, area = bytearray(), None
     while True:
-        if connection.sock is not None:  # each read waits at most what is left of the deadline
-            connection.sock.settimeout(_remaining(deadline, policy.timeout))
+        # each read waits at most what is left of the deadline; `pinned`, not `sock`: http.client hands the
+        # socket to the response (sock = None) when the server will close, and the reads still go to it
+        connection.pinned.settimeout(_remaining(deadline, policy.timeout))
         try:
             chunk = response.read1(CHUNK)
         except http.client.IncompleteRead:

@@ -251,3 +251,12 @@ def test_a_resolver_that_never_answers_is_bounded_by_the_request_deadline(monkey
     finally:
         release.set()
     assert time.monotonic() - started < 5  # not the resolver's 60 s
+
+
+def test_the_deadline_holds_when_the_server_closes_instead_of_sending_a_length(web):
+    # http.client gives such a response the socket (connection.sock = None): each read must still get
+    # only what is left of the deadline, or a byte every 1.8 s holds a 2 s request for 3.6 s
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        fetch(web.url + "/drip-close", FetchPolicy(timeout=2.0, allow_private_network=True))
+    assert time.monotonic() - started < 3.0

@@ -151,6 +151,15 @@ class WorstWeb:
             self.stream_zeros(handler, png_header_claiming(40, 40))
         elif path == "/late-size.jpg":
             send(200, self.late_size, headers={"Content-Type": "image/jpeg"})
+        elif path == "/drip-close":  # no length, the server closes at the end: a byte every 1.8 s (served only)
+            handler.send_response(200)
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            for i in range(10):
+                handler.wfile.write(self.good[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(1.8)
+            handler.close_connection = True
         elif path == "/noai.png":
             send(200, self.good, headers={"X-Robots-Tag": "noarchive, NoAI"})
         elif path == "/noimageai-for-us.png":
