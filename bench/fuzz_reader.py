@@ -23,6 +23,21 @@ log = logging.getLogger("fuzz_reader")
 ROUND = 200  # examples a hypothesis run; the time left is checked between runs
 
 
+def slow_again(checker, data: bytes) -> bool:
+    """Whether `data` is still slow to read, timed 3 times afresh (over a tenth of SECONDS each time)."""
+    from tests.tar_fuzz import SECONDS
+
+    for _ in range(3):
+        started = time.perf_counter()
+        try:
+            checker.check(data)
+        except AssertionError:
+            pass
+        if time.perf_counter() - started < SECONDS / 10:
+            return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -33,7 +48,7 @@ def main() -> int:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from tests.tar_fuzz import Checker, shards
+    from tests.tar_fuzz import SECONDS, Checker, shards
 
     checker, outcomes, failures = Checker(measure_memory=not args.no_memory), Counter(), {}
     inputs = st.one_of(shards(), shards(), shards(), st.binary(max_size=3000))
@@ -56,6 +71,10 @@ def main() -> int:
         except Exception as error:  # noqa: BLE001 - shrunk by hypothesis (several at once: a group): the findings
             for one in error.exceptions if isinstance(error, BaseExceptionGroup) else [error]:
                 finding = (str(one).splitlines() or [type(one).__name__])[0][:300]
+                if "still running" in finding and not slow_again(checker, getattr(read, "last_input", b"")):
+                    outcomes["timing outlier, not reproduced"] += 1  # a busy machine, not the reader
+                    log.warning("a read over %s s that took under a tenth of that 3 times again: %s", SECONDS, finding)
+                    continue
                 if finding not in failures:
                     failures[finding] = getattr(read, "last_input", b"")[:200]
                     log.error("FAILURE %d: %s; input (first 200 bytes): %r", len(failures), finding, failures[finding])
