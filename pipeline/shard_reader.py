@@ -98,7 +98,7 @@ def _pax_records(records: bytes, offset: int) -> dict[bytes, bytes]:
     does not move past its own digits (the issue's `0 path=x`) or runs past the header is an error."""
     position, found = 0, {}
     while position < len(records):
-        if not records[position:].strip(b"\0"):  # NUL padding after the last record
+        if records[position] == 0 and not records[position:].strip(b"\0"):  # NUL padding after the last record
             break
         length_text, space, _ = records[position:position + 20].partition(b" ")
         length = int(length_text) if space and length_text.isdigit() else -1
