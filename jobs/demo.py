@@ -209,12 +209,29 @@ def claim_root(root: str) -> None:
     if exists(f"{root}/{DEMO_MARKER}"):
         return
     found = list_files(root)
-    if found:
+    if found and not made_by_an_earlier_demo(root):
         raise ConfigError(f"root: {root} already holds files ({', '.join(f.rsplit('/', 1)[-1] for f in found[:5])}"
                          f"{', ...' if len(found) > 5 else ''}) and is not a run the demo made (it has no {DEMO_MARKER}): "
                          "the demo would write into it and delete its inputs/ folder. Give a new or empty folder.")
     write_json(f"{root}/{DEMO_MARKER}", {"made_by": "dalle2 demo", "purpose": "marks a root whose inputs/ the demo "
                                          "may delete and split again"})
+
+
+def made_by_an_earlier_demo(root: str) -> bool:
+    """A root an earlier version of the demo ran in, before roots were claimed: its config.yaml names the demo's
+    own URL list, a urls.csv in a temporary folder that the demo removed when it ended."""
+    import yaml
+
+    from pipeline.storage import exists, read_bytes
+
+    try:
+        config = yaml.safe_load(read_bytes(f"{root}/config.yaml"))
+        url_list = config["download"]["url_list"]
+    except Exception:  # noqa: BLE001 - no config.yaml, or not one of ours: not a demo run
+        return False
+    folder, name = os.path.split(str(url_list))
+    return (name == "urls.csv" and os.path.dirname(folder) == tempfile.gettempdir()
+            and os.path.basename(folder).startswith("tmp") and not exists(url_list))
 
 
 def forget_stale_inputs(config) -> None:

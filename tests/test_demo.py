@@ -52,6 +52,24 @@ def test_only_a_root_the_demo_claimed_has_its_stale_inputs_forgotten(tmp_path):
     forget_stale_inputs(RunConfig(root=str(ours)))
     assert not (ours / "inputs").exists()
 
+    # a runs/demo of an earlier version (no marker yet): its config.yaml names the demo's own URL list, a urls.csv
+    # in a temporary folder gone since; it is the demo's, claimed again. A user's list that still exists is not.
+    import tempfile
+
+    for url_list, claimed in ((os.path.join(tempfile.gettempdir(), "tmpab12cd34", "urls.csv"), True),
+                              (str(tmp_path / "my-list" / "urls.csv"), False)):
+        earlier = tmp_path / f"earlier-{claimed}"
+        (earlier / "inputs").mkdir(parents=True)
+        (earlier / "config.yaml").write_text(yaml.safe_dump({"root": str(earlier), "download": {"url_list": url_list}}))
+        if claimed:
+            claim_root(str(earlier))
+            assert (earlier / DEMO_MARKER).exists()
+        else:
+            (tmp_path / "my-list").mkdir()
+            (tmp_path / "my-list" / "urls.csv").write_text("url,caption\n")
+            with pytest.raises(ConfigError, match="is not a run the demo made"):
+                claim_root(str(earlier))
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the whole demo, about 8 minutes here
 def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_their_prompts(tmp_path, capsys):
