@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -50,7 +51,8 @@ def main() -> int:
 
     from tests.tar_fuzz import SECONDS, Checker, shards
 
-    checker, outcomes, failures = Checker(measure_memory=not args.no_memory), Counter(), {}
+    scratch = tempfile.TemporaryDirectory(prefix="fuzz-reader-")
+    checker, outcomes, failures = Checker(scratch.name, measure_memory=not args.no_memory), Counter(), {}
     inputs = st.one_of(shards(), shards(), shards(), st.binary(max_size=3000))
 
     @settings(max_examples=ROUND, deadline=None, database=None, suppress_health_check=list(HealthCheck))

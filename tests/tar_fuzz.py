@@ -12,7 +12,6 @@ import gzip
 import lzma
 import os
 import signal
-import tempfile
 import tracemalloc
 
 from hypothesis import strategies as st
@@ -110,9 +109,8 @@ class Checker:
     """Reads fuzzed shards through iter_samples from one scratch file; `check` raises AssertionError on a
     finding. Memory is measured by tracemalloc (Python's allocations: every bytes object the reader holds)."""
 
-    def __init__(self, measure_memory: bool = True):
-        self.folder = tempfile.mkdtemp(prefix="fuzz-reader-")
-        self.path = os.path.join(self.folder, "shard.tar")
+    def __init__(self, folder: str, measure_memory: bool = True):
+        self.path = os.path.join(folder, "shard.tar")
         self.measure_memory, self.executions = measure_memory, 0
         signal.signal(signal.SIGALRM, _alarm)
 

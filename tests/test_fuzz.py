@@ -15,8 +15,8 @@ from tests.tar_fuzz import Checker, shards
 FUZZ = dict(deadline=1000, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-def test_reader_raises_only_its_own_error_on_fuzzed_shards():
-    checker, outcomes = Checker(), Counter()
+def test_reader_raises_only_its_own_error_on_fuzzed_shards(tmp_path):
+    checker, outcomes = Checker(str(tmp_path)), Counter()
 
     @settings(max_examples=300, **FUZZ)
     @given(shards())
@@ -29,8 +29,8 @@ def test_reader_raises_only_its_own_error_on_fuzzed_shards():
     assert outcomes["read"] >= 30, outcomes
 
 
-def test_reader_raises_only_its_own_error_on_random_bytes():
-    checker = Checker()
+def test_reader_raises_only_its_own_error_on_random_bytes(tmp_path):
+    checker = Checker(str(tmp_path))
 
     @settings(max_examples=100, **FUZZ)
     @given(st.one_of(st.binary(max_size=3000), st.binary(max_size=3000).map(lambda b: b"\x1f\x8b\x08" + b)))
