@@ -264,6 +264,20 @@ def plan_embed(layout: RunLayout, shards: list[str]) -> dict[str, ShardInfo]:
     return {s: infos[s] for s in todo}
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's own progress off, and its notes kept to its log file, unless the user asked for Ray's output:
+    the stage shows one bar of its own, and in a log file Ray Data writes a dozen lines every 10 s (a slow
+    machine's log grew with its wall time)."""
+    import ray
+
+    from .console import verbose
+
+    if verbose():
+        return
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
 def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
     """Embed every downloaded shard that is not embedded yet; returns the stage summary."""
     import ray
@@ -302,6 +316,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
         image_size, _, _ = clip_input_spec(model_name)
         embed_dim = int(clip_model_config(model_name)["embed_dim"])
         ensure_ray(ray_config, config.resources, "embed.resources")
+        quiet_ray_data()
         marks["ray_s"] = time.time()
         placed = {"resources": config.resources} if config.resources else {}  # on the node type that embeds
         items = [{SHARD: s, "tar": infos[s].tar} for s in todo]

@@ -155,6 +155,9 @@ class ShardTracker:
         # figures: the driver keeps nothing per part)
         self.first_at, self.rows_at_first, self.rows_total, self.last_at = float("inf"), 0, 0, 0.0
         self.loaded_at = float("inf")  # when the first CLIP actor had its model loaded
+        from .console import progress_bar
+
+        self.progress = progress_bar(total=len(infos), desc="embed", unit="shard")  # shards written or failed
         self.remote = ray.remote(finish_shard).options(num_cpus=config.decode_cpus, max_retries=2,
                                                        retry_exceptions=True, resources=config.resources)
 
@@ -177,6 +180,12 @@ class ShardTracker:
             if shard not in self.failures and self.ends.get(shard) == self.rows[shard]:
                 self.submit(shard)
         self.collect(timeout=0)
+
+    def advance(self) -> None:
+        """Move the progress bar to the shards that have ended, written or failed."""
+        ended = len(self.finished | set(self.failures))
+        if ended > self.progress.n:
+            self.progress.update(ended - self.progress.n)
 
     def time_rows(self, first: float, first_rows: int, last: float, rows: int) -> None:
         if first < self.first_at:
@@ -221,8 +230,10 @@ class ShardTracker:
                     self.failures[shard] = f"{type(cause).__name__}: {cause}"
                     log.error("embed: shard %s failed: %s", shard, self.failures[shard])
             self.start_waiting()
+            self.advance()
             if timeout is not None:
                 return
+        self.advance()
 
     def close(self) -> dict[str, str]:
         """Wait for the shards being written; fail those whose samples did not all arrive; {shard: error}."""
@@ -230,6 +241,8 @@ class ShardTracker:
         for shard, info in self.infos.items():
             if shard not in self.finished and shard not in self.failures:
                 self.failures[shard] = f"only {self.rows[shard]} of {self.ends.get(shard, '?')} samples of {info.tar} came back"
+        self.advance()
+        self.progress.close()
         return self.failures
 
     def steady_timing(self, started: float, marks: dict[str, float]) -> dict:
