@@ -89,8 +89,8 @@ class LogProgress:
         """Count `n` more done; writes a line when that crosses a quarter of the total."""
         self.n += n
         if self.total:
-            mark = min(self.MARKS - 1, self.n * self.MARKS // self.total)
-            if mark > self._mark:
+            mark = self.n * self.MARKS // self.total
+            if self._mark < mark < self.MARKS:  # the end is written once, by close
                 self._mark = mark
                 self._write()
 

@@ -61,11 +61,15 @@ def test_progress_in_a_log_file_writes_at_quarters_of_the_work_whatever_the_cloc
     assert [line.split(" [")[0] for line in lines] == ["download:  30% 3/10 shard", "download:  50% 5/10 shard",
                                                        "download:  80% 8/10 shard", "download: 100% 10/10 shard"]
     assert lines[-1].endswith("loss=0.5]")
-    # a training bar that jumps from step 0 to the end writes two lines (one crossing, the end), not one a second
+    # a training bar that jumps from step 0 to the end writes its end, once, not a line a second
     progress = console.progress_bar(total=400, desc="train-prior", unit="step")
     progress.update(400)
     progress.close()
-    assert len(capsys.readouterr().err.splitlines()) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    # one shard (the demo's stages have a few): its end written once
+    with console.progress_bar(total=1, desc="embed", unit="shard") as progress:
+        progress.update(1)
+    assert [line.split(" [")[0] for line in capsys.readouterr().err.splitlines()] == ["embed: 100% 1/1 shard"]
     # an iterable of unknown length: its count at the end, once
     assert list(console.progress_bar(iterable=(i for i in range(7)), desc="filter", unit="shard")) == list(range(7))
     assert capsys.readouterr().err.splitlines()[0].startswith("filter: 7 shard [")
