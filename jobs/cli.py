@@ -52,6 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.ledger import StaleRunError
 
     from .config_io import ConfigError
+    from .stages import StageStopped
 
     from pipeline.distributor import stop_embedded_ray
 
@@ -61,6 +62,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, StaleRunError) as error:  # a bad config or root, stale outputs: one line, no traceback
         print(f"dalle2 {command}: {error}", file=sys.stderr)
         return 2
+    except StageStopped as error:  # the run stopped after a stage, for a reason the stage counted
+        print(f"dalle2 {command}: {error}", file=sys.stderr)
+        return 1
     finally:
         stop_embedded_ray()
     if isinstance(result, dict) and (result.get("failed_shards") or result.get("problems")):

@@ -99,6 +99,10 @@ STAGES = [
 ]
 
 
+class StageStopped(RuntimeError):
+    """A stage ended in a state the stages after it cannot use (failed shards, no rows): the run stops there."""
+
+
 def run_all(run: RunConfig, config_args: list[str], timings: dict | None = None) -> dict[str, str]:
     """Run every wanted stage in order, skipping complete ones; returns {stage: 'ran' | 'skipped' | 'not wanted'}
     and fills `timings` with each stage's seconds."""
@@ -119,6 +123,11 @@ def run_all(run: RunConfig, config_args: list[str], timings: dict | None = None)
         summary = importlib.import_module(stage.module).main(config_args)
         timings[stage.name] = round(time.time() - started, 1)
         if summary.get("failed_shards"):
-            raise RuntimeError(f"{stage.name} left failed shards {sorted(summary['failed_shards'])}: re-run to retry them")
+            raise StageStopped(f"{stage.name} left failed shards {sorted(summary['failed_shards'])}: re-run to retry them")
+        if stage.name == "download" and summary.get("rows_in") and not summary.get("written"):
+            # nothing to train on: say why here, not as an empty sample plan three stages later
+            reasons = sorted(summary.get("failed_by_reason", {}).items(), key=lambda item: -item[1])[:3]
+            raise StageStopped(f"download wrote none of its {summary['rows_in']} rows; the most common reasons: "
+                               + "; ".join(f"{reason} ({count})" for reason, count in reasons))
         outcome[stage.name] = "ran"
     return outcome
