@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 
 
 class StrictModel(BaseModel):
-    """Base of every config: unknown fields are errors, so typos are caught at start."""
+    """Base of every config: unknown fields are errors, so typos are caught at start; so are inf and nan
+    (pydantic lets `.inf` through PositiveFloat: download.max_image_area=.inf was an OverflowError in every shard)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DiffusionConfig(StrictModel):

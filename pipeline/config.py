@@ -9,6 +9,8 @@ from pydantic import AfterValidator, Field, NonNegativeInt, PositiveFloat, Posit
 
 from dalle2.configs import StrictModel
 
+from .policy import DEFAULT_DISALLOWED_DIRECTIVES
+
 
 def _custom_only(resources: dict[str, float]) -> dict[str, float]:
     reserved = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(resources))
@@ -51,13 +53,14 @@ class DownloadConfig(StrictModel):
     # img2dataset's key has ceil(log10(n)) index digits: n = 1 would give none, so 2 is the least
     samples_per_shard: int = Field(default=1000, ge=2)
     threads: PositiveInt = 16  # download threads per shard
-    timeout: PositiveFloat = 10.0  # seconds per image request, the whole body included
+    timeout: float = Field(default=10.0, gt=0, le=3600)  # seconds per image request, the whole body included
     retries: NonNegativeInt = 0  # per image
     shard_retries: NonNegativeInt = 2  # a failed shard task is run again this many times
     # seconds from submitting a shard task to its end (queue and retries included) before it is cancelled and
     # failed (Ray); None: no limit, each request's own `timeout` bounds a shard to rows x timeout / threads
-    shard_timeout: Optional[PositiveFloat] = None
-    max_image_area: PositiveFloat = 1e8  # larger images fail with a reason, before their body is read
+    shard_timeout: Optional[float] = Field(default=None, gt=0, le=7 * 86400)
+    # larger images fail with a reason, before their body is read; OpenCV's limit is set from it as an integer
+    max_image_area: float = Field(default=1e8, gt=0, le=1e12)
     cpus_per_shard: PositiveFloat = 0.5
     resources: Resources = {}  # e.g. {cpu_pool: 0.001}: download on the CPU workers
     distributor: Literal["ray", "local"] = "ray"
@@ -67,7 +70,7 @@ class DownloadConfig(StrictModel):
     allow_private_network: bool = False
     max_bytes: int = Field(default=32 << 20, ge=1024, le=1 << 31)  # per response body, refused past it
     # X-Robots-Tag directives that opt an image out (img2dataset's names and defaults); [] honours none
-    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    disallowed_header_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES))
     user_agent_token: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")  # also in User-Agent
     skip_malformed_rows: bool = False  # a malformed URL-list line: skipped and counted instead of an error
     redirects: int = Field(default=5, ge=0, le=20)  # hops followed, each one checked like the first URL
@@ -103,7 +106,7 @@ class EmbedConfig(StrictModel):
     # seconds a decode task may spend reading and decoding one shard (the time it waits for CLIP to take its
     # blocks is not counted) before the shard fails with this field named and the task moves on; a 10,000-sample
     # shard of 512 px JPEGs reads and decodes in well under a minute, so this stops only a hung read
-    shard_timeout: Optional[PositiveFloat] = 600.0
+    shard_timeout: Optional[float] = Field(default=600.0, gt=0, le=86400)
     # scratch-part writes and shard finishes at once, each: every task running at once needs its own worker
     # process, whose imports cost seconds of CPU on a small machine; raise it where writes wait on an object store
     write_concurrency: PositiveInt = 1

@@ -6,8 +6,10 @@
   checked address (no second lookup a rebinding DNS could answer otherwise), with the Host header and
   TLS SNI still the hostname; redirects are followed here, each hop checked the same way;
 - a whole-request deadline: urllib's `timeout` bounds each socket read, so a server that sends one
-  byte a second never times out; here each read gets what is left of one deadline;
-- `max_bytes`: a Content-Length over it is refused before the body, and the body is cut at it;
+  byte a second never times out; here every read of the connection (TLS handshake, status line, headers,
+  chunk framing, body) gets what is left of one deadline;
+- `max_bytes`: a Content-Length over it is refused before the body, and the body is cut at it; all the bytes
+  received on the connection (head and framing too: an endless `100 Continue`) are capped at max_bytes + 64 KiB;
 - the image size is parsed as soon as the header has arrived: an image over `max_image_area`, or whose
   size is not in its first MiB, fails before OpenCV decodes it;
 - X-Robots-Tag opt-outs (img2dataset's rule) are honoured before the body is read.
@@ -22,6 +24,7 @@ import contextlib
 import http.client
 import io
 import ipaddress
+import os
 import socket
 import ssl
 import threading
@@ -36,17 +39,25 @@ from .faults import crash_point
 CHUNK = 1 << 16
 HEADER_PROBE_LIMIT = 1 << 20  # an image whose size is not in its first MiB is refused
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+HEAD_ALLOWANCE = 64 << 10  # bytes a response may spend on its status line, headers and chunk framing
+
+
+def _default(name: str):
+    """DownloadConfig's default of a field: the one place the policy's defaults are written."""
+    from .config import DownloadConfig
+
+    return DownloadConfig.model_fields[name].get_default(call_default_factory=True)
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """The limits of one request (from DownloadConfig)."""
+    """The limits of one request (from DownloadConfig, whose defaults these are)."""
 
-    timeout: float = 10.0
-    max_image_area: float = 1e8
-    max_bytes: int = 32 << 20
-    allow_private_network: bool = False
-    redirects: int = 5
+    timeout: float = _default("timeout")
+    max_image_area: float = _default("max_image_area")
+    max_bytes: int = _default("max_bytes")
+    allow_private_network: bool = _default("allow_private_network")
+    redirects: int = _default("redirects")
     user_agent_token: Optional[str] = None
     disallowed_header_directives: tuple[str, ...] = tuple(P.DEFAULT_DISALLOWED_DIRECTIVES)
 
@@ -161,28 +172,90 @@ def checked_addresses(host: str, port: int, policy: FetchPolicy, deadline: Optio
     return allowed
 
 
+class _Guard:
+    """One request's deadline and byte budget, shared by every read of its connections."""
+
+    def __init__(self, deadline: float, timeout: float, budget: int):
+        self.deadline, self.timeout, self.budget, self.received = deadline, timeout, budget, 0
+
+    def left(self) -> float:
+        return _remaining(self.deadline, self.timeout)
+
+
+class _GuardedRaw(io.RawIOBase):
+    """The socket reads of a response: each waits at most what is left of the deadline, and all of them together
+    (status line, headers, chunk-size lines, trailers, body) stop at the request's byte budget. http.client's own
+    timeout covers one recv at a time, and the head and framing take many: a header byte every 0.3 s held a
+    1 s request for 14 s, and an endless `100 Continue` was read for ever."""
+
+    def __init__(self, buffered, sock, guard: _Guard):
+        super().__init__()
+        self.buffered, self.sock, self.guard = buffered, sock, guard  # buffered: makefile's, kept for its close
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(self.guard.left())
+        count = self.buffered.raw.readinto(buffer) or 0
+        self.guard.received += count
+        if self.guard.received > self.guard.budget:
+            raise Refused(P.TOO_LARGE_BYTES)
+        return count
+
+    def close(self) -> None:
+        if not self.closed:
+            self.buffered.close()
+        super().close()
+
+
+class _GuardedResponse(http.client.HTTPResponse):
+    """A response whose every read goes through the request's guard."""
+
+    def __init__(self, sock, guard: _Guard, **kwargs):
+        super().__init__(sock, **kwargs)
+        self.fp = io.BufferedReader(_GuardedRaw(self.fp, sock, guard), CHUNK)
+
+
 class _PinnedHTTP(http.client.HTTPConnection):
     """An HTTP connection to one checked address; the Host header still names the host."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self.address = address
+    def __init__(self, host: str, port: int, address: str, guard: _Guard):
+        super().__init__(host, port, timeout=guard.left())
+        self.address, self.guard = address, guard
+        self.response_class = lambda sock, **kwargs: _GuardedResponse(sock, guard, **kwargs)
 
     def connect(self) -> None:
-        self.sock = self.pinned = _connect((self.address, self.port), self.timeout)
+        self.sock = self.pinned = _connect((self.address, self.port), self.guard.left())
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(self.guard.left())  # the request's send
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
+_CONTEXTS: dict = {}
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The default TLS context, made once per process (116 ms each on a loaded machine), again only if the
+    certificate store it reads (SSL_CERT_FILE / SSL_CERT_DIR) is changed."""
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = ssl.create_default_context()
+    return _CONTEXTS[key]
+
+
+class _PinnedHTTPS(_PinnedHTTP, http.client.HTTPSConnection):
     """An HTTPS connection to one checked address; SNI and the certificate check still use the host name."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self.address = address
+    def __init__(self, host: str, port: int, address: str, guard: _Guard):
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=guard.left(), context=_tls_context())
+        self.address, self.guard = address, guard
+        self.response_class = lambda sock, **kwargs: _GuardedResponse(sock, guard, **kwargs)
 
     def connect(self) -> None:
-        sock = _connect((self.address, self.port), self.timeout)
+        sock = _connect((self.address, self.port), self.guard.left())
+        sock.settimeout(self.guard.left())  # the whole handshake: the ssl module bounds it as one call
         self.sock = self.pinned = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock.settimeout(self.guard.left())
 
 
 def _remaining(deadline: float, timeout: float) -> float:
@@ -192,7 +265,7 @@ def _remaining(deadline: float, timeout: float) -> float:
     return left
 
 
-def _open(url: str, policy: FetchPolicy, deadline: float):
+def _open(url: str, policy: FetchPolicy, deadline: float, guard: Optional[_Guard] = None):
     """(connection, response) for one hop of `url`, checked before any connection is made."""
     refusal = P.scheme_refusal(url)
     if refusal:
@@ -209,22 +282,27 @@ def _open(url: str, policy: FetchPolicy, deadline: float):
     kind = _PinnedHTTPS if parts.scheme.lower() == "https" else _PinnedHTTP
     headers = {"User-Agent": P.user_agent(policy.user_agent_token), "Accept": "image/*,*/*;q=0.8"}
     error: Optional[BaseException] = None
+    guard = guard or _Guard(deadline, policy.timeout, policy.max_bytes + HEAD_ALLOWANCE)
     for address in checked_addresses(parts.hostname, port, policy, deadline):
-        connection = kind(parts.hostname, port, address, timeout=min(policy.timeout, _remaining(deadline, policy.timeout)))
+        connection = kind(parts.hostname, port, address, guard)
         try:
             connection.request("GET", target, headers=headers)
             return connection, connection.getresponse()
         except OSError as e:  # refused or unreachable: the next checked address, as create_connection does
             connection.close()
             error = e
+        except BaseException:  # a refusal (too many bytes in the head): the socket is closed, not left to the GC
+            connection.close()
+            raise
     raise error  # type: ignore[misc]
 
 
 def fetch(url: str, policy: FetchPolicy) -> bytes:
     """The body of `url` under `policy`, within its timeout in all; raises Refused (a reason) or an error."""
     deadline = time.monotonic() + policy.timeout
+    guard = _Guard(deadline, policy.timeout, policy.max_bytes + HEAD_ALLOWANCE)  # the budget spans the hops
     for _ in range(policy.redirects + 1):
-        connection, response = _open(url, policy, deadline)
+        connection, response = _open(url, policy, deadline, guard)
         try:
             if response.status in REDIRECT_CODES:
                 location = response.getheader("Location")
@@ -250,9 +328,8 @@ def _read_body(connection, response, policy: FetchPolicy, deadline: float) -> by
         raise Refused(P.TOO_LARGE_BYTES)  # the Content-Length says so: not one byte of the body is read
     body, area = bytearray(), None
     while True:
-        # each read waits at most what is left of the deadline; `pinned`, not `sock`: http.client hands the
-        # socket to the response (sock = None) when the server will close, and the reads still go to it
-        connection.pinned.settimeout(_remaining(deadline, policy.timeout))
+        # each read waits at most what is left of the deadline (the response's _GuardedRaw: http.client hands the
+        # socket to the response, connection.sock = None, when the server will close, and the reads still go to it)
         try:
             chunk = response.read1(CHUNK)
         except http.client.IncompleteRead:

@@ -35,6 +35,10 @@ METADATA_ADDRESSES = {
 }
 LINK_LOCAL = [ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10")]
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # an IPv4 address embedded in IPv6 reaches that IPv4 host
+# RFC 8215's local-use NAT64 prefix: the operator picks the prefix length (RFC 6052: /48, /56, /64 or /96 within
+# it), so every place an IPv4 address can sit is judged
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # the deprecated ::a.b.c.d, which some stacks still route as IPv4
 
 # ---- the vocabulary of failure reasons: every reason a fetch can end with is made here ----
 REFUSED_PRIVATE = "refused: private address (set download.allow_private_network)"
@@ -50,7 +54,9 @@ TIMED_OUT = "timed out"
 TRUNCATED = "truncated body"
 DECODE_ERROR = "decode error"
 # img2dataset's resizer's own fixed messages (anything else it says becomes DECODE_ERROR)
-SCHEME_NAME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")
+# the schemes a refusal names; any other is `other`, so a server's Location cannot mint a new reason per redirect
+REFUSED_SCHEMES = ("file", "ftp", "ftps", "sftp", "data", "javascript", "gopher", "mailto", "ws", "wss", "jar",
+                   "blob", "about", "ldap", "dict", "smb", "tftp", "telnet", "s3", "gs", "none")
 RESIZER_MESSAGES = {"image too small", "image area too large", "aspect ratio too large", "Image decoding error",
                     "blurrer not defined", "hash mismatch"}
 
@@ -58,7 +64,7 @@ RESIZER_MESSAGES = {"image too small", "image area too large", "aspect ratio too
 def refused_scheme(scheme: str) -> str:
     """The reason for a URL of another scheme than http(s); an odd scheme is not echoed."""
     scheme = scheme.lower()
-    return f"refused: scheme {scheme if SCHEME_NAME.fullmatch(scheme) else 'other'}"
+    return f"refused: scheme {scheme if scheme in REFUSED_SCHEMES else 'other'}"
 
 
 def http_status(code: int) -> str:
@@ -89,7 +95,7 @@ FIXED_REASONS = {REFUSED_PRIVATE, REFUSED_METADATA, REFUSED_BAD_URL, REFUSED_NO_
                  TOO_LARGE_AREA, SIZE_UNREADABLE, TOO_MANY_REDIRECTS, REDIRECT_WITHOUT_LOCATION, TIMED_OUT, TRUNCATED,
                  DECODE_ERROR, "http invalid status"} | RESIZER_MESSAGES
 REASON_FORMS = re.compile(r"http [1-5]\d\d|error: [A-Za-z_]\w{0,63}|opted out: [a-z0-9_.-]{1,32}|"
-                          r"refused: scheme [a-z0-9+.-]{1,16}")
+                          r"refused: scheme (%s|other)" % "|".join(map(re.escape, REFUSED_SCHEMES)))
 
 
 def stable_reason(message: Optional[str]) -> str:
@@ -108,9 +114,15 @@ def address_refusal(address: str, allow_private: bool) -> Optional[str]:
         return REFUSED_BAD_URL
     if isinstance(ip, ipaddress.IPv6Address):  # an IPv4 address in IPv6 clothing is judged as that IPv4
         embedded = ip.ipv4_mapped or ip.sixtofour or (
-            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None)
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 or ip in IPV4_COMPATIBLE else None)
         if embedded is not None:
             return address_refusal(str(embedded), allow_private)
+        if ip in LOCAL_NAT64:
+            b = ip.packed  # RFC 6052's places for the prefix lengths /48, /56, /64, /96 (byte 8 is always skipped)
+            places = [b[6:8] + b[9:11], b[7:8] + b[9:12], b[9:13], b[12:16]]
+            refusals = {address_refusal(str(ipaddress.IPv4Address(p)), allow_private) for p in places}
+            if REFUSED_METADATA in refusals:
+                return REFUSED_METADATA
     if ip in METADATA_ADDRESSES or any(ip in net for net in LINK_LOCAL if net.version == ip.version):
         return REFUSED_METADATA
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback:

@@ -39,8 +39,10 @@ def test_every_row_of_the_worst_web_is_counted_with_its_reason_within_the_deadli
         summary = run_download(config, root)
         took = time.monotonic() - started
 
-    # the drip and the endless huge image would each hold a plain urllib request for WorstWeb.DRIP_SECONDS
-    assert took < TIMEOUT + 12, took
+    # the drip and the endless huge image would each hold a plain urllib request for WorstWeb.DRIP_SECONDS: the
+    # reasons below prove the deadline (a drip read to its end fails as `truncated body`, not `timed out`); the
+    # time bound only catches rows waited for one after another, with slack for a loaded 2-core machine
+    assert took < 2 * WorstWeb.DRIP_SECONDS, took
     assert summary["input_rows"] == summary["rows_in"] == len(rows) == summary["written"] + summary["failed"]
     expected_written = sum(reason is None for _, _, reason in web.cases)
     assert summary["written"] == expected_written == 8 and not summary["failed_shards"]

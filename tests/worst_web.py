@@ -170,6 +170,16 @@ class WorstWeb:
             handler.send_response(500, f"Broken #{next(self.status_texts)} $\\frac{{1}}{{0}}$")
             handler.send_header("Content-Length", "0")
             handler.end_headers()
+        elif path.startswith("/sized/"):  # a PNG header and zeros, N bytes in all, no length (served only)
+            size = int(path.rsplit("/", 1)[1])
+            handler.send_response(200)
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            head = png_header_claiming(40, 40)
+            handler.wfile.write(head + bytes(size - len(head)))
+            handler.close_connection = True
+        elif path.startswith("/odd-scheme/"):  # a new scheme on every redirect (served only)
+            send(302, b"", headers={"Location": f"pwn{path.rsplit('/', 1)[1]}x:/"})
         elif path.startswith("/redirect/"):
             target = {"ok": "/ok/1.png", "metadata": self.METADATA, "file": "file:///etc/hostname"}[path.rsplit("/", 1)[1]]
             send(302, b"", headers={"Location": target})
@@ -201,3 +211,54 @@ class WorstWeb:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class SlowHead:
+    """A raw TCP server on 127.0.0.1 for one connection that misbehaves below HTTP's body, where http.client's
+    per-read timeout never fires: `headers` drips the status line and headers a byte every DRIP seconds,
+    `chunked` drips a chunk-size line, `continue` sends `100 Continue` heads as fast as they are read.
+    After the client hangs up (or the server gives up, after LIMIT_SECONDS or LIMIT_BYTES), `open_for`
+    is how long the connection stayed open and `sent` the bytes the server managed to send."""
+
+    DRIP = 0.2
+    LIMIT_SECONDS = 20.0
+    LIMIT_BYTES = 64 << 20
+
+    def __init__(self, mode: str):
+        import socket
+
+        self.mode, self.open_for, self.sent = mode, None, 0
+        self.done = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/a.png"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        started = time.monotonic()
+        connection.settimeout(self.LIMIT_SECONDS)  # a client that neither reads nor hangs up
+        try:
+            connection.recv(65536)  # the request
+            if self.mode == "continue":
+                block = b"HTTP/1.1 100 Continue\r\n\r\n" * 1000
+                while self.sent < self.LIMIT_BYTES and time.monotonic() - started < self.LIMIT_SECONDS:
+                    connection.sendall(block)
+                    self.sent += len(block)
+            else:
+                head = b"HTTP/1.1 200 OK\r\n" + (b"Transfer-Encoding: chunked\r\n\r\n" if self.mode == "chunked" else b"")
+                connection.sendall(head)
+                self.sent += len(head)
+                filler = b"0" if self.mode == "chunked" else b"X-Pad: " + b"a" * 1000
+                for i in itertools.count():
+                    if time.monotonic() - started > self.LIMIT_SECONDS:
+                        break
+                    connection.sendall(filler[i % len(filler):][:1])
+                    self.sent += 1
+                    time.sleep(self.DRIP)
+        except OSError:  # the client hung up
+            pass
+        finally:
+            self.open_for = time.monotonic() - started
+            connection.close()
+            self.listener.close()
+            self.done.set()
