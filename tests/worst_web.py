@@ -216,7 +216,7 @@ class WorstWeb:
 class SlowHead:
     """A raw TCP server on 127.0.0.1 for one connection that misbehaves below HTTP's body, where http.client's
     per-read timeout never fires: `headers` drips the status line and headers a byte every DRIP seconds,
-    `chunked` drips a chunk-size line, `continue` sends `100 Continue` heads as fast as they are read.
+    `chunked` drips a chunk-size line, `tls` a TLS handshake record (after the ClientHello), `continue` sends `100 Continue` heads as fast as they are read.
     After the client hangs up (or the server gives up, after LIMIT_SECONDS or LIMIT_BYTES), `open_for`
     is how long the connection stayed open and `sent` the bytes the server managed to send."""
 
@@ -245,10 +245,12 @@ class SlowHead:
                     connection.sendall(block)
                     self.sent += len(block)
             else:
-                head = b"HTTP/1.1 200 OK\r\n" + (b"Transfer-Encoding: chunked\r\n\r\n" if self.mode == "chunked" else b"")
+                head = b"" if self.mode == "tls" else b"HTTP/1.1 200 OK\r\n" + (
+                    b"Transfer-Encoding: chunked\r\n\r\n" if self.mode == "chunked" else b"")
                 connection.sendall(head)
                 self.sent += len(head)
-                filler = b"0" if self.mode == "chunked" else b"X-Pad: " + b"a" * 1000
+                filler = {"chunked": b"0", "tls": b"\x16\x03\x03\x40\x00" + bytes(16384)}.get(
+                    self.mode, b"X-Pad: " + b"a" * 1000)
                 for i in itertools.count():
                     if time.monotonic() - started > self.LIMIT_SECONDS:
                         break
