@@ -85,8 +85,13 @@ def read_shard(item: dict) -> Iterator[dict]:
             yield {SHARD: shard, KEY: key, "image": image or b"", CAPTION: caption,
                    ERROR: "" if image else "no image in sample"}
     except Exception as error:  # noqa: BLE001 - reported as the shard's failure, the others go on
-        reason = error.reason if isinstance(error, ShardReadError) else error  # the reader's own names the tar too
-        yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_FAILED}unreadable shard {tar}: {reason}"}
+        # The first line, the kind of damage from the reader's fixed vocabulary (or the exception's type), keys the
+        # stage's count of failed rows; the detail (the tar's bytes and offsets) follows, kept in the ledger's
+        # failed-shard error and the log only.
+        kind, reason = (error.kind, error.reason) if isinstance(error, ShardReadError) else (type(error).__name__, error)
+        log.warning("embed: shard %s unreadable (%s): %s: %s", shard, kind, tar, reason)
+        yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "",
+               ERROR: f"{SHARD_FAILED}unreadable shard: {kind}\n{tar}: {reason}"}
         return
     yield {SHARD: shard, KEY: "", "image": b"", CAPTION: "", ERROR: f"{SHARD_END}{read}"}
 

@@ -13,6 +13,7 @@ raises `ShardReadError` (a `tarfile.ReadError`) naming the byte at fault, never 
 from __future__ import annotations
 
 import bz2
+import io
 import gzip
 import lzma
 import tarfile
@@ -34,13 +35,23 @@ MiB = 1 << 20
 SKIP_CHUNK = MiB  # members nobody reads (directories, links, unknown types) are skipped this much at a time
 
 
+# The kinds of damage a ShardReadError reports: a fixed vocabulary, so a stage counts failed shards by kind
+# (a hostile tar's bytes and offsets stay in the error's reason, never in a count's key).
+BAD_CHECKSUM, CUT_SHORT, PAX_RECORD = "bad checksum", "cut short", "malformed pax record"
+OVER_LIMIT, BAD_FIELD, DAMAGED_STREAM = "over a read limit", "invalid header field", "damaged compressed stream"
+NOT_REGULAR = "not a regular file"
+KINDS = (BAD_CHECKSUM, CUT_SHORT, PAX_RECORD, OVER_LIMIT, BAD_FIELD, DAMAGED_STREAM, NOT_REGULAR)
+
+
 class ShardReadError(tarfile.ReadError):
     """A shard that is not a tar this reader accepts: damaged, cut short, or over a `ReadLimits` cap. A
-    tarfile.ReadError, so callers catching that keep working; str() names the shard when it is known."""
+    tarfile.ReadError, so callers catching that keep working; str() names the shard when it is known; `kind` is
+    one of KINDS."""
 
-    def __init__(self, reason: str, url: Optional[str] = None):
+    def __init__(self, reason: str, url: Optional[str] = None, kind: str = BAD_FIELD):
         super().__init__(f"{url}: {reason}" if url else reason)
-        self.reason, self.url = reason, url
+        assert kind in KINDS, kind
+        self.reason, self.url, self.kind = reason, url, kind
 
 
 @dataclass(frozen=True)
@@ -76,14 +87,16 @@ def _number(field: bytes, what: str, offset: int) -> int:
     text = field.split(b"\0", 1)[0].strip()
     # int(text, 8) alone would take "-1", "+7", "0o7" and "1_0": a size of -1 read the rest of the stream
     if text.strip(b"01234567"):
-        raise ShardReadError(f"invalid {what} field {field!r} in the header at byte {offset}")
+        raise ShardReadError(f"invalid {what} field {field!r} in the header at byte {offset}",
+                             kind=BAD_FIELD)
     return int(text, 8) if text else 0
 
 
 def _read_exactly(stream: BinaryIO, size: int, offset: int) -> bytes:
     data = stream.read(size)
     if len(data) != size:
-        raise ShardReadError(f"unexpected end of data in the member at byte {offset} ({len(data)} of {size} bytes)")
+        raise ShardReadError(f"unexpected end of data in the member at byte {offset} ({len(data)} of {size} bytes)",
+                             kind=CUT_SHORT)
     return data
 
 
@@ -106,7 +119,7 @@ def _pax_records(records: bytes, offset: int) -> dict[bytes, bytes]:
         key, equals, value = record[len(length_text) + 1:].partition(b"=")
         if length < len(length_text) + 4 or len(record) != length or not equals or not key or record[-1:] != b"\n":
             raise ShardReadError(f"malformed pax record at byte {position} of the pax header at byte {offset}: "
-                                 f"{records[position:position + 40]!r}")
+                                 f"{records[position:position + 40]!r}", kind=PAX_RECORD)
         found[key] = value[:-1]
         position += length
     return found
@@ -114,7 +127,8 @@ def _pax_records(records: bytes, offset: int) -> dict[bytes, bytes]:
 
 def _check_size(size: int, cap: int, field: str, what: str) -> int:
     if size > cap:
-        raise ShardReadError(f"{what} declares {size} bytes, over the {cap}-byte limit (ReadLimits.{field})")
+        raise ShardReadError(f"{what} declares {size} bytes, over the {cap}-byte limit (ReadLimits.{field})",
+                             kind=OVER_LIMIT)
     return size
 
 
@@ -138,11 +152,12 @@ def iter_members(stream: BinaryIO, limits: ReadLimits = LIMITS) -> Iterator[tupl
         if not header or header == bytes(BLOCK):  # end of the stream, or the end-of-archive blocks
             return
         if len(header) < BLOCK:
-            raise ShardReadError(f"unexpected end of data in the header at byte {offset}")
+            raise ShardReadError(f"unexpected end of data in the header at byte {offset}", kind=CUT_SHORT)
         if not _checksum_matches(header):
-            raise ShardReadError(f"invalid header at byte {offset} (not a tar member: bad checksum)")
+            raise ShardReadError(f"invalid header at byte {offset} (not a tar member: bad checksum)",
+                                 kind=BAD_CHECKSUM)
         if header[124:125] == b"\xff":  # GNU base-256 with the sign bit: a negative size
-            raise ShardReadError(f"negative size in the header at byte {offset}")
+            raise ShardReadError(f"negative size in the header at byte {offset}", kind=BAD_FIELD)
         kind, start = header[156:157], offset
         size = _number(header[124:136], "size", offset) if pax_size is None else pax_size
         pax_size = None
@@ -166,7 +181,8 @@ def iter_members(stream: BinaryIO, limits: ReadLimits = LIMITS) -> Iterator[tupl
             if b"size" in records:
                 text = records[b"size"]
                 if not text.isdigit() or len(text) > 20:  # int() of a 5,000-digit text raises ValueError
-                    raise ShardReadError(f"invalid pax size {text[:20]!r} in the pax header before byte {offset}")
+                    raise ShardReadError(f"invalid pax size {text[:20]!r} in the pax header before byte {offset}",
+                                         kind=PAX_RECORD)
                 pax_size = _check_size(int(text), limits.member_bytes, "member_bytes", f"the member at byte {offset}")
         elif kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
@@ -196,11 +212,11 @@ class _Capped:
             data = self.stream.read(size)
         except DECOMPRESSION_ERRORS as error:
             raise ShardReadError(f"damaged {self.kind} stream after {self.total} bytes: "
-                                 f"{type(error).__name__}: {error}") from None
+                                 f"{type(error).__name__}: {error}", kind=DAMAGED_STREAM) from None
         self.total += len(data)
         if self.total > self.cap:
             raise ShardReadError(f"the {self.kind} stream inflates past {self.cap} bytes (ReadLimits: decompressed_*): "
-                                 "a compression bomb?")
+                                 "a compression bomb?", kind=OVER_LIMIT)
         return data
 
 
@@ -245,7 +261,8 @@ def _grouped(members: Iterator[tuple[str, bytes]], limits: ReadLimits) -> Iterat
         held += len(data)
         if held > limits.sample_bytes or len(fields) >= limits.sample_members:
             raise ShardReadError(f"sample {member_key[:100]!r} holds over {limits.sample_bytes} bytes or "
-                                 f"{limits.sample_members} members (ReadLimits.sample_bytes / sample_members)")
+                                 f"{limits.sample_members} members (ReadLimits.sample_bytes / sample_members)",
+                                 kind=OVER_LIMIT)
         fields[ext] = data
     if key is not None:
         yield key, fields
@@ -262,7 +279,9 @@ def iter_samples(tar_url: str, limits: ReadLimits = LIMITS) -> Iterator[tuple[st
     except ShardReadError as error:
         if error.url:
             raise
-        raise ShardReadError(error.reason, tar_url) from None
+        raise ShardReadError(error.reason, tar_url, error.kind) from None
+    except io.UnsupportedOperation:  # a FIFO, a socket, a character device: opening or rewinding it cannot seek
+        raise ShardReadError("cannot seek: not a regular file", tar_url, NOT_REGULAR) from None
 
 
 def image_of(fields: dict[str, bytes]) -> bytes | None:

@@ -27,14 +27,17 @@ def unblock(fifo: str) -> None:
 @pytest.mark.timeout(300)  # a deadline that does not work hangs the stage: fail instead
 def test_hostile_and_stalled_shards_fail_alone_with_every_row_counted(tmp_path, ray_local):
     root = str(tmp_path / "run")
-    write_shards(root, 40, per_shard=10, size=32)  # shards 00000-00003, 10 samples each
+    write_shards(root, 50, per_shard=10, size=32)  # shards 00000-00004, 10 samples each
     layout = RunLayout(root)
-    with tarfile.open(layout.shard_tar("00001")) as tar:
-        cut = tar.getmembers()[8].offset  # after 4 samples (a jpg and a txt each)
-    good = open(layout.shard_tar("00001"), "rb").read()
-    # 4 good samples, then the pax record `0 path=x`, which looped for ever
-    with open(layout.shard_tar("00001"), "wb") as f:
-        f.write(good[:cut] + pax(b"0 path=x\n") + end())
+    cuts = {}
+    # 00001: 4 good samples, then the pax record `0 path=x`, which looped for ever; 00004: 2, then another
+    # malformed record: both of one kind, so one key in the counts whatever their bytes and offsets
+    for shard, members, record in (("00001", 8, b"0 path=x\n"), ("00004", 4, b"1x path=y\n")):
+        with tarfile.open(layout.shard_tar(shard)) as tar:
+            cuts[shard] = tar.getmembers()[members].offset  # a jpg and a txt per sample
+        good = open(layout.shard_tar(shard), "rb").read()
+        with open(layout.shard_tar(shard), "wb") as f:
+            f.write(good[:cuts[shard]] + pax(record) + end())
     fifo = layout.shard_tar("00002")
     os.remove(fifo)
     os.mkfifo(fifo)
@@ -43,15 +46,19 @@ def test_hostile_and_stalled_shards_fail_alone_with_every_row_counted(tmp_path, 
     finally:
         unblock(fifo)
 
-    hostile = f"shard failed: unreadable shard <path>: malformed pax record at byte 0 of the pax header at byte {cut}: b'0 path=x\\n'"
+    hostile = "shard failed: unreadable shard: malformed pax record"  # the reader's kind, never the tar's bytes
     stalled = "shard failed: <path> not read and decoded within embed.shard_timeout (3 s)"
-    assert sorted(summary["failed_shards"]) == ["00001", "00002"]
+    assert sorted(summary["failed_shards"]) == ["00001", "00002", "00004"]
     assert "embed.shard_timeout" in summary["failed_shards"]["00002"]["error"]
-    assert summary["failed_by_reason"] == {hostile: 10, stalled: 10}
-    assert summary["rows_in"] == 40 and summary["written"] == 20 and summary["failed"] == 20
+    assert summary["failed_by_reason"] == {hostile: 20, stalled: 10}
+    assert summary["rows_in"] == 50 and summary["written"] == 20 and summary["failed"] == 30
+    # the detail, with the tar named once, stays in the failed shard's error
+    assert summary["failed_shards"]["00001"]["error"] == (
+        f"unreadable shard: malformed pax record\n{layout.shard_tar('00001')}: malformed pax record at byte 0 of "
+        f"the pax header at byte {cuts['00001']}: b'0 path=x\\n'")
     # the ledger, as `dalle2 status` reads it: the two shards done, the two failed with all their rows
     ledger = Ledger(layout, "embed")
     assert ledger.done() == {"00000", "00003"}
-    assert {s: f["rows"] for s, f in ledger.failures().items()} == {"00001": 10, "00002": 10}
+    assert {s: f["rows"] for s, f in ledger.failures().items()} == {"00001": 10, "00002": 10, "00004": 10}
     status = run_status(root)["embed"]
-    assert status["rows_in"] == status["written"] + status["failed"] == 40
+    assert status["rows_in"] == status["written"] + status["failed"] == 50

@@ -113,7 +113,7 @@ for name, path in json.loads(sys.argv[1]).items():
         samples = sum(1 for _ in iter_samples(path))
         error = None
     except BaseException as e:  # MemoryError and TimeoutError included: the parent names them
-        samples, error = None, (type(e).__name__, isinstance(e, ShardReadError), str(e))
+        samples, error = None, (type(e).__name__, isinstance(e, ShardReadError), str(e), getattr(e, "kind", None))
     signal.setitimer(signal.ITIMER_REAL, 0)
     after = resource.getrusage(resource.RUSAGE_SELF)
     # CPU seconds, not wall time: the reader's own work, whatever else the machine runs (a hang: the alarm)
@@ -122,6 +122,18 @@ for name, path in json.loads(sys.argv[1]).items():
                      "error": error}
 print(json.dumps(results))
 """
+
+
+def kind_of(words: str) -> str:
+    """The ShardReadError kind (a fixed vocabulary) an attack's expected error words belong to."""
+    from pipeline import shard_reader as r
+
+    for part, kind in (("pax", r.PAX_RECORD), ("ReadLimits", r.OVER_LIMIT), ("inflates past", r.OVER_LIMIT),
+                       ("size field", r.BAD_FIELD), ("negative size", r.BAD_FIELD), ("damaged", r.DAMAGED_STREAM),
+                       ("unexpected end", r.CUT_SHORT), ("bad checksum", r.BAD_CHECKSUM)):
+        if part in words:
+            return kind
+    raise AssertionError(f"no kind for {words!r}")
 
 
 def test_every_attack_raises_the_readers_error_fast_in_bounded_memory(tmp_path):
@@ -142,6 +154,8 @@ def test_every_attack_raises_the_readers_error_fast_in_bounded_memory(tmp_path):
         error = result["error"]
         if error is None or not error[1] or expected[name] not in error[2] or paths[name] not in error[2]:
             wrong[name] = f"wanted ShardReadError naming the file with {expected[name]!r}, got {error or result}"
+        elif error[3] != kind_of(expected[name]):
+            wrong[name] = f"kind {error[3]!r}, wanted {kind_of(expected[name])!r}"
         # a bomb's 32 MiB inflate in about 0.2 s of CPU; 1.5 x ReadLimits.member_bytes
         elif result["seconds"] > 1.0 or result["grew"] > 96 << 20:
             wrong[name] = f"{result['seconds']:.2f} s, peak RSS +{result['grew'] >> 20} MiB"
@@ -195,3 +209,27 @@ def test_a_gzip_shard_inflates_up_to_its_cap(tmp_path):
     cap = len(data) - 2 * 512 - 1  # the reader stops at the first end-of-archive block
     with pytest.raises(ShardReadError, match=f"the gzip stream inflates past {cap} bytes"):
         list(iter_samples(str(path), ReadLimits(decompressed_bytes=cap)))
+
+
+def test_a_fifo_with_a_writer_is_the_readers_error_not_a_regular_file(tmp_path):
+    import os
+    import threading
+
+    from pipeline.shard_reader import NOT_REGULAR, ShardReadError
+
+    fifo = str(tmp_path / "00000.tar")
+    os.mkfifo(fifo)
+
+    def writer():
+        try:
+            with open(fifo, "wb") as f:  # blocks until the reader opens it
+                f.write(b"\0" * 4096)
+        except BrokenPipeError:  # the reader gave up first
+            pass
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    with pytest.raises(ShardReadError) as caught:
+        list(iter_samples(fifo))
+    thread.join()
+    assert caught.value.kind == NOT_REGULAR and caught.value.url == fifo and "not a regular file" in str(caught.value)
