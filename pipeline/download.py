@@ -20,7 +20,7 @@ from .faults import crash_point
 from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
 from .ledger import Ledger, ShardRecord
 from .reader import skipped_rows, split_url_list
-from .storage import exists, filesystem, list_names, read_bytes, read_json, read_parquet, remove, write_atomic
+from .storage import exists, filesystem, fsync_files, list_names, read_bytes, read_json, read_parquet, remove, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class ShardDownloader:
         with real_urls(real):
             self._downloader.download_shard((shard_id_of(shard), copy))
         crash_point("download.after_outputs")
+        # img2dataset writes its outputs without an fsync: made durable here, before the ledger record (fsynced
+        # itself) can name a shard whose files a power loss would leave torn
+        fsync_files([self.layout.shard_tar(shard), self.layout.shard_parquet(shard), self.layout.shard_stats(shard)])
         record = self.record_of(shard, rows_in)
         record.seconds = round(time.time() - start, 3)
         Ledger(self.layout, STAGE).record(record)

@@ -139,6 +139,30 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def fsync_files(urls: list[str]) -> None:
+    """Make files another library wrote durable (each local file, then each of their folders) before a record
+    names them done; object stores need nothing (a PUT is visible whole), and a file not there is left to the
+    reader of the record to find."""
+    folders: list[str] = []
+    for url in urls:
+        if not is_local(url):
+            continue
+        path = url[len("file://"):] if url.startswith("file://") else url
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folder = os.path.dirname(path) or "."
+        if folder not in folders:
+            folders.append(folder)
+    for folder in folders:  # the files' names, created by the library, must last too
+        fsync_folder(folder)
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:

@@ -410,6 +410,15 @@ MUTANTS = [
          old='    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = wanted',
          new="    pass",
          tests=["tests/test_download_policy.py::test_opencv_and_pil_pixel_limits_come_from_max_image_area"]),
+    # img2dataset's outputs made durable before the ledger record names them done
+    dict(name="download.outputs_not_fsynced", file="pipeline/download.py",
+         old="        fsync_files([self.layout.shard_tar(shard),",
+         new="        ([self.layout.shard_tar(shard),",
+         tests=["tests/test_download.py::test_a_shards_outputs_are_fsynced_before_its_ledger_record"]),
+    dict(name="download.outputs_folder_not_fsynced", file="pipeline/storage.py",
+         old="    for folder in folders:  # the files' names",
+         new="    for folder in []:  # the files' names",
+         tests=["tests/test_download.py::test_a_shards_outputs_are_fsynced_before_its_ledger_record"]),
     # the URL list's line numbers and `dalle2 status`'s count of skipped rows
     dict(name="url_list.line_of_off_by_one", file="pipeline/reader.py",
          old='                return lines + data.count(b"\\n", 0, at) + 1',

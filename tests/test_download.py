@@ -105,3 +105,29 @@ def test_status_finds_skipped_rows_that_do_not_add_up(tmp_path):
     assert reconcile({"download": download}) == ["download: 8 input rows but 6 rows recorded and 1 skipped as malformed"]
     download["input_rows"] = 7
     assert reconcile({"download": download}) == []
+
+
+def test_a_shards_outputs_are_fsynced_before_its_ledger_record(tmp_path, image_server, monkeypatch):
+    import os
+
+    from pipeline.download import ShardDownloader
+
+    rows = image_server.rows(with_failures=False)[:4]
+    url_list = write_url_list(rows, tmp_path / "urls.csv", "csv")
+    root = str(tmp_path / "run")
+    download = config(url_list)
+    split_url_list(download, RunLayout(root))
+    os.makedirs(RunLayout(root).shards)  # (run_download makes it: img2dataset's writer does not)
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), root))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    record = ShardDownloader(download, root)("00000")
+    assert record.written == 4
+    ledger = next(i for i, path in enumerate(calls) if path.startswith("ledger/download/") and ".tmp-" in path)
+    for output in ("shards/00000.tar", "shards/00000.parquet", "shards/00000_stats.json", "shards"):
+        assert output in calls[:ledger], (output, calls)  # on disk, names included, before the record says done
