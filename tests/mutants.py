@@ -253,10 +253,6 @@ MUTANTS = [
          old="        reason = incomplete_reason(candidate)",
          new="        reason = None",
          tests=["tests/test_durable.py::test_latest_checkpoint_passes_over_a_torn_one_for_the_one_before"]),
-    dict(name="checkpoint.resume_ignores_the_one_on_disk", file="jobs/train_common.py",
-         old="        checkpoint = ray.train.get_checkpoint()\n",
-         new="        checkpoint = ray.train.get_checkpoint()\n        if checkpoint is None:\n            return {}\n",
-         tests=["tests/test_train.py::test_train_prior_checkpoints_and_resumes"]),
     # the demo: it claims its root before any work, forgets stale inputs only in a root it claimed, escapes its
     # Markdown report, and allows private addresses for its own server only
     dict(name="demo.root_not_claimed", file="jobs/demo.py",
