@@ -224,7 +224,11 @@ def check_values(table: pa.Table, fmt: str, malformed: MalformedRows) -> pa.Tabl
         value = next((v for v in (row[URL], row[CAPTION]) if v and ("\n" in v or len(v) > MAX_URL_BYTES)), "")
         detail = "a value spans lines: an unclosed quote?" if "\n" in value else \
             f"url over {MAX_URL_BYTES} or caption over {MAX_CAPTION_BYTES} bytes"
-        raise malformed.refuse(detail, line_of(malformed.url, value.split("\n", 1)[0][:200]))
+        first = value.split("\n", 1)[0]
+        # a value spanning lines was quoted: its opening quote and first line's end pin the line down (its first
+        # line alone, "a", would be found on some earlier line)
+        needle = f'"{first}\n' if "\n" in value and len(first) < 200 else first[:200]
+        raise malformed.refuse(detail, line_of(malformed.url, needle) or line_of(malformed.url, first[:200]))
     for row, spanning in zip(rows, pc.filter(spans, bad).to_pylist()):
         if spanning:
             malformed.skipped[MALFORMED_SPAN] += 1 + sum(str(v).count("\n") for v in row.values() if v)

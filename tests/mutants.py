@@ -449,6 +449,10 @@ MUTANTS = [
          old="    long = pc.or_(pc.greater(pc.binary_length(url), MAX_URL_BYTES),",
          new="    long = pc.or_(pc.greater(pc.binary_length(url), MAX_URL_BYTES * 1000),",
          tests=["tests/test_url_list_rows.py::test_a_url_over_the_cap_is_named_or_skipped"]),
+    dict(name="url_list.spanning_value_found_by_its_text_alone", file="pipeline/reader.py",
+         old="""        needle = f'"{first}\\n' if""",
+         new="""        needle = first if""",
+         tests=["tests/test_url_list_rows.py::test_an_unclosed_quote_is_named_or_its_lines_are_counted"]),
     # the report: every value from the run's files escaped (HTML and Markdown), an image or a shard that does not
     # read skipped and counted, a `$` in a reason not taken for maths by the plot
     dict(name="report.plot_label_dollar_unescaped", file="jobs/plots.py",

@@ -44,9 +44,10 @@ def test_a_parquet_column_of_the_wrong_type_is_named(tmp_path):
 
 
 def test_an_unclosed_quote_is_named_or_its_lines_are_counted(tmp_path):
-    lines = ["url,caption", 'http://a/0.png,"unclosed'] + [f"http://a/{i}.png,cap {i}" for i in range(1, 101)]
+    lines = ["url,caption", 'http://a/0.png,"cap'] + [f"http://a/{i}.png,cap {i}" for i in range(1, 101)]
     lines += ['http://a/x.png,"closed here"'] + [f"http://a/{i}.png,cap {i}" for i in range(101, 151)]
-    url_list = tmp_path / "urls.csv"  # the reviewer's t5.csv: 152 data lines, a quote left open on line 2
+    # the reviewer's t5.csv: 152 data lines, a quote left open on line 2 (before a text every line holds: "cap")
+    url_list = tmp_path / "urls.csv"
     url_list.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"urls.csv: line 2 is malformed \(a value spans lines: an unclosed quote"):
         split(tmp_path, url_list, skip=False)
