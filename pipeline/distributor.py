@@ -108,8 +108,12 @@ def run_shards(
     desc: str = "shards",
     timeout: Optional[float] = None,
     resources: Optional[dict[str, float]] = None,
+    env: Optional[dict[str, str]] = None,
 ) -> tuple[list[ShardRecord], dict[str, str]]:
     """Run `fn` on every shard; returns (records, {shard: error} of shards that failed every try).
+
+    `env`: environment variables the shard tasks' worker processes start with (on Ray, workers of their own: a
+    setting a library reads once per process, as OpenCV its pixel limit, is never one another run left behind).
 
     On Ray, a shard not done `timeout` seconds after it was submitted (queueing and retries included) is
     cancelled (its worker killed) and failed with that reason; a re-run tries it again."""
@@ -119,7 +123,7 @@ def run_shards(
         return [], {}
     if distributor == "local":
         return _run_local(fn, shards, retries, desc)
-    return _run_ray(fn, shards, num_cpus, retries, desc, timeout, resources or {})
+    return _run_ray(fn, shards, num_cpus, retries, desc, timeout, resources or {}, env or {})
 
 
 def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple[list[ShardRecord], dict[str, str]]:
@@ -138,15 +142,16 @@ def _run_local(fn: ShardFn, shards: list[str], retries: int, desc: str) -> tuple
 
 
 def _run_ray(fn: ShardFn, shards: list[str], num_cpus: float, retries: int, desc: str, timeout: Optional[float],
-             resources: dict[str, float]):
+             resources: dict[str, float], env: dict[str, str]):
     import time
 
     import ray
 
     ensure_ray(resources=resources, field=f"{desc}: resources")
     # a task on a node that dies is retried on another (max_retries), like one that raised
+    placed = {"runtime_env": {"env_vars": env}} if env else {}  # merged with the job's own runtime env
     remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True,
-                                       resources=resources)
+                                       resources=resources, **placed)
     fn_ref = ray.put(fn)
     # Twice as many tasks in flight as the cluster can run now (re-read as it grows, so an autoscaler sees
     # demand), and never all shards at once: the driver's bookkeeping stays bounded.

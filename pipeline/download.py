@@ -128,6 +128,9 @@ def redact_urls(arrow: bytes) -> tuple[bytes, dict[int, str]]:
     return sink.getvalue().to_pybytes(), real
 
 
+OPENCV_PIXELS = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's decoders refuse larger images; read once per process
+
+
 def decoder_pixel_limits(max_image_area: float) -> None:
     """PIL's and OpenCV's own pixel limits from max_image_area (OpenCV reads its variable once, at import)."""
     import sys
@@ -136,10 +139,10 @@ def decoder_pixel_limits(max_image_area: float) -> None:
 
     Image.MAX_IMAGE_PIXELS = int(max_image_area)
     wanted = str(int(max_image_area))
-    if "cv2" in sys.modules and os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS") != wanted:
+    if "cv2" in sys.modules and os.environ.get(OPENCV_PIXELS) != wanted:
         log.warning("download: cv2 was imported before OPENCV_IO_MAX_IMAGE_PIXELS=%s could be set; the header "
                     "check still refuses larger images", wanted)
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = wanted
+    os.environ[OPENCV_PIXELS] = wanted
 
 
 def run_index_width(layout: RunLayout) -> Optional[int]:
@@ -173,7 +176,8 @@ def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConf
         ensure_ray(ray_config, config.resources, "download.resources")
     _, failures = run_shards(ShardDownloader(config, root), todo, distributor=config.distributor,
                              num_cpus=config.cpus_per_shard, retries=config.shard_retries, desc="download",
-                             timeout=config.shard_timeout, resources=config.resources)
+                             timeout=config.shard_timeout, resources=config.resources,
+                             env={OPENCV_PIXELS: str(int(config.max_image_area))})  # before cv2 is imported
     for shard, error in failures.items():
         ledger.fail(shard, rows=shards[shard], error=error)
     skipped = skipped_rows(layout)  # malformed rows of the URL list: counted, not in any shard
