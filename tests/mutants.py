@@ -421,7 +421,7 @@ MUTANTS = [
          new="        redacted, real = source, {}",
          tests=["tests/test_worst_web.py::test_every_row_of_the_worst_web_is_counted_with_its_reason_within_the_deadline"]),
     dict(name="download.opencv_pixel_limit_unset", file="pipeline/download.py",
-         old='    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = wanted',
+         old='    os.environ[OPENCV_PIXELS] = wanted',
          new="    pass",
          tests=["tests/test_download_policy.py::test_opencv_and_pil_pixel_limits_come_from_max_image_area"]),
     # img2dataset's outputs made durable before the ledger record names them done
@@ -536,4 +536,8 @@ MUTANTS = [
          old="export RAY_AUTH_MODE=token RAY_ADDRESS=http://localhost:8265",
          new="export RAY_AUTH_MODE=token RAY_ADDRESS=http://<head-ip>:8265",
          tests=["tests/test_cluster_config.py::test_cluster_yaml_keeps_the_dashboard_on_localhost_with_token_auth_and_the_readme_says_how_to_reach_it"]),
+    dict(name="download.opencv_limit_left_to_a_reused_worker", file="pipeline/download.py",
+         old="                             env={OPENCV_PIXELS: str(int(config.max_image_area))})",
+         new="                             )",
+         tests=["tests/test_download_policy.py::test_each_download_on_a_shared_ray_gets_its_own_opencv_limit"]),
 ]

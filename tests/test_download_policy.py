@@ -174,6 +174,25 @@ def test_a_maths_reason_does_not_break_the_report_plot():
     assert legend_label(r"$\frac{1}{0}$") == r"\$\frac{1}{0}\$" and not legend_label("_hidden").startswith("_")
 
 
+def test_each_download_on_a_shared_ray_gets_its_own_opencv_limit(tmp_path, image_server, ray_local):
+    # OpenCV reads its pixel limit once per process: a Ray worker a 20 MP run used must not refuse a 36 MP image
+    # for the next run, whose max_image_area allows it (the shards' workers start with the run's own limit)
+    from pipeline.download import run_download
+
+    url_list = tmp_path / "urls.csv"
+    pd.DataFrame([{"url": image_server.url + "/large.png", "caption": "a very large image"}]
+                 + image_server.rows(with_failures=False)[:3]).to_csv(url_list, index=False)
+    outcomes = {}
+    for area in (2e7, 1e8, 2e7):
+        config = DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=10, timeout=10,
+                                max_image_area=area, allow_private_network=True)
+        summary = run_download(config, str(tmp_path / f"run-{len(outcomes)}"))
+        outcomes[len(outcomes)] = (summary["written"], summary["failed_by_reason"])
+    assert outcomes[0] == (3, {"failed_to_download: too large: max_image_area": 1}), outcomes  # its header said
+    assert outcomes[1] == (4, {}), outcomes
+    assert outcomes[2] == outcomes[0], outcomes
+
+
 def test_opencv_and_pil_pixel_limits_come_from_max_image_area(tmp_path):
     # OpenCV reads its limit once, at import: a fresh process, as a Ray worker is
     image = tmp_path / "big.png"
