@@ -345,6 +345,7 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
                             batch_size=config.decode_block_rows, num_cpus=config.decode_cpus,
                             compute=ray.data.TaskPoolStrategy(size=config.write_concurrency), **placed)
         tracker = ShardTracker(root, infos, config, embed_dim)
+        log.info("embed: pipeline started (%d decode tasks, %d CLIP actors)", config.decode_concurrency, config.actors)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # part names and counts only
             tracker.add(batch)
         failures = tracker.close()

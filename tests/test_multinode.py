@@ -157,7 +157,7 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
     # the actor or decode / write tasks, the stage finishes on the other GPU node
     process = start(cluster, "embed", config, tmp_path)
     victim = min(GPU_NODES)
-    embedded_before = kill_when(cluster, process, victim, lambda: "Running Dataset" in (tmp_path / "embed.log").read_text(),
+    embedded_before = kill_when(cluster, process, victim, lambda: "embed: pipeline started" in (tmp_path / "embed.log").read_text(),
                                 "the embed pipeline running", layout.ledger_dir("embed"))
     finish(process, tmp_path, "embed")
     assert victim in GPU_NODES
