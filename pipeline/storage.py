@@ -130,13 +130,17 @@ def write_atomic(url: str, data: bytes) -> None:
             f.write(data)
 
 
-def fsync_folder(folder: str) -> None:
-    """Make the names in a local folder durable (a rename or a new file reaches the disk with it)."""
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make the names in a local folder durable (a rename or a new file reaches the disk with it)."""
+    _fsync_path(folder)
 
 
 def fsync_files(urls: list[str]) -> None:
@@ -149,13 +153,9 @@ def fsync_files(urls: list[str]) -> None:
             continue
         path = url[len("file://"):] if url.startswith("file://") else url
         try:
-            fd = os.open(path, os.O_RDONLY)
+            _fsync_path(path)
         except FileNotFoundError:
             continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         folder = os.path.dirname(path) or "."
         if folder not in folders:
             folders.append(folder)
