@@ -90,36 +90,52 @@ def score(folder: str, sampler: str, samples_per_prompt: int, seed: int) -> dict
     return {**match, "r_precision": agreement(config, images, prompts, samples_per_prompt)["r_precision"]}
 
 
+def load_results(path: str | None) -> list[dict]:
+    """Rows a previous run appended to `path` (one JSON object a line); none when there is no file."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/demo", help="a finished demo run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--samples-per-prompt", type=int, default=8)
-    parser.add_argument("--out", default=None, help="write the raw results here as JSON")
+    parser.add_argument("--out", default=None,
+                        help="append each result here as a JSON line; a re-run with the same file skips what it holds")
     args = parser.parse_args(argv)
     run = os.path.abspath(args.root)
     if not os.path.exists(os.path.join(run, "report.json")):
         raise SystemExit(f"{run} is not a finished demo run: `dalle2 demo --root {args.root}` first")
-    results = []
+    results = load_results(args.out)
     with tempfile.TemporaryDirectory(prefix="lv-bench-") as scratch:
         for setting in args.settings:
             for seed in args.seeds:
+                missing = [s for s in SAMPLERS if not any(r["setting"] == setting and r["seed"] == seed
+                                                          and r["sampler"] == s for r in results)]
+                if not missing:
+                    continue
                 folder = variant_root(run, os.path.join(scratch, f"{setting}-{seed}"))
                 seconds = train(run, folder, setting, seed)
-                for sampler in SAMPLERS:
+                for sampler in missing:
                     row = {"setting": setting, "seed": seed, "sampler": sampler, "train_s": round(seconds, 1),
                            **score(folder, sampler, args.samples_per_prompt, seed)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
     print(f"\n{'setting':8s} {'sampler':8s} {'all_match':>16s} {'shape':>16s} {'r_precision':>16s}   (mean ± sd over "
           f"{len(args.seeds)} seeds, {args.samples_per_prompt} samples a prompt, 20 steps, guidance as the demo)")
     for setting in args.settings:
         for sampler in SAMPLERS:
-            rows = [r for r in results if r["setting"] == setting and r["sampler"] == sampler]
+            rows = [r for r in results
+                    if r["setting"] == setting and r["sampler"] == sampler and r["seed"] in args.seeds]
+            if not rows:
+                continue
             cells = []
             for field in ("all_match", "shape_match", "r_precision"):
                 values = [r[field] for r in rows]
