@@ -1,6 +1,7 @@
 """Plant known bugs one at a time and check that the fast tests catch each (a test that passes with the bug in
 place proves nothing). Each mutant replaces one exact snippet of one file in a copy of the tree, and the tests
-that exercise that module run there; the script prints killed / survived and exits 1 if any survived.
+that exercise that module run there; the script prints killed / survived and exits 1 if any survived. The
+selected tests first run once on the unmutated copy: a failure there stops the run, so "killed" means the bug.
 
     .venv/bin/python tests/mutate.py                 # every mutant
     .venv/bin/python tests/mutate.py -k reader       # those whose name contains "reader"
@@ -45,8 +46,9 @@ def plant(tree: str, mutant: dict) -> None:
         f.write(source.replace(mutant["old"], mutant["new"]))
 
 
-def run_tests(tree: str, tests: list[str], timeout: float) -> tuple[bool, float]:
-    """Whether the selected tests pass in `tree` (the copy's modules shadow the installed project), and seconds."""
+def run_tests(tree: str, tests: list[str], timeout: float) -> tuple[bool, float, str]:
+    """Whether the selected tests pass in `tree` (the copy's modules shadow the installed project), the seconds,
+    and the end of their output."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
@@ -55,8 +57,15 @@ def run_tests(tree: str, tests: list[str], timeout: float) -> tuple[bool, float]
     try:
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return False, time.monotonic() - started  # a hang the tests would see too: counted as caught
-    return done.returncode == 0, time.monotonic() - started
+        return False, time.monotonic() - started, "timed out"  # a hang the tests would see too: counted as caught
+    return done.returncode == 0, time.monotonic() - started, (done.stdout + done.stderr)[-3000:]
+
+
+def union(selections: list[list[str]]) -> list[str]:
+    """Every test the selections name, once: a whole file stands for the tests named in it."""
+    items = sorted({test for tests in selections for test in tests})
+    files = {test for test in items if "::" not in test}
+    return [test for test in items if test.split("::")[0] not in files or "::" not in test]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
                                env={**os.environ, "PYTHONPATH": pristine}, capture_output=True, text=True)
         if not probe.stdout.startswith(pristine):
             raise SystemExit(f"the tests would import the project from {probe.stdout.strip()!r}, not the copy")
+        # and they must pass there unmutated, or a "killed" could be a test that fails anyway
+        baseline = union([args.tests or m["tests"] for m in mutants])
+        passed, seconds, output = run_tests(pristine, baseline, args.timeout * 2)
+        if not passed:
+            raise SystemExit(f"the selected tests fail without a mutant ({seconds:.0f} s); fix them first:\n{output}")
+        print(f"unmutated: the {len(baseline)} files and tests selected pass ({seconds:.0f} s)", flush=True)
         survived = []
         for m in mutants:
             tree = os.path.join(scratch, "tree")
             shutil.rmtree(tree, ignore_errors=True)
             shutil.copytree(pristine, tree)
             plant(tree, m)
-            passed, seconds = run_tests(tree, args.tests or m["tests"], args.timeout)
+            passed, seconds, _ = run_tests(tree, args.tests or m["tests"], args.timeout)
             print(f"{'SURVIVED' if passed else 'killed  '} {m['name']:45s} {seconds:6.1f} s", flush=True)
             if passed:
                 survived.append(m["name"])
