@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -34,6 +35,7 @@ class ImageServer:
     """Serves generated shape images at /img/{i}.png plus the failure cases a real crawl meets."""
 
     SLOW_SECONDS = 8.0
+    HOLD_CAP_SECONDS = 300.0  # a held answer is sent after this even if the test never releases it
 
     def __init__(self, count: int, size: int = 48, seed: int = 0):
         self.samples = list(generate(count, size=size, seed=seed))
@@ -43,7 +45,8 @@ class ImageServer:
         self.bodies["/not-an-image.png"] = b"<html>this is not an image</html>"
         self.bodies["/large.png"] = encode(Image.fromarray(np.full((6000, 6000, 3), 200, np.uint8)))
         self.bodies["/slow.png"] = self.bodies["/img/0.png"]
-        self.delay = 0.0  # seconds before every answer (a slow web, so a test can act in the middle of a stage)
+        self.held: frozenset = frozenset()  # paths whose answers wait for release() (see holding)
+        self.released = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,7 +57,8 @@ class ImageServer:
                     return
                 if self.path == "/slow.png":
                     time.sleep(ImageServer.SLOW_SECONDS)
-                time.sleep(server.delay)
+                if self.path in server.held:
+                    server.released.wait(timeout=ImageServer.HOLD_CAP_SECONDS)
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(body)))
@@ -79,6 +83,18 @@ class ImageServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    @contextlib.contextmanager
+    def holding(self, paths):
+        """While inside, answers for `paths` wait (a stage's tasks stay running on them) until the block ends:
+        a test acts in the middle of a stage on an event, not on how slow the web was made."""
+        self.released.clear()
+        self.held = frozenset(paths)
+        try:
+            yield
+        finally:
+            self.held = frozenset()
+            self.released.set()
 
     def rows(self, with_failures: bool = True) -> list[dict]:
         """url/caption rows: every good image, then one row per failure case."""

@@ -67,6 +67,7 @@ def url_list(tmp_path_factory, image_server):
     return str(path)
 
 
+@pytest.mark.slow
 def test_download_killed_midway_resumes_to_the_same_shards(url_list, tmp_path, ray_local):
     fields = dict(url_list=url_list, image_size=32, samples_per_shard=10, threads=2, timeout=4, allow_private_network=True)
     reference = run_download(DownloadConfig(**fields), str(tmp_path / "reference"))
@@ -82,6 +83,7 @@ def test_download_killed_midway_resumes_to_the_same_shards(url_list, tmp_path, r
     assert shard_contents(root) == shard_contents(str(tmp_path / "reference"))
 
 
+@pytest.mark.slow
 def test_embed_killed_midway_resumes_to_the_same_embeddings(url_list, tmp_path, ray_local, tiny_clip):
     fields = dict(url_list=url_list, image_size=32, samples_per_shard=10, threads=4, timeout=4, allow_private_network=True)
     run_download(DownloadConfig(**fields), str(tmp_path / "reference"))
