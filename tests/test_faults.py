@@ -161,8 +161,8 @@ def assert_same_aligned(root: str, reference: str, exact: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash", ["embed.between_files@2", "embed.after_outputs@1", "storage.mid_write@6",
-                                   "embed.after_submit@2"])
+# (a file torn mid-write is storage's, the same for every stage: the download and reorder cases hold it)
+@pytest.mark.parametrize("crash", ["embed.between_files@2", "embed.after_outputs@1", "embed.after_submit@2"])
 def test_embed_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, download_reference, embed_reference, clip_folder,
                                                             crash):
     root = str(tmp_path / "run")
