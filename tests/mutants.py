@@ -1,6 +1,7 @@
 """Plausible bugs, each caught by a fast test: run them with `python tests/mutate.py` (see its docstring).
 
-Each entry: a name, the file, an exact snippet of it and what it becomes, and the tests that must then fail.
+Each entry: a name, the file, an exact snippet of it and what it becomes, the tests that must then fail, and
+optionally a `timeout` (seconds) for a bug that makes them hang.
 """
 
 MUTANTS = [
@@ -513,7 +514,8 @@ MUTANTS = [
     dict(name="embed.shard_timeout_not_passed", file="pipeline/embed.py",
          old=",\n                                                          shard_timeout=config.shard_timeout)",
          new=")",
-         tests=["tests/test_embed_hostile.py::test_hostile_and_stalled_shards_fail_alone_with_every_row_counted"]),
+         tests=["tests/test_embed_hostile.py::test_hostile_and_stalled_shards_fail_alone_with_every_row_counted"],
+         timeout=90),  # the stalled shard then hangs the stage (the test's own bound is 300 s; it passes in 10)
     dict(name="embed.tar_named_twice", file="pipeline/embed.py",
          old="(error.kind, error.reason) if isinstance(error, ShardReadError)",
          new="(error.kind, error) if isinstance(error, ShardReadError)",
