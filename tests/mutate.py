@@ -59,7 +59,11 @@ def run_tests(tree: str, tests: list[str], timeout: float) -> tuple[bool, float,
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, time.monotonic() - started, "timed out"  # a hang the tests would see too: counted as caught
-    return done.returncode == 0, time.monotonic() - started, (done.stdout + done.stderr)[-3000:]
+    output = (done.stdout + done.stderr)[-3000:]
+    if done.returncode not in (0, 1):  # not "a test failed": a test renamed, moved to slow, or pytest itself broke
+        raise SystemExit(f"the tests {' '.join(tests)} could not run (pytest exit {done.returncode}): fix the "
+                         f"mutant's selection in tests/mutants.py\n{output}")
+    return done.returncode == 0, time.monotonic() - started, output
 
 
 def union(selections: list[list[str]]) -> list[str]:

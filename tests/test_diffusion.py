@@ -86,9 +86,9 @@ def exact_model(d: GaussianDiffusion, mu: Tensor, sigma: Tensor):
 def exact_sampler_moments(d: GaussianDiffusion, mu: Tensor, sigma: Tensor, steps, eta: float):
     """The mean and covariance of what DDPM (steps None) or DDIM (`steps`, `eta`) driven by the exact model of
     N(mu, sigma) returns, in float64 with no sampling: each step is affine in x plus Gaussian noise, so the
-    moments pass through it exactly. Written from the papers' formulas on abar alone (not the sampler's buffers),
-    so it differs from the sampler where the sampler is wrong; its distance from (mu, sigma) is the sampler's own
-    discretisation error."""
+    moments pass through it exactly. Written from the papers' formulas on the process's abar and step pairs (not the
+    sampler's derived buffers: posterior coefficients, variances, DDIM's sigma), so it differs from the sampler
+    where those are wrong; its distance from (mu, sigma) is the sampler's own discretisation error."""
     abar = d.alphas_cumprod.double()
     mu, sigma, eye = mu.double(), sigma.double(), torch.eye(len(mu), dtype=torch.float64)
     mean, cov = torch.zeros(len(mu), dtype=torch.float64), eye.clone()
@@ -120,9 +120,8 @@ def exact_sampler_moments(d: GaussianDiffusion, mu: Tensor, sigma: Tensor, steps
 def test_samplers_driven_by_the_exact_model_reproduce_the_data_distribution(predict, timesteps, steps, eta):
     """DDPM (all steps) and DDIM (eta 0 and 1) with the closed-form optimal denoiser of Gaussian data give the
     moments an exact float64 reference gives, within the Monte Carlo error of this many samples (4.5 standard
-    errors), and that reference lies within its own discretisation error of the data's: each case has its own
-    tolerance instead of one set by the loosest. (12 steps: large betas, where a coefficient off by one step
-    shows.)"""
+    errors): each case has its own tolerance instead of one set by the loosest, and the reference's own
+    discretisation error is the next test's. (12 steps: large betas, where a coefficient off by one step shows.)"""
     n = 40000
     d = GaussianDiffusion(timesteps=timesteps, predict=predict)
     samples = d.sample(exact_model(d, MU, SIGMA), (n, 2), sample_timesteps=steps, eta=eta,
