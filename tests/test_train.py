@@ -73,7 +73,7 @@ def complete_checkpoints(root) -> dict[int, str]:
 
 @pytest.mark.slow
 def test_a_checkpoint_killed_before_its_marker_or_torn_after_it_is_passed_over_for_the_one_before(training_root,
-                                                                                                   tmp_path):
+                                                                                                   tmp_path, ray_local):
     import shutil
 
     from tests.test_faults import dalle2
@@ -88,9 +88,8 @@ def test_a_checkpoint_killed_before_its_marker_or_torn_after_it_is_passed_over_f
             and not os.path.exists(f"{folder}/{n}/{COMPLETE_FILE}")]
     assert len(torn) == 1 and os.path.exists(f"{folder}/{torn[0]}/{STATE_FILE}"), os.listdir(folder)
     assert latest_checkpoint(root, "prior") == complete_checkpoints(root)[3]
-    again = dalle2("train-prior", config, tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.load(open(f"{storage_path(root)}/prior_summary.json"))
+    # the re-runs on the session's Ray (only the crash needs a process of its own)
+    summary = train_prior.main(["--config", write_config(tmp_path, config)])
     assert summary["step"] == 9 and summary["resumed_from_step"] == 3
     checkpoints = complete_checkpoints(root)
     assert sorted(checkpoints) == [3, 6, 9]
@@ -100,9 +99,8 @@ def test_a_checkpoint_killed_before_its_marker_or_torn_after_it_is_passed_over_f
     with open(os.path.join(checkpoints[9], STATE_FILE), "r+b") as f:
         f.truncate(os.path.getsize(f.name) // 2)
     assert latest_checkpoint(root, "prior") == checkpoints[6]
-    more = dalle2("train-prior", {**config, "train_prior": {**config["train_prior"], "max_steps": 12}}, tmp_path)
-    assert more.returncode == 0, more.stderr[-3000:]
-    summary = json.load(open(f"{storage_path(root)}/prior_summary.json"))
+    longer = {**config, "train_prior": {**config["train_prior"], "max_steps": 12}}
+    summary = train_prior.main(["--config", write_config(tmp_path, longer)])
     assert summary["step"] == 12 and summary["resumed_from_step"] == 6  # Ray offered step 9; the run took step 6
 
 
