@@ -63,10 +63,12 @@ def clip_score(image_embed: Tensor, text_embed: Tensor) -> float:
     return (100 * (l2norm(image_embed.float()) * l2norm(text_embed.float())).sum(-1).clamp(min=0)).mean().item()
 
 
-def cmmd(x: Tensor, y: Tensor, sigma: float = 10.0, scale: float = 1000.0) -> float:
+def cmmd(x: Tensor, y: Tensor, sigma: float = 10.0, scale: float = 1000.0, unbiased: bool = False) -> float:
     """CMMD (Jayasumana et al. 2024): the squared maximum mean discrepancy between two sets of CLIP image
-    embeddings with a Gaussian kernel (sigma 10, reported x1000), computed as the paper's code does (means over
-    whole kernel matrices: never negative, 0 for identical sets)."""
+    embeddings with a Gaussian kernel (sigma 10, reported x1000). By default as the paper's code computes it (means
+    over whole kernel matrices: never negative, 0 for identical sets, but above 0 for two small samples of one
+    distribution); `unbiased` leaves each set's pairs with themselves out (Gretton et al.'s U-statistic: 0 in
+    expectation for one distribution, so it can go below 0), which small evaluation sets need to be compared."""
     x, y = l2norm(x.float()), l2norm(y.float())
 
     def kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -75,7 +77,12 @@ def cmmd(x: Tensor, y: Tensor, sigma: float = 10.0, scale: float = 1000.0) -> fl
     n, m = len(x), len(y)
     if n < 2 or m < 2:
         raise ValueError("CMMD needs at least two embeddings on each side")
-    return (scale * (kernel(x, x).mean() + kernel(y, y).mean() - 2 * kernel(x, y).mean())).item()
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    if unbiased:
+        within = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    else:
+        within = kxx.mean() + kyy.mean()
+    return (scale * (within - 2 * kxy.mean())).item()
 
 
 @torch.no_grad()
@@ -90,6 +97,8 @@ def text_image_agreement(clip, images: Tensor, prompts: list[str], prompt_index:
     out = {"r_precision": r_precision(generated, prompt_embed, prompt_index), "clip_score": clip_score(generated, own)}
     if real_images is not None:
         real = clip.embed_image(real_images)
-        out.update(real_r_precision=r_precision(real, prompt_embed, prompt_index), real_clip_score=clip_score(real, own),
-                   cmmd=cmmd(generated, real) if len(generated) > 1 and len(real) > 1 else float("nan"))
+        out.update(real_r_precision=r_precision(real, prompt_embed, prompt_index), real_clip_score=clip_score(real, own))
+        pairs = len(generated) > 1 and len(real) > 1  # CMMD compares pairs within each set
+        out.update(cmmd=cmmd(generated, real) if pairs else float("nan"),
+                   cmmd_unbiased=cmmd(generated, real, unbiased=True) if pairs else float("nan"))
     return out

@@ -152,6 +152,26 @@ def test_cmmd_is_the_gaussian_kernel_mmd_of_normalised_embeddings():
     assert cmmd(x, x) == pytest.approx(0, abs=1e-4)
 
 
+def test_unbiased_cmmd_leaves_out_each_sets_own_diagonal_and_reads_zero_on_one_distribution():
+    # x = e1, e2, -e1; y = e1, e1: squared distances 2 (k2) and 4 (k4) between distinct unit vectors
+    x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    k2, k4 = math.exp(-2 / 200), math.exp(-4 / 200)
+    # within x: off-diagonal mean (2 k2 + k4) / 3; within y: 1; across: (1 + k2 + k4) / 3
+    assert cmmd(x, y, unbiased=True) == pytest.approx(1000 * (1 - k4) / 3, rel=1e-4)
+    assert cmmd(x, y) == pytest.approx(1000 * (6 - 2 * k2 - 4 * k4) / 9, rel=1e-4)  # whole matrices, diagonal in
+    # two samples of 8 from one distribution, 300 times: the paper's figure sits above 0, the unbiased one around it
+    generator = torch.Generator().manual_seed(0)
+    biased, unbiased = [], []
+    for _ in range(300):
+        a, b = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+        biased.append(cmmd(a, b, sigma=1.0))
+        unbiased.append(cmmd(a, b, sigma=1.0, unbiased=True))
+    biased, unbiased = torch.tensor(biased), torch.tensor(unbiased)
+    standard_error = unbiased.std() / math.sqrt(len(unbiased))
+    assert abs(unbiased.mean()) < 3 * standard_error and (unbiased < 0).any()
+    assert biased.min() > 0 and biased.mean() > 10 * standard_error
+
+
 def test_clip_score_is_100_times_the_cosine_clamped_at_zero_and_r_precision_counts_first_ranks():
     images = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
     texts = torch.tensor([[0.5, math.sqrt(3) / 2], [-0.5, math.sqrt(3) / 2]])  # cosines 0.5 and -0.5
