@@ -77,12 +77,12 @@ def cmmd(x: Tensor, y: Tensor, sigma: float = 10.0, scale: float = 1000.0, unbia
     n, m = len(x), len(y)
     if n < 2 or m < 2:
         raise ValueError("CMMD needs at least two embeddings on each side")
-    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
-    if unbiased:
-        within = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    else:
-        within = kxx.mean() + kyy.mean()
-    return (scale * (within - 2 * kxy.mean())).item()
+
+    def within(k: Tensor) -> Tensor:  # the mean over a set's pairs; unbiased: without each point with itself
+        size = len(k)
+        return (k.sum() - k.diagonal().sum()) / (size * (size - 1)) if unbiased else k.mean()
+
+    return (scale * (within(kernel(x, x)) + within(kernel(y, y)) - 2 * kernel(x, y).mean())).item()
 
 
 @torch.no_grad()

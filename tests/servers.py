@@ -45,7 +45,7 @@ class ImageServer:
         self.bodies["/not-an-image.png"] = b"<html>this is not an image</html>"
         self.bodies["/large.png"] = encode(Image.fromarray(np.full((6000, 6000, 3), 200, np.uint8)))
         self.bodies["/slow.png"] = self.bodies["/img/0.png"]
-        self.held: frozenset = frozenset()  # paths whose answers wait for release() (see holding)
+        self.held: frozenset = frozenset()  # paths whose answers wait until the `holding` block ends
         self.released = threading.Event()
         server = self
 
@@ -85,11 +85,11 @@ class ImageServer:
         self.httpd.server_close()
 
     @contextlib.contextmanager
-    def holding(self, paths):
-        """While inside, answers for `paths` wait (a stage's tasks stay running on them) until the block ends:
-        a test acts in the middle of a stage on an event, not on how slow the web was made."""
+    def holding(self, urls):
+        """While inside, answers for `urls` (this server's) wait (a stage's tasks stay running on them) until the
+        block ends: a test acts in the middle of a stage on an event, not on how slow the web was made."""
         self.released.clear()
-        self.held = frozenset(paths)
+        self.held = frozenset(url[len(self.url):] for url in urls)
         try:
             yield
         finally:

@@ -135,16 +135,13 @@ def test_stages_across_nodes_survive_a_node_lost_in_download_embed_and_training(
 
     # download: the answers for every shard but the first two are held until the node is lost, so shard tasks
     # are still running when it goes, whatever the machine's speed (the requests' deadline outlasts the hold)
-    held = [row["url"][len(image_server.url):] for row in rows.to_dict("records")[2 * PER_SHARD:]]
     download = {**config, "download": {**config["download"], "timeout": 240}}
-    with image_server.holding(held):
+    with image_server.holding(rows["url"][2 * PER_SHARD:]):
         process = start(cluster, "download", download, tmp_path)
-        wait_for(lambda: list_files(layout.ledger_dir("download"), ".json"), "a shard downloaded", process)
         victim = wait_for(lambda: node_running(cluster, "tasks", lambda t: t.get("name") == "_call"),
                           "a download task running", process)
-        cluster.kill_node(victim)
-        downloaded_before = len(list_files(layout.ledger_dir("download"), ".json"))
-    CPU_NODES.add(cluster.add_node(POOLS[victim]))  # the autoscaler replaces the lost node
+        downloaded_before = kill_when(cluster, process, victim, lambda: list_files(layout.ledger_dir("download"), ".json"),
+                                      "a shard downloaded", layout.ledger_dir("download"))
     finish(process, tmp_path, "download")
     assert victim in CPU_NODES and placed_on(cluster, "_call") <= CPU_NODES
     assert 0 < downloaded_before < ROWS // PER_SHARD

@@ -71,7 +71,7 @@ def test_download_killed_midway_resumes_to_the_same_shards(url_list, image_serve
     root = str(tmp_path / "killed")
     # the first shard's images are served, the others' held until the kill: it lands after one shard's record and
     # before any other's, however fast the machine (the requests' deadline outlasts the hold)
-    later = [row["url"][len(image_server.url):] for row in image_server.rows(with_failures=False)[10:]]
+    later = [row["url"] for row in image_server.rows(with_failures=False)[10:]]
     with image_server.holding(later):
         job = start_job("download", {"root": root, "download": {**fields, "cpus_per_shard": 4}}, tmp_path)
         killed_after = kill_after_first_record(job, tmp_path / "killed" / "ledger" / "download", total=6,
