@@ -129,7 +129,7 @@ def measure(operation: str, root: str) -> dict:
     elif operation == "train_plan":
         from pipeline.loaders import SamplePlan
 
-        train, _ = SamplePlan.from_aligned(root, filtered=True).split(64)
+        train = SamplePlan.from_aligned(root, filtered=True, part="train")
         runs, padded = train.rank_slice(0, WORLD_SIZE, 0, 0)
         result = {"rank_samples": sum(len(i) for _, i in runs), "padded": padded}
     else:

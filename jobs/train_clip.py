@@ -28,7 +28,9 @@ def clip_loop(config: dict) -> None:
     clip = ClipAdapter(job.model_name)
     trainer = ClipTrainer(clip, job.trainer, device=worker.device)
     state = worker.resume(trainer.load)
-    train_plan, eval_plan = SamplePlan.from_shards(run.root).split(job.eval_size)
+    # the run's held-out rows (pipeline/holdout.py) are never trained on; the evaluation reads up to eval_size
+    train_plan = SamplePlan.from_shards(run.root, part="train")
+    eval_plan = SamplePlan.from_shards(run.root, part="held_out").head(job.eval_size)
     loader = ShardImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                                job.shuffle_buffer, image_size=clip.image_size)
     held_out = next(ShardImageBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1,

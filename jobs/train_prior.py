@@ -33,7 +33,10 @@ def prior_loop(config: dict) -> None:
         encoder.check(prior_config.net.resolved_text_encoding_dim, prior_config.net.max_text_len,
                       "train_prior.prior.net.text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
-    train_plan, eval_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled).split(job.eval_size)
+    # the run's held-out rows (pipeline/holdout.py) are never trained on; evaluated on all of them the filter
+    # did not judge (the filter's verdicts shape training, not the test set)
+    train_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled, part="train")
+    eval_plan = SamplePlan.from_aligned(run.root, part="held_out").head(job.eval_size)
     loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
     held_out = next(EmbeddingBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1).epoch(0))
 

@@ -127,6 +127,19 @@ class ReorderConfig(StrictModel):
     distributor: Literal["ray", "local"] = "ray"
 
 
+class HoldoutConfig(StrictModel):
+    """The run's held-out rows: drawn once from the downloaded rows before any training, trained on by no stage,
+    and the pool every evaluation draws from (prompts, real images, R-precision's captions, the filter's check of
+    its CLIP)."""
+
+    rows: NonNegativeInt = 500  # at most this many (0: none, and nothing is evaluated on unseen rows)
+    max_fraction: float = Field(default=0.1, gt=0, le=0.5)  # and at most this share of the run's rows
+    # drawn from this many shards at most (chosen at random), so that planning a training epoch reads the row
+    # lists of a few shards to leave them out, not of every shard
+    max_shards: PositiveInt = 64
+    seed: NonNegativeInt = 0
+
+
 class FilterConfig(StrictModel):
     """Which aligned rows training reads: a keep mask with a reason per dropped row (nothing is deleted).
 
@@ -148,6 +161,14 @@ class FilterConfig(StrictModel):
     language_model: Optional[str] = None  # fastText language id model (lid.176.bin), local or any fsspec URL
     languages: list[str] = ["en"]  # with language_model: captions in other languages are dropped
     min_language_score: float = Field(default=0.5, ge=0, le=1)
+    # the model rules (similarity, caption rank, language) may drop at most this share of the run's rows; past
+    # it the stage stops naming each rule and its share, unless on_large_clip_drop: continue (pipeline/filter_guard.py)
+    max_clip_drop: float = Field(default=0.2, ge=0, le=1)
+    on_large_clip_drop: Literal["stop", "continue"] = "stop"
+    # the CLIP rules judge only when the run's CLIP picks a held-out image's own caption among the held-out
+    # captions at least this often; below, they are skipped (on_untrusted_clip: skip) or applied anyway (apply)
+    min_clip_retrieval: float = Field(default=0.5, ge=0, le=1)
+    on_untrusted_clip: Literal["skip", "apply"] = "skip"
     cpus_per_task: PositiveFloat = 0.5
     resources: Resources = {}  # e.g. {cpu_pool: 0.001}: pass 1 on the CPU workers
     distributor: Literal["ray", "local"] = "ray"

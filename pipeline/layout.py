@@ -96,6 +96,11 @@ class RunLayout:
     def filter(self) -> str:
         return self._join("filter")
 
+    @property
+    def holdout(self) -> str:
+        """The run's held-out rows (pipeline/holdout.py): fixed before any training, used by none."""
+        return self._join("holdout.parquet")
+
     def filter_mask(self, name: str) -> str:
         """The filter's keep mask of shard `name` (one row per aligned row)."""
         return self._join("filter", f"{name}.parquet")

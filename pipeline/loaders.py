@@ -25,6 +25,9 @@ from .shard_reader import image_of, iter_samples
 from .storage import read_parquet
 
 
+Part = Literal["all", "train", "held_out"]
+
+
 @dataclass(frozen=True)
 class RowSource:
     """Where a shard's usable row indices come from, and how many the stage that made them counted."""
@@ -32,8 +35,19 @@ class RowSource:
     root: str
     kind: Literal["aligned", "filtered", "downloaded"]
     counts: dict[str, int]  # usable rows per shard, from the stage's ledger summary (or its files)
+    # "train": without the run's held-out rows (pipeline/holdout.py); "held_out": those alone; "all": every row
+    part: Part = "all"
+    held_out: dict[str, np.ndarray] = field(default_factory=dict)  # {shard: held-out row indices}
 
     def read(self, shard: str) -> np.ndarray:
+        """The shard's usable row indices in this part, ascending, read from its files."""
+        indices = self.read_all(shard)
+        if self.part == "all":
+            return indices
+        held = np.isin(indices, self.held_out.get(shard, np.empty(0, dtype=np.int64)))
+        return indices[held] if self.part == "held_out" else indices[~held]
+
+    def read_all(self, shard: str) -> np.ndarray:
         """The shard's usable row indices, ascending, read from its files."""
         layout = RunLayout(self.root)
         if self.kind == "filtered":
@@ -108,41 +122,56 @@ class SamplePlan:
         return self.source(shard)[start : start + self.counts[shard]]
 
     @classmethod
-    def from_aligned(cls, root: str, filtered: bool = False) -> "SamplePlan":
-        """Every present aligned row; with `filtered`, only the rows the filter stage kept."""
+    def from_aligned(cls, root: str, filtered: bool = False, part: Part = "all") -> "SamplePlan":
+        """Every present aligned row of `part` (training: without the run's held-out rows); with `filtered`, only
+        the rows the filter stage kept."""
         layout = RunLayout(root)
         shards = aligned_shards(layout)
         if not shards:
             raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
-        kind = "filtered" if filtered else "aligned"
-        counts = planned_counts(root, kind, shards)
-        return cls({s: n for s, n in counts.items() if n}, RowSource(root, kind, counts))
+        return cls.of_part(root, "filtered" if filtered else "aligned", shards, part)
 
     @classmethod
-    def from_shards(cls, root: str) -> "SamplePlan":
-        """Every downloaded sample (status success in the shards' parquets), for training without embeddings."""
+    def from_shards(cls, root: str, part: Part = "all") -> "SamplePlan":
+        """Every downloaded sample of `part` (status success in the shards' parquets), for training without
+        embeddings."""
         from .embed import complete_shards
 
         layout = RunLayout(root)
         shards = complete_shards(layout)
         if not shards:
             raise FileNotFoundError(f"no downloaded shards under {layout.shards}: run download first")
-        counts = planned_counts(root, "downloaded", shards)
-        return cls({s: n for s, n in counts.items() if n}, RowSource(root, "downloaded", counts))
+        return cls.of_part(root, "downloaded", shards, part)
 
-    def split(self, holdout: int) -> tuple["SamplePlan", "SamplePlan"]:
-        """(train, eval): the last `holdout` samples in shard order are held out of training."""
-        train, held, held_first = {}, {}, {}
-        remaining = holdout
-        for shard in sorted(self.counts, reverse=True):
-            count = self.counts[shard]
-            take = min(remaining, count)
-            if take:
-                held[shard], held_first[shard] = take, self.first.get(shard, 0) + count - take
-            train[shard] = count - take
-            remaining -= take
-        return (SamplePlan({s: n for s, n in sorted(train.items()) if n}, self.source, self.first),
-                SamplePlan(dict(sorted(held.items())), self.source, held_first))
+    @classmethod
+    def of_part(cls, root: str, kind: str, shards: list[str], part: Part) -> "SamplePlan":
+        """The plan of one part: the counts of the shards holding held-out rows are read from their files (a few,
+        pipeline/holdout.py), every other shard's from its ledger summary."""
+        from .holdout import load_holdout
+
+        counts = planned_counts(root, kind, shards)
+        held_out = load_holdout(root).rows() if part != "all" else {}
+        source = RowSource(root, kind, counts, part, held_out)
+        if part == "held_out":
+            counts = {s: counts[s] for s in shards if s in held_out}
+        mixed = [s for s in held_out if s in counts]
+        if mixed:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                counts.update(zip(mixed, (len(i) for i in pool.map(source.read, mixed))))
+            source = RowSource(root, kind, counts, part, held_out)
+        return cls({s: n for s, n in counts.items() if n}, source)
+
+    def head(self, count: int) -> "SamplePlan":
+        """The first `count` samples in shard order (an evaluation's share of the held-out rows)."""
+        taken: dict[str, int] = {}
+        for shard in sorted(self.counts):
+            if count <= 0:
+                break
+            taken[shard] = min(count, self.counts[shard])
+            count -= taken[shard]
+        return SamplePlan(taken, self.source, self.first)
 
     def rank_slice(self, rank: int, world_size: int, epoch: int, seed: int) -> tuple[list[tuple[str, np.ndarray]], int]:
         """This rank's samples for `epoch` as (shard, indices) runs, and how many were padding.

@@ -41,14 +41,6 @@ def test_epochs_shuffle_at_sample_level_and_resume_skips_exactly(run_root):
     assert captions_of(loader, 0, skip=4) == first[20:]  # resume after 4 batches: no sample twice
 
 
-def test_holdout_is_excluded_from_training(run_root):
-    train, held = SamplePlan.from_aligned(run_root).split(6)
-    assert held.size == 6 and train.size == 44
-    for shard in held.counts:
-        train_rows = set(train.indices(shard)) if shard in train.counts else set()
-        assert len(held.indices(shard)) == held.counts[shard] and not set(held.indices(shard)) & train_rows
-
-
 class CountingEmbeddings(EmbeddingBatches):
     """Counts the shards it opens and the samples it hands out (decodes)."""
 

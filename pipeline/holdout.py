@@ -1,0 +1,150 @@
+"""The run's held-out rows: one split, fixed before any training, that no training stage reads.
+
+CLIP, the prior and the decoder all train on the run's rows; their evaluations (and the demo's prompts, the
+R-precision caption pool and the filter's check of its CLIP) draw from rows none of them saw. The split is drawn
+once, from the downloaded rows (or the aligned ones where the run has no shards of its own), at random from a few
+shards (`holdout.max_shards`) so that planning an epoch reads the row lists of those shards alone, and written to
+`<root>/holdout.parquet` (shard, index, key, caption). Later runs read it; a config that would draw another split
+is refused rather than letting training see rows an earlier evaluation held out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .config import HoldoutConfig
+from .layout import CAPTION, INDEX, KEY, SHARD, RunLayout
+
+log = logging.getLogger(__name__)
+
+SETTINGS = b"dalle2.holdout"  # the parquet metadata key holding the settings the split was drawn with
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Held-out rows as (shard, row index) pairs with their keys and captions, in shard then index order."""
+
+    shards: list[str]
+    indices: list[int]
+    keys: list[str]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """{shard: its held-out row indices, ascending}."""
+        out: dict[str, list[int]] = {}
+        for shard, index in zip(self.shards, self.indices):
+            out.setdefault(shard, []).append(index)
+        return {shard: np.asarray(sorted(found), dtype=np.int64) for shard, found in out.items()}
+
+    def distinct_captions(self) -> list[str]:
+        """Each held-out caption once, in row order."""
+        return list(dict.fromkeys(self.captions))
+
+
+def candidate_rows(root: str, shard: str, kind: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """(row indices, keys, captions) of the usable rows of one shard: downloaded successes, or present aligned rows."""
+    from .layout import PRESENT, parse_key
+    from .storage import read_parquet
+
+    layout = RunLayout(root)
+    if kind == "downloaded":
+        table = read_parquet(layout.shard_parquet(shard), columns=["key", "status", CAPTION]).to_pydict()
+        digits = len(table["key"][0]) - len(shard) if table["key"] else 1
+        rows = [(parse_key(k, digits)[1], k, c or "") for k, s, c in zip(table["key"], table["status"], table[CAPTION])
+                if s == "success"]
+    else:
+        table = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, KEY, CAPTION, PRESENT]).to_pydict()
+        rows = [(i, k, c or "") for i, k, c, p in zip(table[INDEX], table[KEY], table[CAPTION], table[PRESENT]) if p]
+    rows.sort()
+    return (np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], [r[2] for r in rows])
+
+
+def draw_holdout(root: str, config: HoldoutConfig) -> Holdout:
+    """Draw the split from the run's rows (deterministic in `config.seed` and the run's shards)."""
+    from .aligned import aligned_shards
+    from .embed import complete_shards
+    from .loaders import planned_counts
+
+    layout = RunLayout(root)
+    shards, kind = complete_shards(layout), "downloaded"
+    if not shards:
+        shards, kind = aligned_shards(layout), "aligned"
+    if not shards:
+        raise FileNotFoundError(f"no downloaded shards under {layout.shards} nor aligned embeddings under "
+                                f"{layout.aligned} to hold rows out of: run download first")
+    counts = planned_counts(root, kind, shards)
+    total = sum(counts.values())
+    wanted = min(config.rows, int(config.max_fraction * total))
+    if config.rows and total >= 4:
+        wanted = min(max(wanted, 2), total // 2)  # an evaluation needs two rows; training keeps at least half
+    rng = np.random.default_rng(config.seed)
+    with_rows = [s for s in shards if counts[s]]
+    chosen = sorted(rng.choice(len(with_rows), size=min(config.max_shards, len(with_rows)), replace=False).tolist())
+    pool = [(with_rows[j], *row) for j in chosen for row in zip(*candidate_rows(root, with_rows[j], kind))]
+    picked = sorted(rng.choice(len(pool), size=min(wanted, len(pool)), replace=False).tolist()) if wanted else []
+    rows = [pool[p] for p in picked]
+    return Holdout([r[0] for r in rows], [int(r[1]) for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+def write_holdout(root: str, holdout: Holdout, config: HoldoutConfig) -> None:
+    """Write the split with the settings it was drawn with."""
+    from .storage import write_parquet
+
+    table = pa.table({SHARD: pa.array(holdout.shards, pa.string()), INDEX: pa.array(holdout.indices, pa.int64()),
+                      KEY: pa.array(holdout.keys, pa.string()), CAPTION: pa.array(holdout.captions, pa.string())})
+    write_parquet(RunLayout(root).holdout, table.replace_schema_metadata({SETTINGS: json.dumps(settings(config))}))
+
+
+def settings(config: HoldoutConfig) -> dict:
+    return config.model_dump(mode="json")
+
+
+def read_holdout(root: str) -> Optional[tuple[Holdout, dict]]:
+    """The run's split and the settings it was drawn with (None before one is drawn)."""
+    from .storage import exists, read_parquet
+
+    path = RunLayout(root).holdout
+    if not exists(path):
+        return None
+    table = read_parquet(path)
+    drawn_with = json.loads((table.schema.metadata or {}).get(SETTINGS, b"{}"))
+    columns = table.to_pydict()
+    return Holdout(columns[SHARD], columns[INDEX], columns[KEY], columns[CAPTION]), drawn_with
+
+
+def load_holdout(root: str) -> Holdout:
+    """The run's split; an empty one where none was drawn (a run made before splits, or holdout.rows: 0)."""
+    found = read_holdout(root)
+    return found[0] if found else Holdout([], [], [], [])
+
+
+def ensure_holdout(root: str, config: HoldoutConfig) -> Holdout:
+    """The run's split: drawn and written on the first call, read afterwards; refused naming the settings when the
+    config asks for another one than the split training already left out."""
+    found = read_holdout(root)
+    if found is not None:
+        holdout, drawn_with = found
+        if drawn_with and drawn_with != settings(config):
+            changed = sorted(k for k in set(drawn_with) | set(settings(config)) if drawn_with.get(k) != settings(config).get(k))
+            from .ledger import StaleRunError
+
+            raise StaleRunError(f"holdout: {RunLayout(root).holdout} was drawn with "
+                             + ", ".join(f"holdout.{k}={drawn_with.get(k)}" for k in changed)
+                             + f" but the config says " + ", ".join(f"{k}={settings(config).get(k)}" for k in changed)
+                             + ": set them back (training already left those rows out), or delete the file and the "
+                             "run's train/ folder to split and train again")
+        return holdout
+    holdout = draw_holdout(root, config)
+    write_holdout(root, holdout, config)
+    log.info("holdout: %d rows of %d shards held out of every training stage (%s)", len(holdout),
+             len(set(holdout.shards)), RunLayout(root).holdout)
+    return holdout
