@@ -7,14 +7,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.filter import run_filter
+from .run_config import RunConfig, stage_main
 
-from .run_config import stage_main
+
+def run(config: RunConfig) -> dict:
+    """The filter stage with the run's held-out rows (drawn here when no training stage drew them yet)."""
+    from pipeline.filter import run_filter
+    from pipeline.holdout import ensure_holdout
+
+    return run_filter(config.filter, config.root, config.ray, holdout=ensure_holdout(config.root, config.holdout))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the filter stage of the run described by --config."""
-    return stage_main(argv, __doc__.splitlines()[0], lambda c: run_filter(c.filter, c.root, c.ray))
+    return stage_main(argv, __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

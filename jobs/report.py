@@ -194,6 +194,8 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
         shown = [figure_html(n, *figures[n]) for n in names if n in figures]
         if shown:
             body.append(f"<h2>{title}</h2>" + "".join(shown))
+        if title == "Filter":
+            body.append(clip_check_html(layout))
         if title == "Filter" and rows:
             undecodable: list[str] = []
             body.append(samples_html(f"{len(shown_kept)} random kept rows", sample_rows(root, shown_kept, undecodable),
@@ -218,6 +220,24 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
     write_atomic(f"{root}/report.html", page("".join(body)).encode())
     log.info("report: %s/report.html (%d plots)", root, len(figures))
     return {"html": f"{root}/report.html", "plots": list(figures)}
+
+
+def clip_check_html(layout) -> str:
+    """How well the run's CLIP retrieves its held-out captions, and whether the filter let it judge (empty before
+    the filter ran)."""
+    from pipeline.storage import exists, read_json
+
+    summary = read_json(layout.ledger_summary("filter")) if exists(layout.ledger_summary("filter")) else {}
+    check = summary.get("clip_check") or {}
+    if not check:
+        return ""
+    if not check.get("checked"):
+        return f'<p class="note" id="clip-check">CLIP not checked: {html.escape(str(check.get("why", "")))}</p>'
+    verdict = (f"so {', '.join(check['rules'])} were skipped: no row was dropped on its judgement" if check.get("skipped")
+               else f"{', '.join(check['rules'])} applied" if check.get("rules") else "no CLIP rule is set")
+    return (f'<p class="note" id="clip-check">The run\'s CLIP picks a held-out image\'s own caption among '
+            f"{check['captions']} held-out captions {check['retrieval']:.0%} of the time (chance {check['chance']:.0%}; "
+            f"the CLIP rules judge from {check['min_clip_retrieval']:.0%}): {html.escape(verdict)}.</p>")
 
 
 def stage_table(status: dict) -> str:

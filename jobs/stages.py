@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from pipeline.ledger import StageStopped  # noqa: F401 - the stages' stop, raised here and by the stages themselves
+
 from .run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,6 @@ STAGES = [
     Stage("train-prior", "jobs.train_prior", _training_complete("train_prior")),
     Stage("train-decoder", "jobs.train_decoder", _training_complete("train_decoder")),
 ]
-
-
-class StageStopped(RuntimeError):
-    """A stage ended in a state the stages after it cannot use (failed shards, no rows): the run stops there."""
 
 
 def run_all(run: RunConfig, config_args: list[str], timings: dict | None = None) -> dict[str, str]:

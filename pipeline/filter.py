@@ -271,7 +271,8 @@ class RunWideDuplicates:
 
 def fingerprint(config: FilterConfig) -> dict:
     """The settings a run's masks are made under (where the work runs does not count)."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in ("cpus_per_task", "distributor", "resources")}
+    return {k: v for k, v in config.model_dump(mode="json").items()
+            if k not in ("cpus_per_task", "distributor", "resources", "max_clip_drop", "on_large_clip_drop")}
 
 
 def present_rows(layout: RunLayout, shard: str) -> int:
@@ -282,8 +283,13 @@ def present_rows(layout: RunLayout, shard: str) -> int:
         return 0
 
 
-def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
-    """Write the keep mask of every aligned shard; returns the stage summary."""
+def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] = None,
+               holdout: Optional["Holdout"] = None) -> dict:
+    """Write the keep mask of every aligned shard; returns the stage summary. With the run's `holdout`, the CLIP
+    rules judge only when the run's CLIP retrieves the held-out captions well (pipeline/filter_guard.py)."""
+    from .filter_guard import check_model_drops, model_drops, trusted_config
+    from .holdout import Holdout
+
     started = time.time()
     layout = RunLayout(root)
     shards = aligned_shards(layout)
@@ -300,9 +306,10 @@ def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] 
     pending = [s for s in shards if s not in done]
     if config.distributor == "ray" and pending:
         ensure_ray(ray_config, config.resources, "filter.resources")
+    judged, clip_check = trusted_config(config, root, holdout if holdout is not None else Holdout([], [], [], []))
     first_pass_done = list_names(layout.scratch(STAGE), ".parquet")
     todo = [s for s in pending if s not in first_pass_done]
-    _, failures = run_shards(ShardFilter(config, root), todo, distributor=config.distributor,
+    _, failures = run_shards(ShardFilter(judged, root), todo, distributor=config.distributor,
                              num_cpus=config.cpus_per_task, desc="filter: shards", resources=config.resources)
     for shard, error in failures.items():
         ledger.fail(shard, rows=present_rows(layout, shard), error=error)
@@ -310,9 +317,17 @@ def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] 
         log.error("filter: %d shards failed; nothing is searched across the run until they pass (re-run): %s",
                   len(failures), failures)
     elif pending:
+        try:
+            check_model_drops(judged, *model_drops(layout, [layout.scratch(STAGE, f"{s}.parquet") for s in pending], judged))
+        except Exception:
+            # nothing recorded yet: the next try starts afresh, under whatever settings it is given
+            remove(layout.scratch(STAGE), recursive=True)
+            if not done:
+                remove(layout.ledger_fingerprint(STAGE))
+            raise
         across_the_run(config, layout, ledger, [s for s in shards if s not in pending], pending)
         remove(layout.scratch(STAGE), recursive=True)
-    return ledger.summarize(started)
+    return ledger.summarize(started, extra={"clip_check": clip_check})
 
 
 def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done: list[str], pending: list[str]) -> None:

@@ -48,6 +48,11 @@ class StaleRunError(ValueError):
     """A stage's existing outputs were made from other inputs or another model than the config names."""
 
 
+class StageStopped(RuntimeError):
+    """A stage ended in a state the stages after it cannot use (failed shards, no rows, a filter dropping too
+    much): the run stops there, with a message naming what and why."""
+
+
 class Ledger:
     """The records of one stage of one run."""
 

@@ -101,7 +101,7 @@ def hostile_run(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("hostile") / "run")
     make_training_run(root, count=20, per_shard=10, size=32, dim=16,
-                      filter_config=FilterConfig(min_similarity=0.0, distributor="local"))
+                      filter_config=FilterConfig(min_similarity=0.0, on_large_clip_drop="continue", distributor="local"))
     tar_path = RunLayout(root).shard_tar("00000")
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -141,7 +141,7 @@ def test_hostile_captions_and_reasons_are_escaped_and_an_undecodable_image_is_sk
 
 
 def test_the_demos_markdown_report_escapes_every_cell():
-    from jobs.demo import render_report
+    from jobs.demo_report import render_report
 
     match = {"color_match": 1.0, "shape_match": 1.0, "position_match": 1.0, "all_match": 1.0, "chance_color": 0.2,
              "chance_shape": 0.3, "chance_position": 0.3, "chance_all": 0.01}

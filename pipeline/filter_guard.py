@@ -1,0 +1,129 @@
+"""When the filter's CLIP rules may judge a run, and how much they may drop before the stage stops and asks.
+
+The rules that judge a row with a model (CLIP similarity, caption rank, fastText language) are tuned on some data
+and wrong on other data: a caption-rank rule tuned for a CLIP that ranks captions right 97% of the time drops most
+rows of a run whose CLIP is right 20% of the time, as a coin flip would. So, before pass 1, the run's CLIP is tried
+on the held-out rows (pipeline/holdout.py): does each held-out image pick its own caption among the held-out
+captions? Below `filter.min_clip_retrieval` the similarity and rank rules are skipped (or applied when told to) and
+the summary says why. After pass 1, when the model rules would drop more than `filter.max_clip_drop` of the run's
+rows, the stage stops naming each rule and its share, unless `filter.on_large_clip_drop: continue`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+
+from .config import FilterConfig
+from .holdout import Holdout
+from .layout import REASON, RunLayout
+from .ledger import StageStopped
+
+log = logging.getLogger(__name__)
+
+LANGUAGE = "caption language"
+
+
+def clip_rules(config: FilterConfig) -> list[str]:
+    """The drop reasons of the rules that judge with CLIP (the ones a poor CLIP gets wrong)."""
+    from .filter import low_rank, low_similarity
+
+    return ([low_similarity(config.min_similarity)] if config.min_similarity is not None else []) + \
+        ([low_rank(config.max_caption_rank)] if config.max_caption_rank is not None else [])
+
+
+def model_rules(config: FilterConfig) -> list[str]:
+    """The drop reasons counted towards `max_clip_drop`: CLIP's and the language model's (not duplicates or length)."""
+    return clip_rules(config) + ([LANGUAGE] if config.language_model else [])
+
+
+def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
+    """How often a held-out image's CLIP embedding picks its own caption's first among the held-out captions (each
+    distinct caption once), beside chance; None when fewer than 2 held-out rows have both embeddings."""
+    from .aligned import read_aligned
+    from .filter import normalized
+
+    layout = RunLayout(root)
+    images, texts, captions = [], [], []
+    for shard, rows in holdout.rows().items():
+        try:
+            aligned = read_aligned(layout, shard)
+        except FileNotFoundError:
+            continue  # a held-out shard without embeddings (embed failed there): the others still tell
+        if aligned.text_emb is None:
+            return None
+        rows = rows[rows < len(aligned.present)]
+        rows = rows[np.asarray(aligned.present)[rows]]
+        images.append(normalized(aligned.img_emb[rows]))
+        texts.append(normalized(aligned.text_emb[rows]))
+        captions += [aligned.captions[i] for i in rows.tolist()]
+    if len(captions) < 2:
+        return None
+    image, text = np.concatenate(images), np.concatenate(texts)
+    first = {}
+    for i, caption in enumerate(captions):
+        first.setdefault(caption, i)
+    distinct = list(first)
+    if len(distinct) < 2:
+        return None
+    picked = (image @ text[[first[c] for c in distinct]].T).argmax(axis=1)
+    right = float(np.mean([distinct[j] == caption for j, caption in zip(picked.tolist(), captions)]))
+    return {"retrieval": round(right, 4), "chance": round(1 / len(distinct), 4), "rows": len(captions),
+            "captions": len(distinct)}
+
+
+def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[FilterConfig, dict]:
+    """The settings pass 1 runs with, and the CLIP check that chose them (for the summary and the report): the
+    CLIP rules dropped when the run's CLIP retrieves its held-out captions below `min_clip_retrieval`, unless
+    `on_untrusted_clip: apply`."""
+    rules = clip_rules(config)
+    found = held_out_retrieval(root, holdout)
+    if found is None:
+        return config, {"checked": False, "why": "too few held-out rows with embeddings to check CLIP on (holdout.rows)"}
+    trusted = found["retrieval"] >= config.min_clip_retrieval
+    check = {"checked": True, **found, "min_clip_retrieval": config.min_clip_retrieval, "trusted": trusted,
+             "rules": rules, "skipped": bool(rules) and not trusted and config.on_untrusted_clip == "skip"}
+    if trusted or not rules:  # measured either way: the report says how well the run's CLIP knows its captions
+        return config, check
+    message = (f"filter: the run's CLIP picks a held-out image's own caption among the {found['captions']} held-out "
+               f"captions {found['retrieval']:.0%} of the time (chance {found['chance']:.0%}), below "
+               f"filter.min_clip_retrieval {config.min_clip_retrieval:.0%}: its judgement is close to a coin flip")
+    if not check["skipped"]:
+        log.warning("%s; applying %s anyway (filter.on_untrusted_clip: apply)", message, ", ".join(rules))
+        return config, check
+    log.warning("%s, so %s are skipped, no row is dropped for them (filter.on_untrusted_clip: apply to use them)",
+                message, " and ".join(rules))
+    check["why"] = f"{message}; skipped: {', '.join(rules)}"
+    return config.model_copy(update={"min_similarity": None, "max_caption_rank": None}), check
+
+
+def model_drops(layout: RunLayout, masks: list[str], config: FilterConfig) -> tuple[int, Counter]:
+    """(rows in, {model rule: rows it dropped}) over pass 1's masks (`masks`: their paths)."""
+    from .storage import read_parquet
+
+    rules, rows_in, dropped = set(model_rules(config)), 0, Counter()
+    for path in masks:
+        reasons = read_parquet(path, columns=[REASON]).column(REASON).to_pylist()
+        rows_in += sum(1 for r in reasons if r != "absent")
+        dropped.update(r for r in reasons if r in rules)
+    return rows_in, dropped
+
+
+def check_model_drops(config: FilterConfig, rows_in: int, dropped: Counter) -> None:
+    """Stop the stage, naming each rule and its share, when the model rules drop more than `max_clip_drop` of the
+    rows (unless `on_large_clip_drop: continue`)."""
+    total = sum(dropped.values())
+    if not rows_in or total <= config.max_clip_drop * rows_in:
+        return
+    rules = ", ".join(f"'{rule}' {count} ({count / rows_in:.0%})" for rule, count in dropped.most_common())
+    message = (f"filter: the rules that judge with a model would drop {total} of {rows_in} rows ({total / rows_in:.0%}), "
+               f"more than filter.max_clip_drop {config.max_clip_drop:.0%}: {rules}")
+    if config.on_large_clip_drop == "continue":
+        log.warning("%s; dropping them (filter.on_large_clip_drop: continue)", message)
+        return
+    raise StageStopped(f"{message}. Settings tuned on other data drop good rows here: loosen or unset "
+                       "filter.min_similarity / filter.max_caption_rank / filter.language_model, or set "
+                       "filter.on_large_clip_drop=continue to drop them anyway")
