@@ -164,6 +164,16 @@ def _as_features(x: Tensor) -> Tensor:
     return x.detach().double()
 
 
+def _not_distributed() -> bool:
+    return False
+
+
+# torchmetrics gathers a metric's state over torch.distributed's default group whenever one is initialised: on a
+# Ray Train worker, rank 0 scoring every rank's samples alone would wait for ranks that never come. These figures
+# are computed on the features they are given, in the process that calls them.
+UNSYNCED = dict(sync_on_compute=False, dist_sync_on_step=False, distributed_available_fn=_not_distributed)
+
+
 def frechet_distance(x: Tensor, y: Tensor) -> float:
     """The Fréchet distance between Gaussians fitted to two feature sets [N, D] and [M, D] (FID on Inception's)."""
     # through torchmetrics' FID with the features as the "images", so that FID and FD on CLIP features are one
@@ -171,7 +181,8 @@ def frechet_distance(x: Tensor, y: Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     x, y = _as_features(x), _as_features(y)
-    metric = FrechetInceptionDistance(feature=_Features(num_features=x.shape[1]), normalize=False).to(x.device)
+    metric = FrechetInceptionDistance(feature=_Features(num_features=x.shape[1]), normalize=False,
+                                      **UNSYNCED).to(x.device)
     metric.update(x, real=True)
     metric.update(y, real=False)
     return metric.compute().item()
@@ -190,7 +201,7 @@ def kernel_distance(x: Tensor, y: Tensor, subsets: int = 100, subset_size: int =
     with warnings.catch_warnings():  # its warning that it keeps every feature: these are the features
         warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
         metric = KernelInceptionDistance(feature=_Features(num_features=x.shape[1]), subsets=subsets,
-                                         subset_size=subset_size).to(x.device)
+                                         subset_size=subset_size, **UNSYNCED).to(x.device)
     metric.update(x, real=True)
     metric.update(y, real=False)
     # the subsets come from torch's global RNG: seeded here for a reproducible figure, the caller's state kept

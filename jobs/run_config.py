@@ -8,9 +8,10 @@ from typing import Callable, Optional
 from pydantic import Field, field_validator
 
 from dalle2.configs import StrictModel
-from pipeline.config import DownloadConfig, EmbedConfig, FilterConfig, RayConfig, ReorderConfig
+from pipeline.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
 
 from .config_io import ConfigError, load_config
+from .evaluation import EvalConfig
 from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 
 
@@ -22,6 +23,7 @@ class DemoConfig(StrictModel):
     # compositional generalisation: each attribute is seen, only the combination is new
     withhold: list[str] = []
     samples_per_prompt: int = Field(default=4, ge=1, le=64)
+    prompts: int = Field(default=6, ge=1, le=64)  # a --url-list run: this many of its held-out captions are prompted
     # this fraction of rows gets another image's caption, as on the web; the report says how many the filter caught
     mismatched_captions: float = Field(default=0.0, ge=0, le=0.5)
 
@@ -44,6 +46,7 @@ class RunConfig(StrictModel):
     root: str = Field(default="runs/demo", validate_default=True)
     ray: RayConfig = RayConfig()
     download: DownloadConfig = DownloadConfig()
+    holdout: HoldoutConfig = HoldoutConfig()  # rows no training stage reads, drawn before the first one
     embed: EmbedConfig = EmbedConfig()
     reorder: ReorderConfig = ReorderConfig()
     filter: FilterConfig = FilterConfig()
@@ -51,6 +54,7 @@ class RunConfig(StrictModel):
     train_prior: TrainPriorConfig = TrainPriorConfig()
     train_decoder: TrainDecoderConfig = TrainDecoderConfig()
     demo: DemoConfig = DemoConfig()
+    eval: EvalConfig = EvalConfig()
 
     def custom_resources(self) -> set[str]:
         """The names of the custom Ray resources the stages of this run ask for."""

@@ -56,12 +56,20 @@ def decoder_loop(config: dict) -> None:
                           f"train_decoder.decoder.unets[{n - 1}].text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
     size = decoder.image_sizes[-1]
-    train_plan, eval_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled).split(job.eval_size)
+    # the run's held-out rows (pipeline/holdout.py) are never trained on; evaluated on them, filtered or not
+    train_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled, part="train")
+    eval_plan = SamplePlan.from_aligned(run.root, part="held_out").head(job.eval_size)
     loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                           job.shuffle_buffer, image_size=size)
     held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),
                                  shuffle_buffer=1, image_size=size).epoch(0))
     clip = (encoder.clip if encoder is not None else run_clip(run).to(worker.device)) if worker.rank == 0 else None
+    scorer = inception = pool = None
+    if worker.rank == 0:  # rank 0 scores every rank's samples
+        from .evaluation import caption_pool, inception_of, scoring_clip
+
+        scorer = clip if run.eval.clip is None else scoring_clip(run).to(worker.device)
+        inception, pool = inception_of(run.eval), caption_pool(run.root, list(held_out["caption"]))
     mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank samples its share, rank 0 scores all
     # batches trained so far, so a resumed run gives each stage the batches an uninterrupted run would
     counter = {"batches": state.get("epoch", 0) * loader.batches_per_epoch() + state.get("batch", 0)}
@@ -94,14 +102,13 @@ def decoder_loop(config: dict) -> None:
         write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png", sample_grid(samples, real, list(held_out["caption"])))
         metrics = {"sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
-            from dalle2.metrics import text_image_agreement
-
             metrics["image_embed_similarity"] = float(
                 (clip.embed_image(samples) * torch.nn.functional.normalize(embeds, dim=-1)).sum(-1).mean())
-            # do the samples match their held-out captions as well as the real images do (and look like them)?
-            prompts = list(dict.fromkeys(held_out["caption"]))
-            index = torch.tensor([prompts.index(c) for c in held_out["caption"]])
-            metrics.update(text_image_agreement(clip, samples, prompts, index, real_images=real.to(worker.device)))
+        # do the samples match their held-out captions as well as the real images do (and look like them)?
+        from .evaluation import score_samples
+
+        metrics.update(score_samples(scorer, samples, real.to(worker.device), list(held_out["caption"]), pool,
+                                     run.eval, inception))
         return metrics
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)

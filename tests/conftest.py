@@ -5,6 +5,9 @@ import os
 from tests.ports import free_port
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Ray Train's controller looks at its workers every 2 s: a finished fit waited ~4 s more to be seen, each of the
+# suite's ~30 fits (the controller reads it from the driver's environment, as do the demo subprocesses)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # s3:// in tests means moto's S3 server on 127.0.0.1. The variables are set before anything starts

@@ -1,0 +1,89 @@
+"""How a run's samples are scored, at every decoder evaluation and in the demo's report: metrics as papers report
+them, each with its noise, against real images of the same captions.
+
+- CLIP-R-precision: each image's caption against 99 other distinct captions of the run's held-out rows (all of
+  them when fewer), repeated with fresh draws; chance and standard error beside it.
+- Fréchet distance and KID on CLIP image features (FD_CLIP) by default, and FID / KID on Inception v3 features
+  when `eval.inception_weights` names the weights file (nothing is downloaded).
+- CMMD, the paper's (biased) figure and the unbiased one; CLIP score.
+
+The scoring CLIP is the run's own unless `eval.clip` names another (any open_clip name with a pretrained tag,
+local path or URL, or a checkpoint folder): a decoder conditioned on a CLIP is flattered when judged by it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field, PositiveInt
+
+from dalle2.configs import StrictModel
+from pipeline.config import ClipSource
+
+
+class EvalConfig(StrictModel):
+    """How samples are scored (decoder evaluations and the demo's report)."""
+
+    clip: Optional[ClipSource] = None  # the scoring CLIP; None: the run's own
+    # FID and KID: torch-fidelity's Inception v3 weights (weights-inception-2015-12-05-6726825d.pth), a local path or
+    # any fsspec URL; None: no FID (FD and KID on CLIP features are always given)
+    inception_weights: Optional[str] = None
+    distractors: PositiveInt = 99  # R-precision: other captions each true caption competes with
+    repeats: PositiveInt = 10  # R-precision: fresh draws of the distractors
+    bootstraps: int = Field(default=20, ge=2, le=1000)  # resamples giving FD's noise
+
+
+def scoring_clip(run):
+    """The CLIP that scores samples: `eval.clip`, else the run's own."""
+    from dalle2.clip import load_clip
+
+    from .checkpoints import run_clip
+
+    source = run.eval.clip
+    clip = run_clip(run) if source is None else load_clip(source.model_name, source.pretrained, source.checkpoint)
+    return clip.eval().requires_grad_(False)
+
+
+def caption_pool(root: str, captions: list[str]) -> list[str]:
+    """The captions R-precision draws distractors from: `captions` and every distinct held-out caption, once each."""
+    from pipeline.holdout import load_holdout
+
+    return list(dict.fromkeys(list(captions) + load_holdout(root).distinct_captions()))
+
+
+def score_samples(clip, samples, real, captions: list[str], pool: list[str], config: EvalConfig,
+                  inception=None) -> dict[str, float]:
+    """Scores of generated `samples` ([B, 3, H, W] in [0, 1], sample i drawn for captions[i]) beside the same
+    figures on `real` images ([M, 3, H', W']) of those captions; `pool` holds every caption (distractors)."""
+    import torch
+
+    from dalle2.metrics import clip_score, cmmd, image_distances, r_precision_sampled
+
+    with torch.no_grad():
+        pool_embed = clip.embed_text(pool).text_embed.float().cpu()
+        generated = clip.embed_image(samples).float().cpu()
+        actual = clip.embed_image(real).float().cpu()
+    index = torch.tensor([pool.index(c) for c in captions])
+    fake = r_precision_sampled(generated, pool_embed, index, distractors=config.distractors, repeats=config.repeats)
+    scores = {**fake, "clip_score": clip_score(generated, pool_embed[index])}
+    if len(actual) == len(captions):  # the real images of the same captions, in the same order
+        truth = r_precision_sampled(actual, pool_embed, index, distractors=config.distractors, repeats=config.repeats)
+        scores.update({f"real_{k}": v for k, v in truth.items() if k in ("r_precision", "r_precision_se")},
+                      real_clip_score=clip_score(actual, pool_embed[index]))
+    if len(generated) >= 2 and len(actual) >= 2:
+        scores.update(image_distances(actual, generated, prefix="clip_", bootstraps=config.bootstraps),
+                      cmmd=cmmd(generated, actual), cmmd_unbiased=cmmd(generated, actual, unbiased=True))
+        if inception is not None:
+            with torch.no_grad():
+                scores.update(image_distances(inception(real.cpu()), inception(samples.cpu()), prefix="inception_",
+                                              bootstraps=config.bootstraps))
+    return scores
+
+
+def inception_of(config: EvalConfig):
+    """FID's Inception v3 from `eval.inception_weights` (None when not set)."""
+    if not config.inception_weights:
+        return None
+    from dalle2.metrics import InceptionFeatures
+
+    return InceptionFeatures(config.inception_weights)
