@@ -24,6 +24,11 @@ from typing import Optional
 
 log = logging.getLogger("jobs.demo")
 
+# The built-in set's CLIP is trained from scratch (on the planted noise too): its cosines crowd into 0.6-0.9 for right
+# and wrong captions alike, but it still ranks an image's own caption first among the shard's captions; the set
+# draws each of its 51 combinations dozens of times, so many images are pixel for pixel the same.
+BUILT_IN_FILTER = ["filter.max_caption_rank=1", "filter.duplicate_threshold=0.9995"]
+
 PROMPTS = [
     "a red circle on the left", "a blue square on the right", "a green triangle in the center",
     "a yellow square on the left", "a purple circle on the right", "an orange triangle on the left",
@@ -83,13 +88,51 @@ def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
             "chance_all": 1 / (9 * len(COLORS))}
 
 
+def judge_samples(config, built_in: bool) -> dict:
+    """Generate the demo's samples (samples.png, samples.npy) and judge them. The built-in set: its prompts, then
+    the withheld combinations (every attribute seen in training, the combination not), scored off the pixels. A
+    user's list: captions of its own held-out rows, each drawn beside a real image of it; no shape scores."""
+    import torch
+
+    from dalle2.text_to_image import to_uint8
+    from pipeline.storage import write_atomic, write_npy
+
+    from .demo_report import agreement, held_out_prompts
+    from .sample import generate, grid_png
+
+    per_prompt, root = config.demo.samples_per_prompt, config.root.rstrip("/")
+    if built_in:
+        withheld = list(config.demo.withhold)
+        prompts = [prompt for prompt in PROMPTS if prompt not in withheld]
+        images = generate(config.root, prompts + withheld, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
+        write_atomic(f"{root}/samples.png", grid_png(images, prompts + [f"{p} (withheld)" for p in withheld]))
+        arrays = to_uint8(images)
+        split = len(prompts) * per_prompt
+        judged = {"prompts": prompts, "withheld_prompts": withheld,
+                  "prompt_match": prompt_match(arrays[:split], prompts, per_prompt),
+                  "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
+                  "text_image_agreement": agreement(config, images, prompts + withheld, per_prompt)}
+    else:
+        prompts, real = held_out_prompts(config.root, config.demo.prompts, per_prompt, config.download.image_size)
+        images = generate(config.root, prompts, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
+        real = torch.nn.functional.interpolate(real, size=images.shape[-2:], mode="bilinear", antialias=True)
+        # each row: the samples, then one real image of that caption
+        rows = torch.cat([images.unflatten(0, (len(prompts), per_prompt)), real[::per_prompt, None]], dim=1)
+        write_atomic(f"{root}/samples.png", grid_png(rows.flatten(0, 1), [f"{p} (generated | real)" for p in prompts]))
+        arrays = to_uint8(images)
+        judged = {"prompts": prompts, "withheld_prompts": [], "prompt_match": None, "withheld_match": None,
+                  "text_image_agreement": agreement(config, images, prompts, per_prompt, real=real)}
+    write_npy(f"{root}/samples.npy", arrays)
+    return {**judged, "samples_per_prompt": per_prompt}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the demo; returns its report."""
-    from pipeline.storage import write_atomic, write_json, write_npy
+    from pipeline.storage import write_atomic, write_json
 
     from .config_io import load_config
+    from .demo_report import filter_check, render_report
     from .run_config import RunConfig
-    from .sample import generate, grid_png
     from .stages import run_all
     from .status import run_status
 
@@ -125,6 +168,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             # the built-in server is on 127.0.0.1, which the download policy refuses unless told; a user's
             # --url-list gets no such pass (download.allow_private_network is theirs to set)
             overrides.append("download.allow_private_network=true")
+            # the filter settings tuned for the built-in set, before the user's own --set (which win); a user's
+            # list gets the filter's defaults, whose CLIP rules are checked on its held-out rows first
+            overrides[:0] = BUILT_IN_FILTER
         overrides.append(f"download.url_list={url_list}")
         config = load_config(RunConfig, defaults, overrides)
         if server is not None:
@@ -137,23 +183,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             server.shutdown()
         stages_seconds = time.time() - stage_started
 
-    # the demo's prompts, then the withheld combinations: every attribute seen in training, the combination not
-    per_prompt, withheld = config.demo.samples_per_prompt, list(config.demo.withhold)
-    seen = [prompt for prompt in PROMPTS if prompt not in withheld]
-    images = generate(config.root, seen + withheld, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
-    root = config.root.rstrip("/")
-    write_atomic(f"{root}/samples.png", grid_png(images, seen + [f"{p} (withheld)" for p in withheld]))
-    from dalle2.text_to_image import to_uint8
-
-    arrays = to_uint8(images)
-    write_npy(f"{root}/samples.npy", arrays)
-    split = len(seen) * per_prompt
-    report = {"stages": outcome, "seconds_per_stage": timings, "seconds": round(time.time() - started, 1),
-              "pipeline_seconds": round(stages_seconds, 1), "prompts": seen, "withheld_prompts": withheld,
-              "samples_per_prompt": per_prompt, "prompt_match": prompt_match(arrays[:split], seen, per_prompt),
-              "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
-              "text_image_agreement": agreement(config, images, seen + withheld, per_prompt),
+    report = {"stages": outcome, "seconds_per_stage": timings, "pipeline_seconds": round(stages_seconds, 1),
+              "data": "your list" if args.url_list else "built-in", **judge_samples(config, built_in=not args.url_list),
               "filter": filter_check(config, planted), "status": run_status(config.root)}
+    report["seconds"] = round(time.time() - started, 1)
+    root = config.root.rstrip("/")
     write_json(f"{root}/report.json", report)
     write_atomic(f"{root}/report.md", render_report(report).encode())
     from .report import build_report
@@ -163,36 +197,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match",
                                              "withheld_match", "text_image_agreement")}, default=str))
     return report
-
-
-def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
-    """How the filter stage did on the rows the demo planted with a wrong caption (None when it did not run)."""
-    from pipeline.filter import low_rank, low_similarity
-    from pipeline.layout import KEY, REASON, URL, RunLayout
-    from pipeline.storage import exists, list_files, read_json, read_parquet
-
-    layout = RunLayout(config.root)
-    if not config.filter.enabled or not exists(layout.ledger_summary("filter")):
-        return None
-    summary = read_json(layout.ledger_summary("filter"))
-    out = {"rows_in": summary["rows_in"], "kept": summary["written"], "dropped_by_reason": summary["failed_by_reason"]}
-    if planted is None:
-        return out
-    planted_paths = set(planted)
-    planted_keys = set()
-    for url in list_files(layout.shards, ".parquet"):
-        shard = read_parquet(url, columns=[URL, KEY]).to_pydict()
-        planted_keys.update(k for u, k in zip(shard[URL], shard[KEY]) if u.split("/", 3)[-1] in planted_paths)
-    reasons = {}
-    for url in list_files(layout.filter, ".parquet"):
-        mask = read_parquet(url, columns=[KEY, REASON]).to_pydict()
-        reasons.update(zip(mask[KEY], mask[REASON]))
-    clip_reasons = {low_similarity(config.filter.min_similarity) if config.filter.min_similarity is not None else None,
-                    low_rank(config.filter.max_caption_rank) if config.filter.max_caption_rank else None} - {None}
-    out.update(planted_mismatched=len(planted_keys),
-               planted_dropped=sum(1 for k in planted_keys if reasons.get(k) in clip_reasons),
-               other_dropped_by_clip=sum(1 for k, r in reasons.items() if r in clip_reasons and k not in planted_keys))
-    return out
 
 
 DEMO_MARKER = "demo_run.json"  # written by the demo into a root it starts: what it may delete there is its own
@@ -250,74 +254,6 @@ def forget_stale_inputs(config) -> None:
     download = next(stage for stage in STAGES if stage.name == "download")
     if not download.complete(config):
         remove(RunLayout(config.root).inputs, recursive=True)
-
-
-def agreement(config, images, prompts: list[str], per_prompt: int) -> dict:
-    """R-precision, CLIP score (the run's CLIP) and CMMD of the samples, beside the same figures on real images
-    of the same prompts (drawn as the built-in set draws them)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    from dalle2.metrics import text_image_agreement
-    from pipeline.shapes import draw, spec_of
-
-    from .checkpoints import run_clip
-
-    size, rng = images.shape[-1], random.Random(1)
-    real = torch.stack([torch.from_numpy(np.asarray(draw(spec_of(p), size, jitter=0.08, rng=rng), np.float32) / 255)
-                        .permute(2, 0, 1) for p in prompts for _ in range(per_prompt)])
-    index = torch.arange(len(images)) // per_prompt
-    return text_image_agreement(run_clip(config).eval(), images, prompts, index, real_images=real)
-
-
-def render_report(report: dict) -> str:
-    """The report as a short Markdown page (every value from the run's files escaped: md_cell)."""
-    from .report import md_cell
-
-    lines = ["# Demo report", "", f"Total time: {report['seconds']} s", "", "| stage | outcome | seconds |", "|---|---|---|"]
-    for stage, outcome in report["stages"].items():
-        lines.append(f"| {md_cell(stage)} | {md_cell(outcome)} | {md_cell(report['seconds_per_stage'].get(stage, ''))} |")
-    lines += ["", "## Data", ""]
-    for stage, info in report["status"].items():
-        if "rows_in" in info:
-            lines.append(f"- {md_cell(stage)}: {md_cell(info['rows_in'])} rows in, {md_cell(info['written'])} written, "
-                         f"{md_cell(info['failed'])} failed {md_cell(info.get('failed_by_reason') or '')}")
-    filtered = report.get("filter")
-    if filtered:
-        lines += ["", "## Filter", "", f"- {md_cell(filtered['rows_in'])} rows in, {md_cell(filtered['kept'])} kept, "
-                  f"dropped: {md_cell(filtered['dropped_by_reason'] or 'none')}"]
-        if "planted_mismatched" in filtered:
-            lines.append(f"- captions planted on the wrong image: {filtered['planted_mismatched']}, dropped by the CLIP "
-                         f"checks: {filtered['planted_dropped']}; other rows they dropped: {filtered['other_dropped_by_clip']}")
-    lines += ["", "## Training", ""]
-    for stage, info in report["status"].items():
-        if "step" in info:
-            metrics = {k: round(v, 4) for k, v in info.items() if isinstance(v, float)}
-            lines.append(f"- {md_cell(stage)}: step {md_cell(info['step'])}, {md_cell(metrics)}")
-    lines += ["", "## Do the samples match their prompts?", "",
-              "Colour, shape and position read off the pixels of each sample; withheld prompts name combinations "
-              "the data set left out (each attribute seen in training, the combination never).", "",
-              "| prompts | colour | shape | position | all three |", "|---|---|---|---|---|"]
-    for label, match in (("seen", report["prompt_match"]), ("withheld", report.get("withheld_match"))):
-        if match:
-            lines.append(f"| {label} | {match['color_match']:.0%} | {match['shape_match']:.0%} | "
-                         f"{match['position_match']:.0%} | {match['all_match']:.0%} |")
-    chance = report["prompt_match"]
-    lines.append(f"| chance | {chance['chance_color']:.0%} | {chance['chance_shape']:.0%} | "
-                 f"{chance['chance_position']:.0%} | {chance['chance_all']:.0%} |")
-    agree = report.get("text_image_agreement")
-    if agree:
-        lines += ["", "## Text-image agreement (the run's CLIP)", "", "| | generated | real |", "|---|---|---|",
-                  f"| R-precision (chance {1 / (len(report['prompts']) + len(report.get('withheld_prompts', []))):.0%}) | {agree['r_precision']:.0%} | "
-                  f"{agree['real_r_precision']:.0%} |",
-                  f"| CLIP score | {agree['clip_score']:.1f} | {agree['real_clip_score']:.1f} |",
-                  f"| CMMD to real, as the paper's code (x1000, 0 is best; above 0 on small sets) | {agree['cmmd']:.3f} | |"]
-        if "cmmd_unbiased" in agree:  # runs from before it have only the paper's figure
-            lines.append(f"| CMMD to real, unbiased (x1000, 0 for one distribution) | {agree['cmmd_unbiased']:.3f} | |")
-    lines += ["", "![samples](samples.png)", ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
