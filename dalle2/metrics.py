@@ -286,6 +286,11 @@ class InceptionFeatures(torch.nn.Module):
         return self.extractor((images.clamp(0, 1) * 255).byte()).float()
 
 
+def kid_subset_size(n: int, m: int) -> int:
+    """KID's subset size for sets of n and m features: 1000, or half the smaller set when it has fewer than 2000."""
+    return min(1000, max(2, min(n, m) // 2))
+
+
 def image_distances(real_features: Tensor, fake_features: Tensor, prefix: str,
                     bootstraps: int = 20) -> dict[str, float]:
     """FD (with its bootstrap noise) and KID between two feature sets, keys prefixed (e.g. "clip_", "inception_")."""
@@ -293,7 +298,9 @@ def image_distances(real_features: Tensor, fake_features: Tensor, prefix: str,
     n, m = len(real_features), len(fake_features)
     if n < 2 or m < 2:
         raise ValueError(f"FD and KID need at least 2 feature vectors per side, got {n} real and {m} fake")
-    kid, kid_std = kernel_distance(real_features, fake_features)
+    # KID's spread comes from its subsets: subsets of a whole small set are all the same set (spread 0), so a set
+    # of fewer than 2000 is drawn from in halves (the standard 1000 of at least 2000 features otherwise)
+    kid, kid_std = kernel_distance(real_features, fake_features, subset_size=kid_subset_size(n, m))
     return {
         f"{prefix}fd": frechet_distance(real_features, fake_features),
         f"{prefix}fd_se": bootstrap_se(frechet_distance, real_features, fake_features, rounds=bootstraps),

@@ -90,7 +90,7 @@ def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[F
         return config, check
     message = (f"filter: the run's CLIP picks a held-out image's own caption among the {found['captions']} held-out "
                f"captions {found['retrieval']:.0%} of the time (chance {found['chance']:.0%}), below "
-               f"filter.min_clip_retrieval {config.min_clip_retrieval:.0%}: its judgement is close to a coin flip")
+               f"filter.min_clip_retrieval {config.min_clip_retrieval:.0%}: its judgement would drop good rows")
     if not check["skipped"]:
         log.warning("%s; applying %s anyway (filter.on_untrusted_clip: apply)", message, ", ".join(rules))
         return config, check

@@ -100,10 +100,12 @@ class Ledger:
         return {f["shard"]: {"rows": f["rows"], "error": f["error"]} for f in found if f["shard"] not in done}
 
     def fingerprint_changes(self, fingerprint: dict) -> dict:
-        """{field: (recorded, now)} where the stage's recorded fingerprint differs ({} if none is recorded)."""
+        """{field: (recorded, now)} where the stage's recorded fingerprint differs ({} if none is recorded). A field
+        the record does not have was added to the config since those outputs were made: not a change (a run made
+        by an earlier version is continued, not refused)."""
         path = self.layout.ledger_fingerprint(self.stage)
         before = read_json(path) if exists(path) else fingerprint
-        return {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
+        return {k: (before.get(k), v) for k, v in fingerprint.items() if k in before and before[k] != v}
 
     def check_fingerprint(self, fingerprint: dict, remedy: str) -> None:
         """Refuse to add to outputs made under another fingerprint."""

@@ -709,4 +709,12 @@ MUTANTS = [
          new='UNSYNCED = dict()',
          tests=['tests/test_evaluation.py::test_image_distances_on_one_rank_of_a_process_group_do_not_wait_for_the_others'],
          timeout=120),
+    dict(name='ledger.a_field_added_since_counts_as_a_change', file='pipeline/ledger.py',
+         old='if k in before and before[k] != v}',
+         new='if before.get(k) != v}',
+         tests=['tests/test_filter_guard.py']),
+    dict(name='metrics.kid_subsets_of_the_whole_small_set', file='dalle2/metrics.py',
+         old='return min(1000, max(2, min(n, m) // 2))',
+         new='return min(1000, n, m)',
+         tests=['tests/test_math_golden.py']),
 ]

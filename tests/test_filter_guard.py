@@ -12,7 +12,7 @@ from pipeline.filter import low_rank, low_similarity, run_filter
 from pipeline.filter_guard import check_model_drops
 from pipeline.holdout import ensure_holdout
 from pipeline.layout import RunLayout
-from pipeline.ledger import StageStopped
+from pipeline.ledger import StageStopped, StaleRunError
 from pipeline.storage import exists, list_files, read_json
 
 DIM, PER_SHARD, SHARDS = 32, 50, 4
@@ -61,7 +61,7 @@ def test_a_clip_that_guesses_is_not_trusted_its_rules_are_skipped_and_the_summar
     summary = run_filter(config, root, holdout=holdout)
     check = summary["clip_check"]
     assert check["checked"] and not check["trusted"] and check["skipped"] and check["retrieval"] < 0.5
-    assert check["rules"] == [low_rank(1)] and "close to a coin flip" in check["why"]
+    assert check["rules"] == [low_rank(1)] and "would drop good rows" in check["why"]
     assert summary["written"] == summary["rows_in"] == SHARDS * PER_SHARD  # no row dropped on a guess
     from jobs.report import clip_check_html  # the run's page (report.html) says why
 
@@ -91,6 +91,17 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
     aligned_run(root, caption_noise=0.2)
     holdout = ensure_holdout(root, HoldoutConfig(rows=40))
     summary = run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, holdout=holdout)
+    # a run filtered by an earlier version recorded no guard settings: continued, not refused as made otherwise
+    from pipeline.filter import fingerprint
+    from pipeline.storage import write_json
+
+    earlier = {k: v for k, v in fingerprint(FilterConfig(max_caption_rank=1)).items()
+               if k not in ("min_clip_retrieval", "on_untrusted_clip")}
+    write_json(RunLayout(root).ledger_fingerprint("filter"), earlier)
+    assert run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, holdout=holdout)["written"] == \
+        summary["written"]
+    with pytest.raises(StaleRunError, match="max_caption_rank was 1, now 2"):  # a recorded field still counts
+        run_filter(FilterConfig(max_caption_rank=2, distributor="local"), root, holdout=holdout)
     check = summary["clip_check"]
     assert check["trusted"] and not check["skipped"] and check["retrieval"] >= 0.9 and check["captions"] <= 20
     assert check["chance"] == pytest.approx(1 / check["captions"], abs=1e-4)

@@ -12,7 +12,7 @@ import torch
 
 from dalle2.diffusion import GaussianDiffusion
 from dalle2.metrics import (InceptionFeatures, bootstrap_se, clip_score, cmmd, frechet_distance, image_distances,
-                            kernel_distance, r_precision, r_precision_sampled)
+                            kernel_distance, kid_subset_size, r_precision, r_precision_sampled)
 from dalle2.schedules import cosine_betas
 
 T = 10
@@ -293,7 +293,8 @@ def test_image_distances_report_fd_its_noise_and_kid_under_a_prefix():
     generator = torch.Generator().manual_seed(0)
     real, fake = torch.randn(30, 4, generator=generator), torch.randn(20, 4, generator=generator) + 0.5
     got = image_distances(real, fake, prefix="clip_", bootstraps=5)
-    kid, kid_std = kernel_distance(real, fake)
+    kid, kid_std = kernel_distance(real, fake, subset_size=10)  # half the smaller set: subsets that differ
+    assert kid_std > 0 and kid_subset_size(30, 20) == 10 and kid_subset_size(5000, 3000) == 1000
     assert got == {"clip_fd": frechet_distance(real, fake),
                    "clip_fd_se": bootstrap_se(frechet_distance, real, fake, rounds=5),
                    "clip_kid": kid, "clip_kid_std": kid_std}
