@@ -126,10 +126,12 @@ def render_report(report: dict) -> str:
                   f"dropped: {md_cell(filtered['dropped_by_reason'] or 'none')}"]
         check = filtered.get("clip_check") or {}
         if check.get("checked"):
+            skipped = check.get("skipped_rules", check["rules"] if check.get("skipped") else [])
             lines.append(f"- the run's CLIP picks a held-out image's own caption among {check['captions']} held-out "
-                         f"captions {check['retrieval']:.0%} of the time (chance {check['chance']:.0%}; the CLIP rules "
-                         f"judge from {check['min_clip_retrieval']:.0%}): "
-                         + (f"{md_cell(', '.join(check['rules']))} skipped" if check.get("skipped")
+                         f"captions {check['retrieval']:.0%} of the time (chance {check['chance']:.0%}), against 9 "
+                         f"others {check.get('retrieval_of_10', float('nan')):.0%} (chance 10%); the CLIP rules judge "
+                         f"from {check['min_clip_retrieval']:.0%}: "
+                         + (f"{md_cell(', '.join(skipped))} skipped" if skipped
                             else "rules applied" if check.get("rules") else "no CLIP rule set"))
         elif check:
             lines.append(f"- CLIP not checked: {md_cell(check.get('why', ''))}")

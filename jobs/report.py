@@ -233,11 +233,15 @@ def clip_check_html(layout) -> str:
         return ""
     if not check.get("checked"):
         return f'<p class="note" id="clip-check">CLIP not checked: {html.escape(str(check.get("why", "")))}</p>'
-    verdict = (f"so {', '.join(check['rules'])} were skipped: no row was dropped on its judgement" if check.get("skipped")
-               else f"{', '.join(check['rules'])} applied" if check.get("rules") else "no CLIP rule is set")
+    skipped = check.get("skipped_rules", check["rules"] if check.get("skipped") else [])
+    applied = [rule for rule in check.get("rules", []) if rule not in skipped]
+    verdict = "; ".join(([f"{', '.join(skipped)} skipped: no row was dropped on its judgement"] if skipped else []) +
+                        ([f"{', '.join(applied)} applied"] if applied else [])) or "no CLIP rule is set"
     return (f'<p class="note" id="clip-check">The run\'s CLIP picks a held-out image\'s own caption among '
-            f"{check['captions']} held-out captions {check['retrieval']:.0%} of the time (chance {check['chance']:.0%}; "
-            f"the CLIP rules judge from {check['min_clip_retrieval']:.0%}): {html.escape(verdict)}.</p>")
+            f"{check['captions']} held-out captions {check['retrieval']:.0%} of the time (chance {check['chance']:.0%}), "
+            f"against 9 others {check.get('retrieval_of_10', float('nan')):.0%} (chance 10%); the caption-rank rule "
+            f"judges from {check['min_clip_retrieval']:.0%} of the first, the similarity rule of the second: "
+            f"{html.escape(verdict)}.</p>")
 
 
 def stage_table(status: dict) -> str:

@@ -2,10 +2,10 @@
 
 The rules that judge a row with a model (CLIP similarity, caption rank, fastText language) are tuned on some data
 and wrong on other data: a caption-rank rule tuned for a CLIP that ranks captions right 97% of the time drops most
-rows of a run whose CLIP is right 20% of the time, as a coin flip would. So, before pass 1, the run's CLIP is tried
-on the held-out rows (pipeline/holdout.py): does each held-out image pick its own caption among the held-out
-captions? Below `filter.min_clip_retrieval` the similarity and rank rules are skipped (or applied when told to) and
-the summary says why. After pass 1, when the model rules would drop more than `filter.max_clip_drop` of the run's
+rows of a run whose CLIP is right 20% of the time. So, before pass 1, the run's CLIP is tried on the held-out rows
+(pipeline/holdout.py) as each rule needs it (NEEDS): the rank rule, its own caption among the held-out captions;
+the similarity rule, its own caption against 9 others. Below `filter.min_clip_retrieval` a rule is skipped (or
+applied when told to) and the summary says why. After pass 1, when the model rules would drop more than `filter.max_clip_drop` of the run's
 rows, the stage stops naming each rule and its share, unless `filter.on_large_clip_drop: continue`.
 """
 
@@ -69,35 +69,59 @@ def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
     distinct = list(first)
     if len(distinct) < 2:
         return None
-    picked = (image @ text[[first[c] for c in distinct]].T).argmax(axis=1)
+    candidates = text[[first[c] for c in distinct]]
+    picked = (image @ candidates.T).argmax(axis=1)
     right = float(np.mean([distinct[j] == caption for j, caption in zip(picked.tolist(), captions)]))
+    import torch
+
+    from dalle2.metrics import r_precision_sampled
+
+    of_ten = r_precision_sampled(torch.from_numpy(image), torch.from_numpy(candidates),
+                                 torch.tensor([distinct.index(c) for c in captions]), distractors=9, repeats=10)
     return {"retrieval": round(right, 4), "chance": round(1 / len(distinct), 4), "rows": len(captions),
-            "captions": len(distinct)}
+            "captions": len(distinct), "retrieval_of_10": round(of_ten["r_precision"], 4),
+            "chance_of_10": round(of_ten["r_precision_chance"], 4)}
+
+
+# What each CLIP rule needs of the run's CLIP. The caption-rank rule is itself a retrieval among the shard's
+# captions: it drops a right row whenever CLIP ranks the caption below k, so it needs CLIP to find the own caption
+# among the held-out ones (a pool like a shard's). The similarity rule needs only that CLIP tells a right caption
+# from wrong ones: its own caption against 9 others (chance 10%), which a pretrained CLIP on web data passes.
+NEEDS = {"rank": ("retrieval", "its own caption among the {captions} held-out captions"),
+         "similarity": ("retrieval_of_10", "its own caption against 9 other held-out captions")}
 
 
 def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[FilterConfig, dict]:
-    """The settings pass 1 runs with, and the CLIP check that chose them (for the summary and the report): the
-    CLIP rules dropped when the run's CLIP retrieves its held-out captions below `min_clip_retrieval`, unless
-    `on_untrusted_clip: apply`."""
-    rules = clip_rules(config)
+    """The settings pass 1 runs with, and the CLIP check that chose them (for the summary and the report): a CLIP
+    rule is skipped when the run's CLIP retrieves held-out captions, as that rule needs, below `min_clip_retrieval`,
+    unless `on_untrusted_clip: apply`."""
+    from .filter import low_rank, low_similarity
+
+    rules = {}
+    if config.max_caption_rank is not None:
+        rules["rank"] = low_rank(config.max_caption_rank)
+    if config.min_similarity is not None:
+        rules["similarity"] = low_similarity(config.min_similarity)
     found = held_out_retrieval(root, holdout)
     if found is None:
         return config, {"checked": False, "why": "too few held-out rows with embeddings to check CLIP on (holdout.rows)"}
-    trusted = found["retrieval"] >= config.min_clip_retrieval
-    check = {"checked": True, **found, "min_clip_retrieval": config.min_clip_retrieval, "trusted": trusted,
-             "rules": rules, "skipped": bool(rules) and not trusted and config.on_untrusted_clip == "skip"}
-    if trusted or not rules:  # measured either way: the report says how well the run's CLIP knows its captions
+    untrusted = [kind for kind in rules if found[NEEDS[kind][0]] < config.min_clip_retrieval]
+    skipped = untrusted if config.on_untrusted_clip == "skip" else []
+    check = {"checked": True, **found, "min_clip_retrieval": config.min_clip_retrieval, "trusted": not untrusted,
+             "rules": list(rules.values()), "skipped_rules": [rules[k] for k in skipped], "skipped": bool(skipped)}
+    if not untrusted:  # measured either way: the report says how well the run's CLIP knows its captions
         return config, check
-    message = (f"filter: the run's CLIP picks a held-out image's own caption among the {found['captions']} held-out "
-               f"captions {found['retrieval']:.0%} of the time (chance {found['chance']:.0%}), below "
-               f"filter.min_clip_retrieval {config.min_clip_retrieval:.0%}: its judgement would drop good rows")
-    if not check["skipped"]:
-        log.warning("%s; applying %s anyway (filter.on_untrusted_clip: apply)", message, ", ".join(rules))
+    message = "; ".join(
+        f"filter: the run's CLIP picks a held-out image's {NEEDS[kind][1].format(**found)} {found[NEEDS[kind][0]]:.0%} "
+        f"of the time, below filter.min_clip_retrieval {config.min_clip_retrieval:.0%}: '{rules[kind]}' would drop "
+        "good rows" for kind in untrusted)
+    if not skipped:
+        log.warning("%s; applied anyway (filter.on_untrusted_clip: apply)", message)
         return config, check
-    log.warning("%s, so %s are skipped, no row is dropped for them (filter.on_untrusted_clip: apply to use them)",
-                message, " and ".join(rules))
-    check["why"] = f"{message}; skipped: {', '.join(rules)}"
-    return config.model_copy(update={"min_similarity": None, "max_caption_rank": None}), check
+    log.warning("%s; skipped, no row is dropped for it (filter.on_untrusted_clip: apply to use it)", message)
+    check["why"] = f"{message}; skipped: {', '.join(check['skipped_rules'])}"
+    return config.model_copy(update={"min_similarity": None if "similarity" in skipped else config.min_similarity,
+                                     "max_caption_rank": None if "rank" in skipped else config.max_caption_rank}), check
 
 
 def model_drops(layout: RunLayout, masks: list[str], config: FilterConfig) -> tuple[int, Counter]:
