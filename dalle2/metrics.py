@@ -58,7 +58,8 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
 
 
 def r_precision(image_embed: Tensor, prompt_embed: Tensor, prompt_index: Optional[Tensor] = None) -> float:
-    """How often an image's own prompt ranks first among all `prompt_embed` (CLIP-R-precision, top 1).
+    """How often an image's own prompt ranks first among all `prompt_embed` (top 1 over the whole pool, whose size
+    sets the figure's difficulty; evaluations report r_precision_sampled, against a fixed 99 others).
     `prompt_index[i]` is image i's prompt (default: image i goes with prompt i)."""
     own = torch.arange(len(image_embed)) if prompt_index is None else prompt_index
     best = cosine_matrix(image_embed, prompt_embed).argmax(dim=1).cpu()
@@ -126,25 +127,6 @@ def cmmd(x: Tensor, y: Tensor, sigma: float = 10.0, scale: float = 1000.0, unbia
         return (k.sum() - k.diagonal().sum()) / (size * (size - 1)) if unbiased else k.mean()
 
     return (scale * (within(kernel(x, x)) + within(kernel(y, y)) - 2 * kernel(x, y).mean())).item()
-
-
-@torch.no_grad()
-def text_image_agreement(clip, images: Tensor, prompts: list[str], prompt_index: Tensor,
-                         real_images: Optional[Tensor] = None) -> dict[str, float]:
-    """R-precision and CLIP score of generated `images` ([B, 3, H, W] in [0, 1]) against their prompts (image i
-    was drawn for prompts[prompt_index[i]]), scored by `clip`; with `real_images` of the same prompts, the same
-    figures on them and the CMMD between generated and real."""
-    prompt_embed = clip.embed_text(prompts).text_embed
-    own = prompt_embed[prompt_index]
-    generated = clip.embed_image(images)
-    out = {"r_precision": r_precision(generated, prompt_embed, prompt_index), "clip_score": clip_score(generated, own)}
-    if real_images is not None:
-        real = clip.embed_image(real_images)
-        out.update(real_r_precision=r_precision(real, prompt_embed, prompt_index), real_clip_score=clip_score(real, own))
-        pairs = len(generated) > 1 and len(real) > 1  # CMMD compares pairs within each set
-        out.update(cmmd=cmmd(generated, real) if pairs else float("nan"),
-                   cmmd_unbiased=cmmd(generated, real, unbiased=True) if pairs else float("nan"))
-    return out
 
 
 class _Features(torch.nn.Module):

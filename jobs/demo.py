@@ -113,15 +113,23 @@ def judge_samples(config, built_in: bool) -> dict:
                   "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
                   "text_image_agreement": agreement(config, images, prompts + withheld, per_prompt)}
     else:
-        prompts, real = held_out_prompts(config.root, config.demo.prompts, per_prompt, config.download.image_size)
+        from pipeline.holdout import ensure_holdout
+
+        from .train_common import training_jobs
+
+        # a run whose stages were all done before splits existed draws one now, and says so
+        ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))
+        prompts, real, real_set = held_out_prompts(config.root, config.demo.prompts, per_prompt,
+                                                   config.download.image_size)
         images = generate(config.root, prompts, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
-        real = torch.nn.functional.interpolate(real, size=images.shape[-2:], mode="bilinear", antialias=True)
+        real, real_set = (torch.nn.functional.interpolate(x, size=images.shape[-2:], mode="bilinear", antialias=True)
+                          for x in (real, real_set))
         # each row: the samples, then one real image of that caption
         rows = torch.cat([images.unflatten(0, (len(prompts), per_prompt)), real[::per_prompt, None]], dim=1)
         write_atomic(f"{root}/samples.png", grid_png(rows.flatten(0, 1), [f"{p} (generated | real)" for p in prompts]))
         arrays = to_uint8(images)
         judged = {"prompts": prompts, "withheld_prompts": [], "prompt_match": None, "withheld_match": None,
-                  "text_image_agreement": agreement(config, images, prompts, per_prompt, real=real)}
+                  "text_image_agreement": agreement(config, images, prompts, per_prompt, real=real, real_set=real_set)}
     write_npy(f"{root}/samples.npy", arrays)
     return {**judged, "samples_per_prompt": per_prompt}
 

@@ -8,9 +8,10 @@ from typing import Optional
 
 
 def held_out_prompts(root: str, count: int, per_prompt: int, image_size: int):
-    """(prompts, real images): up to `count` distinct captions of the run's held-out rows (pipeline/holdout.py),
-    each with `per_prompt` of its held-out images ([count * per_prompt, 3, H, W] in [0, 1], repeated when it has
-    fewer), for a user's list, whose own captions are what its model should answer."""
+    """(prompts, real images, distinct real images): up to `count` distinct captions of the run's held-out rows
+    (pipeline/holdout.py), for a user's list, whose own captions are what its model should answer; each with
+    `per_prompt` of its held-out images ([count * per_prompt, 3, H, W] in [0, 1], repeated when it has fewer: the
+    grid and R-precision), and every held-out image of those captions once (the distances)."""
     import torch
 
     from pipeline.holdout import load_holdout
@@ -18,14 +19,15 @@ def held_out_prompts(root: str, count: int, per_prompt: int, image_size: int):
 
     plan = SamplePlan.from_shards(root, part="held_out")
     if not plan.size:
-        raise ValueError(f"{root} has no held-out rows to take prompts from (holdout.rows is 0?)")
+        raise ValueError(f"{root}/holdout.parquet lists no downloaded row: holdout.rows is 0, or the run has too few "
+                         "rows to hold any out (it needs 4); the prompts of a --url-list run are its held-out captions")
     batch = next(ShardImageBatches(root, plan, plan.size, shuffle_buffer=1, image_size=image_size).epoch(0))
     images: dict[str, list] = {}
     for caption, image in zip(batch["caption"], batch["image"]):
         images.setdefault(caption, []).append(image)
     prompts = [caption for caption in load_holdout(root).distinct_captions() if caption in images][:count]
     real = torch.stack([images[p][i % len(images[p])] for p in prompts for i in range(per_prompt)])
-    return prompts, real
+    return prompts, real, torch.stack([image for p in prompts for image in images[p]])
 
 
 def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
@@ -59,8 +61,6 @@ def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     return out
 
 
-
-
 def drawn_prompts(prompts: list[str], per_prompt: int, size: int):
     """Real images of built-in prompts ([len(prompts) * per_prompt, 3, H, W] in [0, 1]), drawn as the set draws them."""
     import random
@@ -75,7 +75,7 @@ def drawn_prompts(prompts: list[str], per_prompt: int, size: int):
                         .permute(2, 0, 1) for p in prompts for _ in range(per_prompt)])
 
 
-def agreement(config, images, prompts: list[str], per_prompt: int, real=None) -> dict:
+def agreement(config, images, prompts: list[str], per_prompt: int, real=None, real_set=None) -> dict:
     """R-precision, CLIP score (the run's CLIP) and CMMD of the samples, beside the same figures on `real` images
     of the same prompts (default: drawn as the built-in set draws them)."""
     import torch
@@ -87,7 +87,7 @@ def agreement(config, images, prompts: list[str], per_prompt: int, real=None) ->
     clip = scoring_clip(config)
     captions = [prompts[i] for i in index.tolist()]
     out = score_samples(clip, images, real, captions, caption_pool(config.root, prompts), config.eval,
-                        inception_of(config.eval))
+                        inception_of(config.eval), real_set=real_set)
     if len(prompts) > 1:
         out.update(paired_similarity(clip, images, real, index))
     return out
@@ -164,8 +164,6 @@ def render_report(report: dict) -> str:
         lines += agreement_rows(agree)
     lines += ["", "![samples](samples.png)", ""]
     return "\n".join(lines)
-
-
 
 
 def agreement_rows(agree: dict) -> list[str]:

@@ -52,30 +52,37 @@ def caption_pool(root: str, captions: list[str]) -> list[str]:
 
 
 def score_samples(clip, samples, real, captions: list[str], pool: list[str], config: EvalConfig,
-                  inception=None) -> dict[str, float]:
+                  inception=None, real_set=None) -> dict[str, float]:
     """Scores of generated `samples` ([B, 3, H, W] in [0, 1], sample i drawn for captions[i]) beside the same
-    figures on `real` images ([M, 3, H', W']) of those captions; `pool` holds every caption (distractors)."""
+    figures on `real` images of those captions (in the same order); `pool` holds every caption (distractors). The
+    distances compare the samples with `real_set` (default `real`): distinct images, since a copy counted twice
+    makes a set look closer to itself than it is."""
     import torch
 
     from dalle2.metrics import clip_score, cmmd, image_distances, r_precision_sampled
 
+    real_set = real if real_set is None else real_set
     with torch.no_grad():
         pool_embed = clip.embed_text(pool).text_embed.float().cpu()
         generated = clip.embed_image(samples).float().cpu()
         actual = clip.embed_image(real).float().cpu()
+        distinct = actual if real_set is real else clip.embed_image(real_set).float().cpu()
     index = torch.tensor([pool.index(c) for c in captions])
-    fake = r_precision_sampled(generated, pool_embed, index, distractors=config.distractors, repeats=config.repeats)
-    scores = {**fake, "clip_score": clip_score(generated, pool_embed[index])}
-    if len(actual) == len(captions):  # the real images of the same captions, in the same order
-        truth = r_precision_sampled(actual, pool_embed, index, distractors=config.distractors, repeats=config.repeats)
-        scores.update({f"real_{k}": v for k, v in truth.items() if k in ("r_precision", "r_precision_se")},
-                      real_clip_score=clip_score(actual, pool_embed[index]))
-    if len(generated) >= 2 and len(actual) >= 2:
-        scores.update(image_distances(actual, generated, prefix="clip_", bootstraps=config.bootstraps),
-                      cmmd=cmmd(generated, actual), cmmd_unbiased=cmmd(generated, actual, unbiased=True))
+    scores = {"clip_score": clip_score(generated, pool_embed[index])}
+    if len(actual) == len(captions):
+        scores["real_clip_score"] = clip_score(actual, pool_embed[index])
+    if len(pool) >= 2:  # one caption has nothing to be told apart from
+        rank = dict(distractors=config.distractors, repeats=config.repeats)
+        scores.update(r_precision_sampled(generated, pool_embed, index, **rank))
+        if len(actual) == len(captions):
+            truth = r_precision_sampled(actual, pool_embed, index, **rank)
+            scores.update(real_r_precision=truth["r_precision"], real_r_precision_se=truth["r_precision_se"])
+    if len(generated) >= 2 and len(distinct) >= 2:
+        scores.update(image_distances(distinct, generated, prefix="clip_", bootstraps=config.bootstraps),
+                      cmmd=cmmd(generated, distinct), cmmd_unbiased=cmmd(generated, distinct, unbiased=True))
         if inception is not None:
             with torch.no_grad():
-                scores.update(image_distances(inception(real.cpu()), inception(samples.cpu()), prefix="inception_",
+                scores.update(image_distances(inception(real_set.cpu()), inception(samples.cpu()), prefix="inception_",
                                               bootstraps=config.bootstraps))
     return scores
 

@@ -15,7 +15,10 @@ def run(config: RunConfig) -> dict:
     from pipeline.filter import run_filter
     from pipeline.holdout import ensure_holdout
 
-    return run_filter(config.filter, config.root, config.ray, holdout=ensure_holdout(config.root, config.holdout))
+    from .train_common import training_jobs
+
+    holdout = ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))
+    return run_filter(config.filter, config.root, config.ray, holdout=holdout)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

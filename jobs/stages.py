@@ -53,13 +53,14 @@ def _embed_complete(run: RunConfig) -> bool:
 
 def _filter_complete(run: RunConfig) -> bool:
     from pipeline.aligned import aligned_shards
+    from pipeline.config import FilterConfig
     from pipeline.filter import STAGE, fingerprint
     from pipeline.layout import RunLayout
     from pipeline.ledger import Ledger
 
     layout = RunLayout(run.root)
     ledger = Ledger(layout, STAGE)
-    if ledger.fingerprint_changes(fingerprint(run.filter)):
+    if ledger.fingerprint_changes(fingerprint(run.filter), defaults=fingerprint(FilterConfig())):
         return False  # made under other settings: not complete; the stage says why and stops
     shards = aligned_shards(layout)
     return _ledger_complete(STAGE)(run) and bool(shards) and set(shards) <= ledger.done()

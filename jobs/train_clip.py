@@ -12,6 +12,7 @@ from typing import Optional
 
 from .run_config import RunConfig
 from .train_common import Worker, rank_slice, train_main, training_loop, unslice
+from .training_rows import training_plans
 
 def clip_loop(config: dict) -> None:
     """One Ray Train worker: contrastive steps on this rank's images and captions."""
@@ -19,7 +20,7 @@ def clip_loop(config: dict) -> None:
 
     from dalle2.clip import ClipAdapter
     from dalle2.clip_trainer import ClipTrainer, info_nce
-    from pipeline.loaders import SamplePlan, ShardImageBatches
+    from pipeline.loaders import ShardImageBatches
 
     run = RunConfig.model_validate(config)
     job = run.train_clip
@@ -28,20 +29,21 @@ def clip_loop(config: dict) -> None:
     clip = ClipAdapter(job.model_name)
     trainer = ClipTrainer(clip, job.trainer, device=worker.device)
     state = worker.resume(trainer.load)
-    # the run's held-out rows (pipeline/holdout.py) are never trained on; the evaluation reads up to eval_size
-    train_plan = SamplePlan.from_shards(run.root, part="train")
-    eval_plan = SamplePlan.from_shards(run.root, part="held_out").head(job.eval_size)
+    train_plan, eval_plan = training_plans(run, "train_clip")  # never the held-out rows; evaluated on them
     loader = ShardImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                                job.shuffle_buffer, image_size=clip.image_size)
-    held_out = next(ShardImageBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1,
-                                      image_size=clip.image_size).epoch(0))
+    held_out = None if not eval_plan.size else next(
+        ShardImageBatches(run.root, eval_plan, eval_plan.size, shuffle_buffer=1, image_size=clip.image_size).epoch(0))
 
     def train_step(batch: dict) -> float:
         return trainer.train_step({"image": batch["image"], "caption": batch["caption"]})
 
-    mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank embeds its share, gathered after
+    # each rank embeds its share, gathered after (no held-out rows: no evaluation, on every rank alike)
+    mine = rank_slice(held_out, worker.rank, worker.world_size) if held_out is not None else None
 
     def evaluate(step: int) -> dict:
+        if mine is None:
+            return {}
         clip.model.eval()
         with torch.no_grad():
             mine_features = (clip.embed_image(mine["image"]).cpu(), clip.embed_text(mine["caption"]).text_embed.cpu())

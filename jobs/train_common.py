@@ -19,7 +19,6 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dalle2.configs import StrictModel, TrainerConfig
 from pipeline.config import Resources
-from pipeline.ledger import StageStopped
 
 log = logging.getLogger(__name__)
 
@@ -425,58 +424,13 @@ def train_main(argv: Optional[list[str]], doc: str, loop: Callable[[dict], None]
         from pipeline.distributor import ensure_ray
         from pipeline.holdout import ensure_holdout
 
+        from .training_rows import check_enough_rows
+
         job = getattr(config, section)
-        ensure_holdout(config.root, config.holdout)  # fixed before the first training stage, read by the rest
+        # fixed before the first training stage, read by the rest
+        ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))
         check_enough_rows(config, section)
         ensure_ray(config.ray, job.resources_per_worker, f"{section}.resources_per_worker")
         return fit(job.job_name, loop, config.model_dump(mode="json"), job, config.root)
 
     return stage_main(argv, doc.splitlines()[0], run)
-
-
-class TooFewRows(StageStopped):
-    """A training job's rows cannot fill one batch on each of its workers."""
-
-
-def check_enough_rows(config, section: str) -> None:
-    """Refuse, before any worker starts, a job whose training rows cannot fill one batch on each worker, saying
-    how many rows each stage left and which filter rules took them."""
-    from pipeline.loaders import SamplePlan
-
-    job = getattr(config, section)
-    if section == "train_clip":
-        rows = SamplePlan.from_shards(config.root, part="train").size
-    else:
-        rows = SamplePlan.from_aligned(config.root, filtered=config.filter.enabled, part="train").size
-    needed = job.workers * job.batch_size
-    if rows >= needed:
-        return
-    raise TooFewRows(f"{section}: {rows} rows to train on, but {job.workers} workers x batch_size {job.batch_size} "
-                     f"need at least {needed}. {rows_left(config, section)}. Lower {section}.batch_size or "
-                     f"{section}.workers, loosen the filter, or give the run more rows.")
-
-
-def rows_left(config, section: str) -> str:
-    """'Rows left at each stage: ...' from the stages' ledger summaries and the holdout."""
-    from pipeline.holdout import load_holdout
-    from pipeline.layout import RunLayout
-    from pipeline.storage import exists, read_json
-
-    layout = RunLayout(config.root)
-
-    def summary(stage: str) -> dict:
-        return read_json(layout.ledger_summary(stage)) if exists(layout.ledger_summary(stage)) else {}
-
-    def dropped(found: dict) -> str:
-        reasons = sorted((found.get("failed_by_reason") or {}).items(), key=lambda item: -item[1])
-        return "".join(f"; {reason}: {count}" for reason, count in reasons[:4])
-
-    parts = []
-    download = summary("download")
-    if download:
-        parts.append(f"download wrote {download['written']} of {download['rows_in']}{dropped(download)}")
-    parts.append(f"holdout kept {len(load_holdout(config.root))} for evaluation (holdout.rows, holdout.max_fraction)")
-    filtered = summary("filter")
-    if section != "train_clip" and config.filter.enabled and filtered:
-        parts.append(f"filter kept {filtered['written']} of {filtered['rows_in']}{dropped(filtered)}")
-    return "Rows left at each stage: " + "; then ".join(parts)

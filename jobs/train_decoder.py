@@ -13,6 +13,7 @@ from typing import Optional
 
 from .run_config import RunConfig
 from .train_common import Worker, rank_slice, storage_path, train_main, training_loop, unslice
+from .training_rows import training_plans
 
 def sample_grid(samples, reals, captions: list[str]) -> bytes:
     """PNG bytes: one row per held-out sample (generated, then the real image at the same size), its caption
@@ -34,7 +35,7 @@ def decoder_loop(config: dict) -> None:
     from dalle2.configs import DecoderConfig, resolve
     from dalle2.decoder import Decoder
     from dalle2.trainer import DecoderTrainer
-    from pipeline.loaders import ImageBatches, SamplePlan
+    from pipeline.loaders import ImageBatches
     from pipeline.storage import write_atomic
 
     from .checkpoints import CaptionEncoder, run_clip
@@ -56,21 +57,20 @@ def decoder_loop(config: dict) -> None:
                           f"train_decoder.decoder.unets[{n - 1}].text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
     size = decoder.image_sizes[-1]
-    # the run's held-out rows (pipeline/holdout.py) are never trained on; evaluated on them, filtered or not
-    train_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled, part="train")
-    eval_plan = SamplePlan.from_aligned(run.root, part="held_out").head(job.eval_size)
+    train_plan, eval_plan = training_plans(run, "train_decoder")  # never the held-out rows; evaluated on them
     loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                           job.shuffle_buffer, image_size=size)
-    held_out = next(ImageBatches(run.root, eval_plan, max(min(job.eval_samples, eval_plan.size), 1),
-                                 shuffle_buffer=1, image_size=size).epoch(0))
+    held_out = None if not eval_plan.size else next(ImageBatches(
+        run.root, eval_plan, min(job.eval_samples, eval_plan.size), shuffle_buffer=1, image_size=size).epoch(0))
     clip = (encoder.clip if encoder is not None else run_clip(run).to(worker.device)) if worker.rank == 0 else None
     scorer = inception = pool = None
-    if worker.rank == 0:  # rank 0 scores every rank's samples
+    if worker.rank == 0 and held_out is not None:  # rank 0 scores every rank's samples
         from .evaluation import caption_pool, inception_of, scoring_clip
 
         scorer = clip if run.eval.clip is None else scoring_clip(run).to(worker.device)
         inception, pool = inception_of(run.eval), caption_pool(run.root, list(held_out["caption"]))
-    mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank samples its share, rank 0 scores all
+    # each rank samples its share, rank 0 scores all (no held-out rows: no evaluation, on every rank alike)
+    mine = rank_slice(held_out, worker.rank, worker.world_size) if held_out is not None else None
     # batches trained so far, so a resumed run gives each stage the batches an uninterrupted run would
     counter = {"batches": state.get("epoch", 0) * loader.batches_per_epoch() + state.get("batch", 0)}
 
@@ -84,6 +84,8 @@ def decoder_loop(config: dict) -> None:
         return trainer.train_step({"image": batch["image"], **conditioning(batch, number)}, unet_number=number)
 
     def evaluate(step: int) -> dict:
+        if mine is None:
+            return {}
         samples = None
         if len(mine["image_embed"]):
             text = encoder(mine["caption"]) if encoder is not None else {}

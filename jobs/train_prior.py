@@ -10,6 +10,7 @@ from typing import Optional
 from .checkpoints import CaptionEncoder
 from .run_config import RunConfig
 from .train_common import Worker, rank_slice, train_main, training_loop
+from .training_rows import training_plans
 
 def prior_loop(config: dict) -> None:
     """One Ray Train worker: stream this rank's batches, step, evaluate, checkpoint."""
@@ -19,7 +20,7 @@ def prior_loop(config: dict) -> None:
     from dalle2.metrics import prior_metrics
     from dalle2.prior import DiffusionPrior
     from dalle2.trainer import PriorTrainer
-    from pipeline.loaders import EmbeddingBatches, SamplePlan
+    from pipeline.loaders import EmbeddingBatches
 
     run = RunConfig.model_validate(config)
     job = run.train_prior
@@ -33,12 +34,10 @@ def prior_loop(config: dict) -> None:
         encoder.check(prior_config.net.resolved_text_encoding_dim, prior_config.net.max_text_len,
                       "train_prior.prior.net.text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
-    # the run's held-out rows (pipeline/holdout.py) are never trained on; evaluated on all of them the filter
-    # did not judge (the filter's verdicts shape training, not the test set)
-    train_plan = SamplePlan.from_aligned(run.root, filtered=run.filter.enabled, part="train")
-    eval_plan = SamplePlan.from_aligned(run.root, part="held_out").head(job.eval_size)
+    train_plan, eval_plan = training_plans(run, "train_prior")  # never the held-out rows; evaluated on them
     loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
-    held_out = next(EmbeddingBatches(run.root, eval_plan, max(eval_plan.size, 2), shuffle_buffer=1).epoch(0))
+    held_out = None if not eval_plan.size else next(
+        EmbeddingBatches(run.root, eval_plan, eval_plan.size, shuffle_buffer=1).epoch(0))
 
     def conditioning(batch: dict) -> dict:
         text = encoder(batch["caption"]) if encoder is not None else {}
@@ -47,9 +46,12 @@ def prior_loop(config: dict) -> None:
     def train_step(batch: dict) -> float:
         return trainer.train_step({**conditioning(batch), "image_embed": batch["image_embed"]})
 
-    mine = rank_slice(held_out, worker.rank, worker.world_size)  # each rank evaluates its share, pooled after
+    # each rank evaluates its share, pooled after (no held-out rows: no evaluation, on every rank alike)
+    mine = rank_slice(held_out, worker.rank, worker.world_size) if held_out is not None else None
 
     def evaluate(step: int) -> dict:
+        if mine is None:
+            return {}
         count = len(mine["image_embed"])
         metrics = prior_metrics(trainer.sample, image_embed=mine["image_embed"].to(worker.device),
                                 **conditioning(mine)) if count >= 2 else {}

@@ -296,7 +296,8 @@ def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] 
     if not shards:
         raise FileNotFoundError(f"no aligned embeddings under {layout.aligned}: run embed (or reorder) first")
     ledger = Ledger(layout, STAGE)
-    ledger.check_fingerprint(fingerprint(config), remedy=f"set the filter section back, or delete {layout.filter}, "
+    ledger.check_fingerprint(fingerprint(config), defaults=fingerprint(FilterConfig()),
+                             remedy=f"set the filter section back, or delete {layout.filter}, "
                                                          f"{layout.ledger_dir(STAGE)}* and {layout.scratch(STAGE)} "
                                                          "to filter again")
     if not exists(layout.ledger_fingerprint(STAGE)):  # a fresh start: nothing of an earlier first pass is reused

@@ -40,11 +40,12 @@ def model_rules(config: FilterConfig) -> list[str]:
     return clip_rules(config) + ([LANGUAGE] if config.language_model else [])
 
 
-def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
+def held_out_retrieval(root: str, holdout: Holdout, rank: int = 1) -> Optional[dict]:
     """How often a held-out image's CLIP embedding picks its own caption's first among the held-out captions (each
-    distinct caption once), beside chance; None when fewer than 2 held-out rows have both embeddings."""
+    distinct caption once), and within the first `rank`, and against 9 others, beside chance; None when fewer than 2
+    held-out rows have both embeddings (`why` says so)."""
     from .aligned import read_aligned
-    from .filter import normalized
+    from .filter import caption_ranks, normalized
 
     layout = RunLayout(root)
     images, texts, captions = [], [], []
@@ -54,7 +55,7 @@ def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
         except FileNotFoundError:
             continue  # a held-out shard without embeddings (embed failed there): the others still tell
         if aligned.text_emb is None:
-            return None
+            continue  # no text embeddings (a reorder of image-only embeddings): the CLIP rules cannot run there either
         rows = rows[rows < len(aligned.present)]
         rows = rows[np.asarray(aligned.present)[rows]]
         images.append(normalized(aligned.img_emb[rows]))
@@ -70,8 +71,8 @@ def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
     if len(distinct) < 2:
         return None
     candidates = text[[first[c] for c in distinct]]
-    picked = (image @ candidates.T).argmax(axis=1)
-    right = float(np.mean([distinct[j] == caption for j, caption in zip(picked.tolist(), captions)]))
+    ranks = caption_ranks(image, text, captions, np.arange(len(captions)))  # as the rank rule ranks a shard's
+    right = float(np.mean(ranks <= 1))
     import torch
 
     from dalle2.metrics import r_precision_sampled
@@ -79,7 +80,8 @@ def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
     of_ten = r_precision_sampled(torch.from_numpy(image), torch.from_numpy(candidates),
                                  torch.tensor([distinct.index(c) for c in captions]), distractors=9, repeats=10)
     return {"retrieval": round(right, 4), "chance": round(1 / len(distinct), 4), "rows": len(captions),
-            "captions": len(distinct), "retrieval_of_10": round(of_ten["r_precision"], 4),
+            "captions": len(distinct), "rank": rank, "retrieval_at_rank": round(float(np.mean(ranks <= rank)), 4),
+            "retrieval_of_10": round(of_ten["r_precision"], 4),
             "chance_of_10": round(of_ten["r_precision_chance"], 4)}
 
 
@@ -87,7 +89,7 @@ def held_out_retrieval(root: str, holdout: Holdout) -> Optional[dict]:
 # captions: it drops a right row whenever CLIP ranks the caption below k, so it needs CLIP to find the own caption
 # among the held-out ones (a pool like a shard's). The similarity rule needs only that CLIP tells a right caption
 # from wrong ones: its own caption against 9 others (chance 10%), which a pretrained CLIP on web data passes.
-NEEDS = {"rank": ("retrieval", "its own caption among the {captions} held-out captions"),
+NEEDS = {"rank": ("retrieval_at_rank", "its own caption within the first {rank} of the {captions} held-out captions"),
          "similarity": ("retrieval_of_10", "its own caption against 9 other held-out captions")}
 
 
@@ -102,9 +104,10 @@ def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[F
         rules["rank"] = low_rank(config.max_caption_rank)
     if config.min_similarity is not None:
         rules["similarity"] = low_similarity(config.min_similarity)
-    found = held_out_retrieval(root, holdout)
+    found = held_out_retrieval(root, holdout, rank=config.max_caption_rank or 1)
     if found is None:
-        return config, {"checked": False, "why": "too few held-out rows with embeddings to check CLIP on (holdout.rows)"}
+        return config, {"checked": False, "why": "fewer than 2 held-out rows with image and text embeddings, or one "
+                                                 "caption among them, to check CLIP on (holdout.rows)"}
     untrusted = [kind for kind in rules if found[NEEDS[kind][0]] < config.min_clip_retrieval]
     skipped = untrusted if config.on_untrusted_clip == "skip" else []
     check = {"checked": True, **found, "min_clip_retrieval": config.min_clip_retrieval, "trusted": not untrusted,

@@ -127,9 +127,10 @@ def load_holdout(root: str) -> Holdout:
     return found[0] if found else Holdout([], [], [], [])
 
 
-def ensure_holdout(root: str, config: HoldoutConfig) -> Holdout:
+def ensure_holdout(root: str, config: HoldoutConfig, trained: tuple[str, ...] = ()) -> Holdout:
     """The run's split: drawn and written on the first call, read afterwards; refused naming the settings when the
-    config asks for another one than the split training already left out."""
+    config asks for another one than the split training already left out. `trained`: the run's training jobs that
+    already ran (a run from before splits existed), said when the split is drawn after them."""
     found = read_holdout(root)
     if found is not None:
         holdout, drawn_with = found
@@ -139,12 +140,15 @@ def ensure_holdout(root: str, config: HoldoutConfig) -> Holdout:
 
             raise StaleRunError(f"holdout: {RunLayout(root).holdout} was drawn with "
                              + ", ".join(f"holdout.{k}={drawn_with.get(k)}" for k in changed)
-                             + f" but the config says " + ", ".join(f"{k}={settings(config).get(k)}" for k in changed)
-                             + ": set them back (training already left those rows out), or delete the file and the "
-                             "run's train/ folder to split and train again")
+                             + " but the config says " + ", ".join(f"{k}={settings(config).get(k)}" for k in changed)
+                             + ": set them back (training already left those rows out), or start a new root for "
+                             "another split")
         return holdout
     holdout = draw_holdout(root, config)
     write_holdout(root, holdout, config)
+    if trained:
+        log.warning("holdout: drawn after %s trained on every row (a run from before held-out splits): their "
+                    "evaluations on these rows are not on unseen data; a new root gives a clean split", ", ".join(trained))
     log.info("holdout: %d rows of %d shards held out of every training stage (%s)", len(holdout),
              len(set(holdout.shards)), RunLayout(root).holdout)
     return holdout

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .layout import RunLayout
 from .storage import exists, list_files, list_names, read_json, read_many_json, remove, write_json
@@ -99,17 +99,18 @@ class Ledger:
         done = self.done() if found else set()
         return {f["shard"]: {"rows": f["rows"], "error": f["error"]} for f in found if f["shard"] not in done}
 
-    def fingerprint_changes(self, fingerprint: dict) -> dict:
+    def fingerprint_changes(self, fingerprint: dict, defaults: Optional[dict] = None) -> dict:
         """{field: (recorded, now)} where the stage's recorded fingerprint differs ({} if none is recorded). A field
-        the record does not have was added to the config since those outputs were made: not a change (a run made
-        by an earlier version is continued, not refused)."""
+        the record does not have, now at its value in `defaults`, was added to the config since those outputs were
+        made: not a change (a run made by an earlier version is continued, not refused)."""
         path = self.layout.ledger_fingerprint(self.stage)
         before = read_json(path) if exists(path) else fingerprint
-        return {k: (before.get(k), v) for k, v in fingerprint.items() if k in before and before[k] != v}
+        added_since = {k for k, v in fingerprint.items() if k not in before and (defaults or {}).get(k, object()) == v}
+        return {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v and k not in added_since}
 
-    def check_fingerprint(self, fingerprint: dict, remedy: str) -> None:
+    def check_fingerprint(self, fingerprint: dict, remedy: str, defaults: Optional[dict] = None) -> None:
         """Refuse to add to outputs made under another fingerprint."""
-        changed = self.fingerprint_changes(fingerprint)
+        changed = self.fingerprint_changes(fingerprint, defaults)
         if changed:
             detail = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
             raise StaleRunError(f"{self.stage}: this run's outputs were made under other settings ({detail}): {remedy}")

@@ -120,8 +120,8 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
 
     # R-precision, CLIP score and CMMD of generated images, beside real images of the same prompts
     agree = report["text_image_agreement"]
-    chance = 1 / 9  # 6 seen + 3 withheld prompts
-    assert agree["r_precision"] >= 4 * chance and agree["real_r_precision"] >= 4 * chance, agree
+    chance = agree["r_precision_chance"]  # 1 of 100 captions (or of the pool: the prompts and held-out captions)
+    assert agree["r_precision"] >= 10 * chance and agree["real_r_precision"] >= 10 * chance, agree
     # each sample looks more like real images of its own prompt than of another's (a model ignoring its prompt
     # reads the same on both)
     assert agree["similarity_to_own_real"] > agree["similarity_to_other_real"] + 0.2, agree  # 0.75 vs -0.21 here

@@ -62,6 +62,11 @@ def test_a_clip_that_guesses_is_not_trusted_its_rules_are_skipped_and_the_summar
     check = summary["clip_check"]
     assert check["checked"] and not check["trusted"] and check["skipped"] and check["retrieval"] < 0.5
     assert check["rules"] == [low_rank(1)] and "would drop good rows" in check["why"]
+    # the rank rule is judged at its own rank: within the first k of k captions, every caption is found
+    from pipeline.filter_guard import held_out_retrieval
+
+    assert held_out_retrieval(root, holdout, rank=check["captions"])["retrieval_at_rank"] == 1.0
+    assert check["retrieval_at_rank"] == check["retrieval"] < 0.5
     assert summary["written"] == summary["rows_in"] == SHARDS * PER_SHARD  # no row dropped on a guess
     from jobs.report import clip_check_html  # the run's page (report.html) says why
 
@@ -102,6 +107,8 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
         summary["written"]
     with pytest.raises(StaleRunError, match="max_caption_rank was 1, now 2"):  # a recorded field still counts
         run_filter(FilterConfig(max_caption_rank=2, distributor="local"), root, holdout=holdout)
+    with pytest.raises(StaleRunError, match="on_untrusted_clip was None, now 'apply'"):  # and a new one set otherwise
+        run_filter(FilterConfig(max_caption_rank=1, on_untrusted_clip="apply", distributor="local"), root, holdout=holdout)
     check = summary["clip_check"]
     assert check["trusted"] and not check["skipped"] and check["retrieval"] >= 0.9 and check["captions"] <= 20
     assert check["chance"] == pytest.approx(1 / check["captions"], abs=1e-4)
@@ -109,9 +116,9 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
     assert read_json(RunLayout(root).ledger_summary("filter"))["clip_check"] == check
 
 
-def test_a_training_job_short_of_rows_says_how_many_each_stage_left_before_it_starts(tmp_path):
+def test_a_training_job_short_of_rows_says_how_many_each_stage_left_before_it_starts(tmp_path, caplog):
     from jobs.run_config import RunConfig
-    from jobs.train_common import TooFewRows, check_enough_rows
+    from jobs.training_rows import TooFewRows, check_enough_rows
     from tests.runs import make_training_run
 
     root = str(tmp_path / "run")
@@ -127,12 +134,22 @@ def test_a_training_job_short_of_rows_says_how_many_each_stage_left_before_it_st
     with pytest.raises(TooFewRows) as stopped:
         check_enough_rows(short, "train_prior")
     message = str(stopped.value)
-    assert message.startswith(f"train_prior: {kept_for_training} rows to train on, but 2 workers x batch_size 64 need "
-                              "at least 128. Rows left at each stage: holdout kept 6 for evaluation")
+    assert message.startswith(f"train_prior: {kept_for_training} rows to train on, fewer than one batch "
+                              "(train_prior.batch_size 64; 2 workers take 128 a step). Rows left at each stage: "
+                              "holdout kept 6 for evaluation")
     assert f"filter kept {summary['written']} of 60; caption too long: {long_captions}" in message
-    assert "Lower train_prior.batch_size or train_prior.workers" in message
-    fits = config.model_copy(update={"train_prior": config.train_prior.model_copy(update={"batch_size": kept_for_training // 2})})
-    check_enough_rows(fits, "train_prior")  # 2 workers x a batch that fits: no complaint
+    assert "Lower train_prior.batch_size, loosen the filter or give the run more rows." in message
+
+    def with_batch(size):
+        return config.model_copy(update={"train_prior": config.train_prior.model_copy(update={"batch_size": size})})
+
+    # a batch that fits once but not on both workers: it trains, and says its batches repeat rows
+    check_enough_rows(with_batch(kept_for_training - 1), "train_prior")
+    assert f"train_prior: {kept_for_training} rows to train on, fewer than the {2 * (kept_for_training - 1)} a step" \
+        in caplog.text
+    caplog.clear()
+    check_enough_rows(with_batch(kept_for_training // 2), "train_prior")  # 2 workers x a batch that fits: no complaint
+    assert "rows to train on" not in caplog.text
 
 
 def test_each_clip_rule_is_judged_by_the_retrieval_it_needs(tmp_path):

@@ -1,6 +1,5 @@
 """The run's held-out rows: drawn once before training, left out of every training plan, read by every evaluation."""
 
-import numpy as np
 import pytest
 
 from pipeline.config import HoldoutConfig
@@ -50,7 +49,7 @@ def test_the_split_is_fixed_once_and_another_config_is_refused_naming_the_field(
     config = HoldoutConfig(rows=8)
     first = ensure_holdout(run_root, config)
     assert len(first) == 8 and ensure_holdout(run_root, config) == first == load_holdout(run_root)
-    with pytest.raises(StaleRunError, match=r"holdout\.rows=8 but the config says rows=9"):
+    with pytest.raises(StaleRunError, match=r"holdout\.rows=8 but the config says rows=9: set them back .* new root"):
         ensure_holdout(run_root, HoldoutConfig(rows=9))
     # another seed draws other rows (the draw is random, not the first rows of the list, which may be sorted)
     other = str(run_root) + "-copy"
@@ -60,7 +59,25 @@ def test_the_split_is_fixed_once_and_another_config_is_refused_naming_the_field(
     (__import__("os")).remove(f"{other}/holdout.parquet")
     again = ensure_holdout(other, HoldoutConfig(rows=8, seed=1))
     assert set(zip(again.shards, again.indices)) != set(zip(first.shards, first.indices))
-    assert np.mean([int(s) for s in first.shards]) > 0  # not all from the first shard
+    assert len(set(first.shards)) > 1  # drawn over the list, not its first rows
+
+
+def test_the_training_jobs_plan_without_the_held_out_rows_and_evaluate_on_them(run_root, caplog):
+    from jobs.run_config import RunConfig
+    from jobs.training_rows import training_plans
+
+    run = RunConfig(root=run_root, holdout={"rows": 12})
+    held = set(zip(*(lambda h: (h.shards, h.indices))(ensure_holdout(run_root, run.holdout))))
+    for section in ("train_clip", "train_prior", "train_decoder"):
+        train, evaluation = training_plans(run, section)
+        assert not rows_of(train) & held and rows_of(evaluation) <= held, section
+        assert train.size == 200 - 12 and evaluation.size == min(12, getattr(run, section).eval_size), section
+    # a split drawn after training ran (a run from before splits) says so
+    import os
+
+    os.remove(f"{run_root}/holdout.parquet")
+    ensure_holdout(run_root, run.holdout, trained=("clip", "prior"))
+    assert "holdout: drawn after clip, prior trained on every row" in caplog.text
 
 
 def test_no_rows_held_out_when_asked_for_none(run_root):

@@ -111,4 +111,8 @@ def test_a_users_list_is_judged_on_its_own_held_out_captions_and_keeps_its_rows(
     with Image.open(root / "samples.png") as grid:
         assert grid.size[1] > 6 * 96  # six rows of enlarged 32 px cells
     agree = report["text_image_agreement"]
-    assert 0 <= agree["r_precision"] <= 1 and 0 <= agree["real_r_precision"] <= 1
+    assert agree["r_precision_chance"] == 1 / agree["r_precision_candidates"] and agree["r_precision_candidates"] >= 10
+    # the run's CLIP learned the user's captions (its held-out retrieval well above chance, as the filter measured
+    # it); the decoder, after 40 steps, need not draw digits yet: its figures are reported, not asserted
+    check = filtered["clip_check"]
+    assert check["checked"] and check["retrieval"] > 3 * check["chance"], check
