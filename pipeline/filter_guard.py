@@ -89,8 +89,8 @@ def held_out_retrieval(root: str, holdout: Holdout, rank: int = 1) -> Optional[d
 # captions: it drops a right row whenever CLIP ranks the caption below k, so it needs CLIP to find the own caption
 # among the held-out ones (a pool like a shard's). The similarity rule needs only that CLIP tells a right caption
 # from wrong ones: its own caption against 9 others (chance 10%), which a pretrained CLIP on web data passes.
-NEEDS = {"rank": ("retrieval_at_rank", "its own caption within the first {rank} of the {captions} held-out captions"),
-         "similarity": ("retrieval_of_10", "its own caption against 9 other held-out captions")}
+NEEDS = {"rank": ("retrieval_at_rank", "own caption within the first {rank} of the {captions} held-out captions"),
+         "similarity": ("retrieval_of_10", "own caption against 9 other held-out captions")}
 
 
 def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[FilterConfig, dict]:

@@ -293,7 +293,8 @@ def training_reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train-reference")
     root = str(folder / "run")
     make_training_run(root, count=144, per_shard=48, size=32, dim=64,  # about half kept: 4 steps an epoch
-                      filter_config=FilterConfig(min_similarity=0.0, distributor="local"))
+                      filter_config=FilterConfig(min_similarity=0.0, on_large_clip_drop="continue",
+                                                 distributor="local"))
     pristine = str(folder / "pristine")
     shutil.copytree(root, pristine)
     with tracing(folder / "trace"):
