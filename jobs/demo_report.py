@@ -32,7 +32,7 @@ def held_out_prompts(root: str, count: int, per_prompt: int, image_size: int):
 
 def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     """How the filter stage did on the rows the demo planted with a wrong caption (None when it did not run)."""
-    from pipeline.filter import low_rank, low_similarity
+    from pipeline.filter_guard import clip_rules
     from pipeline.layout import KEY, REASON, URL, RunLayout
     from pipeline.storage import exists, list_files, read_json, read_parquet
 
@@ -53,8 +53,7 @@ def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     for url in list_files(layout.filter, ".parquet"):
         mask = read_parquet(url, columns=[KEY, REASON]).to_pydict()
         reasons.update(zip(mask[KEY], mask[REASON]))
-    clip_reasons = {low_similarity(config.filter.min_similarity) if config.filter.min_similarity is not None else None,
-                    low_rank(config.filter.max_caption_rank) if config.filter.max_caption_rank else None} - {None}
+    clip_reasons = set(clip_rules(config.filter).values())
     out.update(planted_mismatched=len(planted_keys),
                planted_dropped=sum(1 for k in planted_keys if reasons.get(k) in clip_reasons),
                other_dropped_by_clip=sum(1 for k, r in reasons.items() if r in clip_reasons and k not in planted_keys))

@@ -27,17 +27,21 @@ log = logging.getLogger(__name__)
 LANGUAGE = "caption language"
 
 
-def clip_rules(config: FilterConfig) -> list[str]:
-    """The drop reasons of the rules that judge with CLIP (the ones a poor CLIP gets wrong)."""
+def clip_rules(config: FilterConfig) -> dict[str, str]:
+    """{kind: drop reason} of the set rules that judge with CLIP (the ones a poor CLIP gets wrong): "rank", "similarity"."""
     from .filter import low_rank, low_similarity
 
-    return ([low_similarity(config.min_similarity)] if config.min_similarity is not None else []) + \
-        ([low_rank(config.max_caption_rank)] if config.max_caption_rank is not None else [])
+    rules = {}
+    if config.max_caption_rank is not None:
+        rules["rank"] = low_rank(config.max_caption_rank)
+    if config.min_similarity is not None:
+        rules["similarity"] = low_similarity(config.min_similarity)
+    return rules
 
 
 def model_rules(config: FilterConfig) -> list[str]:
     """The drop reasons counted towards `max_clip_drop`: CLIP's and the language model's (not duplicates or length)."""
-    return clip_rules(config) + ([LANGUAGE] if config.language_model else [])
+    return list(clip_rules(config).values()) + ([LANGUAGE] if config.language_model else [])
 
 
 def held_out_retrieval(root: str, holdout: Holdout, rank: int = 1) -> Optional[dict]:
@@ -97,13 +101,7 @@ def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[F
     """The settings pass 1 runs with, and the CLIP check that chose them (for the summary and the report): a CLIP
     rule is skipped when the run's CLIP retrieves held-out captions, as that rule needs, below `min_clip_retrieval`,
     unless `on_untrusted_clip: apply`."""
-    from .filter import low_rank, low_similarity
-
-    rules = {}
-    if config.max_caption_rank is not None:
-        rules["rank"] = low_rank(config.max_caption_rank)
-    if config.min_similarity is not None:
-        rules["similarity"] = low_similarity(config.min_similarity)
+    rules = clip_rules(config)
     found = held_out_retrieval(root, holdout, rank=config.max_caption_rank or 1)
     if found is None:
         return config, {"checked": False, "why": "fewer than 2 held-out rows with image and text embeddings, or one "
