@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint, trainable_state, EMA_FILE, exists
 from .configs import TrainerConfig
+from .precision import autocast_context
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,6 @@ def batch_rows(batch: dict[str, Any]) -> int:
     if len(sizes) != 1:
         raise ValueError(f"batch fields have different lengths: { {k: len(v) for k, v in batch.items() if v is not None} }")
     return sizes.pop()
-
-
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on the model's device, or nothing."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class DiffusionTrainer:

@@ -208,21 +208,18 @@ class ClipEmbedder:
         self.loaded_at = time.time()  # for the stage's start-up figures
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import contextlib
-
         import torch
         from einops import rearrange
 
         from dalle2.clip import clip_preprocess
+        from dalle2.precision import autocast_context
 
         ok = np.asarray([not e for e in batch[ERROR]], dtype=bool)
         dim = self.clip.embed_dim
         img_emb = np.zeros((len(ok), dim), dtype=self.output_dtype)
         text_emb = np.zeros((len(ok), dim), dtype=self.output_dtype)
         if ok.any():
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
-            amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with torch.inference_mode(), amp:
+            with torch.inference_mode(), autocast_context(self.device, self.autocast):
                 # outside the lock, beside the other call's forward: the tokenizer, and the uint8 [B, H, W, 3]
                 # pixels from the decode tasks
                 tokens = self.clip.tokenize([str(c) for c in batch[CAPTION][ok]])

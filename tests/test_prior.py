@@ -133,12 +133,24 @@ def test_max_batch_size_and_accumulation_match_a_full_batch():
     torch.testing.assert_close(half.model.weight, regression_run([]).model.weight)
 
 
-def test_bf16_autocast_on_cpu_and_fp16_is_refused():
+def test_bf16_autocast_on_cpu_and_fp16_is_refused(caplog):
+    from dalle2.precision import _warn_float32, autocast_context, cpu_has_native
+
+    _warn_float32.cache_clear()  # warned once a process: maybe by an earlier test
     weights = torch.randn(DIM, DIM)
     batch = dict(zip(("text_embed", "image_embed"), toy_pairs(weights, 8)))
     assert PriorTrainer(small_prior(), amp="bf16").train_step(batch) > 0
     with pytest.raises(ValueError, match="fp16"):
         PriorTrainer(small_prior(), amp="fp16")
+    # bf16 where the CPU computes it natively; float32 and a warning where torch would fall back to a reference
+    # matmul about 100 times slower (a cluster config's `amp: bf16` run on a CPU once took minutes a step)
+    x = torch.randn(4, 4)
+    with autocast_context("cpu", "bf16"):
+        product = x @ x
+    assert product.dtype == (torch.bfloat16 if cpu_has_native("bf16") else torch.float32)
+    assert ("no native bf16" in caplog.text) != cpu_has_native("bf16")
+    with autocast_context("cpu", "none"):
+        assert (x @ x).dtype == torch.float32
 
 
 def captured_gradients(trainer):
