@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@functools.lru_cache(maxsize=None)  # asked at every training step; the answer is the machine's
 def cpu_has_native(amp: str) -> bool:
     """Whether this CPU computes `amp` ('bf16' or 'fp16') natively (oneDNN: AVX512-BF16/AMX, AVX512-FP16)."""
     check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[amp]
