@@ -1,7 +1,9 @@
 """The README's cluster example, `configs/cluster-run.yaml`, run as the README shows it: stage by stage through
 the installed `dalle2` command, the root on S3 (moto's server on 127.0.0.1). Only sizes, steps, workers and
 devices are overridden, and `embed.clip.pretrained` (no weights offline: a randomly initialised ViT-B-32 of
-the same architecture). Its prior (`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on
+the same architecture). The prior and decoder keep the named architectures' structure (levels, attention,
+text conditioning, the 64 -> 256 cascade) at laptop widths: at full width their two steps cost minutes of CPU
+and a 1.5 GB checkpoint, and tests/test_registry.py trains a step of every named architecture at full width. Its prior (`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on
 per-token text encodings, which the training workers compute from the captions with the run's CLIP."""
 
 import io
@@ -33,13 +35,18 @@ SMALL = [
     "train_prior.workers=1", "train_prior.use_gpu=false", "train_prior.cpus_per_worker=1",
     "train_prior.batch_size=4", "train_prior.epochs=1", "train_prior.max_steps=2", "train_prior.eval_every=2",
     "train_prior.checkpoint_every=2", "train_prior.eval_size=4",
-    "train_prior.prior={base: vit-b-32, diffusion: {timesteps: 1000, sample_timesteps: 4}}",
+    "train_prior.prior={base: vit-b-32, net: {depth: 2}, diffusion: {timesteps: 1000, sample_timesteps: 4}}",
     "train_decoder.workers=1", "train_decoder.use_gpu=false", "train_decoder.cpus_per_worker=1",
     "train_decoder.batch_size=2", "train_decoder.epochs=1", "train_decoder.max_steps=2",
     "train_decoder.eval_every=2", "train_decoder.checkpoint_every=2", "train_decoder.eval_size=2",
     "train_decoder.eval_samples=1",
+    # cascade-64-256's two unets, as its file lists them, at a quarter of the width (the list is replaced whole)
     "train_decoder.decoder={base: cascade-64-256, diffusion: [{timesteps: 1000, sample_timesteps: 3}, "
-    "{timesteps: 1000, sample_timesteps: 3}]}",
+    "{timesteps: 1000, sample_timesteps: 3}], unets: ["
+    "{dim: 32, dim_mults: [1, 2, 3, 4], num_resnet_blocks: 2, image_embed_dim: 512, cond_on_text_encodings: true, "
+    "layer_attns: [false, true, true, true], layer_cross_attns: [false, true, true, true]}, "
+    "{dim: 16, dim_mults: [1, 2, 4, 8], num_resnet_blocks: [1, 2, 2, 2], image_embed_dim: 512, lowres_cond: true, "
+    "layer_attns: false, layer_cross_attns: [false, false, false, true]}]}",
 ]
 
 
