@@ -197,6 +197,16 @@ def clip_retrieval_output(folder: str) -> None:
         write_part(folder, str(part), chosen, embeddings_of(chosen), embeddings_of(chosen) * 2)
 
 
+@pytest.fixture(scope="module")
+def reorder_reference(tmp_path_factory) -> tuple[str, str]:
+    """(the clip-retrieval output, an uninterrupted reorder of it): every crash case reorders the same source."""
+    folder = tmp_path_factory.mktemp("reorder-reference")
+    source, reference = str(folder / "clip-retrieval"), str(folder / "reference")
+    clip_retrieval_output(source)
+    assert dalle2("reorder", reorder_config(reference, source), folder).returncode == 0
+    return source, reference
+
+
 def reorder_config(root, source):
     return {"root": root, "reorder": {"source": source, "index_width": 1, "samples_per_shard": 5, "distributor": "local"}}
 
@@ -210,17 +220,32 @@ def filter_masks(root: str) -> dict:
     return {shard: read_parquet(layout.filter_mask(shard)).to_pydict() for shard in ("00000", "00001", "00002")}
 
 
+def filter_config(root: str) -> dict:
+    from tests.test_filter import CONFIG
+
+    return {"root": root, "filter": CONFIG}
+
+
+@pytest.fixture(scope="module")
+def filter_reference(tmp_path_factory):
+    """An uninterrupted filter run over tests/test_filter.py's planted shards (the same every time they are made)."""
+    from tests.test_filter import planted_run
+
+    folder = tmp_path_factory.mktemp("filter-reference")
+    reference = str(folder / "reference")
+    planted_run(reference)
+    assert dalle2("filter", filter_config(reference), folder).returncode == 0
+    return reference
+
+
 @pytest.mark.parametrize("crash", ["filter.after_mask@2",  # shard 2's mask written, no record
                                    "filter.mid_search@2",  # the run-wide index holds shard 1's rows only
                                    "filter.mid_search@3"])
-def test_filter_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, crash):
-    from tests.test_filter import CONFIG, planted_run
+def test_filter_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, filter_reference, crash):
+    from tests.test_filter import planted_run
 
-    config = lambda root: {"root": root, "filter": CONFIG}  # noqa: E731
-    reference, root = str(tmp_path / "reference"), str(tmp_path / "run")
-    expected = planted_run(reference)
-    planted_run(root)
-    assert dalle2("filter", config(reference), tmp_path).returncode == 0
+    config, reference, root = filter_config, filter_reference, str(tmp_path / "run")
+    expected = planted_run(root)
     first = dalle2("filter", config(root), tmp_path, crash=crash)
     assert crashed(first) and fired(tmp_path, crash), first.stderr[-3000:]
     again = dalle2("filter", config(root), tmp_path)
@@ -237,11 +262,8 @@ def test_filter_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, crash):
 
 @pytest.mark.parametrize("crash", ["reorder.mid_split@2", "reorder.after_split@1", "reorder.after_outputs@2",
                                    "storage.mid_write@4"])
-def test_reorder_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, crash):
-    source = str(tmp_path / "clip-retrieval")
-    clip_retrieval_output(source)
-    reference = str(tmp_path / "reference")
-    assert dalle2("reorder", reorder_config(reference, source), tmp_path).returncode == 0
+def test_reorder_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, reorder_reference, crash):
+    source, reference = reorder_reference
     root = str(tmp_path / "run")
     assert crashed(dalle2("reorder", reorder_config(root, source), tmp_path, crash=crash))
     again = dalle2("reorder", reorder_config(root, source), tmp_path)
