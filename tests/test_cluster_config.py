@@ -1,10 +1,11 @@
 """The README's cluster example, `configs/cluster-run.yaml`, run as the README shows it: stage by stage through
 the installed `dalle2` command, the root on S3 (moto's server on 127.0.0.1). Only sizes, steps, workers and
 devices are overridden, and `embed.clip.pretrained` (no weights offline: a randomly initialised ViT-B-32 of
-the same architecture). The prior and decoder keep the named architectures' structure (levels, attention,
-text conditioning, the 64 -> 256 cascade) at laptop widths: at full width their two steps cost minutes of CPU
-and a 1.5 GB checkpoint, and tests/test_registry.py trains a step of every named architecture at full width. Its prior (`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on
-per-token text encodings, which the training workers compute from the captions with the run's CLIP."""
+the same architecture). Its prior (`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on
+per-token text encodings, which the training workers compute from the captions with the run's CLIP. Both keep
+their structure (levels, attention, text conditioning, the 64 -> 256 cascade) at laptop widths: at full width
+two steps cost minutes of CPU and a 1.5 GB checkpoint, and tests/test_registry.py trains a step of every named
+architecture at full width."""
 
 import io
 import json

@@ -244,11 +244,11 @@ def filter_reference(tmp_path_factory):
 def test_filter_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, filter_reference, crash):
     from tests.test_filter import planted_run
 
-    config, reference, root = filter_config, filter_reference, str(tmp_path / "run")
+    reference, root = filter_reference, str(tmp_path / "run")
     expected = planted_run(root)
-    first = dalle2("filter", config(root), tmp_path, crash=crash)
+    first = dalle2("filter", filter_config(root), tmp_path, crash=crash)
     assert crashed(first) and fired(tmp_path, crash), first.stderr[-3000:]
-    again = dalle2("filter", config(root), tmp_path)
+    again = dalle2("filter", filter_config(root), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert filter_masks(root) == filter_masks(reference)
     dropped = {k: r for mask in filter_masks(root).values() for k, keep, r in zip(mask["key"], mask["keep"], mask["reason"])
