@@ -21,13 +21,17 @@ import json
 import logging
 from typing import Any, Optional, Sequence
 
+from typing import TYPE_CHECKING
+
 import fsspec
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
 
 from .configs import config_diff
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+# torch and safetensors are imported where weights are read or written: `dalle2 status`, which only checks
+# markers and sizes, runs without them (about 1.6 s a process)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +161,8 @@ def mark_complete(root: str, storage_options: Optional[dict] = None) -> None:
     files = {n: read_bytes(_join(root, n), storage_options) for n in (MODEL_FILE, EMA_FILE, STATE_FILE) if n in names}
     if STATE_FILE not in files or MODEL_FILE not in files:
         raise FileNotFoundError(f"{root} has no {MODEL_FILE} and {STATE_FILE}: not a checkpoint")
+    import torch
+
     step = torch.load(io.BytesIO(files[STATE_FILE]), map_location="cpu", weights_only=True).get("steps")
     write_bytes(_join(root, COMPLETE_FILE), marker_bytes(files, sum(step) if step else None), storage_options)
 
@@ -171,6 +177,9 @@ def save_checkpoint(
 ) -> None:
     """Save weights (a state dict, see `trainable_state`) and state to the folder `root` (local or remote); the
     COMPLETE marker goes last, after every file is whole (a marker from an earlier save there goes first)."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
     from pipeline.faults import crash_point
 
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
@@ -195,11 +204,15 @@ def load_state(root: str, storage_options: Optional[dict] = None) -> dict[str, A
     """The non-weight part of a complete checkpoint, unpickled with `weights_only=True`."""
     marker = require_complete(root, storage_options)
     data = _read_checked(root, STATE_FILE, marker, storage_options)
+    import torch
+
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_weights(root: str, name: str = MODEL_FILE, storage_options: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """A safetensors file of a complete checkpoint as a state dict."""
+    from safetensors.torch import load as load_safetensors
+
     marker = require_complete(root, storage_options)
     return load_safetensors(_read_checked(root, name, marker, storage_options))
 

@@ -13,7 +13,6 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.functional import gaussian_blur
 
 from .configs import DecoderConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, tile
@@ -123,6 +122,9 @@ class Decoder(nn.Module):
         size, previous = c.image_sizes[unet_number - 1], c.image_sizes[unet_number - 2]
         low = resize_image(images.to(device).float(), previous)
         if blur:
+            # imported here: torchvision costs each process ~2 s, and only upsampler training blurs
+            from torchvision.transforms.functional import gaussian_blur
+
             low = torch.stack([
                 gaussian_blur(image[None], kernel_size=blur_kernel(sigma), sigma=sigma)[0] if chosen else image
                 for image, chosen, sigma in zip(
