@@ -63,40 +63,44 @@ def test_a_local_root_is_refused_on_a_cluster_of_several_nodes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_running_local_ray_is_joined_only_when_asked_and_a_stale_address_file_ignored(tmp_path):
+def test_a_running_local_ray_is_joined_only_when_asked_and_a_stale_address_file_ignored(tmp_path, image_server):
     """A local Ray kept up with `ray start --head` is joined with ray.address=auto; with no address a stage starts
     its own even then (ray.init() alone would join it and refuse the embedded CPUs and pools), and an address
     file left behind by a cluster that is gone does not stop it either."""
-    from pipeline import shapes
+    import pandas as pd
+
     from pipeline.layout import RunLayout
     from pipeline.storage import read_json
     from tests.servers import RayCluster
 
     dalle2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
+    url_list = tmp_path / "urls.csv"
+    pd.DataFrame(image_server.rows(with_failures=False)[:6]).to_csv(url_list, index=False)
 
-    def embed(root, env, *sets):
-        shapes.write_shards(str(root), 24, per_shard=12)
-        done = subprocess.run([dalle2, "embed", "--set", f"root={root}", *sets], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+    def download(root, env, *sets):
+        """`dalle2 download` of six images in two shards, each a Ray task (the stage's default distributor)."""
+        done = subprocess.run([dalle2, "download", "--set", f"root={root}", "--set", f"download.url_list={url_list}",
+                               "--set", "download.samples_per_shard=3", "--set", "download.allow_private_network=true",
+                               *sets], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert read_json(RunLayout(str(root)).ledger_summary("embed"))["written"] == 24
+        assert read_json(RunLayout(str(root)).ledger_summary("download"))["written"] == 6
         return done.stderr
 
-    def embedders(cluster) -> int:
-        return sum("ClipEmbedder" in actor.get("class_name", "") for actor in cluster.state("actors"))
+    def shard_tasks(cluster) -> int:
+        return sum(task.get("name") == "_call" for task in cluster.state("tasks"))
 
     with RayCluster(cpus=4, as_local_default=True) as cluster:
         env = cluster.env
-        embed(tmp_path / "own", env)
-        assert embedders(cluster) == 0  # ran on a Ray of its own
-        joined = embed(tmp_path / "joined", env, "--set", "ray.address=auto")
-        assert embedders(cluster) == 1  # ran on the cluster ray start keeps up
+        download(tmp_path / "own", env)
+        assert shard_tasks(cluster) == 0  # ran on a Ray of its own
+        joined = download(tmp_path / "joined", env, "--set", "ray.address=auto")
+        assert shard_tasks(cluster) == 2  # ran on the cluster ray start keeps up
         assert f":{cluster.port} (address: auto; nodes: 1, CPUs: 4)" in joined  # and said which one it joined
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a length limit
     try:
         os.makedirs(os.path.join(temp, "ray"))
         with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
             f.write(cluster.address)  # that cluster is gone; its address file stays, as after a crash
-        embed(tmp_path / "stale", {**env, "RAY_TMPDIR": temp})
+        download(tmp_path / "stale", {**env, "RAY_TMPDIR": temp})
     finally:
         shutil.rmtree(temp, ignore_errors=True)
