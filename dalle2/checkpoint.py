@@ -19,9 +19,7 @@ import hashlib
 import io
 import json
 import logging
-from typing import Any, Optional, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import fsspec
 
