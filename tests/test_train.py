@@ -46,8 +46,8 @@ def test_train_prior_checkpoints_on_s3_and_resumes_from_there(training_root, tmp
     summary = train_prior.main(["--config", write_config(tmp_path, run_config(root))])
     assert summary["step"] == 30 and summary["resumed_from_step"] == 0
     assert summary["image_similarity"] > summary["unrelated_similarity"]
-    checkpoints = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in list_files(f"{storage_path(root)}/prior")
-                         if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json"))
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in list_files(f"{storage_path(root)}/prior")]
+    checkpoints = sorted(n for n in names if n.startswith("checkpoint_") and not n.endswith(".json"))
     assert len(checkpoints) == 2  # keeps the last K
     checkpoint = latest_checkpoint(root, "prior")
     assert checkpoint.startswith("s3://") and checkpoint.endswith(checkpoints[-1])
