@@ -31,7 +31,7 @@ def clip_loop(config: dict) -> None:
     state = worker.resume(trainer.load)
     train_plan, eval_plan = training_plans(run, "train_clip")  # never the held-out rows; evaluated on them
     loader = ShardImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
-                               job.shuffle_buffer, image_size=clip.image_size)
+                               job.shuffle_buffer, image_size=clip.image_size, drop_last=True)
     held_out = None if not eval_plan.size else next(
         ShardImageBatches(run.root, eval_plan, eval_plan.size, shuffle_buffer=1, image_size=clip.image_size).epoch(0))
 

@@ -211,15 +211,21 @@ class ShardedBatches:
     """Batches of one rank. Subclasses say how a run of (shard, indices) becomes samples."""
 
     def __init__(self, root: str, plan: SamplePlan, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 256):
+                 seed: int = 0, shuffle_buffer: int = 256, drop_last: bool = False):
         self.layout, self.plan, self.batch_size = RunLayout(root), plan, batch_size
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        # a contrastive loss learns little from an epoch's last few samples against each other (a batch of 4
+        # reads ~0 loss yet takes a full step): CLIP training drops them, as open_clip's training loader does,
+        # unless a rank's epoch has no full batch at all
+        self.drop_last = drop_last and self.samples_per_epoch() >= batch_size
 
     def samples_per_epoch(self) -> int:
         """Samples each rank sees per epoch (equal on every rank)."""
         return math.ceil(self.plan.size / self.world_size)
 
     def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.samples_per_epoch() // self.batch_size
         return math.ceil(self.samples_per_epoch() / self.batch_size)
 
     def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
@@ -235,16 +241,17 @@ class ShardedBatches:
         total = sum(len(indices) for _, indices in runs)
         rng = random.Random(hash((self.seed, epoch, self.rank)) & 0xFFFFFFFF)
         order = shuffle_order(total, self.shuffle_buffer, rng)  # order[k]: the read position of the k-th out
-        first = min(skip_batches * self.batch_size, total)
+        end = min(self.batches_per_epoch() * self.batch_size, total)  # short of `total` only when dropping the last
+        first = min(skip_batches * self.batch_size, end)
         needed = np.zeros(total, dtype=bool)
-        needed[order[first:]] = True
+        needed[order[first:end]] = True  # nothing else is decoded
         held: dict[int, dict] = {}  # read, not yet out (at most the buffer's size)
         batch: list[dict] = []
         out, position = first, 0
 
         def ready() -> Iterator[dict]:
             nonlocal out
-            while out < total and order[out] in held:
+            while out < end and order[out] in held:
                 batch.append(held.pop(order[out]))
                 out += 1
                 if len(batch) == self.batch_size:

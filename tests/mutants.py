@@ -271,8 +271,16 @@ MUTANTS = [
          new="position, stop = rank * (per_rank - 1), rank * (per_rank - 1) + per_rank",
          tests=["tests/test_loaders.py"]),
     dict(name="loaders.resume_skips_one_batch_short", file="pipeline/loaders.py",
-         old="first = min(skip_batches * self.batch_size, total)",
-         new="first = min(max(skip_batches - 1, 0) * self.batch_size, total)",
+         old="first = min(skip_batches * self.batch_size, end)",
+         new="first = min(max(skip_batches - 1, 0) * self.batch_size, end)",
+         tests=["tests/test_loaders.py"]),
+    dict(name="loaders.drop_last_still_yields_the_partial_batch", file="pipeline/loaders.py",
+         old="        end = min(self.batches_per_epoch() * self.batch_size, total)",
+         new="        end = total",
+         tests=["tests/test_loaders.py"]),
+    dict(name="loaders.drop_last_with_no_full_batch_trains_on_nothing", file="pipeline/loaders.py",
+         old="self.drop_last = drop_last and self.samples_per_epoch() >= batch_size",
+         new="self.drop_last = drop_last",
          tests=["tests/test_loaders.py"]),
     # the shard reader (hostile tars): every numeric field checked, every size capped, the decompressors' own
     # errors turned into the reader's, the shard named in its error

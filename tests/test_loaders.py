@@ -41,6 +41,23 @@ def test_epochs_shuffle_at_sample_level_and_resume_skips_exactly(run_root):
     assert captions_of(loader, 0, skip=4) == first[20:]  # resume after 4 batches: no sample twice
 
 
+def test_drop_last_trains_on_full_batches_only_and_resumes_into_them(run_root):
+    # CLIP's contrastive loss: 50 samples at batch 8 are 6 full batches; the 2 left over are neither yielded nor read
+    plan = SamplePlan.from_aligned(run_root)
+    kept = CountingEmbeddings(run_root, plan, batch_size=8, seed=3, shuffle_buffer=10)
+    dropping = CountingEmbeddings(run_root, plan, batch_size=8, seed=3, shuffle_buffer=10, drop_last=True)
+    assert kept.batches_per_epoch() == 7 and dropping.batches_per_epoch() == 6
+    everything = captions_of(kept, 0)
+    CountingEmbeddings.decoded = 0
+    batches = list(dropping.epoch(0))
+    assert [len(b["caption"]) for b in batches] == [8] * 6 and CountingEmbeddings.decoded == 48
+    assert [c for b in batches for c in b["caption"]] == everything[:48]  # the same order, short of the last two
+    assert captions_of(dropping, 0, skip=4) == everything[32:48]
+    # a rank whose epoch has no full batch keeps its partial one rather than training on nothing
+    small = EmbeddingBatches(run_root, plan, batch_size=8, rank=0, world_size=8, drop_last=True)
+    assert small.batches_per_epoch() == 1 and len(captions_of(small, 0)) == 7
+
+
 class CountingEmbeddings(EmbeddingBatches):
     """Counts the shards it opens and the samples it hands out (decodes)."""
 
