@@ -163,15 +163,25 @@ class RayCluster:
                 env=self.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True))
 
     def state(self, kind: str, *filters: str) -> list[dict]:
-        """`ray list {kind}` (nodes, tasks, actors) as dicts, through the dashboard's state API."""
+        """What `ray list {kind}` (nodes, tasks, actors) shows, as dicts: the dashboard's state API, asked over HTTP
+        here (a `ray list` process costs a second of CPU, and tests poll this while the stage they watch runs).
+        `filters`: "key=value" or "key!=value"; [] while the head does not answer yet."""
         import json
+        import re
+        import urllib.parse
+        import urllib.request
 
-        args = [x for f in filters for x in ("--filter", f)]
-        probe = subprocess.run([self.ray_bin, "list", kind, "--address", self.job_address, "--format", "json",
-                                "--limit", "10000", *args], env=self.env, capture_output=True, text=True)
-        if probe.returncode or not probe.stdout.lstrip().startswith("["):  # "No resource in the cluster" at first
+        query = [("limit", "10000"), ("detail", "false")]
+        for text in filters:
+            key, predicate, value = re.fullmatch(r"(\w+)(!?=)(.*)", text).groups()
+            query += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
+        url = f"{self.job_address}/api/v0/{kind}?{urllib.parse.urlencode(query)}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                body = json.load(response)
+        except (OSError, ValueError):  # not up yet, or going down
             return []
-        return json.loads(probe.stdout)
+        return body["data"]["result"]["result"] if body.get("result") else []
 
     def alive_nodes(self) -> int:
         return sum(node.get("state") == "ALIVE" for node in self.state("nodes"))
@@ -239,8 +249,16 @@ class RayCluster:
                            f"{self._state_of(1 + number)}):\n{self.log_tail(1 + number)}")
 
     def _head_answers(self) -> bool:
-        return self.alive_nodes() >= 1 and not subprocess.run(
-            [self.ray_bin, "job", "list", "--address", self.job_address], env=self.env, capture_output=True).returncode
+        """The head's node is alive and its job server answers (what `ray job list` asks, without its process)."""
+        import urllib.request
+
+        if self.alive_nodes() < 1:
+            return False
+        try:
+            with urllib.request.urlopen(f"{self.job_address}/api/jobs/", timeout=30) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def _came_up(self, number: int, ready: Callable[[], bool], seconds: float) -> bool:
         """Whether node `number` (0: the head) is `ready()` within `seconds`; False as soon as its `ray start` exits."""
