@@ -70,6 +70,11 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
 LOCAL_POOL = 1000.0  # units of each custom resource an embedded local Ray has
 
 
+def ray_is_embedded() -> bool:
+    """Whether the Ray this process uses is the local one it started (not a cluster it joined)."""
+    return bool(_EMBEDDED)
+
+
 def stop_embedded_ray() -> None:
     """Stop the local Ray this process started, if it did (a cluster is left as it is): called when a command ends,
     it skips the half second Ray's exit hook sleeps for late log lines."""

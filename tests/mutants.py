@@ -274,6 +274,11 @@ MUTANTS = [
          old="first = min(skip_batches * self.batch_size, end)",
          new="first = min(max(skip_batches - 1, 0) * self.batch_size, end)",
          tests=["tests/test_loaders.py"]),
+    # Ray Train's preemption watcher: left out on a Ray this process started, kept on a cluster
+    dict(name="train_common.preemption_watcher_off_on_a_cluster", file="jobs/train_common.py",
+         old="    if not ray_is_embedded() or PREEMPTION_WATCHER in os.environ:",
+         new="    if PREEMPTION_WATCHER in os.environ:",
+         tests=["tests/test_train.py::test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_started"]),
     dict(name="loaders.drop_last_still_yields_the_partial_batch", file="pipeline/loaders.py",
          old="        end = min(self.batches_per_epoch() * self.batch_size, total)",
          new="        end = total",

@@ -130,3 +130,24 @@ def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluat
     events = EventAccumulator(os.path.join(folder, "tensorboard")).Reload()
     # every evaluation reached the logs, not only those on checkpoint steps
     assert [e.step for e in events.Scalars("image_similarity")] == [2, 4, 6]
+
+
+def test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_started(monkeypatch):
+    import os
+
+    from jobs import train_common
+    from pipeline import distributor
+
+    name = train_common.PREEMPTION_WATCHER
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributor, "_EMBEDDED", [True])
+    with train_common.preemption_watcher_off_when_embedded():
+        assert os.environ[name] == "0"  # read by Ray Train when fit() starts its controller
+    assert name not in os.environ  # the next fit, maybe on a cluster, decides again
+    monkeypatch.setenv(name, "1")
+    with train_common.preemption_watcher_off_when_embedded():
+        assert os.environ[name] == "1"  # the user's own setting wins
+    monkeypatch.delenv(name)
+    monkeypatch.setattr(distributor, "_EMBEDDED", [])
+    with train_common.preemption_watcher_off_when_embedded():
+        assert name not in os.environ  # a cluster: nodes are drained there, the watcher stays
