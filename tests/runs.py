@@ -34,7 +34,7 @@ def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim
 
 
 # `dalle2 demo` with short training through --set, as a quick first try would run it (the demo's own steps take about
-# 8 minutes here); the README's commands and the tests of a user's list and of a quick demo use it
+# 7 minutes here); the README's commands and the tests of a user's list and of a quick demo use it
 QUICK_TRAINING = [
     "train_clip.max_steps=40", "train_clip.eval_every=40", "train_clip.checkpoint_every=40", "train_clip.batch_size=64",
     "train_prior.max_steps=60", "train_prior.eval_every=60", "train_prior.checkpoint_every=60",

@@ -72,7 +72,7 @@ def test_only_a_root_the_demo_claimed_has_its_stale_inputs_forgotten(tmp_path):
                 claim_root(str(earlier))
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # the whole demo, about 8 minutes here
+@pytest.mark.timeout(1500)  # the whole demo, about 7 minutes here
 def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_their_prompts(tmp_path, capsys):
     # as the README says: the installed `dalle2 demo`, no arguments, from a folder of its own (about 7 minutes;
     # a shorter training left one sample in three off its position on some machines)
