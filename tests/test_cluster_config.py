@@ -1,11 +1,11 @@
 """The README's cluster example, `configs/cluster-run.yaml`, run as the README shows it: stage by stage through
-the installed `dalle2` command, the root on S3 (moto's server on 127.0.0.1). Only sizes, steps, workers and
-devices are overridden, and `embed.clip.pretrained` (no weights offline: a randomly initialised ViT-B-32 of
-the same architecture). Its prior (`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on
-per-token text encodings, which the training workers compute from the captions with the run's CLIP. Both keep
-their structure (levels, attention, text conditioning, the 64 -> 256 cascade) at laptop widths: at full width
-two steps cost minutes of CPU and a 1.5 GB checkpoint, and tests/test_registry.py trains a step of every named
-architecture at full width."""
+the installed `dalle2` command, each a driver of a running `ray start` cluster as `ray job submit` starts it, the
+root on S3 (moto's server on 127.0.0.1). Only sizes, steps, workers and devices are overridden, and
+`embed.clip.pretrained` (no weights offline: a randomly initialised ViT-B-32 of the same architecture). Its prior
+(`vit-b-32`) and unet 1 of its decoder (`cascade-64-256`) condition on per-token text encodings, which the training
+workers compute from the captions with the run's CLIP. Both keep their structure (levels, attention, text
+conditioning, the 64 -> 256 cascade) at laptop widths: at full width two steps cost minutes of CPU and a 1.5 GB
+checkpoint, and tests/test_registry.py trains a step of every named architecture at full width."""
 
 import io
 import json
@@ -25,7 +25,6 @@ DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")  # the console 
 
 # Laptop sizes for a cluster config: one worker / actor on the CPU, two steps, few diffusion steps.
 SMALL = [
-    "ray.num_cpus=4",
     "download.samples_per_shard=12", "download.threads=8", "download.cpus_per_shard=0.5",
     "download.allow_private_network=true",  # the images are served from 127.0.0.1
     "embed.clip.pretrained=null", "embed.batch_size=8", "embed.actors=1", "embed.num_gpus_per_actor=0",
@@ -83,10 +82,13 @@ def test_cluster_yaml_keeps_the_dashboard_on_localhost_with_token_auth_and_the_r
     assert "export RAY_AUTH_MODE=token RAY_ADDRESS=http://localhost:8265" in readme and "<head-ip>:8265" not in readme
 
 
-def dalle2(*args: str, timeout: int = 420) -> str:
-    """Run the installed `dalle2` command in a fresh process; its stdout, or the test fails with its log."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
+def dalle2(*args: str, timeout: int = 420, ray_address: str | None = None) -> str:
+    """Run the installed `dalle2` command in a fresh process (a driver of the Ray at `ray_address`, as `ray job
+    submit` runs one); its stdout, or the test fails with its log."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     done = subprocess.run([DALLE2, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert done.returncode == 0, f"dalle2 {' '.join(args[:1])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
     return done.stdout
@@ -94,6 +96,21 @@ def dalle2(*args: str, timeout: int = 420) -> str:
 
 def summary_of(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def check_stage(stage: str, summary: dict) -> None:
+    """What each stage's summary line must say for the 24 rows."""
+    if stage == "download":
+        assert summary["rows_in"] == 24 and summary["written"] == 24, summary
+    if stage == "embed":
+        assert summary["written"] == 24 and summary["failed"] == 0, summary
+    if stage == "filter":
+        assert summary["rows_in"] == 24 == summary["written"], summary
+    if stage == "train-prior":
+        assert summary["step"] == 2 and np.isfinite(summary["loss"]), summary
+        assert -1 <= summary["image_similarity"] <= 1  # the held-out evaluation ran through the text path
+    if stage == "train-decoder":
+        assert summary["step"] == 2 and np.isfinite(summary["loss"]) and "sample_mse" in summary, summary
 
 
 @pytest.mark.slow
@@ -110,23 +127,18 @@ def test_cluster_example_config_runs_stage_by_stage_on_s3(s3_server, image_serve
     overrides = [f"root={root}", f"download.url_list={bucket}/laion-subset.parquet", *SMALL]
     args = ["--config", CONFIG] + [x for s in overrides for x in ("--set", s)]
 
+    # each stage a driver of a running cluster, as `ray job submit` starts it: a head that runs drivers only and
+    # one worker node with both of cluster.yaml's pools (tests/test_multinode.py spreads them over four nodes)
+    from tests.servers import RayCluster
+
     seconds = {}
-    for stage in ("download", "embed", "filter", "train-prior", "train-decoder"):
-        started = time.time()
-        out = dalle2(stage, *args)
-        seconds[stage] = round(time.time() - started, 1)
-        summary = summary_of(out)
-        if stage == "download":
-            assert summary["rows_in"] == 24 and summary["written"] == 24, summary
-        if stage == "embed":
-            assert summary["written"] == 24 and summary["failed"] == 0, summary
-        if stage == "filter":
-            assert summary["rows_in"] == 24 == summary["written"], summary
-        if stage == "train-prior":
-            assert summary["step"] == 2 and np.isfinite(summary["loss"]), summary
-            assert -1 <= summary["image_similarity"] <= 1  # the held-out evaluation ran through the text path
-        if stage == "train-decoder":
-            assert summary["step"] == 2 and np.isfinite(summary["loss"]) and "sample_mse" in summary, summary
+    cluster = RayCluster(workers=1, cpus=4, head_cpus=0, node_resources=[{"cpu_pool": 1000, "gpu_pool": 1000}])
+    with cluster:
+        for stage in ("download", "embed", "filter", "train-prior", "train-decoder"):
+            started = time.time()
+            out = dalle2(stage, *args, ray_address=cluster.address)
+            seconds[stage] = round(time.time() - started, 1)
+            check_stage(stage, summary_of(out))
 
     out_png, out_npy = tmp_path / "grid.png", tmp_path / "images.npy"
     started = time.time()
