@@ -107,6 +107,8 @@ def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: Tra
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         ),
     )
+    from pipeline.distributor import preemption_watcher_off_when_embedded
+
     with follow_progress(f"{storage_path(root)}/{job_name}/progress.json", job_name, job.max_steps), \
             preemption_watcher_off_when_embedded():
         result = trainer.fit()
@@ -117,26 +119,6 @@ def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: Tra
     write_json(f"{storage_path(root)}/{job_name}_summary.json", metrics)
     log.info("%s finished: %s", job_name, json.dumps(metrics, default=str))
     return metrics
-
-
-PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train reads it in the driver and passes it on
-
-
-@contextlib.contextmanager
-def preemption_watcher_off_when_embedded():
-    """Ray Train's preemption watcher (an actor a fit that polls Ray for nodes being drained, ~2 s of CPU to
-    start) is left out on a local Ray this process started, where nothing drains a node; kept on a cluster, and
-    whatever the user set wins."""
-    from pipeline.distributor import ray_is_embedded
-
-    if not ray_is_embedded() or PREEMPTION_WATCHER in os.environ:
-        yield
-        return
-    os.environ[PREEMPTION_WATCHER] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(PREEMPTION_WATCHER, None)
 
 
 @contextlib.contextmanager

@@ -7,9 +7,10 @@ same object. Shards that still fail after their retries are returned with their 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 from .config import RayConfig
 from .console import progress_bar
@@ -73,6 +74,26 @@ LOCAL_POOL = 1000.0  # units of each custom resource an embedded local Ray has
 def ray_is_embedded() -> bool:
     """Whether the Ray this process uses is the local one it started (not a cluster it joined)."""
     return bool(_EMBEDDED)
+
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train reads it in the driver and passes it on
+
+
+@contextlib.contextmanager
+def preemption_watcher_off_when_embedded() -> Iterator[None]:
+    """Around a fit: Ray Train's preemption watcher (one actor per fit that polls Ray for drained nodes, ~2 s of
+    CPU to start) is left out on a local Ray this process started, where nothing drains a node; kept on a cluster,
+    and whatever the user set wins."""
+    import os
+
+    if not ray_is_embedded() or PREEMPTION_WATCHER in os.environ:
+        yield
+        return
+    os.environ[PREEMPTION_WATCHER] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(PREEMPTION_WATCHER, None)
 
 
 def stop_embedded_ray() -> None:

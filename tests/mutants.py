@@ -275,7 +275,7 @@ MUTANTS = [
          new="first = min(max(skip_batches - 1, 0) * self.batch_size, end)",
          tests=["tests/test_loaders.py"]),
     # Ray Train's preemption watcher: left out on a Ray this process started, kept on a cluster
-    dict(name="train_common.preemption_watcher_off_on_a_cluster", file="jobs/train_common.py",
+    dict(name="distributor.preemption_watcher_off_on_a_cluster", file="pipeline/distributor.py",
          old="    if not ray_is_embedded() or PREEMPTION_WATCHER in os.environ:",
          new="    if PREEMPTION_WATCHER in os.environ:",
          tests=["tests/test_train.py::test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_started"]),

@@ -135,19 +135,18 @@ def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluat
 def test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_started(monkeypatch):
     import os
 
-    from jobs import train_common
     from pipeline import distributor
 
-    name = train_common.PREEMPTION_WATCHER
+    name = distributor.PREEMPTION_WATCHER
     monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(distributor, "_EMBEDDED", [True])
-    with train_common.preemption_watcher_off_when_embedded():
+    with distributor.preemption_watcher_off_when_embedded():
         assert os.environ[name] == "0"  # read by Ray Train when fit() starts its controller
     assert name not in os.environ  # the next fit, maybe on a cluster, decides again
     monkeypatch.setenv(name, "1")
-    with train_common.preemption_watcher_off_when_embedded():
+    with distributor.preemption_watcher_off_when_embedded():
         assert os.environ[name] == "1"  # the user's own setting wins
     monkeypatch.delenv(name)
     monkeypatch.setattr(distributor, "_EMBEDDED", [])
-    with train_common.preemption_watcher_off_when_embedded():
+    with distributor.preemption_watcher_off_when_embedded():
         assert name not in os.environ  # a cluster: nodes are drained there, the watcher stays
