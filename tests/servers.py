@@ -162,26 +162,31 @@ class RayCluster:
                  "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=400000000"],
                 env=self.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True))
 
-    def state(self, kind: str, *filters: str) -> list[dict]:
-        """What `ray list {kind}` (nodes, tasks, actors) shows, as dicts: the dashboard's state API, asked over HTTP
-        here (a `ray list` process costs a second of CPU, and tests poll this while the stage they watch runs).
-        `filters`: "key=value" or "key!=value"; [] while the head does not answer yet."""
+    def _get_json(self, path: str):
+        """The dashboard's JSON answer to GET `path` (what `ray list` / `ray job list` ask, without a `ray`
+        process: one costs a second of CPU, and tests poll while the stage they watch runs); None while it does
+        not answer."""
         import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.job_address}{path}", timeout=60) as response:
+                return json.load(response)
+        except (OSError, ValueError):  # not up yet, or going down
+            return None
+
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        """What `ray list {kind}` (nodes, tasks, actors) shows, as dicts, from the dashboard's state API.
+        `filters`: "key=value" or "key!=value"; [] while the head does not answer yet."""
         import re
         import urllib.parse
-        import urllib.request
 
         query = [("limit", "10000"), ("detail", "false")]
         for text in filters:
             key, predicate, value = re.fullmatch(r"(\w+)(!?=)(.*)", text).groups()
             query += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
-        url = f"{self.job_address}/api/v0/{kind}?{urllib.parse.urlencode(query)}"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                body = json.load(response)
-        except (OSError, ValueError):  # not up yet, or going down
-            return []
-        return body["data"]["result"]["result"] if body.get("result") else []
+        body = self._get_json(f"/api/v0/{kind}?{urllib.parse.urlencode(query)}")
+        return body["data"]["result"]["result"] if body and body.get("result") else []
 
     def alive_nodes(self) -> int:
         return sum(node.get("state") == "ALIVE" for node in self.state("nodes"))
@@ -249,16 +254,8 @@ class RayCluster:
                            f"{self._state_of(1 + number)}):\n{self.log_tail(1 + number)}")
 
     def _head_answers(self) -> bool:
-        """The head's node is alive and its job server answers (what `ray job list` asks, without its process)."""
-        import urllib.request
-
-        if self.alive_nodes() < 1:
-            return False
-        try:
-            with urllib.request.urlopen(f"{self.job_address}/api/jobs/", timeout=30) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        """The head's node is alive and its job server answers."""
+        return self.alive_nodes() >= 1 and self._get_json("/api/jobs/") is not None
 
     def _came_up(self, number: int, ready: Callable[[], bool], seconds: float) -> bool:
         """Whether node `number` (0: the head) is `ready()` within `seconds`; False as soon as its `ray start` exits."""

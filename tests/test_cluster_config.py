@@ -132,8 +132,7 @@ def test_cluster_example_config_runs_stage_by_stage_on_s3(s3_server, image_serve
     from tests.servers import RayCluster
 
     seconds = {}
-    cluster = RayCluster(workers=1, cpus=4, head_cpus=0, node_resources=[{"cpu_pool": 1000, "gpu_pool": 1000}])
-    with cluster:
+    with RayCluster(workers=1, cpus=4, head_cpus=0, node_resources=[{"cpu_pool": 1000, "gpu_pool": 1000}]) as cluster:
         for stage in ("download", "embed", "filter", "train-prior", "train-decoder"):
             started = time.time()
             out = dalle2(stage, *args, ray_address=cluster.address)
