@@ -3,7 +3,7 @@
 For each model: write img2dataset-style shards of generated JPEGs (the download stage's default shard size; the
 stage's costs per shard, a task and its output files, were a quarter of its steady time at 250 a shard), then measure
   - decode loop: one process, one core, that only decodes and resizes the same JPEGs to the model's input
-    (pipeline.decode, PIL draft mode): the physical limit per core of everything that is not the model;
+    (pipeline.formats.decode, PIL draft mode): the physical limit per core of everything that is not the model;
   - bare forward: the model alone (`--threads` torch threads, the CLIP actor's) on pre-decoded, normalised
     pixels and pre-tokenized captions: the image and the caption forward the stage computes per sample; also
     with a thread per core, for reference (the stage gives the other cores to decoding and writing);
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline import shapes
-from pipeline.config import DownloadConfig, EmbedConfig
-from pipeline.decode import decode_resized
-from pipeline.layout import RunLayout
-from pipeline.shard_reader import image_of, iter_samples
-from pipeline.storage import list_files, read_json
+from jobs import shapes
+from pipeline.run.config import DownloadConfig, EmbedConfig
+from pipeline.formats.decode import decode_resized
+from pipeline.run.layout import RunLayout
+from pipeline.formats.shard_reader import image_of, iter_samples
+from pipeline.run.storage import list_files, read_json
 
 DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
 

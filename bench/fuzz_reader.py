@@ -1,4 +1,4 @@
-"""Fuzz the tar reader (pipeline/shard_reader.py) for N minutes: the suite's hypothesis strategies
+"""Fuzz the tar reader (pipeline/formats/shard_reader.py) for N minutes: the suite's hypothesis strategies
 (tests/tar_fuzz.py), unseeded, round after round, over structurally plausible hostile shards and random bytes.
 
     python bench/fuzz_reader.py [--minutes 10] [--no-memory]

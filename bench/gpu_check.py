@@ -55,7 +55,7 @@ def main() -> None:
     from jobs import embed, train_decoder, train_prior
     from jobs.run_config import load_run_config
     from jobs.sample import generate
-    from pipeline.shapes import write_shards
+    from jobs.shapes import write_shards
 
     root = tempfile.mkdtemp(prefix="gpu-check-")
     write_shards(root, args.images, per_shard=256, size=256)

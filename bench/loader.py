@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from dalle2 import Decoder, DecoderTrainer, Unet
-from pipeline.aligned import align, write_aligned
-from pipeline.layout import RunLayout, index_width
+from pipeline.formats.aligned import align, write_aligned
+from pipeline.run.layout import RunLayout, index_width
 from pipeline.loaders import ImageBatches, SamplePlan
-from pipeline.shapes import write_shards
+from jobs.shapes import write_shards
 
 DIM = 64
 

@@ -40,12 +40,12 @@ def build_root(root: str, shards: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.aligned import align, write_aligned
-    from pipeline.filter import STAGE as FILTER, mask_table, shard_record
-    from pipeline.layout import RunLayout, index_width, make_key, shard_name
-    from pipeline.ledger import Ledger, ShardRecord
-    from pipeline.reorder import STAGE as REORDER
-    from pipeline.storage import write_atomic, write_json, write_npy, write_parquet
+    from pipeline.formats.aligned import align, write_aligned
+    from pipeline.stages.filter.stage import STAGE as FILTER, mask_table, shard_record
+    from pipeline.run.layout import RunLayout, index_width, make_key, shard_name
+    from pipeline.run.ledger import Ledger, ShardRecord
+    from pipeline.stages.reorder import STAGE as REORDER
+    from pipeline.run.storage import write_atomic, write_json, write_npy, write_parquet
 
     layout = RunLayout(root)
     digits = index_width(ROWS_PER_SHARD)
@@ -94,30 +94,31 @@ def measure(operation: str, root: str) -> dict:
     import resource
 
     logging.disable(logging.INFO)
-    from pipeline.config import DownloadConfig
-    from pipeline.layout import RunLayout
+    from pipeline.run.config import DownloadConfig
+    from pipeline.run.layout import RunLayout
 
     layout = RunLayout(root)
     started = time.perf_counter()
     if operation == "download_plan":
-        from pipeline.download import plan_download
+        from pipeline.stages.download.stage import plan_download
 
         shards, todo = plan_download(DownloadConfig(samples_per_shard=ROWS_PER_SHARD), layout)
         result = {"shards": len(shards), "todo": len(todo)}
     elif operation == "embed_plan":
-        from pipeline.embed import complete_shards, plan_embed
+        from pipeline.formats.queries import complete_shards
+        from pipeline.stages.embed.stage import plan_embed
 
         infos = plan_embed(layout, complete_shards(layout))
         result = {"todo": len(infos), "expected_rows": sum(i.expected for i in infos.values())}
     elif operation == "reorder_plan":
-        from pipeline.reorder import parts_to_split, shards_to_gather, source_parts, split_markers
+        from pipeline.stages.reorder import parts_to_split, shards_to_gather, source_parts, split_markers
 
         parts = source_parts(layout.embeddings)
         todo = parts_to_split(layout, parts)
         pending = shards_to_gather(layout, split_markers(layout, parts))
         result = {"parts": len(parts), "todo": len(todo), "to_gather": len(pending)}
     elif operation == "ledger_summary":
-        from pipeline.ledger import Ledger
+        from pipeline.run.ledger import Ledger
 
         summary = Ledger(layout, "filter").summarize(time.time())
         result = {"shards": summary["shards"], "rows_in": summary["rows_in"]}
@@ -164,7 +165,7 @@ def main() -> None:
         print("{}")
         return
 
-    from pipeline.storage import exists
+    from pipeline.run.storage import exists
 
     roots = [(f"local-{n}", os.path.join(args.workdir, f"local-{n}"), n) for n in args.sizes]
     server = None

@@ -1,4 +1,4 @@
-"""The project's tar reader (pipeline/shard_reader.py) beside webdataset's tar expansion and key grouping.
+"""The project's tar reader (pipeline/formats/shard_reader.py) beside webdataset's tar expansion and key grouping.
 
     python bench/shard_reader.py [--samples 5000]
 
@@ -19,7 +19,7 @@ import time
 
 def write_tar(path: str, samples: int, duplicate: bool = False) -> None:
     """A shard of `samples` 32 px JPEGs with captions (optionally the second sample written twice)."""
-    from pipeline.shapes import generate
+    from jobs.shapes import generate
 
     with tarfile.open(path, "w") as tar:
         for i, (spec, image) in enumerate(generate(samples, size=32)):
@@ -33,7 +33,7 @@ def write_tar(path: str, samples: int, duplicate: bool = False) -> None:
 
 
 def ours(path: str) -> int:
-    from pipeline.shard_reader import iter_samples
+    from pipeline.formats.shard_reader import iter_samples
 
     return sum(1 for _ in iter_samples(path))
 

@@ -2,7 +2,7 @@
 
 For each model (tiny-clip: the model is cheap, so decoding and overheads dominate, as on a GPU; ViT-B-32
 on fewer images: the model dominates), write img2dataset-style shards of generated 64 px JPEGs
-(pipeline.shapes.write_shards, the download stage's default shard size, as bench/embed.py does), save one
+(jobs.shapes.write_shards, the download stage's default shard size, as bench/embed.py does), save one
 random-init state dict, then time two commands, each from its start to its exit after all outputs are written:
   theirs  clip_retrieval.clip_inference.main.main(...) in its own venv (bench/.venvs/clip-retrieval, built
           here on first use: clip-retrieval pins numpy<2, pyarrow<16, open_clip<3), the model given as
@@ -10,7 +10,7 @@ random-init state dict, then time two commands, each from its start to its exit 
           enable_metadata=False (it needs a .json per sample), num_prepro_workers=2 (1 for one shard),
           distribution "sequential"
   ours    `dalle2 embed --config run.yaml` (run_embed with the run's EmbedConfig, as bench/embed.py runs it),
-          which starts its own local Ray (pipeline.distributor.ensure_ray); EmbedConfig defaults but for the
+          which starts its own local Ray (pipeline.execution.distributor.ensure_ray); EmbedConfig defaults but for the
           weights (clip.pretrained: the same file), batch_size and the threads (torch_threads, cpus_per_actor)
 Both get the same batch size and the same torch threads for the model (--threads; 0: each side's own default,
 on 2 cores 1 for ours and 2 for theirs, whose 2 DataLoader workers then fight its model for the cores).
@@ -25,7 +25,7 @@ Differences in the work done that remain:
     run) plus the aligned per-shard files and the ledger; metadata columns are key+caption (theirs
     image_path+caption, image_path holding the key). Both store float16.
   - preprocessing: both PIL bicubic on the shortest side, centre crop, normalise (theirs open_clip's transform
-    in DataLoader workers, ours pipeline.decode in Ray tasks, normalised on the actor), but ours decodes a
+    in DataLoader workers, ours pipeline.formats.decode in Ray tasks, normalised on the actor), but ours decodes a
     JPEG at least twice the model's size in PIL's draft mode (DCT scaling): tiny-clip's 32 px from 64 px
     JPEGs differ slightly, hence a small image cosine difference; ViT-B-32 (upscaled to 224) gets equal pixels.
   - text: theirs open_clip's encode_text; ours dalle2.clip's embed_text (same pooled token and projection,
@@ -179,8 +179,8 @@ def compare(model: str, images: int, batch_size: int, threads: int) -> dict:
     import torch
 
     from dalle2.clip import build_open_clip
-    from pipeline import shapes
-    from pipeline.config import DownloadConfig
+    from jobs import shapes
+    from pipeline.run.config import DownloadConfig
 
     with tempfile.TemporaryDirectory() as root:
         shapes.write_shards(root, images, per_shard=DownloadConfig().samples_per_shard)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     # untimed: read both venvs' libraries once, so neither side's first run pays for a cold page cache
     subprocess.run([str(VENV / "bin" / "python"), "-c", "from clip_retrieval.clip_inference.main import main"],
                    check=True, capture_output=True)
-    subprocess.run([sys.executable, "-c", "import ray, ray.data, torch, open_clip, pipeline.embed, jobs.embed"],
+    subprocess.run([sys.executable, "-c", "import ray, ray.data, torch, open_clip, pipeline.stages.embed.stage, jobs.embed"],
                    check=True)
     for model, images, batch_size in (("tiny-clip", args.images, args.batch_size),
                                       ("ViT-B-32", args.vit_images, args.vit_batch_size)):

@@ -8,7 +8,7 @@ Layout of a checkpoint folder:
 
 A folder without COMPLETE, or whose files do not match it, is never loaded (a save cut short by a crash leaves
 files that look whole: `state.pt` written in place could be half there). Local files are written under a
-temporary name, fsynced and renamed (`pipeline.storage.write_atomic`), so a name is whole or absent.
+temporary name, fsynced and renamed (`dalle2.durable.write_atomic`), so a name is whole or absent.
 Checkpoints saved before markers existed are refused by name; `python -m dalle2.checkpoint DIR` marks one
 you trust.
 """
@@ -69,7 +69,7 @@ def trainable_state(module: nn.Module, prefixes: Optional[Sequence[str]] = None)
 def write_bytes(url: str, data: bytes, storage_options: Optional[dict] = None) -> None:
     """Write a whole file: local ones under a temporary name, fsynced, then renamed; others in one PUT."""
     if "://" not in url or url.startswith("file://"):
-        from pipeline.storage import write_atomic  # the project's one durable local write
+        from dalle2.durable import write_atomic  # the project's one durable local write
 
         write_atomic(url, data)
         return
@@ -178,7 +178,7 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save as save_safetensors
 
-    from pipeline.faults import crash_point
+    from dalle2.faults import crash_point
 
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     fs.makedirs(path, exist_ok=True)

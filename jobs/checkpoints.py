@@ -26,7 +26,7 @@ def upload_checkpoint(root: str, local, name: str):
     import ray.train
 
     from dalle2.checkpoint import COMPLETE_FILE, write_bytes
-    from pipeline.faults import crash_point
+    from dalle2.faults import crash_point
 
     storage = ray.train.get_context().get_storage()
     path = storage.build_checkpoint_path_from_name(name)

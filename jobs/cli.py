@@ -38,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "--verbose" in argv:  # Ray's own worker output too (it goes to Ray's session folder otherwise)
         import os
 
-        from pipeline.console import VERBOSE_ENV
+        from pipeline.execution.console import VERBOSE_ENV
 
         argv.remove("--verbose")
         os.environ[VERBOSE_ENV] = "1"
@@ -49,12 +49,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"dalle2: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from pipeline.ledger import StaleRunError
+    from pipeline.run.ledger import StaleRunError
 
     from .config_io import ConfigError
     from .stages import StageStopped
 
-    from pipeline.distributor import stop_embedded_ray
+    from pipeline.execution.distributor import stop_embedded_ray
 
     module = importlib.import_module(COMMANDS[command][0])
     try:

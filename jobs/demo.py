@@ -46,7 +46,7 @@ def build_site(folder: str, count: int, size: int, seed: int = 0, withhold: tupl
     rows, where a `mismatched` fraction of planted rows carry another image's caption, as a web crawl does."""
     import random
 
-    from pipeline.shapes import all_specs, generate
+    from jobs.shapes import all_specs, generate
 
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     rng = random.Random(seed + 1)
@@ -71,7 +71,7 @@ def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
 def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
     """Fractions of samples ([B, H, W, 3] uint8, `per_prompt` per prompt in order) whose colour, shape,
     position, colour and position, and all three read off the pixels match their built-in prompt."""
-    from pipeline.shapes import COLORS, describe, spec_of
+    from jobs.shapes import COLORS, describe, spec_of
 
     counts = {"color": 0, "shape": 0, "position": 0, "both": 0, "all": 0}
     for i, array in enumerate(arrays):
@@ -95,7 +95,7 @@ def judge_samples(config, built_in: bool) -> dict:
     import torch
 
     from dalle2.text_to_image import to_uint8
-    from pipeline.storage import write_atomic, write_npy
+    from pipeline.run.storage import write_atomic, write_npy
 
     from .demo_report import agreement, held_out_prompts
     from .sample import generate, grid_png
@@ -113,7 +113,7 @@ def judge_samples(config, built_in: bool) -> dict:
                   "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
                   "text_image_agreement": agreement(config, images, prompts + withheld, per_prompt)}
     else:
-        from pipeline.holdout import ensure_holdout
+        from pipeline.stages.holdout import ensure_holdout
 
         from .train_common import training_jobs
 
@@ -136,7 +136,7 @@ def judge_samples(config, built_in: bool) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the demo; returns its report."""
-    from pipeline.storage import write_atomic, write_json
+    from pipeline.run.storage import write_atomic, write_json
 
     from .config_io import load_config
     from .demo_report import filter_check, render_report
@@ -150,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--images", type=int, default=None, help="size of the built-in data set (demo.images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
-    from pipeline.console import setup_logging
+    from pipeline.execution.console import setup_logging
 
     setup_logging()
     defaults = str(resources.files("jobs") / "configs" / "demo.yaml")
@@ -213,7 +213,7 @@ DEMO_MARKER = "demo_run.json"  # written by the demo into a root it starts: what
 def claim_root(root: str) -> None:
     """Mark `root` as the demo's run, or refuse naming it when it holds files and is not one: the demo deletes its
     stale `inputs/` (forget_stale_inputs), which in someone else's folder would be their files."""
-    from pipeline.storage import exists, list_files, write_json
+    from pipeline.run.storage import exists, list_files, write_json
 
     from .config_io import ConfigError
 
@@ -234,7 +234,7 @@ def made_by_an_earlier_demo(root: str) -> bool:
     own URL list, a urls.csv in a temporary folder that the demo removed when it ended."""
     import yaml
 
-    from pipeline.storage import exists, read_bytes
+    from pipeline.run.storage import exists, read_bytes
 
     try:
         config = yaml.safe_load(read_bytes(f"{root}/config.yaml"))
@@ -250,8 +250,8 @@ def forget_stale_inputs(config) -> None:
     """A demo interrupted mid-download split URLs of a server port that is gone: split again (same order,
     same shard names); finished shards stay finished through their ledger records. Only in a root the demo made
     (claim_root): never anyone else's inputs/."""
-    from pipeline.layout import RunLayout
-    from pipeline.storage import exists, remove
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import exists, remove
 
     from .config_io import ConfigError
     from .stages import STAGES

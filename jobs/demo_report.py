@@ -9,12 +9,12 @@ from typing import Optional
 
 def held_out_prompts(root: str, count: int, per_prompt: int, image_size: int):
     """(prompts, real images, distinct real images): up to `count` distinct captions of the run's held-out rows
-    (pipeline/holdout.py), for a user's list, whose own captions are what its model should answer; each with
+    (pipeline/formats/holdout.py), for a user's list, whose own captions are what its model should answer; each with
     `per_prompt` of its held-out images ([count * per_prompt, 3, H, W] in [0, 1], repeated when it has fewer: the
     grid and R-precision), and every held-out image of those captions once (the distances)."""
     import torch
 
-    from pipeline.holdout import load_holdout
+    from pipeline.formats.holdout import load_holdout
     from pipeline.loaders import SamplePlan, ShardImageBatches
 
     plan = SamplePlan.from_shards(root, part="held_out")
@@ -32,9 +32,9 @@ def held_out_prompts(root: str, count: int, per_prompt: int, image_size: int):
 
 def filter_check(config, planted: Optional[list[str]]) -> Optional[dict]:
     """How the filter stage did on the rows the demo planted with a wrong caption (None when it did not run)."""
-    from pipeline.filter_guard import clip_rules
-    from pipeline.layout import KEY, REASON, URL, RunLayout
-    from pipeline.storage import exists, list_files, read_json, read_parquet
+    from pipeline.stages.filter.guard import clip_rules
+    from pipeline.run.layout import KEY, REASON, URL, RunLayout
+    from pipeline.run.storage import exists, list_files, read_json, read_parquet
 
     layout = RunLayout(config.root)
     if not config.filter.enabled or not exists(layout.ledger_summary("filter")):
@@ -67,7 +67,7 @@ def drawn_prompts(prompts: list[str], per_prompt: int, size: int):
     import numpy as np
     import torch
 
-    from pipeline.shapes import draw, spec_of
+    from jobs.shapes import draw, spec_of
 
     rng = random.Random(1)
     return torch.stack([torch.from_numpy(np.asarray(draw(spec_of(p), size, jitter=0.08, rng=rng), np.float32) / 255)

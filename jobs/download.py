@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.download import run_download
+from pipeline.stages.download.stage import run_download
 
 from .run_config import stage_main
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.config import EmbedConfig
-from pipeline.embed import run_embed
+from pipeline.run.config import EmbedConfig
+from pipeline.stages.embed.stage import run_embed
 
 from .run_config import RunConfig, stage_main
 

@@ -18,7 +18,7 @@ from typing import Optional
 from pydantic import Field, PositiveInt
 
 from dalle2.configs import StrictModel
-from pipeline.config import ClipSource
+from pipeline.run.config import ClipSource
 
 
 class EvalConfig(StrictModel):
@@ -46,7 +46,7 @@ def scoring_clip(run):
 
 def caption_pool(root: str, captions: list[str]) -> list[str]:
     """The captions R-precision draws distractors from: `captions` and every distinct held-out caption, once each."""
-    from pipeline.holdout import load_holdout
+    from pipeline.formats.holdout import load_holdout
 
     return list(dict.fromkeys(list(captions) + load_holdout(root).distinct_captions()))
 

@@ -12,8 +12,8 @@ from .run_config import RunConfig, stage_main
 
 def run(config: RunConfig) -> dict:
     """The filter stage with the run's held-out rows (drawn here when no training stage drew them yet)."""
-    from pipeline.filter import run_filter
-    from pipeline.holdout import ensure_holdout
+    from pipeline.stages.filter.stage import run_filter
+    from pipeline.stages.holdout import ensure_holdout
 
     from .train_common import training_jobs
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.reorder import run_reorder
+from pipeline.stages.reorder import run_reorder
 
 from .run_config import stage_main
 

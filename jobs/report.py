@@ -55,8 +55,8 @@ def thumbnail(encoded: bytes, size: int = 96) -> str:
 
 def shard_statistics(root: str) -> dict:
     """Original sizes and captions of the downloaded images of up to MAX_SHARDS shards."""
-    from pipeline.layout import CAPTION, RunLayout
-    from pipeline.storage import list_files, read_parquet
+    from pipeline.run.layout import CAPTION, RunLayout
+    from pipeline.run.storage import list_files, read_parquet
 
     widths, heights, captions = [], [], []
     for url in sorted(list_files(RunLayout(root).shards, ".parquet"))[:MAX_SHARDS]:
@@ -72,8 +72,8 @@ def shard_statistics(root: str) -> dict:
 def filter_rows(root: str) -> list[dict]:
     """The present rows of the filter's masks (key, keep, reason, similarity, duplicate_of, shard) of up to
     MAX_SHARDS shards: a big run is sampled."""
-    from pipeline.layout import RunLayout
-    from pipeline.storage import list_files, read_parquet
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import list_files, read_parquet
 
     rows = []
     for url in sorted(list_files(RunLayout(root).filter, ".parquet"))[:MAX_SHARDS]:
@@ -86,8 +86,8 @@ def sample_rows(root: str, rows: list[dict], undecodable: list[str]) -> list[tup
     """(key, thumbnail data URI, caption) of filter `rows` (with their shard), read from the shards' tars; the key
     of an image that does not decode, or in a tar the reader refuses, is appended to `undecodable` and the row left
     out."""
-    from pipeline.layout import RunLayout
-    from pipeline.shard_reader import ShardReadError, image_of, iter_samples
+    from pipeline.run.layout import RunLayout
+    from pipeline.formats.shard_reader import ShardReadError, image_of, iter_samples
 
     layout, found = RunLayout(root), {}
     by_shard: dict[str, set] = {}
@@ -127,8 +127,8 @@ def samples_html(title: str, rows: list[tuple[str, str, str]], notes: dict[str, 
 
 def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
     """Write <root>/report.html and <root>/report/*.png; returns {"html": url, "plots": [names]}."""
-    from pipeline.layout import RunLayout
-    from pipeline.storage import exists, list_files, read_bytes, read_json, write_atomic
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import exists, list_files, read_bytes, read_json, write_atomic
 
     from . import plots
     from .run_config import load_run_config
@@ -225,7 +225,7 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
 def clip_check_html(layout) -> str:
     """How well the run's CLIP retrieves its held-out captions, and whether the filter let it judge (empty before
     the filter ran)."""
-    from pipeline.storage import exists, read_json
+    from pipeline.run.storage import exists, read_json
 
     summary = read_json(layout.ledger_summary("filter")) if exists(layout.ledger_summary("filter")) else {}
     check = summary.get("clip_check") or {}
@@ -277,10 +277,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--root", required=True, help="the run's root (local path or fsspec URL)")
     parser.add_argument("--samples", type=int, default=12, help="kept and dropped rows shown")
     args = parser.parse_args(argv)
-    from pipeline.console import setup_logging
+    from pipeline.execution.console import setup_logging
 
     setup_logging()
-    from pipeline.storage import absolute_root
+    from pipeline.run.storage import absolute_root
 
     result = build_report(absolute_root(args.root), samples=args.samples)
     print(result["html"])

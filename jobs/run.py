@@ -22,7 +22,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
     config = load_config(RunConfig, args.config, args.set)  # validated before any stage starts
-    from pipeline.console import setup_logging
+    from pipeline.execution.console import setup_logging
 
     setup_logging()
     forwarded = (["--config", args.config] if args.config else []) + [x for s in args.set for x in ("--set", s)]

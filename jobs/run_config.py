@@ -8,7 +8,7 @@ from typing import Callable, Optional
 from pydantic import Field, field_validator
 
 from dalle2.configs import StrictModel
-from pipeline.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
+from pipeline.run.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
 
 from .config_io import ConfigError, load_config
 from .evaluation import EvalConfig
@@ -30,7 +30,7 @@ class DemoConfig(StrictModel):
     @field_validator("withhold")
     @classmethod
     def _built_in_captions(cls, captions: list[str]) -> list[str]:
-        from pipeline.shapes import all_specs, spec_of
+        from jobs.shapes import all_specs, spec_of
 
         for caption in captions:
             spec_of(caption)
@@ -66,7 +66,7 @@ class RunConfig(StrictModel):
     @field_validator("root")
     @classmethod
     def _root_every_worker_sees(cls, root: str) -> str:
-        from pipeline.storage import absolute_root
+        from pipeline.run.storage import absolute_root
 
         if root.startswith("memory://"):
             raise ValueError("memory:// lives inside one process and the stages run on Ray workers: use a local "
@@ -83,10 +83,10 @@ def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunCo
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     args = parser.parse_args(argv)
     config = load_config(RunConfig, args.config, args.set)
-    from pipeline.console import setup_logging
+    from pipeline.execution.console import setup_logging
 
     setup_logging()
-    from pipeline.distributor import declare_pools
+    from pipeline.execution.distributor import declare_pools
 
     declare_pools(config.custom_resources())
     check_root_reachable(config)
@@ -101,11 +101,11 @@ def check_root_reachable(config: RunConfig) -> None:
     """Refuse a local root on a Ray cluster of several nodes: each node would write its own disk."""
     import os
 
-    from pipeline.storage import is_local
+    from pipeline.run.storage import is_local
 
     if not is_local(config.root) or (config.ray.address or os.environ.get("RAY_ADDRESS")) in (None, "", "local"):
         return  # an embedded local Ray is one node
-    from pipeline.distributor import ensure_ray
+    from pipeline.execution.distributor import ensure_ray
 
     ensure_ray(config.ray)
     import ray
@@ -123,14 +123,14 @@ def save_run_config(config: RunConfig) -> None:
     """Keep the effective config in the run root, so `dalle2 sample|status --root` can rebuild the run."""
     import yaml
 
-    from pipeline.storage import write_atomic
+    from pipeline.run.storage import write_atomic
 
     write_atomic(f"{config.root.rstrip('/')}/{CONFIG_NAME}", yaml.safe_dump(config.model_dump(mode="json")).encode())
 
 
 def load_run_config(root: str) -> RunConfig:
     """The config a run was last started with (defaults with this root if it has none)."""
-    from pipeline.storage import exists
+    from pipeline.run.storage import exists
 
     path = f"{root.rstrip('/')}/{CONFIG_NAME}"
     config = load_config(RunConfig, path) if exists(path) else RunConfig()

@@ -37,7 +37,7 @@ def grid_png(images, prompts: list[str]) -> bytes:
 def main(argv: Optional[list[str]] = None) -> np.ndarray:
     """Write a grid PNG (one row per prompt) and optionally a uint8 array (N, H, W, 3)."""
     from dalle2.text_to_image import to_uint8
-    from pipeline.storage import write_atomic, write_npy
+    from pipeline.run.storage import write_atomic, write_npy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
@@ -49,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> np.ndarray:
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--out-npy", default=None)
     args = parser.parse_args(argv)
-    from pipeline.console import setup_logging
+    from pipeline.execution.console import setup_logging
 
     setup_logging()
     images = generate(args.root, args.prompt, args.n, args.cond_scale, args.seed, args.device)

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline.ledger import StageStopped  # noqa: F401 - the stages' stop, raised here and by the stages themselves
+from pipeline.run.ledger import StageStopped  # noqa: F401 - the stages' stop, raised here and by the stages themselves
 
 from .run_config import RunConfig
 
@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 def _ledger_complete(stage: str) -> Callable[[RunConfig], bool]:
     def complete(run: RunConfig) -> bool:
-        from pipeline.layout import RunLayout
-        from pipeline.storage import exists, read_json
+        from pipeline.run.layout import RunLayout
+        from pipeline.run.storage import exists, read_json
 
         summary = RunLayout(run.root).ledger_summary(stage)
         return exists(summary) and not read_json(summary).get("failed_shards")
@@ -26,8 +26,8 @@ def _ledger_complete(stage: str) -> Callable[[RunConfig], bool]:
 
 
 def _download_complete(run: RunConfig) -> bool:
-    from pipeline.layout import RunLayout
-    from pipeline.storage import exists, read_json
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import exists, read_json
 
     layout = RunLayout(run.root)
     if not _ledger_complete("download")(run) or not exists(f"{layout.inputs}/_SUCCESS.json"):
@@ -36,11 +36,11 @@ def _download_complete(run: RunConfig) -> bool:
 
 
 def _embed_complete(run: RunConfig) -> bool:
-    from pipeline.embed import complete_shards
-    from pipeline.layout import RunLayout
-    from pipeline.ledger import Ledger
+    from pipeline.formats.queries import complete_shards
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.ledger import Ledger
 
-    from pipeline.embed import fingerprint
+    from pipeline.stages.embed.stage import fingerprint
 
     from .embed import embed_config
 
@@ -52,11 +52,11 @@ def _embed_complete(run: RunConfig) -> bool:
 
 
 def _filter_complete(run: RunConfig) -> bool:
-    from pipeline.aligned import aligned_shards
-    from pipeline.config import FilterConfig
-    from pipeline.filter import STAGE, fingerprint
-    from pipeline.layout import RunLayout
-    from pipeline.ledger import Ledger
+    from pipeline.formats.aligned import aligned_shards
+    from pipeline.run.config import FilterConfig
+    from pipeline.stages.filter.stage import STAGE, fingerprint
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.ledger import Ledger
 
     layout = RunLayout(run.root)
     ledger = Ledger(layout, STAGE)
@@ -68,7 +68,7 @@ def _filter_complete(run: RunConfig) -> bool:
 
 def _training_complete(section: str) -> Callable[[RunConfig], bool]:
     def complete(run: RunConfig) -> bool:
-        from pipeline.storage import exists, read_json
+        from pipeline.run.storage import exists, read_json
 
         from .train_common import storage_path
 

@@ -16,8 +16,8 @@ DATA_STAGES = ("download", "embed", "reorder", "filter")
 
 def run_status(root: str) -> dict:
     """Per stage: the ledger summary (data stages) or the training summary and latest checkpoint."""
-    from pipeline.layout import RunLayout
-    from pipeline.storage import exists, read_json
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import exists, read_json
 
     from .train_common import latest_checkpoint, storage_path, training_jobs
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dalle2.configs import StrictModel, TrainerConfig
-from pipeline.config import Resources
+from pipeline.run.config import Resources
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,14 @@ def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: Tra
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         ),
     )
-    from pipeline.distributor import preemption_watcher_off_when_embedded
+    from pipeline.execution.distributor import preemption_watcher_off_when_embedded
 
     with follow_progress(f"{storage_path(root)}/{job_name}/progress.json", job_name, job.max_steps), \
             preemption_watcher_off_when_embedded():
         result = trainer.fit()
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    from pipeline.storage import write_json
+    from pipeline.run.storage import write_json
 
     write_json(f"{storage_path(root)}/{job_name}_summary.json", metrics)
     log.info("%s finished: %s", job_name, json.dumps(metrics, default=str))
@@ -127,8 +127,8 @@ def follow_progress(path: str, job_name: str, total: Optional[int]):
     shown here unless asked for), while the body runs."""
     import threading
 
-    from pipeline.console import progress_bar
-    from pipeline.storage import exists, read_json
+    from pipeline.execution.console import progress_bar
+    from pipeline.run.storage import exists, read_json
 
     stop = threading.Event()
     bar = progress_bar(total=total, desc=job_name, unit="step")
@@ -162,7 +162,7 @@ def latest_checkpoint(root: str, job_name: str, skip: tuple[str, ...] = ()) -> O
     those its summary names and its run folder lists; incomplete ones (a crash mid-save) are passed over with a
     warning naming them, and those in `skip` silently."""
     from dalle2.checkpoint import incomplete_reason
-    from pipeline.storage import exists, list_files, read_json
+    from pipeline.run.storage import exists, list_files, read_json
 
     from .checkpoints import with_scheme
 
@@ -182,7 +182,7 @@ def latest_checkpoint(root: str, job_name: str, skip: tuple[str, ...] = ()) -> O
 
 def training_jobs(root: str) -> list[str]:
     """The training jobs that finished at least once in this run (clip, prior, decoder, decoder_unet2, ...)."""
-    from pipeline.storage import list_files
+    from pipeline.run.storage import list_files
 
     names = [url.rsplit("/", 1)[-1][: -len("_summary.json")] for url in list_files(storage_path(root), "_summary.json")]
     order = {"clip": 0, "prior": 1}
@@ -196,7 +196,7 @@ class Worker:
         import ray.train
         import torch
 
-        from pipeline.console import setup_logging
+        from pipeline.execution.console import setup_logging
 
         setup_logging()
         context = ray.train.get_context()
@@ -272,7 +272,7 @@ class Worker:
             checkpoint = None
             if self.rank == 0:
                 save(folder)
-                from pipeline.faults import crash_point
+                from dalle2.faults import crash_point
 
                 crash_point("train.mid_checkpoint")  # written locally, not yet persisted by Ray
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -291,7 +291,7 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     `epochs`. With gradient accumulation a step spans several batches: nothing is done between them."""
     import time
 
-    from pipeline.faults import crash_point
+    from dalle2.faults import crash_point
 
     resumed_from = trainer.step
     epoch, position = state.get("epoch", 0), state.get("batch", 0)
@@ -376,13 +376,13 @@ class MetricsHistory:
     def progress(self, step: int, loss: float) -> None:
         """The latest step and loss, for the driver's progress bar (`progress.json` beside metrics.jsonl)."""
         if self.active:
-            from pipeline.storage import write_json
+            from pipeline.run.storage import write_json
 
             write_json(self.path.rsplit("/", 1)[0] + "/progress.json", {"step": step, "loss": loss})
 
     def flush(self) -> None:
         if self.active:
-            from pipeline.storage import write_atomic
+            from pipeline.run.storage import write_atomic
 
             write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in self.lines).encode())
 
@@ -393,7 +393,7 @@ def history_path(root: str, job_name: str) -> str:
 
 def read_history(root: str, job_name: str) -> list[dict]:
     """The lines of a job's metrics.jsonl ([] when it has none)."""
-    from pipeline.storage import exists, read_bytes
+    from pipeline.run.storage import exists, read_bytes
 
     path = history_path(root, job_name)
     if not exists(path):
@@ -424,8 +424,8 @@ def train_main(argv: Optional[list[str]], doc: str, loop: Callable[[dict], None]
     from .run_config import RunConfig, stage_main
 
     def run(config: RunConfig) -> dict:
-        from pipeline.distributor import ensure_ray
-        from pipeline.holdout import ensure_holdout
+        from pipeline.execution.distributor import ensure_ray
+        from pipeline.stages.holdout import ensure_holdout
 
         from .training_rows import check_enough_rows
 

@@ -36,7 +36,7 @@ def decoder_loop(config: dict) -> None:
     from dalle2.decoder import Decoder
     from dalle2.trainer import DecoderTrainer
     from pipeline.loaders import ImageBatches
-    from pipeline.storage import write_atomic
+    from pipeline.run.storage import write_atomic
 
     from .checkpoints import CaptionEncoder, run_clip
 

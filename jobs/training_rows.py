@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.ledger import StageStopped
+from pipeline.run.ledger import StageStopped
 
 log = logging.getLogger(__name__)
 
 
 def training_plans(run, section: str):
-    """(train plan, evaluation plan) of a training job: the run's rows without its held-out ones (pipeline/holdout.py),
+    """(train plan, evaluation plan) of a training job: the run's rows without its held-out ones (pipeline/formats/holdout.py),
     filtered for the prior and the decoder; the held-out rows, up to `eval_size`, whatever the filter said of them (its
     verdicts shape training, not the test set). CLIP reads the downloaded shards, the others the aligned embeddings."""
     from pipeline.loaders import SamplePlan
@@ -48,9 +48,9 @@ def check_enough_rows(config, section: str) -> None:
 
 def rows_left(config, section: str) -> str:
     """'Rows left at each stage: ...' from the stages' ledger summaries and the holdout."""
-    from pipeline.holdout import load_holdout
-    from pipeline.layout import RunLayout
-    from pipeline.storage import exists, read_json
+    from pipeline.formats.holdout import load_holdout
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import exists, read_json
 
     layout = RunLayout(config.root)
 

@@ -19,10 +19,10 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 import torch
 
-from .aligned import aligned_shards, read_aligned
-from .layout import INDEX, PRESENT, RunLayout, parse_key
-from .shard_reader import image_of, iter_samples
-from .storage import read_parquet
+from pipeline.formats.aligned import aligned_shards, read_aligned
+from pipeline.run.layout import INDEX, PRESENT, RunLayout, parse_key
+from pipeline.formats.shard_reader import image_of, iter_samples
+from pipeline.run.storage import read_parquet
 
 
 Part = Literal["all", "train", "held_out"]
@@ -35,7 +35,7 @@ class RowSource:
     root: str
     kind: Literal["aligned", "filtered", "downloaded"]
     counts: dict[str, int]  # usable rows per shard, from the stage's ledger summary (or its files)
-    # "train": without the run's held-out rows (pipeline/holdout.py); "held_out": those alone; "all": every row
+    # "train": without the run's held-out rows (pipeline/formats/holdout.py); "held_out": those alone; "all": every row
     part: Part = "all"
     held_out: dict[str, np.ndarray] = field(default_factory=dict)  # {shard: held-out row indices}
 
@@ -51,7 +51,7 @@ class RowSource:
         """The shard's usable row indices, ascending, read from its files."""
         layout = RunLayout(self.root)
         if self.kind == "filtered":
-            from .filter import kept_indices
+            from pipeline.formats.queries import kept_indices
 
             return kept_indices(self.root, shard)
         if self.kind == "aligned":
@@ -82,7 +82,7 @@ def planned_counts(root: str, kind: str, shards: list[str]) -> dict[str, int]:
     only for shards no summary counts (data made elsewhere, or a stage that has not summarised yet)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .storage import exists, read_json
+    from pipeline.run.storage import exists, read_json
 
     layout = RunLayout(root)
     stages = {"filtered": ["filter"], "aligned": ["embed", "reorder"], "downloaded": ["download"]}[kind]
@@ -135,7 +135,7 @@ class SamplePlan:
     def from_shards(cls, root: str, part: Part = "all") -> "SamplePlan":
         """Every downloaded sample of `part` (status success in the shards' parquets), for training without
         embeddings."""
-        from .embed import complete_shards
+        from pipeline.formats.queries import complete_shards
 
         layout = RunLayout(root)
         shards = complete_shards(layout)
@@ -146,8 +146,8 @@ class SamplePlan:
     @classmethod
     def of_part(cls, root: str, kind: str, shards: list[str], part: Part) -> "SamplePlan":
         """The plan of one part: the counts of the shards holding held-out rows are read from their files (a few,
-        pipeline/holdout.py), every other shard's from its ledger summary."""
-        from .holdout import load_holdout
+        pipeline/formats/holdout.py), every other shard's from its ledger summary."""
+        from pipeline.formats.holdout import load_holdout
 
         counts = planned_counts(root, kind, shards)
         held_out = load_holdout(root).rows() if part != "all" else {}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.aligned import align, write_aligned
-from pipeline.config import FilterConfig
-from pipeline.filter import run_filter
-from pipeline.layout import RunLayout, index_width
-from pipeline.shapes import write_shards
+from pipeline.formats.aligned import align, write_aligned
+from pipeline.run.config import FilterConfig
+from pipeline.stages.filter.stage import run_filter
+from pipeline.run.layout import RunLayout, index_width
+from jobs.shapes import write_shards
 
 
 def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim: int = 64, seed: int = 0,

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from pipeline.shapes import generate
+from jobs.shapes import generate
 from tests.ports import free_port
 
 log = logging.getLogger(__name__)

@@ -116,7 +116,7 @@ class Checker:
 
     def check(self, data: bytes) -> str:
         """What the reader made of `data`: "read" (samples came out) or the kind of ShardReadError it raised."""
-        from pipeline.shard_reader import ShardReadError, iter_samples
+        from pipeline.formats.shard_reader import ShardReadError, iter_samples
 
         with open(self.path, "wb") as f:
             f.write(data)

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from pipeline.console import VERBOSE_ENV, QuietFilter
+from pipeline.execution.console import VERBOSE_ENV, QuietFilter
 
 
-def record(level: int, message: str, pathname: str = "/x/pipeline/embed.py", name: str = "pipeline.embed"):
+def record(level: int, message: str, pathname: str = "/x/pipeline/stages/embed/stage.py", name: str = "pipeline.stages.embed.stage"):
     return logging.LogRecord(name, level, pathname, 1, message, None, None)
 
 
@@ -48,7 +48,7 @@ def test_the_cli_takes_verbose_anywhere(argv, verbose, tmp_path, monkeypatch):
 
 def test_progress_in_a_log_file_writes_at_quarters_of_the_work_whatever_the_clock(monkeypatch, capsys):
     # a slow machine must print the lines a fast one does: the README demo's line budget counts events, not seconds
-    import pipeline.console as console
+    import pipeline.execution.console as console
 
     clock = iter(range(0, 10**6, 1000))  # every look at the clock is 1,000 s later
     monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))

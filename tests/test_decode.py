@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from dalle2.clip import clip_preprocess
-from pipeline import shapes
-from pipeline.decode import decode_resized
+from jobs import shapes
+from pipeline.formats.decode import decode_resized
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -6,7 +6,7 @@ import torch
 
 from dalle2 import DALLE2, Decoder, DecoderTrainer, DiffusionPrior, DiffusionPriorNetwork, Unet, to_pil
 from dalle2.checkpoint import ConfigMismatchError
-from pipeline.shapes import all_specs, draw
+from jobs.shapes import all_specs, draw
 
 EMBED = 32
 

@@ -5,11 +5,11 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.config import DownloadConfig
-from pipeline.download import run_download
-from pipeline.layout import RunLayout, parse_key
-from pipeline.reader import split_url_list
-from pipeline.shard_reader import iter_samples
+from pipeline.run.config import DownloadConfig
+from pipeline.stages.download.stage import run_download
+from pipeline.run.layout import RunLayout, parse_key
+from pipeline.stages.download.split import split_url_list
+from pipeline.formats.shard_reader import iter_samples
 
 
 def write_url_list(rows, path, fmt):
@@ -110,7 +110,7 @@ def test_status_finds_skipped_rows_that_do_not_add_up(tmp_path):
 def test_a_shards_outputs_are_fsynced_before_its_ledger_record(tmp_path, image_server, monkeypatch):
     import os
 
-    from pipeline.download import ShardDownloader
+    from pipeline.stages.download.stage import ShardDownloader
 
     rows = image_server.rows(with_failures=False)[:4]
     url_list = write_url_list(rows, tmp_path / "urls.csv", "csv")

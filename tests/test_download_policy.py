@@ -11,10 +11,11 @@ import tracemalloc
 import pandas as pd
 import pytest
 
-from pipeline import fetch as fetch_module
-from pipeline.config import DownloadConfig
-from pipeline.fetch import FetchPolicy, Refused, fetch, reason_of
-from pipeline.policy import REFUSED_METADATA, REFUSED_PRIVATE, address_refusal, opt_out, redact_url, user_agent
+from pipeline.formats import fetch as fetch_module
+from pipeline.run.config import DownloadConfig
+from pipeline.formats.fetch import FetchPolicy, Refused, fetch, reason_of
+from pipeline.formats.policy import REFUSED_METADATA, REFUSED_PRIVATE, address_refusal, opt_out, user_agent
+from pipeline.run.redact import redact_url
 from tests.worst_web import WorstWeb
 
 
@@ -177,7 +178,7 @@ def test_a_maths_reason_does_not_break_the_report_plot():
 def test_each_download_on_a_shared_ray_gets_its_own_opencv_limit(tmp_path, image_server, ray_local):
     # OpenCV reads its pixel limit once per process: a Ray worker a 20 MP run used must not refuse a 36 MP image
     # for the next run, whose max_image_area allows it (the shards' workers start with the run's own limit)
-    from pipeline.download import run_download
+    from pipeline.stages.download.stage import run_download
 
     url_list = tmp_path / "urls.csv"
     pd.DataFrame([{"url": image_server.url + "/large.png", "caption": "a very large image"}]
@@ -202,11 +203,11 @@ def test_opencv_and_pil_pixel_limits_come_from_max_image_area(tmp_path):
     code = f"""
 import io, os
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-from pipeline.download import decoder_pixel_limits
+from pipeline.stages.download.stage import decoder_pixel_limits
 decoder_pixel_limits(1e6)
 from PIL import Image
 from img2dataset.resizer import Resizer
-from pipeline.policy import resize_reason
+from pipeline.formats.policy import resize_reason
 assert Image.MAX_IMAGE_PIXELS == 1000000
 out = Resizer(image_size=32, resize_mode="center_crop", resize_only_if_bigger=False, max_image_area=float("inf"))(
     io.BytesIO(open({str(image)!r}, "rb").read()))
@@ -321,7 +322,7 @@ def test_the_deadline_and_max_bytes_hold_while_the_head_and_chunk_framing_are_re
 
 def test_a_redirect_to_a_new_scheme_each_time_is_one_reason(web):
     # a server answering `302 Location: pwn<N>x:/` minted one reason per row before
-    from pipeline.policy import stable_reason
+    from pipeline.formats.policy import stable_reason
 
     policy = FetchPolicy(timeout=3, allow_private_network=True)
     reasons = set()
@@ -355,7 +356,7 @@ def test_a_config_field_of_infinity_nan_or_past_its_bound_is_an_error_naming_it(
 def test_the_policy_defaults_are_written_once():
     config = DownloadConfig()
     assert FetchPolicy() == FetchPolicy.of(config)
-    from pipeline import policy
+    from pipeline.formats import policy
 
     assert config.disallowed_header_directives == policy.DEFAULT_DISALLOWED_DIRECTIVES
     assert config.disallowed_header_directives is not DownloadConfig().disallowed_header_directives  # a fresh list each

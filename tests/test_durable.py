@@ -12,8 +12,8 @@ import torch
 from dalle2.checkpoint import (COMPLETE_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, IncompleteCheckpointError,
                                incomplete_reason, load_state, load_weights, save_checkpoint)
 from jobs.train_common import latest_checkpoint, storage_path
-from pipeline import faults
-from pipeline.storage import write_atomic
+from dalle2 import faults
+from pipeline.run.storage import write_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

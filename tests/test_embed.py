@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.aligned import read_aligned
-from pipeline.config import DownloadConfig, EmbedConfig
-from pipeline.download import run_download
-from pipeline.embed import run_embed
-from pipeline.layout import RunLayout, parse_key
-from pipeline.shard_reader import iter_samples
-from pipeline.storage import read_npy, read_parquet
+from pipeline.formats.aligned import read_aligned
+from pipeline.run.config import DownloadConfig, EmbedConfig
+from pipeline.stages.download.stage import run_download
+from pipeline.stages.embed.stage import run_embed
+from pipeline.run.layout import RunLayout, parse_key
+from pipeline.formats.shard_reader import iter_samples
+from pipeline.run.storage import read_npy, read_parquet
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_download_and_embed_on_s3(s3_server, image_server, ray_local, tmp_path):
     root = s3_server() + "/run"
     url_list = f"{root}/urls.jsonl"
     pd.DataFrame(image_server.rows()[-30:]).to_json(tmp_path / "urls.jsonl", orient="records", lines=True)
-    from pipeline.storage import write_atomic
+    from pipeline.run.storage import write_atomic
 
     write_atomic(url_list, (tmp_path / "urls.jsonl").read_bytes())
     download = run_download(DownloadConfig(url_list=url_list, image_size=32, samples_per_shard=16, threads=8, timeout=4,

@@ -8,11 +8,11 @@ import tarfile
 import pytest
 
 from jobs.status import run_status
-from pipeline.config import EmbedConfig
-from pipeline.embed import run_embed
-from pipeline.layout import RunLayout
-from pipeline.ledger import Ledger
-from pipeline.shapes import write_shards
+from pipeline.run.config import EmbedConfig
+from pipeline.stages.embed.stage import run_embed
+from pipeline.run.layout import RunLayout
+from pipeline.run.ledger import Ledger
+from jobs.shapes import write_shards
 from tests.malformed_tars import end, pax
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jobs.evaluation import EvalConfig, caption_pool, score_samples, scoring_clip
-from pipeline.shapes import all_specs, draw
+from jobs.shapes import all_specs, draw
 
 
 def shape_images(captions, size=32, seed=0):
@@ -47,7 +47,7 @@ class ColourClip:
     def embed_text(self, captions):
         from types import SimpleNamespace
 
-        from pipeline.shapes import COLORS
+        from jobs.shapes import COLORS
 
         rgb = {name: torch.tensor(value, dtype=torch.float32) / 255 - 0.5 for name, value in COLORS.items()}
         return SimpleNamespace(text_embed=torch.stack([rgb[c.split()[1]] for c in captions]))
@@ -65,8 +65,8 @@ def test_the_real_images_figures_are_theirs_alone_and_colour_follows_the_caption
 
 
 def test_the_caption_pool_is_the_prompts_then_every_held_out_caption_once(tmp_path):
-    from pipeline.config import HoldoutConfig
-    from pipeline.holdout import ensure_holdout
+    from pipeline.run.config import HoldoutConfig
+    from pipeline.stages.holdout import ensure_holdout
     from tests.runs import make_training_run
 
     root = str(tmp_path / "run")

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import faults
-from pipeline.aligned import read_aligned
-from pipeline.layout import RunLayout
-from pipeline.shard_reader import iter_samples
-from pipeline.storage import list_files, read_json, read_parquet
+from dalle2 import faults
+from pipeline.formats.aligned import read_aligned
+from pipeline.run.layout import RunLayout
+from pipeline.formats.shard_reader import iter_samples
+from pipeline.run.storage import list_files, read_json, read_parquet
 from tests.test_nothing_lost import embeddings_of, write_part
 
 DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
@@ -309,7 +309,7 @@ def trace(folder) -> dict[int, list[list[str]]]:
 def training_reference(tmp_path_factory):
     """An uninterrupted run's sample trace, on a run whose filter dropped rows (the caption embeddings are a random
     map of the image's: some fall below cosine 0), so the same run shows training never sees a dropped row."""
-    from pipeline.config import FilterConfig
+    from pipeline.run.config import FilterConfig
     from tests.runs import make_training_run
 
     folder = tmp_path_factory.mktemp("train-reference")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from jobs.status import run_status
-from pipeline.aligned import align, write_aligned
-from pipeline.config import FilterConfig
-from pipeline.filter import NEAR_DUPLICATE, caption_ranks, first_of_each_group, low_rank, low_similarity, run_filter
-from pipeline.layout import RunLayout, make_key
-from pipeline.ledger import StaleRunError
+from pipeline.formats.aligned import align, write_aligned
+from pipeline.run.config import FilterConfig
+from pipeline.stages.filter.stage import NEAR_DUPLICATE, caption_ranks, first_of_each_group, low_rank, low_similarity, run_filter
+from pipeline.run.layout import RunLayout, make_key
+from pipeline.run.ledger import StaleRunError
 from pipeline.loaders import EmbeddingBatches, SamplePlan
-from pipeline.storage import read_parquet
+from pipeline.run.storage import read_parquet
 
 DIM, PER_SHARD, SHARDS = 16, 40, 3
 
@@ -161,7 +161,7 @@ def test_captions_in_another_language_are_dropped(tmp_path):
     meta["caption"][13] = "a photo of a cat on the beach"
     import pyarrow as pa
 
-    from pipeline.storage import write_parquet
+    from pipeline.run.storage import write_parquet
 
     write_parquet(aligned["metadata"], pa.table(meta))
     run_filter(FilterConfig(language_model=model, languages=["en"], distributor="local"), root)

@@ -6,14 +6,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.aligned import align, write_aligned
-from pipeline.config import FilterConfig, HoldoutConfig
-from pipeline.filter import low_rank, low_similarity, run_filter
-from pipeline.filter_guard import check_model_drops
-from pipeline.holdout import ensure_holdout
-from pipeline.layout import RunLayout
-from pipeline.ledger import StageStopped, StaleRunError
-from pipeline.storage import exists, list_files, read_json
+from pipeline.formats.aligned import align, write_aligned
+from pipeline.run.config import FilterConfig, HoldoutConfig
+from pipeline.stages.filter.stage import low_rank, low_similarity, run_filter
+from pipeline.stages.filter.guard import check_model_drops
+from pipeline.stages.holdout import ensure_holdout
+from pipeline.run.layout import RunLayout
+from pipeline.run.ledger import StageStopped, StaleRunError
+from pipeline.run.storage import exists, list_files, read_json
 
 DIM, PER_SHARD, SHARDS = 32, 50, 4
 
@@ -63,7 +63,7 @@ def test_a_clip_that_guesses_is_not_trusted_its_rules_are_skipped_and_the_summar
     assert check["checked"] and not check["trusted"] and check["skipped"] and check["retrieval"] < 0.5
     assert check["rules"] == [low_rank(1)] and "would drop good rows" in check["why"]
     # the rank rule is judged at its own rank: within the first k of k captions, every caption is found
-    from pipeline.filter_guard import held_out_retrieval
+    from pipeline.stages.filter.guard import held_out_retrieval
 
     assert held_out_retrieval(root, holdout, rank=check["captions"])["retrieval_at_rank"] == 1.0
     assert check["retrieval_at_rank"] == check["retrieval"] < 0.5
@@ -97,8 +97,8 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
     holdout = ensure_holdout(root, HoldoutConfig(rows=40))
     summary = run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, holdout=holdout)
     # a run filtered by an earlier version recorded no guard settings: continued, not refused as made otherwise
-    from pipeline.filter import fingerprint
-    from pipeline.storage import write_json
+    from pipeline.stages.filter.stage import fingerprint
+    from pipeline.run.storage import write_json
 
     earlier = {k: v for k, v in fingerprint(FilterConfig(max_caption_rank=1)).items()
                if k not in ("min_clip_retrieval", "on_untrusted_clip")}

@@ -2,9 +2,10 @@
 
 import pytest
 
-from pipeline.config import HoldoutConfig
-from pipeline.holdout import ensure_holdout, load_holdout
-from pipeline.ledger import StaleRunError
+from pipeline.run.config import HoldoutConfig
+from pipeline.formats.holdout import load_holdout
+from pipeline.stages.holdout import ensure_holdout
+from pipeline.run.ledger import StaleRunError
 from pipeline.loaders import SamplePlan
 from tests.runs import make_training_run
 
@@ -38,8 +39,8 @@ def test_held_out_rows_are_in_no_training_plan_and_every_row_is_in_exactly_one_p
     head = SamplePlan.from_aligned(run_root, part="held_out").head(7)
     assert head.size == 7 and rows_of(head) <= held
     # the captions written with the split are the rows' own
-    from pipeline.aligned import read_aligned
-    from pipeline.layout import RunLayout
+    from pipeline.formats.aligned import read_aligned
+    from pipeline.run.layout import RunLayout
 
     for shard, index, caption in zip(holdout.shards, holdout.indices, holdout.captions):
         assert read_aligned(RunLayout(run_root), shard).captions[index] == caption

@@ -11,7 +11,7 @@ from dalle2.trainer import DecoderTrainer, PriorTrainer
 from jobs.checkpoints import load_dalle2
 from jobs.run_config import RunConfig
 from jobs.train_common import TrainDecoderConfig, storage_path
-from pipeline.storage import write_json
+from pipeline.run.storage import write_json
 
 CASCADE = {"unets": [{"dim": 16, "dim_mults": [1, 2], "image_embed_dim": 64, "layer_attns": False},
                      {"dim": 8, "dim_mults": [1, 2], "image_embed_dim": 64, "lowres_cond": True, "groups": 4,

@@ -115,8 +115,8 @@ def test_a_rank_reads_the_row_indices_of_its_own_shards_only(run_root):
 def test_a_shard_rewritten_since_its_summary_is_refused_by_name(tmp_path):
     import pyarrow as pa
 
-    from pipeline.layout import RunLayout
-    from pipeline.storage import read_parquet, write_parquet
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import read_parquet, write_parquet
 
     root = str(tmp_path / "run")
     make_training_run(root, count=20, per_shard=10, size=16, dim=8)

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.layout import RunLayout
-from pipeline.shard_reader import iter_samples
-from pipeline.storage import list_files, read_json, read_parquet
+from pipeline.run.layout import RunLayout
+from pipeline.formats.shard_reader import iter_samples
+from pipeline.run.storage import list_files, read_json, read_parquet
 
 DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
 POOLS = [{"cpu_pool": 1000}, {"cpu_pool": 1000}, {"gpu_pool": 1000}, {"gpu_pool": 1000}]

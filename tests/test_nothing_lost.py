@@ -15,15 +15,16 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as dalle2
-from pipeline import distributor, shapes
-from pipeline.aligned import read_aligned
-from pipeline.config import DownloadConfig, EmbedConfig, ReorderConfig
-from pipeline.embed import ACTOR_CALLS, ClipEmbedder, run_embed
-from pipeline.layout import RunLayout, make_key
-from pipeline.ledger import StaleRunError
-from pipeline.reader import split_url_list
-from pipeline.reorder import run_reorder
-from pipeline.storage import write_json, write_npy, write_parquet
+from pipeline.execution import distributor
+from jobs import shapes
+from pipeline.formats.aligned import read_aligned
+from pipeline.run.config import DownloadConfig, EmbedConfig, ReorderConfig
+from pipeline.stages.embed.stage import ACTOR_CALLS, ClipEmbedder, run_embed
+from pipeline.run.layout import RunLayout, make_key
+from pipeline.run.ledger import StaleRunError
+from pipeline.stages.download.split import split_url_list
+from pipeline.stages.reorder import run_reorder
+from pipeline.run.storage import write_json, write_npy, write_parquet
 from tests.servers import encode
 
 DIM = 4
@@ -253,7 +254,7 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, capsys, ove
 
 
 def test_failed_shards_are_counted_and_listed_by_status(tmp_path, capsys):
-    from pipeline.ledger import Ledger, ShardRecord
+    from pipeline.run.ledger import Ledger, ShardRecord
 
     layout = RunLayout(str(tmp_path / "run"))
     ledger = Ledger(layout, "download")
@@ -277,7 +278,7 @@ def sleep_unless_quick(shard: str):
     """A shard function: shard 'quick' finishes, any other hangs (a server that never answers)."""
     import time
 
-    from pipeline.ledger import ShardRecord
+    from pipeline.run.ledger import ShardRecord
 
     if shard != "quick":
         time.sleep(3600)
@@ -287,7 +288,7 @@ def sleep_unless_quick(shard: str):
 def test_a_shard_past_its_deadline_is_cancelled_and_failed(ray_local):
     import time
 
-    from pipeline.distributor import run_shards
+    from pipeline.execution.distributor import run_shards
 
     started = time.monotonic()
     records, failures = run_shards(sleep_unless_quick, ["quick", "stuck"], num_cpus=0.5, retries=0, timeout=3)
@@ -297,7 +298,7 @@ def test_a_shard_past_its_deadline_is_cancelled_and_failed(ray_local):
 
 
 def test_file_urls_are_refused_and_a_mistyped_clip_leaves_nothing_to_refuse(tmp_path, awkward_run):
-    from pipeline.fetch import FetchPolicy, Refused, fetch
+    from pipeline.formats.fetch import FetchPolicy, Refused, fetch
 
     image = tmp_path / "a.png"
     image.write_bytes(png((1, 2, 3)))
@@ -319,7 +320,7 @@ def test_status_reads_summaries_written_before_failure_records(tmp_path, capsys)
 
 
 def test_a_failed_gather_counts_its_rows(tmp_path, monkeypatch):
-    from pipeline import reorder as reorder_module
+    from pipeline.stages import reorder as reorder_module
 
     folder, root = str(tmp_path / "emb"), str(tmp_path / "run")
     keys = ["000000", "000001", "000010"]

@@ -3,8 +3,8 @@ training loaders fail naming the shard."""
 
 import pytest
 
-from pipeline.layout import RunLayout
-from pipeline.shard_reader import ShardReadError, iter_samples
+from pipeline.run.layout import RunLayout
+from pipeline.formats.shard_reader import ShardReadError, iter_samples
 from tests.malformed_tars import end, header
 from tests.runs import make_training_run
 

@@ -5,13 +5,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.aligned import read_aligned
-from pipeline.config import DownloadConfig, EmbedConfig, ReorderConfig
-from pipeline.download import run_download
-from pipeline.embed import run_embed
-from pipeline.layout import RunLayout
-from pipeline.reorder import run_reorder
-from pipeline.storage import filesystem, list_files, read_npy, read_parquet, write_npy, write_parquet
+from pipeline.formats.aligned import read_aligned
+from pipeline.run.config import DownloadConfig, EmbedConfig, ReorderConfig
+from pipeline.stages.download.stage import run_download
+from pipeline.stages.embed.stage import run_embed
+from pipeline.run.layout import RunLayout
+from pipeline.stages.reorder import run_reorder
+from pipeline.run.storage import filesystem, list_files, read_npy, read_parquet, write_npy, write_parquet
 
 
 def shuffle_into_parts(src: RunLayout, dest_folder: str, parts: int, seed: int = 0) -> int:

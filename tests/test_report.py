@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from jobs.report import build_report
-from pipeline.config import FilterConfig
-from pipeline.layout import RunLayout
-from pipeline.ledger import Ledger, ShardRecord
+from pipeline.run.config import FilterConfig
+from pipeline.run.layout import RunLayout
+from pipeline.run.ledger import Ledger, ShardRecord
 from tests.runs import make_training_run
 
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import DownloadConfig
-from pipeline.download import run_download
-from pipeline.layout import RunLayout
-from pipeline.shard_reader import iter_samples
-from pipeline.storage import list_files
+from pipeline.run.config import DownloadConfig
+from pipeline.stages.download.stage import run_download
+from pipeline.run.layout import RunLayout
+from pipeline.formats.shard_reader import iter_samples
+from pipeline.run.storage import list_files
 
 
 def start_job(stage: str, config: dict, tmp_path, env: dict | None = None) -> subprocess.Popen:

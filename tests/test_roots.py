@@ -69,8 +69,8 @@ def test_a_running_local_ray_is_joined_only_when_asked_and_a_stale_address_file_
     file left behind by a cluster that is gone does not stop it either."""
     import pandas as pd
 
-    from pipeline.layout import RunLayout
-    from pipeline.storage import read_json
+    from pipeline.run.layout import RunLayout
+    from pipeline.run.storage import read_json
     from tests.servers import RayCluster
 
     dalle2 = os.path.join(os.path.dirname(sys.executable), "dalle2")

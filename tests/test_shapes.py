@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from jobs.config_io import ConfigError, load_config
 from jobs.demo import prompt_match
 from jobs.run_config import RunConfig
-from pipeline.shapes import all_specs, describe, draw, generate, spec_of
+from jobs.shapes import all_specs, describe, draw, generate, spec_of
 
 
 def degrade(image: Image.Image, how: str) -> Image.Image:

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from pipeline.shard_reader import iter_members, iter_samples
+from pipeline.formats.shard_reader import iter_members, iter_samples
 
 LONG_DIR = "a-folder-whose-name-is-long-enough/" * 4  # 140 characters: ustar needs its prefix field, others more
 
@@ -93,7 +93,7 @@ def test_damaged_streams_raise_with_where(tmp_path):
 # balloons fails there with MemoryError instead of taking the test machine down, and a hang is cut by an alarm.
 CORPUS_CHILD = r"""
 import json, resource, signal, sys
-from pipeline.shard_reader import ShardReadError, iter_samples
+from pipeline.formats.shard_reader import ShardReadError, iter_samples
 
 def vm_bytes():
     with open("/proc/self/status") as f:
@@ -126,7 +126,7 @@ print(json.dumps(results))
 
 def kind_of(words: str) -> str:
     """The ShardReadError kind (a fixed vocabulary) an attack's expected error words belong to."""
-    from pipeline import shard_reader as r
+    from pipeline.formats import shard_reader as r
 
     for part, kind in (("pax", r.PAX_RECORD), ("ReadLimits", r.OVER_LIMIT), ("inflates past", r.OVER_LIMIT),
                        ("size field", r.BAD_FIELD), ("negative size", r.BAD_FIELD), ("damaged", r.DAMAGED_STREAM),
@@ -163,7 +163,7 @@ def test_every_attack_raises_the_readers_error_fast_in_bounded_memory(tmp_path):
 
 
 def test_the_readers_error_is_a_tarfile_error_naming_the_shard(tmp_path):
-    from pipeline.shard_reader import ShardReadError
+    from pipeline.formats.shard_reader import ShardReadError
 
     path = tmp_path / "00003.tar"
     path.write_bytes(b"this is not a tar file at all" * 100)
@@ -175,7 +175,7 @@ def test_the_readers_error_is_a_tarfile_error_naming_the_shard(tmp_path):
 
 
 def test_limits_are_configurable_and_sizes_within_them_read(tmp_path):
-    from pipeline.shard_reader import ReadLimits, ShardReadError
+    from pipeline.formats.shard_reader import ReadLimits, ShardReadError
     from tests.malformed_tars import end, member, pax, pax_record
 
     # a pax `size` replaces the member's own (tarfile writes one for members over 8 GiB); a long pax path is read
@@ -196,7 +196,7 @@ def test_limits_are_configurable_and_sizes_within_them_read(tmp_path):
 def test_a_gzip_shard_inflates_up_to_its_cap(tmp_path):
     import gzip
 
-    from pipeline.shard_reader import ReadLimits, ShardReadError
+    from pipeline.formats.shard_reader import ReadLimits, ShardReadError
     from tests.malformed_tars import end, good_samples
 
     data = good_samples(200) + end()  # headers and padding: mostly zeros, about 60:1 under gzip
@@ -215,7 +215,7 @@ def test_a_fifo_with_a_writer_is_the_readers_error_not_a_regular_file(tmp_path):
     import os
     import threading
 
-    from pipeline.shard_reader import NOT_REGULAR, ShardReadError
+    from pipeline.formats.shard_reader import NOT_REGULAR, ShardReadError
 
     fifo = str(tmp_path / "00000.tar")
     os.mkfifo(fifo)

@@ -38,7 +38,7 @@ def test_train_prior_checkpoints_on_s3_and_resumes_from_there(training_root, tmp
     # on S3 (moto's server): local roots train in the fault matrix, the torn-checkpoint test and the demo
     import fsspec
 
-    from pipeline.storage import list_files
+    from pipeline.run.storage import list_files
 
     root = s3_server() + "/run"
     fs = fsspec.filesystem("s3")
@@ -135,7 +135,7 @@ def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluat
 def test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_started(monkeypatch):
     import os
 
-    from pipeline import distributor
+    from pipeline.execution import distributor
 
     name = distributor.PREEMPTION_WATCHER
     monkeypatch.delenv(name, raising=False)

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DownloadConfig
-from pipeline.layout import RunLayout
-from pipeline.reader import MAX_URL_BYTES, split_url_list
+from pipeline.run.config import DownloadConfig
+from pipeline.run.layout import RunLayout
+from pipeline.stages.download.split import MAX_URL_BYTES, split_url_list
 
 
 def split(tmp_path, url_list, skip):

@@ -90,7 +90,7 @@ def test_a_users_list_is_judged_on_its_own_held_out_captions_and_keeps_its_rows(
     assert filtered["kept"] >= 0.8 * filtered["rows_in"], filtered
 
     # the prompts are captions of the run's held-out rows, which no training stage read
-    from pipeline.holdout import load_holdout
+    from pipeline.formats.holdout import load_holdout
     from pipeline.loaders import SamplePlan
 
     holdout = load_holdout(str(root))

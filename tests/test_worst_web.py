@@ -9,20 +9,20 @@ import time
 import pandas as pd
 
 from jobs.status import run_status
-from pipeline.config import DownloadConfig, EmbedConfig
-from pipeline.download import run_download
-from pipeline.embed import run_embed
-from pipeline.layout import RunLayout
-from pipeline.policy import stable_reason
-from pipeline.shard_reader import iter_samples
-from pipeline.storage import read_parquet
+from pipeline.run.config import DownloadConfig, EmbedConfig
+from pipeline.stages.download.stage import run_download
+from pipeline.stages.embed.stage import run_embed
+from pipeline.run.layout import RunLayout
+from pipeline.formats.policy import stable_reason
+from pipeline.formats.shard_reader import iter_samples
+from pipeline.run.storage import read_parquet
 from tests.worst_web import WorstWeb
 
 TIMEOUT = 3.0
 
 
 def test_every_row_of_the_worst_web_is_counted_with_its_reason_within_the_deadline(tmp_path, ray_local, monkeypatch):
-    from pipeline import fetch
+    from pipeline.formats import fetch
 
     connected = []  # every address a connection was opened to (the local distributor fetches in this process)
     real_connect = fetch._connect

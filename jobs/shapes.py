@@ -98,8 +98,8 @@ def write_shards(root: str, count: int, per_shard: int = 250, size: int = 64, se
 
     import pyarrow as pa
 
-    from .layout import RunLayout, index_width, make_key, shard_name
-    from .storage import write_atomic, write_json, write_parquet
+    from pipeline.run.layout import RunLayout, index_width, make_key, shard_name
+    from pipeline.run.storage import write_atomic, write_json, write_parquet
 
     layout = RunLayout(root)
     samples = list(generate(count, size=size, seed=seed))

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Optional
 
-from .storage import filesystem
+from pipeline.run.storage import filesystem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 BLOCK = 512

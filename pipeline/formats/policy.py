@@ -4,11 +4,11 @@ Every byte of a URL list and of a response is hostile: a URL may name `file:///d
 metadata service or the Ray dashboard, and a server may write anything into its status line. So:
 - only `http` and `https` are fetched;
 - the host is resolved once, each address is checked, and the connection goes to the checked address
-  (`pipeline/fetch.py`), again on every redirect hop: link-local and cloud metadata addresses are always
+  (`pipeline/formats/fetch.py`), again on every redirect hop: link-local and cloud metadata addresses are always
   refused, private, loopback and other non-global addresses unless `download.allow_private_network`;
 - a failed row's reason comes from the fixed vocabulary below, never from the server's free text, so
   `failed_by_reason` stays a small set whatever the web sends;
-- credentials in a URL (`user:pass@`, signed query strings) are redacted by `redact_url` wherever a URL
+- credentials in a URL (`user:pass@`, signed query strings) are redacted by `pipeline.run.redact.redact_url` wherever a URL
   is logged or stored.
 """
 
@@ -18,13 +18,13 @@ import functools
 import ipaddress
 import re
 from typing import Iterable, Optional
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from pipeline.run.config import DEFAULT_DISALLOWED_DIRECTIVES  # noqa: F401 - img2dataset's X-Robots-Tag opt-outs
 
 PROJECT = "dalle2-ray"
 PROJECT_README = "https://github.com/dalle2-ray/dalle2-ray#readme"  # where a site owner reads who we are
 ALLOWED_SCHEMES = ("http", "https")
-# img2dataset's defaults (main.download): X-Robots-Tag directives that opt an image out of AI training
-DEFAULT_DISALLOWED_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
 # Cloud instance metadata and other host-local services that are not link-local but must never be reached.
 METADATA_ADDRESSES = {
@@ -168,29 +168,3 @@ def opt_out(values: Iterable[str], token: Optional[str], disallowed: Iterable[st
 
 
 # ---- credentials in URLs ----
-SECRET_PARAMS = re.compile(r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
-                           r"signature|sig|token|access_token|id_token|auth|key|api_key|apikey|password|"
-                           r"passwd|secret|client_secret)$")
-REDACTED = "REDACTED"
-
-
-def redact_url(url: str) -> str:
-    """`url` without credentials: user:password@ and the values of signature / token query parameters."""
-    if not isinstance(url, str) or not url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return REDACTED
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(SECRET_PARAMS.match(name) for name, _ in pairs):
-            query = "&".join(f"{quote(name, safe='')}={REDACTED if SECRET_PARAMS.match(name) else quote(value, safe='')}"
-                             for name, value in pairs)
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

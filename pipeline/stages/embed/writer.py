@@ -20,11 +20,11 @@ from collections import Counter, defaultdict, deque
 import numpy as np
 import pyarrow as pa
 
-from .config import EmbedConfig
-from .faults import crash_point
-from .layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
-from .ledger import Ledger, ShardRecord
-from .storage import embedding_array, embedding_column, read_json, read_parquet, remove, write_parquet
+from pipeline.run.config import EmbedConfig
+from dalle2.faults import crash_point
+from pipeline.run.layout import CAPTION, KEY, SHARD, RunLayout, parse_key, shard_id_of
+from pipeline.run.ledger import Ledger, ShardRecord
+from pipeline.run.storage import embedding_array, embedding_column, read_json, read_parquet, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ FIRST_AT, FIRST_ROWS, LAST_AT = "first_at", "first_rows", "last_at"  # a part's 
 def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> dict[str, np.ndarray]:
     """Ray Data task: this block's rows of each shard into one scratch part per shard; returns one row per part
     written and per marker (a shard's end, carrying the samples read, or its failure)."""
-    from .embed import ERROR, SHARD_END, SHARD_FAILED, STAGE
+    from pipeline.stages.embed.stage import ERROR, SHARD_END, SHARD_FAILED, STAGE
 
     layout, dtype = RunLayout(root), np.dtype(output_dtype)
     out: dict[str, list] = {SHARD: [], PART: [], ROWS: [], END: [], FAILURE: [], FIRST_AT: [], FIRST_ROWS: [],
@@ -75,9 +75,9 @@ def write_parts(batch: dict[str, np.ndarray], root: str, output_dtype: str) -> d
 def finish_shard(root: str, config: EmbedConfig, info, embed_dim: int, parts: list[str], started: float) -> ShardRecord:
     """Ray task: the shard's outputs from its parts, then its ledger record. Keys that do not name a slot of the
     shard, repeated keys and rows that failed upstream are counted by reason, never written."""
-    from .aligned import align, write_aligned
-    from .embed import ERROR, STAGE, fingerprint
-    from .storage import write_npy
+    from pipeline.formats.aligned import align, write_aligned
+    from pipeline.stages.embed.stage import ERROR, STAGE, fingerprint
+    from pipeline.run.storage import write_npy
 
     layout, shard, dtype = RunLayout(root), info.name, np.dtype(config.output_dtype)
     ledger = Ledger(layout, STAGE)
@@ -155,7 +155,7 @@ class ShardTracker:
         # figures: the driver keeps nothing per part)
         self.first_at, self.rows_at_first, self.rows_total, self.last_at = float("inf"), 0, 0, 0.0
         self.loaded_at = float("inf")  # when the first CLIP actor had its model loaded
-        from .console import progress_bar
+        from pipeline.execution.console import progress_bar
 
         self.progress = progress_bar(total=len(infos), desc="embed", unit="shard")  # shards written or failed
         self.remote = ray.remote(finish_shard).options(num_cpus=config.decode_cpus, max_retries=2,

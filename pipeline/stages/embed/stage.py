@@ -15,20 +15,20 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 
-from .config import ClipSource, EmbedConfig, RayConfig
-from .layout import CAPTION, KEY, SHARD, RunLayout
-from .ledger import Ledger
-from .shard_reader import ShardReadError, image_of, iter_samples
-from .storage import exists, list_names, read_parquet, remove
+from pipeline.run.config import ClipSource, EmbedConfig, RayConfig
+from pipeline.run.layout import CAPTION, EMBED, KEY, SHARD, RunLayout
+from pipeline.formats.queries import ShardInfo, complete_shards
+from pipeline.run.ledger import Ledger
+from pipeline.formats.shard_reader import ShardReadError, image_of, iter_samples
+from pipeline.run.storage import remove
 
 log = logging.getLogger(__name__)
 
-STAGE = "embed"
+STAGE = EMBED
 ERROR = "error"
 SHARD_FAILED = "shard failed: "  # prefix of the error of the marker row an unreadable shard emits
 SHARD_END = "shard end: "  # the error of the row that follows a shard's last sample: "shard end: <samples read>"
@@ -37,40 +37,6 @@ SHARD_END = "shard end: "  # the error of the row that follows a shard's last sa
 # one batch of activations; Ray Data then queues up to twice as many blocks an actor (in the object store)
 ACTOR_CALLS = 2
 READ_AHEAD = 32  # rows a decode task's reader thread reads ahead of its decoding (their image bytes are held)
-
-
-@dataclass
-class ShardInfo:
-    """What the download stage says a shard holds."""
-
-    name: str
-    tar: str
-    expected: Optional[int]  # samples in the tar (successes in its parquet); None if unknown
-    slots: Optional[int]  # rows of the shard's parquet (its aligned length); None if unknown
-    index_digits: Optional[int]  # digits of the in-shard index of its keys; None if unknown
-
-
-def complete_shards(layout: RunLayout) -> list[str]:
-    """Shards whose download finished: recorded in the download ledger when the run has one (a shard whose
-    download died after img2dataset's stats file is downloaded again, so it is not final yet), else, for
-    plain img2dataset output, those with img2dataset's stats file (written last)."""
-    stats = sorted(list_names(layout.shards, "_stats.json"))
-    recorded = Ledger(layout, "download").done()
-    return [shard for shard in stats if shard in recorded] if recorded else stats
-
-
-def shard_info(layout: RunLayout, name: str, index_digits: Optional[int]) -> ShardInfo:
-    """What the shard's parquet says; the key width from the download config (`index_digits`), else from the
-    parquet's keys (img2dataset keys every row, failed ones too), never from the samples that made it."""
-    expected = slots = None
-    if exists(layout.shard_parquet(name)):
-        table = read_parquet(layout.shard_parquet(name), columns=["key", "status"]).to_pydict()
-        expected, slots = sum(s == "success" for s in table["status"]), len(table["status"])
-        if index_digits is None and table["key"]:
-            index_digits = len(table["key"][0]) - len(name)
-    return ShardInfo(name, layout.shard_tar(name), expected, slots, index_digits)
-
-
 
 
 def read_shard(item: dict) -> Iterator[dict]:
@@ -99,7 +65,7 @@ def read_shard(item: dict) -> Iterator[dict]:
 def decode_rows(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
     """A block of read rows with their images decoded to CLIP's input size as uint8 (no torch here, so a decode
     task starts fast); an undecodable image gets an error and zero pixels."""
-    from .decode import decode_resized
+    from pipeline.formats.decode import decode_resized
 
     errors = [row[ERROR] for row in rows]
     pixels = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
@@ -252,7 +218,8 @@ def plan_embed(layout: RunLayout, shards: list[str]) -> dict[str, ShardInfo]:
     each shard's samples and slots; only shards made elsewhere (no record) have their parquet read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .download import LOST_IN_IMG2DATASET, STAGE as DOWNLOAD, run_index_width
+    from pipeline.formats.queries import LOST_IN_IMG2DATASET, run_index_width, shard_info
+    from pipeline.run.layout import DOWNLOAD
 
     done = Ledger(layout, STAGE).done()
     todo = [s for s in shards if s not in done]
@@ -272,7 +239,7 @@ def quiet_ray_data() -> None:
     machine's log grew with its wall time)."""
     import ray
 
-    from .console import verbose
+    from pipeline.execution.console import verbose
 
     if verbose():
         return
@@ -286,8 +253,8 @@ def run_embed(config: EmbedConfig, root: str, ray_config: Optional[RayConfig] = 
 
     from dalle2.clip_spec import clip_input_spec, clip_model_config, text_tower_unsupported
 
-    from .distributor import ensure_ray
-    from .embed_writer import ShardTracker, write_parts
+    from pipeline.execution.distributor import ensure_ray
+    from pipeline.stages.embed.writer import ShardTracker, write_parts
 
     started = time.time()
     layout = RunLayout(root)

@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .layout import CAPTION, INDEX, KEY, PRESENT, RunLayout, make_key
-from .storage import list_files, read_npy, read_parquet, write_npy, write_parquet
+from pipeline.run.layout import CAPTION, INDEX, KEY, PRESENT, RunLayout, make_key
+from pipeline.run.storage import list_files, read_npy, read_parquet, write_npy, write_parquet
 
 
 @dataclass

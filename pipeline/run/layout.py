@@ -67,6 +67,10 @@ def shard_id_of(name: str) -> int:
     return int(digits)
 
 
+# the stages' names in the ledger (`<root>/ledger/<stage>/`)
+DOWNLOAD, EMBED, REORDER, FILTER = "download", "embed", "reorder", "filter"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Paths of one run under `root` (a local path or any fsspec URL)."""
@@ -98,12 +102,17 @@ class RunLayout:
 
     @property
     def holdout(self) -> str:
-        """The run's held-out rows (pipeline/holdout.py): fixed before any training, used by none."""
+        """The run's held-out rows (pipeline/formats/holdout.py): fixed before any training, used by none."""
         return self._join("holdout.parquet")
 
     def filter_mask(self, name: str) -> str:
         """The filter's keep mask of shard `name` (one row per aligned row)."""
         return self._join("filter", f"{name}.parquet")
+
+    @property
+    def split_marker(self) -> str:
+        """Written last by the URL list's split: lists the input shards (download's first done marker)."""
+        return self._join("inputs", "_SUCCESS.json")
 
     def input_shard(self, name: str) -> str:
         return self._join("inputs", f"{name}.arrow")

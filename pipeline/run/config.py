@@ -9,7 +9,8 @@ from pydantic import AfterValidator, Field, NonNegativeInt, PositiveFloat, Posit
 
 from dalle2.configs import StrictModel
 
-from .policy import DEFAULT_DISALLOWED_DIRECTIVES
+# img2dataset's defaults (main.download): X-Robots-Tag directives that opt an image out of AI training
+DEFAULT_DISALLOWED_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
 
 def _custom_only(resources: dict[str, float]) -> dict[str, float]:
@@ -64,7 +65,7 @@ class DownloadConfig(StrictModel):
     cpus_per_shard: PositiveFloat = 0.5
     resources: Resources = {}  # e.g. {cpu_pool: 0.001}: download on the CPU workers
     distributor: Literal["ray", "local"] = "ray"
-    # The download policy (pipeline/policy.py). Private, loopback and other non-global addresses are refused
+    # The download policy (pipeline/formats/policy.py). Private, loopback and other non-global addresses are refused
     # unless this is set (a crawl on a cloud VM must not reach its neighbours); link-local and cloud metadata
     # addresses are refused always.
     allow_private_network: bool = False
@@ -78,7 +79,7 @@ class DownloadConfig(StrictModel):
     @field_serializer("url_list", when_used="json")
     def _redacted(self, url_list: Optional[str]) -> Optional[str]:
         """A signed url_list is stored (config.yaml) without its signature."""
-        from .policy import redact_url
+        from pipeline.run.redact import redact_url
 
         return redact_url(url_list) if url_list else url_list
 
@@ -162,7 +163,7 @@ class FilterConfig(StrictModel):
     languages: list[str] = ["en"]  # with language_model: captions in other languages are dropped
     min_language_score: float = Field(default=0.5, ge=0, le=1)
     # the model rules (similarity, caption rank, language) may drop at most this share of the run's rows; past
-    # it the stage stops naming each rule and its share, unless on_large_clip_drop: continue (pipeline/filter_guard.py)
+    # it the stage stops naming each rule and its share, unless on_large_clip_drop: continue (pipeline/stages/filter/guard.py)
     max_clip_drop: float = Field(default=0.2, ge=0, le=1)
     on_large_clip_drop: Literal["stop", "continue"] = "stop"
     # the CLIP rules judge only when the run's CLIP picks a held-out image's own caption among the held-out

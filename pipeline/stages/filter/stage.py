@@ -25,17 +25,17 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .aligned import aligned_shards, read_aligned
-from .config import FilterConfig, RayConfig
-from .distributor import ensure_ray, run_shards
-from .faults import crash_point
-from .layout import DUPLICATE_OF, INDEX, KEEP, KEY, PRESENT, REASON, SIMILARITY, RunLayout
-from .ledger import Ledger, ShardRecord
-from .storage import exists, list_names, read_parquet, remove, write_parquet
+from pipeline.formats.aligned import aligned_shards, read_aligned
+from pipeline.run.config import FilterConfig, RayConfig
+from pipeline.execution.distributor import ensure_ray, run_shards
+from dalle2.faults import crash_point
+from pipeline.run.layout import DUPLICATE_OF, FILTER, INDEX, KEEP, KEY, PRESENT, REASON, SIMILARITY, RunLayout
+from pipeline.run.ledger import Ledger, ShardRecord
+from pipeline.run.storage import exists, list_names, read_parquet, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
-STAGE = "filter"
+STAGE = FILTER
 NEAR_DUPLICATE = "near duplicate"
 
 
@@ -146,7 +146,7 @@ def load_language_model(url: str):
     import os
     import tempfile
 
-    from .storage import is_local, read_bytes
+    from pipeline.run.storage import is_local, read_bytes
 
     local = url
     if not is_local(url):
@@ -286,9 +286,9 @@ def present_rows(layout: RunLayout, shard: str) -> int:
 def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] = None,
                holdout: Optional["Holdout"] = None) -> dict:
     """Write the keep mask of every aligned shard; returns the stage summary. With the run's `holdout`, the CLIP
-    rules judge only when the run's CLIP retrieves the held-out captions well (pipeline/filter_guard.py)."""
-    from .filter_guard import check_model_drops, model_drops, trusted_config
-    from .holdout import Holdout
+    rules judge only when the run's CLIP retrieves the held-out captions well (pipeline/stages/filter/guard.py)."""
+    from pipeline.stages.filter.guard import check_model_drops, model_drops, trusted_config
+    from pipeline.formats.holdout import Holdout
 
     started = time.time()
     layout = RunLayout(root)
@@ -334,7 +334,7 @@ def run_filter(config: FilterConfig, root: str, ray_config: Optional[RayConfig] 
 def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done: list[str], pending: list[str]) -> None:
     """Pass 2: the kept rows of shards done before (a re-run) go into the index first, then each pending shard
     in order drops the rows that duplicate a row kept so far, writes its final mask and its ledger record."""
-    from .console import progress_bar
+    from pipeline.execution.console import progress_bar
 
     search = None
     earlier = done if config.duplicate_threshold is not None else []  # only the duplicate search needs them
@@ -365,10 +365,3 @@ def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done
         ledger.record(shard_record(shard, [None if k else r for k, r in zip(mask[KEEP], mask[REASON])], 0.0))
 
 
-def kept_indices(root: str, shard: str) -> np.ndarray:
-    """The aligned row indices of `shard` the filter kept; FileNotFoundError naming the mask if it has not run."""
-    path = RunLayout(root).filter_mask(shard)
-    if not exists(path):
-        raise FileNotFoundError(f"no filter mask {path}: run the filter stage (dalle2 filter), or set filter.enabled: false")
-    mask = read_parquet(path, columns=[INDEX, KEEP]).to_pydict()
-    return np.asarray([i for i, keep in zip(mask[INDEX], mask[KEEP]) if keep], dtype=np.int64)

@@ -12,48 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from .config import HoldoutConfig
-from .layout import CAPTION, INDEX, KEY, SHARD, RunLayout
+from pipeline.formats.holdout import SETTINGS, Holdout, read_holdout
+from pipeline.run.config import HoldoutConfig
+from pipeline.run.layout import CAPTION, INDEX, KEY, SHARD, RunLayout
 
 log = logging.getLogger(__name__)
-
-SETTINGS = b"dalle2.holdout"  # the parquet metadata key holding the settings the split was drawn with
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """Held-out rows as (shard, row index) pairs with their keys and captions, in shard then index order."""
-
-    shards: list[str]
-    indices: list[int]
-    keys: list[str]
-    captions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def rows(self) -> dict[str, np.ndarray]:
-        """{shard: its held-out row indices, ascending}."""
-        out: dict[str, list[int]] = {}
-        for shard, index in zip(self.shards, self.indices):
-            out.setdefault(shard, []).append(index)
-        return {shard: np.asarray(sorted(found), dtype=np.int64) for shard, found in out.items()}
-
-    def distinct_captions(self) -> list[str]:
-        """Each held-out caption once, in row order."""
-        return list(dict.fromkeys(self.captions))
 
 
 def candidate_rows(root: str, shard: str, kind: str) -> tuple[np.ndarray, list[str], list[str]]:
     """(row indices, keys, captions) of the usable rows of one shard: downloaded successes, or present aligned rows."""
-    from .layout import PRESENT, parse_key
-    from .storage import read_parquet
+    from pipeline.run.layout import PRESENT, parse_key
+    from pipeline.run.storage import read_parquet
 
     layout = RunLayout(root)
     if kind == "downloaded":
@@ -70,9 +43,9 @@ def candidate_rows(root: str, shard: str, kind: str) -> tuple[np.ndarray, list[s
 
 def draw_holdout(root: str, config: HoldoutConfig) -> Holdout:
     """Draw the split from the run's rows (deterministic in `config.seed` and the run's shards)."""
-    from .aligned import aligned_shards
-    from .embed import complete_shards
-    from .loaders import planned_counts
+    from pipeline.formats.aligned import aligned_shards
+    from pipeline.formats.queries import complete_shards
+    from pipeline.loaders import planned_counts
 
     layout = RunLayout(root)
     shards, kind = complete_shards(layout), "downloaded"
@@ -97,7 +70,7 @@ def draw_holdout(root: str, config: HoldoutConfig) -> Holdout:
 
 def write_holdout(root: str, holdout: Holdout, config: HoldoutConfig) -> None:
     """Write the split with the settings it was drawn with."""
-    from .storage import write_parquet
+    from pipeline.run.storage import write_parquet
 
     table = pa.table({SHARD: pa.array(holdout.shards, pa.string()), INDEX: pa.array(holdout.indices, pa.int64()),
                       KEY: pa.array(holdout.keys, pa.string()), CAPTION: pa.array(holdout.captions, pa.string())})
@@ -106,25 +79,6 @@ def write_holdout(root: str, holdout: Holdout, config: HoldoutConfig) -> None:
 
 def settings(config: HoldoutConfig) -> dict:
     return config.model_dump(mode="json")
-
-
-def read_holdout(root: str) -> Optional[tuple[Holdout, dict]]:
-    """The run's split and the settings it was drawn with (None before one is drawn)."""
-    from .storage import exists, read_parquet
-
-    path = RunLayout(root).holdout
-    if not exists(path):
-        return None
-    table = read_parquet(path)
-    drawn_with = json.loads((table.schema.metadata or {}).get(SETTINGS, b"{}"))
-    columns = table.to_pydict()
-    return Holdout(columns[SHARD], columns[INDEX], columns[KEY], columns[CAPTION]), drawn_with
-
-
-def load_holdout(root: str) -> Holdout:
-    """The run's split; an empty one where none was drawn (a run made before splits, or holdout.rows: 0)."""
-    found = read_holdout(root)
-    return found[0] if found else Holdout([], [], [], [])
 
 
 def ensure_holdout(root: str, config: HoldoutConfig, trained: tuple[str, ...] = ()) -> Holdout:
@@ -136,7 +90,7 @@ def ensure_holdout(root: str, config: HoldoutConfig, trained: tuple[str, ...] = 
         holdout, drawn_with = found
         if drawn_with and drawn_with != settings(config):
             changed = sorted(k for k in set(drawn_with) | set(settings(config)) if drawn_with.get(k) != settings(config).get(k))
-            from .ledger import StaleRunError
+            from pipeline.run.ledger import StaleRunError
 
             raise StaleRunError(f"holdout: {RunLayout(root).holdout} was drawn with "
                              + ", ".join(f"holdout.{k}={drawn_with.get(k)}" for k in changed)

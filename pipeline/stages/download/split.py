@@ -17,11 +17,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from .config import DownloadConfig
-from .layout import CAPTION, URL, RunLayout, shard_name
-from .ledger import StaleRunError
-from .policy import redact_url
-from .storage import exists, filesystem, list_files, read_json, write_atomic, write_json
+from pipeline.run.config import DownloadConfig
+from pipeline.run.layout import CAPTION, URL, RunLayout, shard_name
+from pipeline.run.ledger import StaleRunError
+from pipeline.run.redact import redact_url
+from pipeline.run.storage import exists, filesystem, list_files, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def url_list_identity(config: DownloadConfig) -> dict:
 def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
     """Shard names of the run's inputs with their row counts, splitting the URL list on first use; a split
     made from another list or shard size is refused (its shards would not be this config's)."""
-    done_marker = f"{layout.inputs}/_SUCCESS.json"
+    done_marker = layout.split_marker
     if exists(done_marker):
         split = read_json(done_marker)
         listed = {url.rsplit("/", 1)[-1][: -len(".arrow")] for url in list_files(layout.inputs, ".arrow")}
@@ -278,12 +278,6 @@ def split_url_list(config: DownloadConfig, layout: RunLayout) -> dict[str, int]:
     if not config.url_list:
         raise ValueError("download.url_list is not set and the run has no inputs yet")
     return _split(config, layout, done_marker)
-
-
-def skipped_rows(layout: RunLayout) -> dict[str, int]:
-    """Rows of the URL list the split skipped (download.skip_malformed_rows), by reason."""
-    marker = f"{layout.inputs}/_SUCCESS.json"
-    return dict(read_json(marker).get("input_rows_skipped") or {}) if exists(marker) else {}
 
 
 def _split(config: DownloadConfig, layout: RunLayout, done_marker: str) -> dict[str, int]:

@@ -22,18 +22,18 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .aligned import align, write_aligned
-from .config import RayConfig, ReorderConfig
-from .distributor import ensure_ray, run_shards
-from .faults import crash_point
-from .layout import CAPTION, INDEX, KEY, RunLayout, parse_key, shard_id_of, shard_name
-from .ledger import Ledger, ShardRecord
-from .storage import (embedding_array, embedding_column, exists, list_files, list_names, read_many_json, read_npy,
+from pipeline.formats.aligned import align, write_aligned
+from pipeline.run.config import RayConfig, ReorderConfig
+from pipeline.execution.distributor import ensure_ray, run_shards
+from dalle2.faults import crash_point
+from pipeline.run.layout import CAPTION, INDEX, KEY, REORDER, RunLayout, parse_key, shard_id_of, shard_name
+from pipeline.run.ledger import Ledger, ShardRecord
+from pipeline.run.storage import (embedding_array, embedding_column, exists, list_files, list_names, read_many_json, read_npy,
                       read_parquet, remove, write_json, write_parquet)
 
 log = logging.getLogger(__name__)
 
-STAGE = "reorder"
+STAGE = REORDER
 
 
 class Reorder:
@@ -134,7 +134,7 @@ def infer_widths(config: ReorderConfig, layout: RunLayout, source: str) -> tuple
     shard_digits = len(tars[0].rsplit("/", 1)[-1][: -len(".tar")]) if tars else 5
     if config.index_width:
         return config.index_width, shard_digits
-    from .download import run_index_width
+    from pipeline.formats.queries import run_index_width
 
     width = run_index_width(layout)  # the width the shards were keyed with
     if width:
@@ -239,7 +239,7 @@ def part_rows(metadata_url: str) -> int:
     try:
         import pyarrow.parquet as pq
 
-        from .storage import filesystem
+        from pipeline.run.storage import filesystem
 
         fs, path = filesystem(metadata_url)
         with fs.open(path, "rb") as f:

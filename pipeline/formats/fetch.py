@@ -1,5 +1,5 @@
 """One image request, as img2dataset's `download_image` makes it, under the download policy
-(`pipeline/policy.py`) and with the limits the web needs:
+(`pipeline/formats/policy.py`) and with the limits the web needs:
 
 - only http(s); the host is resolved once, each address checked (link-local and metadata: always
   refused; private and loopback: unless `download.allow_private_network`) and the connection made to the
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import quote, urljoin, urlsplit
 
-from . import policy as P
-from .faults import crash_point
+from pipeline.formats import policy as P
+from dalle2.faults import crash_point
 
 CHUNK = 1 << 16
 HEADER_PROBE_LIMIT = 1 << 20  # an image whose size is not in its first MiB is refused
@@ -44,7 +44,7 @@ HEAD_ALLOWANCE = 64 << 10  # bytes a response may spend on its status line, head
 
 def _default(name: str):
     """DownloadConfig's default of a field: the one place the policy's defaults are written."""
-    from .config import DownloadConfig
+    from pipeline.run.config import DownloadConfig
 
     return DownloadConfig.model_fields[name].get_default(call_default_factory=True)
 

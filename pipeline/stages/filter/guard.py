@@ -3,7 +3,7 @@
 The rules that judge a row with a model (CLIP similarity, caption rank, fastText language) are tuned on some data
 and wrong on other data: a caption-rank rule tuned for a CLIP that ranks captions right 97% of the time drops most
 rows of a run whose CLIP is right 20% of the time. So, before pass 1, the run's CLIP is tried on the held-out rows
-(pipeline/holdout.py) as each rule needs it (NEEDS): the rank rule, its own caption among the held-out captions;
+(pipeline/formats/holdout.py) as each rule needs it (NEEDS): the rank rule, its own caption among the held-out captions;
 the similarity rule, its own caption against 9 others. Below `filter.min_clip_retrieval` a rule is skipped (or
 applied when told to) and the summary says why. After pass 1, when the model rules would drop more than `filter.max_clip_drop` of the run's
 rows, the stage stops naming each rule and its share, unless `filter.on_large_clip_drop: continue`.
@@ -17,10 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from .config import FilterConfig
-from .holdout import Holdout
-from .layout import REASON, RunLayout
-from .ledger import StageStopped
+from pipeline.run.config import FilterConfig
+from pipeline.formats.holdout import Holdout
+from pipeline.run.layout import REASON, RunLayout
+from pipeline.run.ledger import StageStopped
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ LANGUAGE = "caption language"
 
 def clip_rules(config: FilterConfig) -> dict[str, str]:
     """{kind: drop reason} of the set rules that judge with CLIP (the ones a poor CLIP gets wrong): "rank", "similarity"."""
-    from .filter import low_rank, low_similarity
+    from pipeline.stages.filter.stage import low_rank, low_similarity
 
     rules = {}
     if config.max_caption_rank is not None:
@@ -48,8 +48,8 @@ def held_out_retrieval(root: str, holdout: Holdout, rank: int = 1) -> Optional[d
     """How often a held-out image's CLIP embedding picks its own caption's first among the held-out captions (each
     distinct caption once), and within the first `rank`, and against 9 others, beside chance; None when fewer than 2
     held-out rows have both embeddings (`why` says so)."""
-    from .aligned import read_aligned
-    from .filter import caption_ranks, normalized
+    from pipeline.formats.aligned import read_aligned
+    from pipeline.stages.filter.stage import caption_ranks, normalized
 
     layout = RunLayout(root)
     images, texts, captions = [], [], []
@@ -127,7 +127,7 @@ def trusted_config(config: FilterConfig, root: str, holdout: Holdout) -> tuple[F
 
 def model_drops(layout: RunLayout, masks: list[str], config: FilterConfig) -> tuple[int, Counter]:
     """(rows in, {model rule: rows it dropped}) over pass 1's masks (`masks`: their paths)."""
-    from .storage import read_parquet
+    from pipeline.run.storage import read_parquet
 
     rules, rows_in, dropped = set(model_rules(config)), 0, Counter()
     for path in masks:

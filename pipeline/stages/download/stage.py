@@ -14,18 +14,18 @@ from typing import Optional
 
 import pyarrow as pa
 
-from .config import DownloadConfig, RayConfig
-from .distributor import ensure_ray, run_shards
-from .faults import crash_point
-from .layout import CAPTION, URL, RunLayout, index_width, shard_id_of
-from .ledger import Ledger, ShardRecord
-from .reader import skipped_rows, split_url_list
-from .storage import exists, filesystem, fsync_files, list_names, read_bytes, read_json, read_parquet, remove, write_atomic
+from pipeline.run.config import DownloadConfig, RayConfig
+from pipeline.execution.distributor import ensure_ray, run_shards
+from dalle2.faults import crash_point
+from pipeline.run.layout import CAPTION, DOWNLOAD, URL, RunLayout, index_width, shard_id_of
+from pipeline.run.ledger import Ledger, ShardRecord
+from pipeline.formats.queries import LOST_IN_IMG2DATASET, skipped_rows
+from pipeline.stages.download.split import split_url_list
+from pipeline.run.storage import filesystem, fsync_files, list_names, read_bytes, read_parquet, remove, write_atomic
 
 log = logging.getLogger(__name__)
 
-STAGE = "download"
-LOST_IN_IMG2DATASET = "lost inside img2dataset (see worker log)"  # a row img2dataset skipped without a parquet row
+STAGE = DOWNLOAD
 SHARD_NAME_WIDTH = 5  # img2dataset's oom_shard_count: shard names are 5 digits
 
 
@@ -44,7 +44,7 @@ class ShardDownloader:
         from img2dataset.resizer import Resizer
         from img2dataset.writer import WebDatasetSampleWriter
 
-        from .fetch import FetchPolicy, install
+        from pipeline.formats.fetch import FetchPolicy, install
 
         c = self.config
         install(FetchPolicy.of(c))  # the download policy, a whole-request deadline, size checked from the header
@@ -75,7 +75,7 @@ class ShardDownloader:
         copy = self.layout.scratch(STAGE, f"{shard}.arrow")
         redacted, real = redact_urls(source)  # the shards keep the redacted URL; the fetch gets the real one
         write_atomic(copy, redacted)
-        from .fetch import real_urls
+        from pipeline.formats.fetch import real_urls
 
         with real_urls(real):
             self._downloader.download_shard((shard_id_of(shard), copy))
@@ -105,15 +105,15 @@ class ShardDownloader:
 
 
 def row_reason(status: Optional[str], message: Optional[str]) -> str:
-    """A failed row's reason from the policy's vocabulary (pipeline/policy.py), never free text."""
-    from .policy import resize_reason, stable_reason
+    """A failed row's reason from the policy's vocabulary (pipeline/formats/policy.py), never free text."""
+    from pipeline.formats.policy import resize_reason, stable_reason
 
     return resize_reason(message) if status == "failed_to_resize" else stable_reason(message)
 
 
 def redact_urls(arrow: bytes) -> tuple[bytes, dict[int, str]]:
     """An input shard with its url column redacted, and {row: real URL} of the rows that changed."""
-    from .policy import redact_url
+    from pipeline.run.redact import redact_url
 
     table = pa.ipc.open_file(pa.BufferReader(arrow)).read_all()
     urls = table.column(URL).to_pylist()
@@ -143,12 +143,6 @@ def decoder_pixel_limits(max_image_area: float) -> None:
         log.warning("download: cv2 was imported before OPENCV_IO_MAX_IMAGE_PIXELS=%s could be set; the header "
                     "check still refuses larger images", wanted)
     os.environ[OPENCV_PIXELS] = wanted
-
-
-def run_index_width(layout: RunLayout) -> Optional[int]:
-    """The key width this run's download stage used (its summary says), or None for shards made elsewhere."""
-    summary = layout.ledger_summary(STAGE)
-    return read_json(summary).get("index_width") if exists(summary) else None
 
 
 def input_rows(arrow: bytes) -> int:

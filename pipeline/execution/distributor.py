@@ -12,9 +12,9 @@ import logging
 import traceback
 from typing import Callable, Iterator, Literal, Optional
 
-from .config import RayConfig
-from .console import progress_bar
-from .ledger import ShardRecord
+from pipeline.run.config import RayConfig
+from pipeline.execution.console import progress_bar
+from pipeline.run.ledger import ShardRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def ensure_ray(config: Optional[RayConfig] = None, resources: Optional[dict[str,
 
     import ray
 
-    from .console import VERBOSE_ENV, verbose
+    from pipeline.execution.console import VERBOSE_ENV, verbose
 
     if ray.is_initialized():
         require_resources(resources or {}, field)

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
-from .layout import RunLayout
-from .storage import exists, list_files, list_names, read_json, read_many_json, remove, write_json
+from pipeline.run.layout import RunLayout
+from pipeline.run.storage import exists, list_files, list_names, read_json, read_many_json, remove, write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The data stages, one module or package each: split, download, embed, reorder, filter, holdout."""
