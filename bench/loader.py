@@ -20,7 +20,8 @@ import torch
 from dalle2 import Decoder, DecoderTrainer, Unet
 from pipeline.formats.aligned import align, write_aligned
 from pipeline.run.layout import RunLayout, index_width
-from pipeline.loaders import ImageBatches, SamplePlan
+from pipeline.loaders.batches import ImageBatches
+from pipeline.loaders.plan import SamplePlan
 from jobs.shapes import write_shards
 
 DIM = 64

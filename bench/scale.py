@@ -41,7 +41,8 @@ def build_root(root: str, shards: int) -> None:
     import pyarrow as pa
 
     from pipeline.formats.aligned import align, write_aligned
-    from pipeline.stages.filter.stage import STAGE as FILTER, mask_table, shard_record
+    from pipeline.run.layout import FILTER
+    from pipeline.stages.filter.shards import mask_table, shard_record
     from pipeline.run.layout import RunLayout, index_width, make_key, shard_name
     from pipeline.run.ledger import Ledger, ShardRecord
     from pipeline.stages.reorder import STAGE as REORDER
@@ -128,7 +129,7 @@ def measure(operation: str, root: str) -> dict:
         status = run_status(root)
         result = {"stages": sorted(k for k in status if k != "problems"), "problems": len(status["problems"])}
     elif operation == "train_plan":
-        from pipeline.loaders import SamplePlan
+        from pipeline.loaders.plan import SamplePlan
 
         train = SamplePlan.from_aligned(root, filtered=True, part="train")
         runs, padded = train.rank_slice(0, WORLD_SIZE, 0, 0)

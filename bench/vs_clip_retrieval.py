@@ -10,7 +10,7 @@ random-init state dict, then time two commands, each from its start to its exit 
           enable_metadata=False (it needs a .json per sample), num_prepro_workers=2 (1 for one shard),
           distribution "sequential"
   ours    `dalle2 embed --config run.yaml` (run_embed with the run's EmbedConfig, as bench/embed.py runs it),
-          which starts its own local Ray (pipeline.execution.distributor.ensure_ray); EmbedConfig defaults but for the
+          which starts its own local Ray (pipeline.execution.session.RaySession); EmbedConfig defaults but for the
           weights (clip.pretrained: the same file), batch_size and the threads (torch_threads, cpus_per_actor)
 Both get the same batch size and the same torch threads for the model (--threads; 0: each side's own default,
 on 2 cores 1 for ours and 2 for theirs, whose 2 DataLoader workers then fight its model for the cores).

@@ -9,10 +9,8 @@ Three ways to get one:
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from typing import Optional, Sequence, Union
 
 import torch
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, load_state, save_checkpoint, trainable_state
-from .clip_spec import OPENAI_MEAN, OPENAI_STD
+from .clip_spec import OPENAI_MEAN, OPENAI_STD, register_model_configs
 from .configs import StrictModel
 
 log = logging.getLogger(__name__)
@@ -58,15 +56,6 @@ class TextEmbedding:
     text_embed: Tensor  # [B, D] unit norm
     text_encodings: Tensor  # [B, T, W] final-layer token features
     mask: Tensor  # [B, T] True at real tokens
-
-
-@functools.lru_cache(maxsize=None)
-def register_model_configs() -> None:
-    """Make the architectures in dalle2/model_configs/clip known to open_clip (once per process)."""
-    import open_clip
-
-    folder = resources.files("dalle2") / "model_configs" / "clip"
-    open_clip.add_model_config(str(folder))
 
 
 def build_open_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:

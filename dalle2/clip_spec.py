@@ -4,6 +4,7 @@ torch is imported for a name found there (importing them costs a planning driver
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from importlib import resources
@@ -29,13 +30,20 @@ def clip_model_config(model_name: str) -> dict:
     # hf-hub: and local-dir: names, or configs added at run time: open_clip's own lookup
     import open_clip
 
-    from .clip import register_model_configs
-
     register_model_configs()
     config = open_clip.get_model_config(model_name)
     if config is None:
         raise ValueError(f"unknown CLIP model {model_name!r}")
     return config
+
+
+@functools.lru_cache(maxsize=None)
+def register_model_configs() -> None:
+    """Make the architectures in dalle2/model_configs/clip known to open_clip (once per process)."""
+    import open_clip
+
+    folder = resources.files("dalle2") / "model_configs" / "clip"
+    open_clip.add_model_config(str(folder))
 
 
 def clip_input_spec(model_name: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

@@ -1,12 +1,14 @@
-"""Loading what a run trained: its CLIP, and DALLE2 from the latest prior and decoder checkpoints."""
+"""A run's checkpoints: uploading them from a worker, finding the newest complete one, loading what a run trained (its
+CLIP, and DALLE2 from the latest prior and decoder checkpoints)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Optional
 
+from pipeline.run.layout import TrainLayout
+
 from .run_config import RunConfig
-from .train_common import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,36 @@ def upload_checkpoint(root: str, local, name: str):
         with open(os.path.join(local.path, file), "rb") as f:
             write_bytes(f"{with_scheme(root, path)}/{file}", f.read())
     return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
+
+
+def latest_checkpoint(root: str, job_name: str, skip: tuple[str, ...] = ()) -> Optional[str]:
+    """The newest complete checkpoint folder of a job (its COMPLETE marker there and its files matching it), of
+    those its summary names and its run folder lists; incomplete ones (a crash mid-save) are passed over with a
+    warning naming them, and those in `skip` silently."""
+    from dalle2.checkpoint import incomplete_reason
+    from pipeline.run.storage import exists, list_files, read_json
+
+    summary = TrainLayout(root).summary(job_name)
+    found = {with_scheme(root, p).rstrip("/") for p in list_files(TrainLayout(root).job(job_name))
+             if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")}
+    if exists(summary) and read_json(summary).get("checkpoint"):
+        found.add(with_scheme(root, read_json(summary)["checkpoint"]).rstrip("/"))
+    # Ray names checkpoints by the time they were made: the newest first, whichever run made it
+    for candidate in sorted(found - {s.rstrip("/") for s in skip}, key=lambda p: p.rsplit("/", 1)[-1], reverse=True):
+        reason = incomplete_reason(candidate)
+        if reason is None:
+            return candidate
+        log.warning("%s: checkpoint %s is passed over: %s", job_name, candidate, reason)
+    return None
+
+
+def training_jobs(root: str) -> list[str]:
+    """The training jobs that finished at least once in this run (clip, prior, decoder, decoder_unet2, ...)."""
+    from pipeline.run.storage import list_files
+
+    names = [url.rsplit("/", 1)[-1][: -len(TrainLayout.SUMMARY)] for url in list_files(TrainLayout(root).storage, TrainLayout.SUMMARY)]
+    order = {"clip": 0, "prior": 1}
+    return sorted(names, key=lambda name: (order.get(name, 2), name))
 
 
 def run_clip(run: RunConfig):
@@ -83,7 +115,6 @@ class CaptionEncoder:
 def decoder_checkpoints(run: RunConfig) -> list[str]:
     """The latest checkpoint of each decoder job of the run: the whole cascade's (`decoder`) first, then each
     stage's own (`decoder_unet{k}`), so loading them in this order lets a stage trained on its own win."""
-    from .train_common import training_jobs
 
     jobs = [job for job in training_jobs(run.root) if job == "decoder" or job.startswith("decoder_unet")]
     return [c for c in (latest_checkpoint(run.root, job) for job in jobs) if c]

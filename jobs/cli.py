@@ -1,4 +1,4 @@
-"""The `dalle2` command: one subcommand per job, each forwarding its arguments to that job's main(argv)."""
+"""The `dalle2` command: one subcommand per stage (jobs/stages.py) or tool, each forwarding its arguments to its main(argv)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,8 @@ import importlib
 import sys
 from typing import Optional
 
-# subcommand -> (module with main(argv), one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "download": ("jobs.download", "download the URL list into webdataset shards"),
-    "train-clip": ("jobs.train_clip", "train CLIP contrastively on the shards"),
-    "embed": ("jobs.embed", "embed the shards' images and captions with CLIP"),
-    "reorder": ("jobs.reorder", "align clip-retrieval embeddings with the shards"),
-    "filter": ("jobs.filter", "choose the rows training reads: caption rules, CLIP similarity, near-duplicates"),
-    "train-prior": ("jobs.train_prior", "train the diffusion prior on the aligned embeddings"),
-    "train-decoder": ("jobs.train_decoder", "train the decoder on the shards and their embeddings"),
+# the commands that are not stages: subcommand -> (module with main(argv), one-line help)
+TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample", "generate images from the run's latest checkpoints"),
     "run": ("jobs.run", "run every stage in order, skipping complete ones"),
     "status": ("jobs.status", "print the run's ledger and checkpoints"),
@@ -24,9 +17,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def commands() -> dict[str, tuple[str, str]]:
+    """Every subcommand: the stages (from their registry, in run order), then the tools."""
+    from .stages import MODULES, STAGES
+
+    return {**{stage.name: (MODULES[stage.name], stage.help) for stage in STAGES}, **TOOLS}
+
+
 def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    known = commands()
+    width = max(len(name) for name in known)
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in known.items()]
     return ("usage: dalle2 COMMAND [--config run.yaml] [--set section.field=value ...] [--verbose]\n\n"
             "--verbose also shows Ray's own worker output (otherwise in Ray's session folder)\n\ncommands:\n"
             + "\n".join(lines))
@@ -46,7 +47,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
+    known = commands()
+    if command not in known:
         print(f"dalle2: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     from pipeline.run.ledger import StaleRunError
@@ -54,9 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .config_io import ConfigError
     from .stages import StageStopped
 
-    from pipeline.execution.distributor import stop_embedded_ray
-
-    module = importlib.import_module(COMMANDS[command][0])
+    module = importlib.import_module(known[command][0])
     try:
         result = module.main(rest)
     except (ConfigError, StaleRunError) as error:  # a bad config or root, stale outputs: one line, no traceback
@@ -65,8 +65,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except StageStopped as error:  # the run stopped after a stage, for a reason the stage counted
         print(f"dalle2 {command}: {error}", file=sys.stderr)
         return 1
-    finally:
-        stop_embedded_ray()
     if isinstance(result, dict) and (result.get("failed_shards") or result.get("problems")):
         failed = result.get("failed_shards") or {}
         print(f"dalle2 {command}: " + (f"{len(failed)} shards failed (re-run to retry them): {sorted(failed)[:10]}"

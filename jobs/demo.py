@@ -115,7 +115,7 @@ def judge_samples(config, built_in: bool) -> dict:
     else:
         from pipeline.stages.holdout import ensure_holdout
 
-        from .train_common import training_jobs
+        from .checkpoints import training_jobs
 
         # a run whose stages were all done before splits existed draws one now, and says so
         ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))
@@ -141,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from .config_io import load_config
     from .demo_report import filter_check, render_report
     from .run_config import RunConfig
+    from .stage import run_session
     from .stages import run_all
     from .status import run_status
 
@@ -183,10 +184,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         config = load_config(RunConfig, defaults, overrides)
         if server is not None:
             forget_stale_inputs(config)
-        forwarded = ["--config", defaults] + [x for s in overrides for x in ("--set", s)]
         timings = {}
         stage_started = time.time()
-        outcome = run_all(config, forwarded, timings=timings)
+        with run_session(config) as session:  # the demo's one Ray, stopped before its samples are drawn
+            outcome = run_all(config, session, timings=timings)
         if server is not None:
             server.shutdown()
         stages_seconds = time.time() - stage_started
@@ -254,13 +255,12 @@ def forget_stale_inputs(config) -> None:
     from pipeline.run.storage import exists, remove
 
     from .config_io import ConfigError
-    from .stages import STAGES
+    from .stages import stage_named
 
     if not exists(f"{config.root.rstrip('/')}/{DEMO_MARKER}"):
         raise ConfigError(f"root: {config.root} is not a run the demo made (no {DEMO_MARKER}): its inputs/ "
                          "are left as they are")
-    download = next(stage for stage in STAGES if stage.name == "download")
-    if not download.complete(config):
+    if not stage_named("download").complete(config):
         remove(RunLayout(config.root).inputs, recursive=True)
 
 

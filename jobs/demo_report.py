@@ -15,7 +15,8 @@ def held_out_prompts(root: str, count: int, per_prompt: int, image_size: int):
     import torch
 
     from pipeline.formats.holdout import load_holdout
-    from pipeline.loaders import SamplePlan, ShardImageBatches
+    from pipeline.loaders.batches import ShardImageBatches
+    from pipeline.loaders.plan import SamplePlan
 
     plan = SamplePlan.from_shards(root, part="held_out")
     if not plan.size:

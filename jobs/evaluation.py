@@ -13,24 +13,8 @@ local path or URL, or a checkpoint folder): a decoder conditioned on a CLIP is f
 
 from __future__ import annotations
 
-from typing import Optional
 
-from pydantic import Field, PositiveInt
-
-from dalle2.configs import StrictModel
-from pipeline.run.config import ClipSource
-
-
-class EvalConfig(StrictModel):
-    """How samples are scored (decoder evaluations and the demo's report)."""
-
-    clip: Optional[ClipSource] = None  # the scoring CLIP; None: the run's own
-    # FID and KID: torch-fidelity's Inception v3 weights (weights-inception-2015-12-05-6726825d.pth), a local path or
-    # any fsspec URL; None: no FID (FD and KID on CLIP features are always given)
-    inception_weights: Optional[str] = None
-    distractors: PositiveInt = 99  # R-precision: other captions each true caption competes with
-    repeats: PositiveInt = 10  # R-precision: fresh draws of the distractors
-    bootstraps: int = Field(default=20, ge=2, le=1000)  # resamples giving FD's noise
+from .training.config import EvalConfig
 
 
 def scoring_clip(run):

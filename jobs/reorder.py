@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.stages.reorder import run_reorder
+from .run_config import RunConfig
+from .stage import Stage, ledger_complete
 
-from .run_config import stage_main
+
+def run(config: RunConfig, session) -> dict:
+    """Align the clip-retrieval embeddings named by reorder.source with the run's shards."""
+    from pipeline.stages.reorder import run_reorder
+
+    return run_reorder(config.reorder, config.root, session)
+
+
+STAGE = Stage("reorder", "align clip-retrieval embeddings with the shards", run,
+              complete=lambda run: ledger_complete(run, "reorder"), wanted=lambda run: bool(run.reorder.source))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the reorder stage of the run described by --config."""
-    return stage_main(argv, __doc__.splitlines()[0], lambda c: run_reorder(c.reorder, c.root, c.ray))
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

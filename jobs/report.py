@@ -127,13 +127,14 @@ def samples_html(title: str, rows: list[tuple[str, str, str]], notes: dict[str, 
 
 def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
     """Write <root>/report.html and <root>/report/*.png; returns {"html": url, "plots": [names]}."""
-    from pipeline.run.layout import RunLayout
+    from pipeline.run.layout import RunLayout, TrainLayout
     from pipeline.run.storage import exists, list_files, read_bytes, read_json, write_atomic
 
     from . import plots
     from .run_config import load_run_config
     from .status import run_status
-    from .train_common import read_history, storage_path, training_jobs
+    from .checkpoints import training_jobs
+    from .training.history import read_history
 
     root = root.rstrip("/")
     layout, config, status = RunLayout(root), load_run_config(root), run_status(root)
@@ -209,7 +210,7 @@ def build_report(root: str, samples: int = 12, seed: int = 0) -> dict:
     if exists(f"{root}/samples.png"):
         grids.append(("Samples of the finished model (samples.png)", read_bytes(f"{root}/samples.png")))
     for job in (j for j in histories if j.startswith("decoder")):
-        steps = list_files(f"{storage_path(root)}/{job}/samples", ".png")
+        steps = list_files(TrainLayout(root).sample_grids(job), ".png")
         if steps:
             latest = max(steps, key=lambda url: int(url.rsplit("_", 1)[-1][: -len(".png")]))
             grids.append((f"{job}: latest evaluation grid ({latest.rsplit('/', 1)[-1]})", read_bytes(latest)))

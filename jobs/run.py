@@ -11,22 +11,12 @@ from typing import Optional
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the pipeline described by --config."""
-    import argparse
-
-    from .config_io import load_config
-    from .run_config import RunConfig
+    from .stage import parse_run_config, run_session
     from .stages import run_all
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args(argv)
-    config = load_config(RunConfig, args.config, args.set)  # validated before any stage starts
-    from pipeline.execution.console import setup_logging
-
-    setup_logging()
-    forwarded = (["--config", args.config] if args.config else []) + [x for s in args.set for x in ("--set", s)]
-    outcome = run_all(config, forwarded)
+    config = parse_run_config(argv, __doc__.splitlines()[0])  # validated before any stage starts
+    with run_session(config) as session:  # one Ray for every stage
+        outcome = run_all(config, session)
     if "ran" in outcome.values():  # the page of what this run now holds
         from .report import build_report
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from typing import Callable, Optional
-
 from pydantic import Field, field_validator
 
 from dalle2.configs import StrictModel
 from pipeline.run.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
 
-from .config_io import ConfigError, load_config
-from .evaluation import EvalConfig
-from .train_common import TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
+from .config_io import load_config
+from .training.config import EvalConfig, TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 
 
 class DemoConfig(StrictModel):
@@ -72,48 +68,6 @@ class RunConfig(StrictModel):
             raise ValueError("memory:// lives inside one process and the stages run on Ray workers: use a local "
                              "path, s3://, gs:// or another shared filesystem")
         return absolute_root(root)
-
-
-def stage_main(argv: Optional[list[str]], description: str, run: Callable[[RunConfig], dict]) -> dict:
-    """The shared body of every stage's main(argv): parse, validate, log, run, print the summary."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="the run's YAML config (local or any fsspec URL)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
-    args = parser.parse_args(argv)
-    config = load_config(RunConfig, args.config, args.set)
-    from pipeline.execution.console import setup_logging
-
-    setup_logging()
-    from pipeline.execution.distributor import declare_pools
-
-    declare_pools(config.custom_resources())
-    check_root_reachable(config)
-    save_run_config(config)
-    summary = run(config)
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_shard"}, sort_keys=True))
-    return summary
-
-
-
-def check_root_reachable(config: RunConfig) -> None:
-    """Refuse a local root on a Ray cluster of several nodes: each node would write its own disk."""
-    import os
-
-    from pipeline.run.storage import is_local
-
-    if not is_local(config.root) or (config.ray.address or os.environ.get("RAY_ADDRESS")) in (None, "", "local"):
-        return  # an embedded local Ray is one node
-    from pipeline.execution.distributor import ensure_ray
-
-    ensure_ray(config.ray)
-    import ray
-
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    if nodes > 1:
-        raise ConfigError(f"root: {config.root} is a local path but the Ray cluster has {nodes} nodes, whose "
-                          "shards and checkpoints would scatter over their own disks: use s3:// or gs://")
 
 
 CONFIG_NAME = "config.yaml"

@@ -16,10 +16,10 @@ DATA_STAGES = ("download", "embed", "reorder", "filter")
 
 def run_status(root: str) -> dict:
     """Per stage: the ledger summary (data stages) or the training summary and latest checkpoint."""
-    from pipeline.run.layout import RunLayout
+    from pipeline.run.layout import RunLayout, TrainLayout
     from pipeline.run.storage import exists, read_json
 
-    from .train_common import latest_checkpoint, storage_path, training_jobs
+    from .checkpoints import latest_checkpoint, training_jobs
 
     layout, status = RunLayout(root), {}
     for stage in DATA_STAGES:
@@ -30,7 +30,7 @@ def run_status(root: str) -> dict:
                                                          "unplaced_rows_by_reason",
                                                          "seconds", "rows_per_s")}
     for job in training_jobs(root):
-        path = f"{storage_path(root)}/{job}_summary.json"
+        path = TrainLayout(root).summary(job)
         status[f"train-{job.replace('_', '-')}"] = {**read_json(path), "latest_checkpoint": latest_checkpoint(root, job)}
     status["problems"] = reconcile(status)
     return status

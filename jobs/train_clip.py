@@ -11,8 +11,12 @@ from __future__ import annotations
 from typing import Optional
 
 from .run_config import RunConfig
-from .train_common import Worker, rank_slice, train_main, training_loop, unslice
-from .training_rows import training_plans
+from .stage import Stage, training_complete
+from .training.driver import train
+from .training.loop import training_loop
+from .training.rows import training_plans
+from .training.worker import Worker, rank_slice, unslice
+
 
 def clip_loop(config: dict) -> None:
     """One Ray Train worker: contrastive steps on this rank's images and captions."""
@@ -20,7 +24,7 @@ def clip_loop(config: dict) -> None:
 
     from dalle2.clip import ClipAdapter
     from dalle2.clip_trainer import ClipTrainer, info_nce
-    from pipeline.loaders import ShardImageBatches
+    from pipeline.loaders.batches import ShardImageBatches
 
     run = RunConfig.model_validate(config)
     job = run.train_clip
@@ -61,9 +65,14 @@ def clip_loop(config: dict) -> None:
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 
 
+STAGE = Stage("train-clip", "train CLIP contrastively on the shards",
+              run=lambda config, session: train(config, session, clip_loop, "train_clip"),
+              complete=lambda run: training_complete(run, "train_clip"), wanted=lambda run: run.train_clip.enabled)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the CLIP of the run described by --config."""
-    return train_main(argv, __doc__, clip_loop, "train_clip")
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 from .run_config import RunConfig
-from .train_common import Worker, rank_slice, storage_path, train_main, training_loop, unslice
-from .training_rows import training_plans
+from .stage import Stage, training_complete
+from .training.driver import train
+from .training.loop import training_loop
+from .training.rows import training_plans
+from .training.worker import Worker, rank_slice, unslice
 
 def sample_grid(samples, reals, captions: list[str]) -> bytes:
     """PNG bytes: one row per held-out sample (generated, then the real image at the same size), its caption
@@ -35,7 +38,8 @@ def decoder_loop(config: dict) -> None:
     from dalle2.configs import DecoderConfig, resolve
     from dalle2.decoder import Decoder
     from dalle2.trainer import DecoderTrainer
-    from pipeline.loaders import ImageBatches
+    from pipeline.loaders.batches import ImageBatches
+    from pipeline.run.layout import TrainLayout
     from pipeline.run.storage import write_atomic
 
     from .checkpoints import CaptionEncoder, run_clip
@@ -101,7 +105,7 @@ def decoder_loop(config: dict) -> None:
         embeds = held_out["image_embed"].to(worker.device)
         real = torch.nn.functional.interpolate(held_out["image"], size=samples.shape[-2:], mode="bilinear",
                                                antialias=True)
-        write_atomic(f"{storage_path(run.root)}/{job.job_name}/samples/step_{step}.png", sample_grid(samples, real, list(held_out["caption"])))
+        write_atomic(TrainLayout(run.root).sample_grid(job.job_name, step), sample_grid(samples, real, list(held_out["caption"])))
         metrics = {"sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
             metrics["image_embed_similarity"] = float(
@@ -116,9 +120,14 @@ def decoder_loop(config: dict) -> None:
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 
 
+STAGE = Stage("train-decoder", "train the decoder on the shards and their embeddings",
+              run=lambda config, session: train(config, session, decoder_loop, "train_decoder"),
+              complete=lambda run: training_complete(run, "train_decoder"))
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the decoder of the run described by --config."""
-    return train_main(argv, __doc__, decoder_loop, "train_decoder")
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ from typing import Optional
 
 from .checkpoints import CaptionEncoder
 from .run_config import RunConfig
-from .train_common import Worker, rank_slice, train_main, training_loop
-from .training_rows import training_plans
+from .stage import Stage, training_complete
+from .training.driver import train
+from .training.loop import training_loop
+from .training.rows import training_plans
+from .training.worker import Worker, rank_slice
+
 
 def prior_loop(config: dict) -> None:
     """One Ray Train worker: stream this rank's batches, step, evaluate, checkpoint."""
@@ -20,7 +24,7 @@ def prior_loop(config: dict) -> None:
     from dalle2.metrics import prior_metrics
     from dalle2.prior import DiffusionPrior
     from dalle2.trainer import PriorTrainer
-    from pipeline.loaders import EmbeddingBatches
+    from pipeline.loaders.batches import EmbeddingBatches
 
     run = RunConfig.model_validate(config)
     job = run.train_prior
@@ -60,9 +64,14 @@ def prior_loop(config: dict) -> None:
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 
 
+STAGE = Stage("train-prior", "train the diffusion prior on the aligned embeddings",
+              run=lambda config, session: train(config, session, prior_loop, "train_prior"),
+              complete=lambda run: training_complete(run, "train_prior"))
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Train the prior of the run described by --config."""
-    return train_main(argv, __doc__, prior_loop, "train_prior")
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

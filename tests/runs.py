@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.execution.session import RaySession
 from pipeline.formats.aligned import align, write_aligned
 from pipeline.run.config import FilterConfig
 from pipeline.stages.filter.stage import run_filter
@@ -30,7 +31,7 @@ def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim
                         img_emb.astype(np.float16), text_emb.astype(np.float16), [s.caption for s, _ in chunk])
         write_aligned(layout, f"{shard_id:05d}", aligned)
     if filter_config is not None:  # the default keeps every row: training reads the filter's masks
-        run_filter(filter_config, root)
+        run_filter(filter_config, root, RaySession())
 
 
 # `dalle2 demo` with short training through --set, as a quick first try would run it (the demo's own steps take about

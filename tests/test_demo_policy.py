@@ -10,25 +10,27 @@ class Stop(Exception):
 def test_the_demo_allows_private_addresses_for_its_own_server_only(tmp_path, monkeypatch):
     import jobs.stages
     from jobs import demo
+    from jobs.run_config import load_run_config
 
     captured = {}
 
-    def run_all(config, forwarded, timings=None):
-        captured.update(config=config, forwarded=forwarded)
+    def run_all(config, session, timings=None):
+        captured.update(config=config, session=session)
         raise Stop
 
     monkeypatch.setattr(jobs.stages, "run_all", run_all)
     with pytest.raises(Stop):
         demo.main(["--root", str(tmp_path / "built-in"), "--images", "54"])
     assert captured["config"].download.allow_private_network is True
-    assert "download.allow_private_network=true" in captured["forwarded"]  # the stages' own processes too
+    # the config the stages run with, kept in the root (as `dalle2 <stage> --root` and `sample` read it back)
+    assert load_run_config(str(tmp_path / "built-in")).download.allow_private_network is True
 
     url_list = tmp_path / "urls.csv"
     url_list.write_text("url,caption\nhttp://127.0.0.1:9/a.png,a\n")
     with pytest.raises(Stop):
         demo.main(["--root", str(tmp_path / "mine"), "--url-list", str(url_list)])
     assert captured["config"].download.allow_private_network is False
-    assert not any("allow_private_network" in x for x in captured["forwarded"])
+    assert load_run_config(str(tmp_path / "mine")).download.allow_private_network is False
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from pipeline.execution.session import RaySession
 from pipeline.run.config import DownloadConfig
 from pipeline.stages.download.stage import run_download
 from pipeline.run.layout import RunLayout, parse_key
@@ -52,7 +53,7 @@ def test_download_accounts_for_every_row(tmp_path, image_server, ray_local):
     rows = image_server.rows()
     url_list = write_url_list(rows, tmp_path / "urls.csv", "csv")
     root = str(tmp_path / "run")
-    summary = run_download(config(url_list), root)
+    summary = run_download(config(url_list), root, RaySession())
 
     assert summary["rows_in"] == summary["input_rows"] == len(rows) == 65
     assert summary["written"] + summary["failed"] == len(rows)
@@ -74,7 +75,7 @@ def test_download_accounts_for_every_row(tmp_path, image_server, ray_local):
     ledger = json.loads((tmp_path / "run" / "ledger" / "download.json").read_text())
     assert ledger["written"] == 60
 
-    again = run_download(config(url_list), root)  # everything done: nothing is redone or duplicated
+    again = run_download(config(url_list), root, RaySession())  # everything done: nothing is redone or duplicated
     assert again["written"] == 60 and again["rows_in"] == 65
 
 
@@ -91,7 +92,7 @@ def test_a_malformed_line_is_named_or_skipped_and_counted(tmp_path, image_server
         split_url_list(config(str(url_list)), RunLayout(str(tmp_path / "refused")))
 
     root = str(tmp_path / "run")
-    summary = run_download(config(str(url_list), skip_malformed_rows=True, distributor="local"), root)
+    summary = run_download(config(str(url_list), skip_malformed_rows=True, distributor="local"), root, RaySession())
     assert summary["input_rows_skipped"] == {"malformed row: wrong number of columns": 1}
     assert summary["input_rows"] == 7 and summary["rows_in"] == summary["written"] == 6
     assert run_status(root)["problems"] == []

@@ -11,6 +11,7 @@ import tracemalloc
 import pandas as pd
 import pytest
 
+from pipeline.execution.session import RaySession
 from pipeline.formats import fetch as fetch_module
 from pipeline.run.config import DownloadConfig
 from pipeline.formats.fetch import FetchPolicy, Refused, fetch, reason_of
@@ -187,7 +188,7 @@ def test_each_download_on_a_shared_ray_gets_its_own_opencv_limit(tmp_path, image
     for area in (2e7, 1e8, 2e7):
         config = DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=10, timeout=10,
                                 max_image_area=area, allow_private_network=True)
-        summary = run_download(config, str(tmp_path / f"run-{len(outcomes)}"))
+        summary = run_download(config, str(tmp_path / f"run-{len(outcomes)}"), RaySession())
         outcomes[len(outcomes)] = (summary["written"], summary["failed_by_reason"])
     assert outcomes[0] == (3, {"failed_to_download: too large: max_image_area": 1}), outcomes  # its header said
     assert outcomes[1] == (4, {}), outcomes

@@ -11,7 +11,8 @@ import torch
 
 from dalle2.checkpoint import (COMPLETE_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, IncompleteCheckpointError,
                                incomplete_reason, load_state, load_weights, save_checkpoint)
-from jobs.train_common import latest_checkpoint, storage_path
+from jobs.checkpoints import latest_checkpoint
+from pipeline.run.layout import TrainLayout
 from dalle2 import faults
 from pipeline.run.storage import write_atomic
 
@@ -107,7 +108,7 @@ def test_files_that_do_not_match_the_marker_are_refused(tmp_path):
 
 
 def job_folder(root) -> str:
-    folder = os.path.join(storage_path(str(root)), "prior")
+    folder = os.path.join(TrainLayout(str(root)).storage, "prior")
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -122,7 +123,7 @@ def test_latest_checkpoint_passes_over_a_torn_one_for_the_one_before(tmp_path):
     with open(f"{newer}/{STATE_FILE}", "r+b") as f:
         f.truncate(100)
     assert latest_checkpoint(str(tmp_path), "prior") == older  # by listing
-    with open(f"{storage_path(str(tmp_path))}/prior_summary.json", "w") as f:
+    with open(f"{TrainLayout(str(tmp_path)).storage}/prior_summary.json", "w") as f:
         json.dump({"checkpoint": newer, "step": 6}, f)
     assert latest_checkpoint(str(tmp_path), "prior") == older  # the summary names the torn one: passed over too
     os.remove(f"{older}/{COMPLETE_FILE}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.execution.session import RaySession
 from pipeline.formats.aligned import read_aligned
 from pipeline.run.config import DownloadConfig, EmbedConfig
 from pipeline.stages.download.stage import run_download
@@ -26,7 +27,7 @@ def downloaded(tmp_path_factory, image_server, ray_local):
     url_list = root.parent / "urls.parquet"
     pd.DataFrame(image_server.rows(with_failures=False)).to_parquet(url_list)
     summary = run_download(DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=20, threads=8,
-                                          allow_private_network=True), str(root))
+                                          allow_private_network=True), str(root), RaySession())
     assert summary["written"] == 60
     return root
 
@@ -59,7 +60,7 @@ def test_embed_writes_both_layouts_and_counts_bad_input(downloaded, tmp_path, ti
 
     tiny_clip.save(str(tmp_path / "clip"))  # the stage loads these weights in its actors
     config = EmbedConfig(batch_size=16, output_dtype="float16", clip={"checkpoint": str(tmp_path / "clip")})
-    summary = run_embed(config, str(run))
+    summary = run_embed(config, str(run), RaySession())
 
     # shard 2 failed alone, naming its file; the others completed and reconcile
     assert list(summary["failed_shards"]) == ["00002"] and "00002.tar" in summary["failed_shards"]["00002"]["error"]
@@ -94,7 +95,7 @@ def test_embed_writes_both_layouts_and_counts_bad_input(downloaded, tmp_path, ti
         np.testing.assert_allclose(aligned.text_emb[parse_key(key, 2)[1]].astype(np.float32), text, atol=3e-3)
 
     # a re-run redoes only the failed shard (still failing), never the finished ones
-    again = run_embed(config, str(run))
+    again = run_embed(config, str(run), RaySession())
     assert again["written"] == 39 and list(again["failed_shards"]) == ["00002"]
 
 
@@ -106,7 +107,7 @@ def test_embed_accepts_plain_img2dataset_shards(tmp_path, image_server, ray_loca
     img2dataset.download(url_list=str(url_list), output_folder=str(tmp_path / "run" / "shards"), input_format="csv",
                          caption_col="caption", output_format="webdataset", image_size=32, processes_count=1,
                          thread_count=4, number_sample_per_shard=5, distributor="multiprocessing")
-    summary = run_embed(EmbedConfig(batch_size=8), str(tmp_path / "run"))
+    summary = run_embed(EmbedConfig(batch_size=8), str(tmp_path / "run"), RaySession())
     assert summary["rows_in"] == summary["written"] == 12 and summary["shards"] == 3
     aligned = read_aligned(RunLayout(str(tmp_path / "run")), "00002")
     assert aligned.img_emb.shape[0] == 2 and aligned.present.all()  # the last shard holds 12 - 2*5 rows
@@ -120,9 +121,9 @@ def test_download_and_embed_on_s3(s3_server, image_server, ray_local, tmp_path):
 
     write_atomic(url_list, (tmp_path / "urls.jsonl").read_bytes())
     download = run_download(DownloadConfig(url_list=url_list, image_size=32, samples_per_shard=16, threads=8, timeout=4,
-                                           allow_private_network=True), root)
+                                           allow_private_network=True), root, RaySession())
     assert download["rows_in"] == 30 and download["written"] + download["failed"] == 30 and download["written"] >= 25
-    embed = run_embed(EmbedConfig(batch_size=16), root)
+    embed = run_embed(EmbedConfig(batch_size=16), root, RaySession())
     assert embed["rows_in"] == embed["written"] == download["written"] and not embed["failed_shards"]
     aligned = read_aligned(RunLayout(root), "00001", mmap=False)
     assert aligned.img_emb.shape[0] == 14 and aligned.present.sum() == download["per_shard"]["00001"]["written"]

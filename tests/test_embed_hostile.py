@@ -8,6 +8,7 @@ import tarfile
 import pytest
 
 from jobs.status import run_status
+from pipeline.execution.session import RaySession
 from pipeline.run.config import EmbedConfig
 from pipeline.stages.embed.stage import run_embed
 from pipeline.run.layout import RunLayout
@@ -42,7 +43,7 @@ def test_hostile_and_stalled_shards_fail_alone_with_every_row_counted(tmp_path, 
     os.remove(fifo)
     os.mkfifo(fifo)
     try:
-        summary = run_embed(EmbedConfig(batch_size=16, decode_block_rows=4, shard_timeout=3.0), root)
+        summary = run_embed(EmbedConfig(batch_size=16, decode_block_rows=4, shard_timeout=3.0), root, RaySession())
     finally:
         unblock(fifo)
 

@@ -287,7 +287,7 @@ def train_config(root, max_failures):
 @contextlib.contextmanager
 def tracing(folder):
     """While inside, every `dalle2` started here logs each rank's batch keys per step under `folder`."""
-    from jobs.train_common import SampleTrace
+    from jobs.training.history import SampleTrace
 
     os.environ[SampleTrace.ENV] = str(folder)
     try:

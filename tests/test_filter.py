@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from jobs.status import run_status
+from pipeline.execution.session import RaySession
 from pipeline.formats.aligned import align, write_aligned
 from pipeline.run.config import FilterConfig
-from pipeline.stages.filter.stage import NEAR_DUPLICATE, caption_ranks, first_of_each_group, low_rank, low_similarity, run_filter
+from pipeline.stages.filter.rules import NEAR_DUPLICATE, caption_ranks, first_of_each_group, low_rank, low_similarity
+from pipeline.stages.filter.stage import run_filter
 from pipeline.run.layout import RunLayout, make_key
 from pipeline.run.ledger import StaleRunError
-from pipeline.loaders import EmbeddingBatches, SamplePlan
+from pipeline.loaders.batches import EmbeddingBatches
+from pipeline.loaders.plan import SamplePlan
 from pipeline.run.storage import read_parquet
 
 DIM, PER_SHARD, SHARDS = 16, 40, 3
@@ -75,7 +78,7 @@ def test_planted_faults_are_dropped_with_their_reasons_and_nothing_else(tmp_path
     root = str(tmp_path / "run")
     expected = planted_run(root)
     config = FilterConfig(**CONFIG, duplicate_index=index)
-    summary = run_filter(config, root)
+    summary = run_filter(config, root, RaySession())
     found = dropped(root)
     assert found == expected
     present = SHARDS * (PER_SHARD - 1)
@@ -92,16 +95,16 @@ def test_planted_faults_are_dropped_with_their_reasons_and_nothing_else(tmp_path
     assert status["filter"]["written"] == summary["written"] and status["problems"] == []
 
     # a re-run changes nothing; other settings are refused rather than mixed in
-    again = run_filter(config, root)
+    again = run_filter(config, root, RaySession())
     assert dropped(root) == expected and again["written"] == summary["written"]
     with pytest.raises(StaleRunError, match="min_similarity was 0.5, now 0.3"):
-        run_filter(config.model_copy(update={"min_similarity": 0.3}), root)
+        run_filter(config.model_copy(update={"min_similarity": 0.3}), root, RaySession())
 
 
 def test_a_caption_that_is_not_clips_first_choice_for_its_image_is_dropped(tmp_path):
     root = str(tmp_path / "run")
     expected = planted_run(root)
-    run_filter(FilterConfig(max_caption_rank=1, duplicate_threshold=0.97, max_caption_chars=200, distributor="local"), root)
+    run_filter(FilterConfig(max_caption_rank=1, duplicate_threshold=0.97, max_caption_chars=200, distributor="local"), root, RaySession())
     # the same rows as the absolute threshold finds here, named for the rank rule
     assert dropped(root) == {k: low_rank(1) if r == low_similarity(0.5) else r for k, r in expected.items()}
 
@@ -116,7 +119,7 @@ def test_caption_ranks_count_the_captions_clip_prefers():
 def test_the_loaders_never_hand_a_dropped_row_to_training(tmp_path):
     root = str(tmp_path / "run")
     expected = planted_run(root)
-    run_filter(FilterConfig(**CONFIG), root)
+    run_filter(FilterConfig(**CONFIG), root, RaySession())
     plan = SamplePlan.from_aligned(root, filtered=True)
     assert plan.size == SHARDS * (PER_SHARD - 1) - len(expected)
     seen = set()
@@ -164,7 +167,7 @@ def test_captions_in_another_language_are_dropped(tmp_path):
     from pipeline.run.storage import write_parquet
 
     write_parquet(aligned["metadata"], pa.table(meta))
-    run_filter(FilterConfig(language_model=model, languages=["en"], distributor="local"), root)
+    run_filter(FilterConfig(language_model=model, languages=["en"], distributor="local"), root, RaySession())
     mask = read_parquet(RunLayout(root).filter_mask("00001")).to_pydict()
     # the French captions, and row 6's 300 x's, which are no language at all; the English ones are kept
     assert [i for i, r in enumerate(mask["reason"]) if r == "caption language"] == [6, 11, 12] and mask["keep"][13]
@@ -195,7 +198,7 @@ def test_run_redoes_the_filter_when_its_settings_change(tmp_path):
 
     root = str(tmp_path / "run")
     planted_run(root)
-    run_filter(FilterConfig(**CONFIG), root)
+    run_filter(FilterConfig(**CONFIG), root, RaySession())
     stage = next(s for s in STAGES if s.name == "filter")
     same = RunConfig(root=root, filter=FilterConfig(**CONFIG))
     changed = RunConfig(root=root, filter=FilterConfig(**{**CONFIG, "min_similarity": 0.3}))
@@ -210,7 +213,7 @@ def test_a_fresh_start_after_a_failed_shard_reuses_nothing_of_the_old_settings(t
     layout = RunLayout(root)
     npy = layout.aligned_files("00002")["img_emb"]
     shutil.move(npy, f"{npy}.away")  # the last shard cannot be read: it fails, the others' first pass is kept
-    summary = run_filter(FilterConfig(**{**CONFIG, "min_similarity": 0.99}), root)
+    summary = run_filter(FilterConfig(**{**CONFIG, "min_similarity": 0.99}), root, RaySession())
     assert list(summary["failed_shards"]) == ["00002"] and summary["failed_shards"]["00002"]["rows"] == PER_SHARD - 1
     # as the error message says to start over with other settings: delete the masks and the ledger
     shutil.move(f"{npy}.away", npy)
@@ -218,7 +221,7 @@ def test_a_fresh_start_after_a_failed_shard_reuses_nothing_of_the_old_settings(t
     shutil.rmtree(layout.ledger_dir("filter"))
     os.remove(layout.ledger_fingerprint("filter"))
     os.remove(layout.ledger_summary("filter"))
-    run_filter(FilterConfig(**CONFIG), root)
+    run_filter(FilterConfig(**CONFIG), root, RaySession())
     assert dropped(root) == expected  # under 0.99 most rows would have gone
 
 
@@ -232,10 +235,10 @@ def test_a_shard_added_later_is_checked_against_every_kept_row(tmp_path):
     away.mkdir()
     for path in layout.aligned_files("00001").values():  # shard 00001 arrives after 00000 and 00002 are filtered
         shutil.move(path, away / os.path.basename(path))
-    run_filter(FilterConfig(**CONFIG), root)
+    run_filter(FilterConfig(**CONFIG), root, RaySession())
     for path in layout.aligned_files("00001").values():
         shutil.move(away / os.path.basename(path), path)
-    run_filter(FilterConfig(**CONFIG), root)
+    run_filter(FilterConfig(**CONFIG), root, RaySession())
     mask = read_parquet(layout.filter_mask("00001")).to_pydict()
     assert mask["reason"][25] == NEAR_DUPLICATE and mask["duplicate_of"][25] == make_key(0, 30, 5, 2)
     # shard 00002's copy of 00001's row 30 was kept before 00001 came: now 00001's row 30 is the copy

@@ -6,9 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from pipeline.execution.session import RaySession
 from pipeline.formats.aligned import align, write_aligned
 from pipeline.run.config import FilterConfig, HoldoutConfig
-from pipeline.stages.filter.stage import low_rank, low_similarity, run_filter
+from pipeline.stages.filter.rules import low_rank, low_similarity
+from pipeline.stages.filter.stage import run_filter
 from pipeline.stages.filter.guard import check_model_drops
 from pipeline.stages.holdout import ensure_holdout
 from pipeline.run.layout import RunLayout
@@ -58,7 +60,7 @@ def test_a_clip_that_guesses_is_not_trusted_its_rules_are_skipped_and_the_summar
     aligned_run(root, caption_noise=5.0)
     holdout = ensure_holdout(root, HoldoutConfig(rows=40))
     config = FilterConfig(max_caption_rank=1, distributor="local")
-    summary = run_filter(config, root, holdout=holdout)
+    summary = run_filter(config, root, RaySession(), holdout=holdout)
     check = summary["clip_check"]
     assert check["checked"] and not check["trusted"] and check["skipped"] and check["retrieval"] < 0.5
     assert check["rules"] == [low_rank(1)] and "would drop good rows" in check["why"]
@@ -81,12 +83,12 @@ def test_a_clip_that_guesses_is_not_trusted_its_rules_are_skipped_and_the_summar
     applied = config.model_copy(update={"on_untrusted_clip": "apply"})
     with pytest.raises(StageStopped, match=r"would drop \d+ of 200 rows \(\d+%\), more than filter.max_clip_drop 20%: "
                                            r"'caption not in the image's top 1'"):
-        run_filter(applied, again, holdout=holdout)
+        run_filter(applied, again, RaySession(), holdout=holdout)
     layout = RunLayout(again)
     assert not list_files(layout.filter, ".parquet") and not exists(layout.ledger_fingerprint("filter"))
     assert not list_files(layout.ledger_dir("filter"), ".json")
     # the next try goes on under the settings it is given (here: told to drop them), nothing refused as stale
-    summary = run_filter(applied.model_copy(update={"on_large_clip_drop": "continue"}), again, holdout=holdout)
+    summary = run_filter(applied.model_copy(update={"on_large_clip_drop": "continue"}), again, RaySession(), holdout=holdout)
     dropped = summary["failed_by_reason"][low_rank(1)]
     assert dropped > 0.2 * 200 and summary["written"] + dropped == summary["rows_in"] == 200
 
@@ -95,7 +97,7 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
     root = str(tmp_path / "run")
     aligned_run(root, caption_noise=0.2)
     holdout = ensure_holdout(root, HoldoutConfig(rows=40))
-    summary = run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, holdout=holdout)
+    summary = run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, RaySession(), holdout=holdout)
     # a run filtered by an earlier version recorded no guard settings: continued, not refused as made otherwise
     from pipeline.stages.filter.stage import fingerprint
     from pipeline.run.storage import write_json
@@ -103,12 +105,12 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
     earlier = {k: v for k, v in fingerprint(FilterConfig(max_caption_rank=1)).items()
                if k not in ("min_clip_retrieval", "on_untrusted_clip")}
     write_json(RunLayout(root).ledger_fingerprint("filter"), earlier)
-    assert run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, holdout=holdout)["written"] == \
+    assert run_filter(FilterConfig(max_caption_rank=1, distributor="local"), root, RaySession(), holdout=holdout)["written"] == \
         summary["written"]
     with pytest.raises(StaleRunError, match="max_caption_rank was 1, now 2"):  # a recorded field still counts
-        run_filter(FilterConfig(max_caption_rank=2, distributor="local"), root, holdout=holdout)
+        run_filter(FilterConfig(max_caption_rank=2, distributor="local"), root, RaySession(), holdout=holdout)
     with pytest.raises(StaleRunError, match="on_untrusted_clip was None, now 'apply'"):  # and a new one set otherwise
-        run_filter(FilterConfig(max_caption_rank=1, on_untrusted_clip="apply", distributor="local"), root, holdout=holdout)
+        run_filter(FilterConfig(max_caption_rank=1, on_untrusted_clip="apply", distributor="local"), root, RaySession(), holdout=holdout)
     check = summary["clip_check"]
     assert check["trusted"] and not check["skipped"] and check["retrieval"] >= 0.9 and check["captions"] <= 20
     assert check["chance"] == pytest.approx(1 / check["captions"], abs=1e-4)
@@ -118,14 +120,14 @@ def test_a_clip_that_knows_its_captions_is_trusted_and_its_rules_drop_the_wrong_
 
 def test_a_training_job_short_of_rows_says_how_many_each_stage_left_before_it_starts(tmp_path, caplog):
     from jobs.run_config import RunConfig
-    from jobs.training_rows import TooFewRows, check_enough_rows
+    from jobs.training.rows import TooFewRows, check_enough_rows
     from tests.runs import make_training_run
 
     root = str(tmp_path / "run")
     make_training_run(root, count=60, per_shard=20, size=32, dim=8, filter_config=None)
     config = RunConfig(root=root, filter={"distributor": "local", "max_caption_chars": 25, "max_clip_drop": 1.0})
     ensure_holdout(root, config.holdout)
-    run_filter(config.filter, root)
+    run_filter(config.filter, root, RaySession())
     summary = read_json(RunLayout(root).ledger_summary("filter"))
     long_captions = summary["failed_by_reason"]["caption too long"]
     assert 0 < long_captions < 60
@@ -160,7 +162,7 @@ def test_each_clip_rule_is_judged_by_the_retrieval_it_needs(tmp_path):
     aligned_run(root, caption_noise=0.3, kinds=150)
     holdout = ensure_holdout(root, HoldoutConfig(rows=100, max_fraction=0.5))
     config = FilterConfig(max_caption_rank=1, min_similarity=0.9, on_large_clip_drop="continue", distributor="local")
-    summary = run_filter(config, root, holdout=holdout)
+    summary = run_filter(config, root, RaySession(), holdout=holdout)
     check = summary["clip_check"]
     assert check["retrieval"] < 0.8 <= check["retrieval_of_10"] and check["chance_of_10"] == 0.1
     assert check["rules"] == [low_rank(1), low_similarity(0.9)] and check["skipped_rules"] == [low_rank(1)]

@@ -6,7 +6,7 @@ from pipeline.run.config import HoldoutConfig
 from pipeline.formats.holdout import load_holdout
 from pipeline.stages.holdout import ensure_holdout
 from pipeline.run.ledger import StaleRunError
-from pipeline.loaders import SamplePlan
+from pipeline.loaders.plan import SamplePlan
 from tests.runs import make_training_run
 
 
@@ -65,7 +65,7 @@ def test_the_split_is_fixed_once_and_another_config_is_refused_naming_the_field(
 
 def test_the_training_jobs_plan_without_the_held_out_rows_and_evaluate_on_them(run_root, caplog):
     from jobs.run_config import RunConfig
-    from jobs.training_rows import training_plans
+    from jobs.training.rows import training_plans
 
     run = RunConfig(root=run_root, holdout={"rows": 12})
     held = set(zip(*(lambda h: (h.shards, h.indices))(ensure_holdout(run_root, run.holdout))))

@@ -10,7 +10,8 @@ from dalle2.prior import DiffusionPrior
 from dalle2.trainer import DecoderTrainer, PriorTrainer
 from jobs.checkpoints import load_dalle2
 from jobs.run_config import RunConfig
-from jobs.train_common import TrainDecoderConfig, storage_path
+from jobs.training.config import TrainDecoderConfig
+from pipeline.run.layout import TrainLayout
 from pipeline.run.storage import write_json
 
 CASCADE = {"unets": [{"dim": 16, "dim_mults": [1, 2], "image_embed_dim": 64, "layer_attns": False},
@@ -21,9 +22,9 @@ CASCADE = {"unets": [{"dim": 16, "dim_mults": [1, 2], "image_embed_dim": 64, "la
 
 def save_job(root: str, job: str, trainer) -> None:
     """A checkpoint where Ray Train would put it, and the job's summary naming it."""
-    checkpoint = f"{storage_path(root)}/{job}/checkpoint_000000"
+    checkpoint = f"{TrainLayout(root).storage}/{job}/checkpoint_000000"
     trainer.save(checkpoint)
-    write_json(f"{storage_path(root)}/{job}_summary.json", {"step": trainer.step, "checkpoint": checkpoint})
+    write_json(f"{TrainLayout(root).storage}/{job}_summary.json", {"step": trainer.step, "checkpoint": checkpoint})
 
 
 def unet_trainer(number: int) -> DecoderTrainer:
@@ -60,9 +61,9 @@ def test_caption_encoder_uses_the_runs_trained_clip(tmp_path):
     torch.manual_seed(0)
     root = str(tmp_path / "run")
     trained = ClipAdapter("tiny-clip")
-    checkpoint = f"{storage_path(root)}/clip/checkpoint_000000"
+    checkpoint = f"{TrainLayout(root).storage}/clip/checkpoint_000000"
     trained.save(checkpoint)
-    write_json(f"{storage_path(root)}/clip_summary.json", {"step": 1, "checkpoint": checkpoint})
+    write_json(f"{TrainLayout(root).storage}/clip_summary.json", {"step": 1, "checkpoint": checkpoint})
 
     encoder = CaptionEncoder(RunConfig(root=root), device="cpu")
     captions = ["a red circle on the left", "a blue square"]

@@ -4,7 +4,9 @@ import numpy as np
 import torch
 import pytest
 
-from pipeline.loaders import EmbeddingBatches, ImageBatches, SamplePlan
+from pipeline.loaders.batches import EmbeddingBatches, ImageBatches
+
+from pipeline.loaders.plan import SamplePlan
 from tests.runs import make_training_run
 
 
@@ -92,7 +94,7 @@ def test_resume_skips_without_opening_or_decoding_what_it_skips(run_root, loader
 
 
 def test_a_rank_reads_the_row_indices_of_its_own_shards_only(run_root):
-    from pipeline.loaders import RowSource
+    from pipeline.loaders.plan import RowSource
 
     plan = SamplePlan.from_aligned(run_root)
     read = []
@@ -137,7 +139,7 @@ def test_image_batches_join_images_with_their_embeddings(run_root):
 
 
 def test_evaluation_is_pooled_over_ranks_by_count():
-    from jobs.train_common import pool_metrics, rank_slice
+    from jobs.training.worker import pool_metrics, rank_slice
 
     batch = {"x": list(range(7)), "y": [str(i) for i in range(7)]}
     slices = [rank_slice(batch, rank, 3) for rank in range(3)]
@@ -148,7 +150,7 @@ def test_evaluation_is_pooled_over_ranks_by_count():
 
 @pytest.mark.parametrize("rows, world_size", [(7, 3), (8, 2), (2, 3), (5, 1)])
 def test_samples_gathered_from_every_rank_come_back_in_held_out_order(rows, world_size):
-    from jobs.train_common import rank_slice, unslice
+    from jobs.training.worker import rank_slice, unslice
 
     batch = {"x": torch.arange(rows * 2).reshape(rows, 2)}
     parts = [rank_slice(batch, rank, world_size)["x"] for rank in range(world_size)]
@@ -159,7 +161,7 @@ def test_samples_gathered_from_every_rank_come_back_in_held_out_order(rows, worl
 def test_the_shuffle_buffer_mixes_samples_read_in_shard_order(run_root):
     import random
 
-    from pipeline.loaders import shuffle_order
+    from pipeline.loaders.batches import shuffle_order
 
     plan = SamplePlan.from_aligned(run_root)
     as_read = [k for batch in EmbeddingBatches(run_root, plan, 5, seed=3, shuffle_buffer=1).epoch(0) for k in batch["key"]]

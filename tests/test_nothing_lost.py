@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as dalle2
-from pipeline.execution import distributor
+from pipeline.execution.session import RaySession
 from jobs import shapes
 from pipeline.formats.aligned import read_aligned
 from pipeline.run.config import DownloadConfig, EmbedConfig, ReorderConfig
-from pipeline.stages.embed.stage import ACTOR_CALLS, ClipEmbedder, run_embed
+from pipeline.stages.embed.embedder import ACTOR_CALLS, ClipEmbedder
+from pipeline.stages.embed.stage import run_embed
 from pipeline.run.layout import RunLayout, make_key
 from pipeline.run.ledger import StaleRunError
 from pipeline.stages.download.split import split_url_list
@@ -45,7 +46,7 @@ def embeddings_of(keys: list[str]) -> np.ndarray:
 
 
 def reorder(folder: str, root: str) -> dict:
-    return run_reorder(ReorderConfig(source=folder, index_width=1, samples_per_shard=3), root, distributor="local")
+    return run_reorder(ReorderConfig(source=folder, index_width=1, samples_per_shard=3), root, RaySession(), distributor="local")
 
 
 def test_reorder_gathers_nothing_while_a_part_failed_and_a_rerun_places_every_row(tmp_path, capsys):
@@ -144,7 +145,7 @@ def awkward_run(tmp_path):
 
 def test_embed_fails_or_counts_awkward_shards_instead_of_aborting(awkward_run, ray_local):
     config = EmbedConfig(batch_size=4)
-    summary = run_embed(config, awkward_run)
+    summary = run_embed(config, awkward_run, RaySession())
     per_shard = summary["per_shard"]
     # the all-failed shard: 12 slots keyed with the download's width, none present (make_key raised before)
     assert per_shard["00000"] == {"rows_in": 0, "written": 0, "failed": {}}
@@ -159,7 +160,7 @@ def test_embed_fails_or_counts_awkward_shards_instead_of_aborting(awkward_run, r
 
     # a different CLIP for the same run is refused before any work: embeddings of two CLIPs never mix
     with pytest.raises(StaleRunError, match="embed.clip back"):
-        run_embed(EmbedConfig(batch_size=4, clip={"model_name": "ViT-B-32"}), awkward_run)
+        run_embed(EmbedConfig(batch_size=4, clip={"model_name": "ViT-B-32"}), awkward_run, RaySession())
 
 
 def test_non_finite_embeddings_fail_their_rows(tiny_clip):
@@ -184,12 +185,12 @@ def test_non_finite_embeddings_fail_their_rows(tiny_clip):
 def test_a_clip_whose_captions_the_stage_cannot_embed_is_refused_before_ray_starts(tmp_path, monkeypatch):
     shapes.write_shards(str(tmp_path), count=4)
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a CLIP the stage refuses")
+    class NoRay(RaySession):
+        def connect(self, *args, **kwargs):
+            raise AssertionError("Ray was started for a CLIP the stage refuses")
 
-    monkeypatch.setattr(distributor, "ensure_ray", no_ray)
     with pytest.raises(ValueError, match="embed.clip: ViT-B-16-SigLIP: its text tower pools by 'last'"):
-        run_embed(EmbedConfig(clip={"model_name": "ViT-B-16-SigLIP"}), str(tmp_path))
+        run_embed(EmbedConfig(clip={"model_name": "ViT-B-16-SigLIP"}), str(tmp_path), NoRay())
 
 
 def test_concurrent_calls_embed_each_batch_as_alone_and_the_model_runs_one_batch_at_a_time(tiny_clip):
@@ -291,7 +292,7 @@ def test_a_shard_past_its_deadline_is_cancelled_and_failed(ray_local):
     from pipeline.execution.distributor import run_shards
 
     started = time.monotonic()
-    records, failures = run_shards(sleep_unless_quick, ["quick", "stuck"], num_cpus=0.5, retries=0, timeout=3)
+    records, failures = run_shards(sleep_unless_quick, ["quick", "stuck"], session=RaySession(), num_cpus=0.5, retries=0, timeout=3)
     assert time.monotonic() - started < 30
     assert [r.shard for r in records] == ["quick"]
     assert list(failures) == ["stuck"] and "deadline exceeded" in failures["stuck"]
@@ -306,7 +307,7 @@ def test_file_urls_are_refused_and_a_mistyped_clip_leaves_nothing_to_refuse(tmp_
         fetch(f"file://{image}", FetchPolicy(timeout=5, max_image_area=1e6, allow_private_network=True))
 
     with pytest.raises(Exception, match="nonexistent-clip"):
-        run_embed(EmbedConfig(clip={"model_name": "nonexistent-clip"}), awkward_run)
+        run_embed(EmbedConfig(clip={"model_name": "nonexistent-clip"}), awkward_run, RaySession())
     assert not os.path.exists(RunLayout(awkward_run).ledger_fingerprint("embed"))
 
 

@@ -25,7 +25,7 @@ def test_the_cluster_example_places_cpu_work_and_gpu_work_on_their_pools():
 
 
 def test_missing_resources_fail_at_once_on_an_embedded_ray_and_warn_on_a_cluster(ray_local, monkeypatch):
-    from pipeline.execution import distributor
+    from pipeline.execution.session import RaySession
 
     class Collect(logging.Handler):
         def __init__(self):
@@ -35,15 +35,14 @@ def test_missing_resources_fail_at_once_on_an_embedded_ray_and_warn_on_a_cluster
         def emit(self, record):
             self.messages.append(record.getMessage())
 
-    monkeypatch.setattr(distributor, "_EMBEDDED", [True])
     with pytest.raises(ValueError, match=r"embed.resources asks for \{'gpu_pool': 0.5\}, which no node .* has"):
-        distributor.require_resources({"gpu_pool": 0.5}, "embed.resources")
-    monkeypatch.setattr(distributor, "_EMBEDDED", [])
+        RaySession(embedded=True).require_resources({"gpu_pool": 0.5}, "embed.resources")
+    cluster = RaySession(embedded=False)
     collect = Collect()
-    logging.getLogger("pipeline.execution.distributor").addHandler(collect)
+    logging.getLogger("pipeline.execution.session").addHandler(collect)
     try:
-        distributor.require_resources({"gpu_pool": 0.5}, "embed.resources")
+        cluster.require_resources({"gpu_pool": 0.5}, "embed.resources")
     finally:
-        logging.getLogger("pipeline.execution.distributor").removeHandler(collect)
+        logging.getLogger("pipeline.execution.session").removeHandler(collect)
     assert any("waits until a node that has them joins" in m for m in collect.messages)
-    distributor.require_resources({"CPU": 1}, "download.resources")  # what the cluster has passes quietly
+    cluster.require_resources({"CPU": 1}, "download.resources")  # what the cluster has passes quietly

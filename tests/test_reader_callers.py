@@ -44,7 +44,8 @@ def test_the_report_skips_and_counts_the_rows_of_a_shard_it_cannot_read(broken_r
 
 
 def test_the_image_loader_fails_naming_the_shard(broken_run):
-    from pipeline.loaders import ImageBatches, SamplePlan
+    from pipeline.loaders.batches import ImageBatches
+    from pipeline.loaders.plan import SamplePlan
 
     root, _ = broken_run
     plan = SamplePlan.from_aligned(root)

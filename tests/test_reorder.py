@@ -5,6 +5,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from pipeline.execution.session import RaySession
 from pipeline.formats.aligned import read_aligned
 from pipeline.run.config import DownloadConfig, EmbedConfig, ReorderConfig
 from pipeline.stages.download.stage import run_download
@@ -47,8 +48,8 @@ def embedded(tmp_path_factory, image_server, ray_local):
     url_list = root.parent / "urls.csv"
     pd.DataFrame(image_server.rows()).to_csv(url_list, index=False)
     run_download(DownloadConfig(url_list=str(url_list), image_size=32, samples_per_shard=25, threads=8, timeout=4,
-                                allow_private_network=True), str(root))
-    summary = run_embed(EmbedConfig(batch_size=32), str(root))
+                                allow_private_network=True), str(root), RaySession())
+    summary = run_embed(EmbedConfig(batch_size=32), str(root), RaySession())
     assert summary["written"] == 61  # the 60 shapes and the very large image (resized); 4 failures
     return RunLayout(str(root))
 
@@ -59,7 +60,7 @@ def test_reorder_rebuilds_the_aligned_layout(embedded, tmp_path, storage, reques
     dest = RunLayout(root)
     copy_shards(embedded, dest)  # the shards let reorder infer the key width and slot counts
     rows = shuffle_into_parts(embedded, f"{root}/clip-retrieval", parts=3)
-    summary = run_reorder(ReorderConfig(source=f"{root}/clip-retrieval"), root)
+    summary = run_reorder(ReorderConfig(source=f"{root}/clip-retrieval"), root, RaySession())
     assert summary["input_rows"] == rows == summary["written"] == 61 and not summary["failed_shards"]
     for shard in ("00000", "00001", "00002"):
         expected, got = read_aligned(embedded, shard), read_aligned(dest, shard, mmap=False)
@@ -67,7 +68,7 @@ def test_reorder_rebuilds_the_aligned_layout(embedded, tmp_path, storage, reques
         np.testing.assert_array_equal(got.text_emb, expected.text_emb)
         np.testing.assert_array_equal(got.present, expected.present)
         assert got.keys == expected.keys and got.captions == expected.captions
-    assert run_reorder(ReorderConfig(source=f"{root}/clip-retrieval"), root)["written"] == 61  # idempotent
+    assert run_reorder(ReorderConfig(source=f"{root}/clip-retrieval"), root, RaySession())["written"] == 61  # idempotent
 
 
 def test_reorder_needs_a_width_it_can_infer(tmp_path):
@@ -75,6 +76,6 @@ def test_reorder_needs_a_width_it_can_infer(tmp_path):
     write_npy(f"{folder}/img_emb/img_emb_0.npy", np.zeros((2, 4), np.float16))
     write_parquet(f"{folder}/metadata/metadata_0.parquet", pa.table({"key": ["000010", "000011"], "caption": ["a", "b"]}))
     with pytest.raises(ValueError, match="reorder.index_width"):
-        run_reorder(ReorderConfig(source=folder), str(tmp_path / "run"), distributor="local")
-    summary = run_reorder(ReorderConfig(source=folder, index_width=1), str(tmp_path / "run"), distributor="local")
+        run_reorder(ReorderConfig(source=folder), str(tmp_path / "run"), RaySession(), distributor="local")
+    summary = run_reorder(ReorderConfig(source=folder, index_width=1), str(tmp_path / "run"), RaySession(), distributor="local")
     assert summary["written"] == 2 and summary["per_shard"]["00001"]["rows_in"] == 2

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.execution.session import RaySession
 from pipeline.run.config import DownloadConfig
 from pipeline.stages.download.stage import run_download
 from pipeline.run.layout import RunLayout
@@ -66,7 +67,7 @@ def url_list(tmp_path_factory, image_server):
 @pytest.mark.slow
 def test_download_killed_midway_resumes_to_the_same_shards(url_list, image_server, tmp_path, ray_local):
     fields = dict(url_list=url_list, image_size=32, samples_per_shard=10, threads=2, timeout=60, allow_private_network=True)
-    reference = run_download(DownloadConfig(**fields), str(tmp_path / "reference"))
+    reference = run_download(DownloadConfig(**fields), str(tmp_path / "reference"), RaySession())
 
     root = str(tmp_path / "killed")
     # the first shard's images are served, the others' held until the kill: it lands after one shard's record and
@@ -78,7 +79,7 @@ def test_download_killed_midway_resumes_to_the_same_shards(url_list, image_serve
                                                tmp_path=tmp_path)
     assert killed_after == 1
 
-    resumed = run_download(DownloadConfig(**fields), root)
+    resumed = run_download(DownloadConfig(**fields), root, RaySession())
     for key in ("rows_in", "written", "failed", "shards"):
         assert resumed[key] == reference[key]
     assert shard_contents(root) == shard_contents(str(tmp_path / "reference"))

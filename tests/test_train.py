@@ -9,7 +9,9 @@ import yaml
 
 from dalle2.checkpoint import COMPLETE_FILE, STATE_FILE, incomplete_reason
 from jobs import train_prior
-from jobs.train_common import latest_checkpoint, read_history, storage_path
+from jobs.checkpoints import latest_checkpoint
+from jobs.training.history import read_history
+from pipeline.run.layout import TrainLayout
 from tests.runs import make_training_run
 
 
@@ -46,14 +48,14 @@ def test_train_prior_checkpoints_on_s3_and_resumes_from_there(training_root, tmp
     summary = train_prior.main(["--config", write_config(tmp_path, run_config(root))])
     assert summary["step"] == 30 and summary["resumed_from_step"] == 0
     assert summary["image_similarity"] > summary["unrelated_similarity"]
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in list_files(f"{storage_path(root)}/prior")]
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in list_files(f"{TrainLayout(root).storage}/prior")]
     checkpoints = sorted(n for n in names if n.startswith("checkpoint_") and not n.endswith(".json"))
     assert len(checkpoints) == 2  # keeps the last K
     checkpoint = latest_checkpoint(root, "prior")
     assert checkpoint.startswith("s3://") and checkpoint.endswith(checkpoints[-1])
     assert fs.exists(checkpoint.replace("s3://", "") + "/model.safetensors")
     for name in checkpoints:  # Ray persisted each through our upload: the COMPLETE marker last, matching the files
-        assert incomplete_reason(f"{storage_path(root)}/prior/{name}") is None, name
+        assert incomplete_reason(f"{TrainLayout(root).storage}/prior/{name}") is None, name
 
     # a re-run with a higher step budget continues from step 30, not from zero
     more = train_prior.main(["--config", write_config(tmp_path, run_config(root, max_steps=40))])
@@ -69,7 +71,7 @@ def test_train_prior_checkpoints_on_s3_and_resumes_from_there(training_root, tmp
 
 def complete_checkpoints(root) -> dict[int, str]:
     """{step: folder} of the prior's checkpoints that have their COMPLETE marker."""
-    folder = os.path.join(storage_path(root), "prior")
+    folder = os.path.join(TrainLayout(root).storage, "prior")
     out = {}
     for name in os.listdir(folder):
         marker = os.path.join(folder, name, COMPLETE_FILE)
@@ -90,7 +92,7 @@ def test_a_checkpoint_killed_before_its_marker_or_torn_after_it_is_passed_over_f
     config = run_config(root, max_steps=9, checkpoint_every=3, eval_every=3, keep_checkpoints=5, max_failures=0)
     first = dalle2("train-prior", config, tmp_path, crash="train.before_marker@2")
     assert first.returncode != 0  # the worker died persisting its step-6 checkpoint, before the marker
-    folder = os.path.join(storage_path(root), "prior")
+    folder = os.path.join(TrainLayout(root).storage, "prior")
     torn = [n for n in os.listdir(folder) if n.startswith("checkpoint_") and os.path.isdir(f"{folder}/{n}")
             and not os.path.exists(f"{folder}/{n}/{COMPLETE_FILE}")]
     assert len(torn) == 1 and os.path.exists(f"{folder}/{torn[0]}/{STATE_FILE}"), os.listdir(folder)
@@ -123,7 +125,7 @@ def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluat
                         trainer={"lr": 1e-3, "grad_accum_every": 2})
     summary = train_prior.main(["--config", write_config(tmp_path, config)])
     assert summary["step"] == 6 and summary["eval_step"] == 6 and "image_similarity" in summary
-    folder = os.path.join(storage_path(root), "prior")
+    folder = os.path.join(TrainLayout(root).storage, "prior")
     checkpoints = [p for p in os.listdir(folder) if p.startswith("checkpoint_") and not p.endswith(".json")]
     # one per optimizer step 3 and 6: none at step 0, none twice while accumulating
     assert len(checkpoints) == 2, checkpoints
@@ -135,18 +137,16 @@ def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluat
 def test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_started(monkeypatch):
     import os
 
-    from pipeline.execution import distributor
+    from pipeline.execution.session import PREEMPTION_WATCHER as name, RaySession
 
-    name = distributor.PREEMPTION_WATCHER
     monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(distributor, "_EMBEDDED", [True])
-    with distributor.preemption_watcher_off_when_embedded():
+    local = RaySession(embedded=True)
+    with local.preemption_watcher_off():
         assert os.environ[name] == "0"  # read by Ray Train when fit() starts its controller
     assert name not in os.environ  # the next fit, maybe on a cluster, decides again
     monkeypatch.setenv(name, "1")
-    with distributor.preemption_watcher_off_when_embedded():
+    with local.preemption_watcher_off():
         assert os.environ[name] == "1"  # the user's own setting wins
     monkeypatch.delenv(name)
-    monkeypatch.setattr(distributor, "_EMBEDDED", [])
-    with distributor.preemption_watcher_off_when_embedded():
+    with RaySession(embedded=False).preemption_watcher_off():
         assert name not in os.environ  # a cluster: nodes are drained there, the watcher stays

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.run.config import DownloadConfig
 from pipeline.run.layout import RunLayout
-from pipeline.stages.download.split import MAX_URL_BYTES, split_url_list
+from pipeline.stages.download.split import split_url_list
+from pipeline.stages.download.url_list import MAX_URL_BYTES
 
 
 def split(tmp_path, url_list, skip):

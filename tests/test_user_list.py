@@ -91,7 +91,7 @@ def test_a_users_list_is_judged_on_its_own_held_out_captions_and_keeps_its_rows(
 
     # the prompts are captions of the run's held-out rows, which no training stage read
     from pipeline.formats.holdout import load_holdout
-    from pipeline.loaders import SamplePlan
+    from pipeline.loaders.plan import SamplePlan
 
     holdout = load_holdout(str(root))
     assert 2 <= len(holdout) == int(0.1 * report["status"]["download"]["written"])

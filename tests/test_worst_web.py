@@ -9,6 +9,7 @@ import time
 import pandas as pd
 
 from jobs.status import run_status
+from pipeline.execution.session import RaySession
 from pipeline.run.config import DownloadConfig, EmbedConfig
 from pipeline.stages.download.stage import run_download
 from pipeline.stages.embed.stage import run_embed
@@ -36,7 +37,7 @@ def test_every_row_of_the_worst_web_is_counted_with_its_reason_within_the_deadli
                                 timeout=TIMEOUT, max_image_area=1e8, distributor="local", max_bytes=1 << 20,
                                 allow_private_network=True, user_agent_token="dalle2-test")
         started = time.monotonic()
-        summary = run_download(config, root)
+        summary = run_download(config, root, RaySession())
         took = time.monotonic() - started
 
     # the drip and the endless huge image would each hold a plain urllib request for WorstWeb.DRIP_SECONDS: the
@@ -69,7 +70,7 @@ def test_every_row_of_the_worst_web_is_counted_with_its_reason_within_the_deadli
     assert len(samples) == expected_written and not any("s3cr3t" in fields["json"].decode() for _, fields in samples)
     assert "/ok/1.png?X-Amz-Signature=s3cr3t" in " ".join(web.requests)  # while the fetch used the real URL
 
-    embedded = run_embed(EmbedConfig(batch_size=8), root)
+    embedded = run_embed(EmbedConfig(batch_size=8), root, RaySession())
     assert embedded["rows_in"] == summary["written"] == embedded["written"] and not embedded["failed_shards"]
     status = run_status(root)
     assert status["problems"] == [] and status["download"]["failed"] == len(rows) - expected_written

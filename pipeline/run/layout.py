@@ -14,6 +14,10 @@
     <root>/ledger/{stage}/_failed/{shard}.json     a shard that failed every try (rows, error)
     <root>/ledger/{stage}.json                     the stage's summary
     <root>/ledger/{stage}_fingerprint.json         what the stage's outputs were made from
+    <root>/train/{job}/checkpoint_*/               Ray Train's checkpoints of a training job (TrainLayout)
+    <root>/train/{job}/metrics.jsonl|progress.json  its curves, and the step the driver's progress bar shows
+    <root>/train/{job}/tensorboard/ samples/       TensorBoard's events (local roots), the decoder's sample grids
+    <root>/train/{job}_summary.json                the job's final metrics and checkpoint
 
 A key is img2dataset's: the shard id followed by the sample's index in the shard, zero-padded to
 `index_width` digits (the number of digits of samples-per-shard - 1: 10,000 per shard gives 4).
@@ -22,6 +26,7 @@ A key is img2dataset's: the shard id followed by the sample's index in the shard
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 # Column names shared by every stage.
@@ -160,3 +165,40 @@ class RunLayout:
     def scratch(self, *parts: str) -> str:
         """A folder for a stage's intermediate files (removed when the stage completes)."""
         return self._join("_scratch", *parts)
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """Paths of a run's training jobs (clip, prior, decoder, decoder_unet2, ...) under `<root>/train`."""
+
+    root: str
+    SUMMARY = "_summary.json"  # <job><SUMMARY>: a job's final metrics, beside its folder
+
+    @property
+    def storage(self) -> str:
+        """Ray Train's storage_path for the run: `<root>/train`, absolute when local (every worker names it)."""
+        if "://" in self.root:
+            return self.root.rstrip("/") + "/train"
+        return os.path.abspath(os.path.join(self.root, "train"))
+
+    def job(self, job_name: str) -> str:
+        """The job's folder: Ray Train's checkpoints, curves and samples."""
+        return f"{self.storage}/{job_name}"
+
+    def summary(self, job_name: str) -> str:
+        return f"{self.storage}/{job_name}{self.SUMMARY}"
+
+    def history(self, job_name: str) -> str:
+        return f"{self.job(job_name)}/metrics.jsonl"
+
+    def progress(self, job_name: str) -> str:
+        return f"{self.job(job_name)}/progress.json"
+
+    def tensorboard(self, job_name: str) -> str:
+        return f"{self.job(job_name)}/tensorboard"
+
+    def sample_grid(self, job_name: str, step: int) -> str:
+        return f"{self.job(job_name)}/samples/step_{step}.png"
+
+    def sample_grids(self, job_name: str) -> str:
+        return f"{self.job(job_name)}/samples"

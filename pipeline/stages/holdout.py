@@ -45,7 +45,7 @@ def draw_holdout(root: str, config: HoldoutConfig) -> Holdout:
     """Draw the split from the run's rows (deterministic in `config.seed` and the run's shards)."""
     from pipeline.formats.aligned import aligned_shards
     from pipeline.formats.queries import complete_shards
-    from pipeline.loaders import planned_counts
+    from pipeline.loaders.plan import planned_counts
 
     layout = RunLayout(root)
     shards, kind = complete_shards(layout), "downloaded"

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.formats.aligned import align, write_aligned
-from pipeline.run.config import RayConfig, ReorderConfig
-from pipeline.execution.distributor import ensure_ray, run_shards
+from pipeline.execution.distributor import run_shards
+from pipeline.execution.session import RaySession, require_session
+from pipeline.run.config import ReorderConfig
 from dalle2.faults import crash_point
 from pipeline.run.layout import CAPTION, INDEX, KEY, REORDER, RunLayout, parse_key, shard_id_of, shard_name
 from pipeline.run.ledger import Ledger, ShardRecord
@@ -172,9 +173,9 @@ def shards_to_gather(layout: RunLayout, markers: list[dict]) -> list[str]:
     return [s for s in sorted({s for m in markers for s in m["shards"]}) if s not in done]
 
 
-def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig] = None,
-                distributor: Optional[str] = None) -> dict:
+def run_reorder(config: ReorderConfig, root: str, session: RaySession, distributor: Optional[str] = None) -> dict:
     """Write the aligned layout from clip-retrieval embeddings; returns the stage summary."""
+    require_session(session, "run_reorder")
     started = time.time()
     distributor = distributor or config.distributor
     layout = RunLayout(root)
@@ -194,9 +195,9 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
         if name.startswith("part-") and name[len("part-"):] not in parts:
             ledger.clear_failure(name)
     if distributor == "ray":
-        ensure_ray(ray_config, config.resources, "reorder.resources")
+        session.connect(config.resources, "reorder.resources")
     todo = parts_to_split(layout, parts)
-    _, split_failures = run_shards(stage.split, todo, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split",
+    _, split_failures = run_shards(stage.split, todo, session=session, distributor=distributor, num_cpus=config.cpus_per_task, desc="reorder: split",
                                    resources=config.resources)
     for part, error in split_failures.items():
         ledger.fail(f"part-{part}", rows=part_rows(stage.part_files(part)["metadata"]), error=error)
@@ -213,7 +214,7 @@ def run_reorder(config: ReorderConfig, root: str, ray_config: Optional[RayConfig
                   len(split_failures), split_failures)
     else:
         pending = shards_to_gather(layout, markers)
-        _, gather_failures = run_shards(stage.gather, pending, distributor=distributor,
+        _, gather_failures = run_shards(stage.gather, pending, session=session, distributor=distributor,
                                         num_cpus=config.cpus_per_task, desc="reorder: gather",
                                         resources=config.resources)
         for shard, error in gather_failures.items():

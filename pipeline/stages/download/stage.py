@@ -14,8 +14,9 @@ from typing import Optional
 
 import pyarrow as pa
 
-from pipeline.run.config import DownloadConfig, RayConfig
-from pipeline.execution.distributor import ensure_ray, run_shards
+from pipeline.execution.distributor import run_shards
+from pipeline.execution.session import RaySession, require_session
+from pipeline.run.config import DownloadConfig
 from dalle2.faults import crash_point
 from pipeline.run.layout import CAPTION, DOWNLOAD, URL, RunLayout, index_width, shard_id_of
 from pipeline.run.ledger import Ledger, ShardRecord
@@ -157,8 +158,9 @@ def plan_download(config: DownloadConfig, layout: RunLayout) -> tuple[dict[str, 
     return shards, [s for s in shards if s not in done]
 
 
-def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConfig] = None) -> dict:
+def run_download(config: DownloadConfig, root: str, session: RaySession) -> dict:
     """Download every shard of the run that is not done yet; returns the stage summary."""
+    require_session(session, "run_download")
     started = time.time()
     layout = RunLayout(root)
     ledger = Ledger(layout, STAGE)
@@ -167,8 +169,8 @@ def run_download(config: DownloadConfig, root: str, ray_config: Optional[RayConf
     shards, todo = plan_download(config, layout)
     log.info("download: %d shards, %d to do", len(shards), len(todo))
     if config.distributor == "ray":
-        ensure_ray(ray_config, config.resources, "download.resources")
-    _, failures = run_shards(ShardDownloader(config, root), todo, distributor=config.distributor,
+        session.connect(config.resources, "download.resources")
+    _, failures = run_shards(ShardDownloader(config, root), todo, session=session, distributor=config.distributor,
                              num_cpus=config.cpus_per_shard, retries=config.shard_retries, desc="download",
                              timeout=config.shard_timeout, resources=config.resources,
                              env={OPENCV_PIXELS: str(int(config.max_image_area))})  # before cv2 is imported

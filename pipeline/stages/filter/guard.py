@@ -29,7 +29,7 @@ LANGUAGE = "caption language"
 
 def clip_rules(config: FilterConfig) -> dict[str, str]:
     """{kind: drop reason} of the set rules that judge with CLIP (the ones a poor CLIP gets wrong): "rank", "similarity"."""
-    from pipeline.stages.filter.stage import low_rank, low_similarity
+    from pipeline.stages.filter.rules import low_rank, low_similarity
 
     rules = {}
     if config.max_caption_rank is not None:
@@ -49,7 +49,7 @@ def held_out_retrieval(root: str, holdout: Holdout, rank: int = 1) -> Optional[d
     distinct caption once), and within the first `rank`, and against 9 others, beside chance; None when fewer than 2
     held-out rows have both embeddings (`why` says so)."""
     from pipeline.formats.aligned import read_aligned
-    from pipeline.stages.filter.stage import caption_ranks, normalized
+    from pipeline.stages.filter.rules import caption_ranks, normalized
 
     layout = RunLayout(root)
     images, texts, captions = [], [], []

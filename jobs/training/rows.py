@@ -13,7 +13,7 @@ def training_plans(run, section: str):
     """(train plan, evaluation plan) of a training job: the run's rows without its held-out ones (pipeline/formats/holdout.py),
     filtered for the prior and the decoder; the held-out rows, up to `eval_size`, whatever the filter said of them (its
     verdicts shape training, not the test set). CLIP reads the downloaded shards, the others the aligned embeddings."""
-    from pipeline.loaders import SamplePlan
+    from pipeline.loaders.plan import SamplePlan
 
     job = getattr(run, section)
     if section == "train_clip":

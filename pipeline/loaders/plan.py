@@ -1,27 +1,22 @@
-"""Streaming loaders for training: batches from the aligned embeddings (and the shards' images).
+"""What a training job reads, planned from per-shard counts: which rows of which shards (all, the training part, the
+held-out part), each epoch's permuted order cut into one contiguous slice per rank.
 
-An epoch's plan is deterministic in (seed, epoch): shards in a permuted order, the present samples
-of each shard in a permuted order, padded by wrapping to a multiple of the world size, then cut
-into one contiguous slice per rank. Every rank therefore sees the same number of samples and of
-batches, the padding is counted (`padded`), and a resumed run can skip to any batch of any epoch.
-Each rank streams its slice shard by shard (embeddings memory-mapped, images read from the tar
-without holding it) through a small shuffle buffer, so a data set is never held in memory.
+An epoch's plan is deterministic in (seed, epoch): shards in a permuted order, the present samples of each shard in a
+permuted order, padded by wrapping to a multiple of the world size, then cut into one contiguous slice per rank.
+Every rank therefore sees the same number of samples and of batches, the padding is counted (`padded`), and a resumed
+run can skip to any batch of any epoch.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import random
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional
+from typing import Literal
 
 import numpy as np
-import torch
 
-from pipeline.formats.aligned import aligned_shards, read_aligned
+from pipeline.formats.aligned import aligned_shards
 from pipeline.run.layout import INDEX, PRESENT, RunLayout, parse_key
-from pipeline.formats.shard_reader import image_of, iter_samples
 from pipeline.run.storage import read_parquet
 
 
@@ -205,151 +200,3 @@ class SamplePlan:
             permuted = dict(zip(mine, pool.map(
                 lambda s: np.random.default_rng([seed, epoch, s]).permutation(self.indices(shards[s])), mine)))
         return [(shards[shard], permuted[shard][first : first + take]) for shard, first, take in cuts], padded
-
-
-class ShardedBatches:
-    """Batches of one rank. Subclasses say how a run of (shard, indices) becomes samples."""
-
-    def __init__(self, root: str, plan: SamplePlan, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 256, drop_last: bool = False):
-        self.layout, self.plan, self.batch_size = RunLayout(root), plan, batch_size
-        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
-        # a contrastive loss learns little from an epoch's last few samples against each other (a batch of 4
-        # reads ~0 loss yet takes a full step): CLIP training drops them, as open_clip's training loader does,
-        # unless a rank's epoch has no full batch at all
-        self.drop_last = drop_last and self.samples_per_epoch() >= batch_size
-
-    def samples_per_epoch(self) -> int:
-        """Samples each rank sees per epoch (equal on every rank)."""
-        return math.ceil(self.plan.size / self.world_size)
-
-    def batches_per_epoch(self) -> int:
-        if self.drop_last:
-            return self.samples_per_epoch() // self.batch_size
-        return math.ceil(self.samples_per_epoch() / self.batch_size)
-
-    def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
-        """One item per entry of `indices`, in the order they are read: the sample, or None (not decoded) for
-        the k-th one read when `needed[k]` is False."""
-        raise NotImplementedError
-
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The batches of `epoch` for this rank, starting after `skip_batches` of them. Samples go through a
-        shuffle buffer; the order they leave it depends only on how many there are, so it is computed first and
-        a resumed rank neither opens the shards nor decodes the samples of the batches it skips."""
-        runs, _ = self.plan.rank_slice(self.rank, self.world_size, epoch, self.seed)
-        total = sum(len(indices) for _, indices in runs)
-        rng = random.Random(hash((self.seed, epoch, self.rank)) & 0xFFFFFFFF)
-        order = shuffle_order(total, self.shuffle_buffer, rng)  # order[k]: the read position of the k-th out
-        end = min(self.batches_per_epoch() * self.batch_size, total)  # short of `total` only when dropping the last
-        first = min(skip_batches * self.batch_size, end)
-        needed = np.zeros(total, dtype=bool)
-        needed[order[first:end]] = True  # nothing else is decoded
-        held: dict[int, dict] = {}  # read, not yet out (at most the buffer's size)
-        batch: list[dict] = []
-        out, position = first, 0
-
-        def ready() -> Iterator[dict]:
-            nonlocal out
-            while out < end and order[out] in held:
-                batch.append(held.pop(order[out]))
-                out += 1
-                if len(batch) == self.batch_size:
-                    yield self.collate(batch)
-                    batch.clear()
-
-        for shard, indices in runs:
-            wanted = needed[position : position + len(indices)]
-            if wanted.any():
-                for k, sample in enumerate(self.samples(shard, indices, wanted)):
-                    if sample is not None:
-                        held[position + k] = sample
-                        yield from ready()
-            position += len(indices)
-        yield from ready()
-        if batch:
-            yield self.collate(batch)
-
-    @staticmethod
-    def collate(samples: list[dict]) -> dict:
-        out = {}
-        for key in samples[0]:
-            values = [s[key] for s in samples]
-            out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-        return out
-
-
-def shuffle_order(count: int, buffer_size: int, rng: random.Random) -> np.ndarray:
-    """The order `count` samples read in sequence leave a shuffle buffer of `buffer_size`: out[k] is the read
-    position of the k-th sample out. Once the buffer is full each new sample sends a random one out; the rest
-    leave shuffled at the end."""
-    buffer: list[int] = []
-    out: list[int] = []
-    for position in range(count):
-        buffer.append(position)
-        if len(buffer) >= buffer_size:
-            out.append(buffer.pop(rng.randrange(len(buffer))))
-    rng.shuffle(buffer)
-    return np.asarray(out + buffer, dtype=np.int64)
-
-
-class EmbeddingBatches(ShardedBatches):
-    """(text_embed, image_embed, caption) batches from the aligned layout, for the prior."""
-
-    def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
-        aligned = read_aligned(self.layout, shard)
-        if aligned.text_emb is None:
-            raise ValueError(f"shard {shard} has no text embeddings (aligned/text_emb): the prior needs them")
-        for i, wanted in zip(indices.tolist(), needed.tolist()):
-            yield None if not wanted else {"text_embed": torch.from_numpy(np.asarray(aligned.text_emb[i], dtype=np.float32)),
-                   "image_embed": torch.from_numpy(np.asarray(aligned.img_emb[i], dtype=np.float32)),
-                   "caption": aligned.captions[i], "key": aligned.keys[i]}
-
-
-class ShardImageBatches(ShardedBatches):
-    """(image, caption) batches straight from the webdataset shards (CLIP training needs no embeddings)."""
-
-    def __init__(self, *args, image_size: int = 64, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.image_size = image_size
-
-    def extra(self, shard: str):
-        """Per-shard data joined to each sample (none here); returns (lookup, index digits or None)."""
-        return None, None
-
-    def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
-        from PIL import Image
-
-        joined, index_digits = self.extra(shard)
-        wanted: dict[int, int] = {}
-        for i in indices.tolist():  # a sample wrapped in twice (padding) is yielded twice
-            wanted[i] = wanted.get(i, 0) + 1
-        read = 0
-        for key, fields in iter_samples(self.layout.shard_tar(shard)):
-            index = parse_key(key, index_digits or len(key) - len(shard))[1]
-            if index not in wanted:
-                continue
-            copies = wanted.pop(index)
-            if not needed[read : read + copies].any():  # read in a batch a resumed rank skips: not decoded
-                read += copies
-                yield from [None] * copies
-                continue
-            with Image.open(io.BytesIO(image_of(fields))) as image:
-                image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-                pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-            sample = {"image": pixels, "caption": fields.get("txt", b"").decode("utf-8", errors="replace"), "key": key}
-            if joined is not None:
-                sample["image_embed"] = torch.from_numpy(np.asarray(joined.img_emb[index], np.float32))
-            for k in range(copies):
-                yield sample if needed[read + k] else None
-            read += copies
-        if wanted:
-            raise ValueError(f"shard {shard}: samples {sorted(wanted)[:5]} are present in aligned/ but not in its tar")
-
-
-class ImageBatches(ShardImageBatches):
-    """(image, image_embed, caption) batches: webdataset images joined with their aligned embeddings."""
-
-    def extra(self, shard: str):
-        aligned = read_aligned(self.layout, shard)
-        return aligned, (len(aligned.keys[0]) - len(shard) if aligned.keys else 1)

@@ -1,0 +1,1 @@
+"""Training on Ray Train: configs, the driver (fit), the worker, the loop and its cadence, curves."""

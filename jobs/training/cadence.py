@@ -1,0 +1,62 @@
+"""When a training loop logs, evaluates, checkpoints and stops: a pure function of the step and the data position.
+
+With gradient accumulation an optimizer step spans several batches; nothing happens between them. The last step
+(max_steps, or the last batch of the last epoch) always evaluates and checkpoints, so a run's summary has both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What to do after one batch."""
+
+    finished: bool  # the run's last step: stop after it
+    log: bool  # a progress line and a point of the loss curve (rank 0)
+    evaluate: bool
+    checkpoint: bool  # report with a checkpoint; an evaluation without one is reported alone
+
+    @property
+    def flush_history(self) -> bool:
+        """Whether the curves are written out: with each evaluation and each checkpoint."""
+        return self.evaluate or self.checkpoint
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """A job's schedule: `epochs` / `max_steps` to stop, and every how many optimizer steps to log, evaluate and
+    checkpoint."""
+
+    epochs: int
+    max_steps: Optional[int]
+    eval_every: int
+    checkpoint_every: int
+    log_every: int
+
+    @classmethod
+    def of(cls, job) -> "Cadence":
+        """The cadence of a TrainJobConfig."""
+        return cls(epochs=job.epochs, max_steps=job.max_steps, eval_every=job.eval_every,
+                   checkpoint_every=job.checkpoint_every, log_every=job.log_every)
+
+    def done(self, epoch: int, step: int) -> bool:
+        """Whether a run at `epoch` and optimizer `step` has nothing left to train (checked before each epoch)."""
+        return epoch >= self.epochs or bool(self.max_steps and step >= self.max_steps)
+
+    def after_batch(self, step: int, stepped: bool, epoch: int, end_of_epoch: bool) -> Optional[Actions]:
+        """What follows a batch that left the optimizer at `step` (`stepped`: this batch completed a step); None
+        while accumulating (no step, not the end)."""
+        finished = bool(self.max_steps and step >= self.max_steps) or (end_of_epoch and epoch == self.epochs - 1)
+        if not stepped and not finished:
+            return None
+        return Actions(finished=finished, log=step % self.log_every == 0 or finished,
+                       evaluate=step % self.eval_every == 0 or finished,
+                       checkpoint=step % self.checkpoint_every == 0 or finished)
+
+    @staticmethod
+    def resume_point(epoch: int, position: int, end_of_epoch: bool) -> dict[str, int]:
+        """The data position a checkpoint saves: the next batch, or the next epoch's first."""
+        return {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}

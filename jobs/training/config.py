@@ -1,0 +1,82 @@
+"""The training jobs' configs (train_clip, train_prior, train_decoder) and evaluation's: typed, bounded, laptop defaults."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from dalle2.configs import StrictModel, TrainerConfig
+from pipeline.run.config import ClipSource, Resources
+
+
+class TrainJobConfig(StrictModel):
+    """Settings shared by train_clip, train_prior and train_decoder."""
+
+    workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    resources_per_worker: Resources = {}  # custom resources, e.g. {gpu_pool: 0.001}: workers on the GPU node type
+    max_failures: int = Field(default=1, ge=-1)  # a crashed worker restarts from its latest checkpoint this many times (-1: always)
+    keep_checkpoints: PositiveInt = 2
+    epochs: PositiveInt = 1
+    max_steps: Optional[PositiveInt] = None  # stop early after this many optimizer steps in total
+    batch_size: PositiveInt = 32
+    eval_every: PositiveInt = 50
+    eval_size: PositiveInt = 32  # held-out rows (the run's holdout section) each evaluation reads, at most
+    checkpoint_every: PositiveInt = 50
+    log_every: PositiveInt = 20  # a progress line (step, loss, steps/s) from rank 0
+    shuffle_buffer: PositiveInt = 256
+    seed: NonNegativeInt = 0
+    trainer: TrainerConfig = TrainerConfig()
+    torch_threads: PositiveInt = Field(default=1, description="torch threads per worker (CPU training)")
+
+
+class TrainPriorConfig(TrainJobConfig):
+    """The prior's training job."""
+
+    prior: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/prior) or a dict
+
+    @property
+    def job_name(self) -> str:
+        """Where this job's checkpoints go: <root>/train/prior."""
+        return "prior"
+
+
+class TrainDecoderConfig(TrainJobConfig):
+    """The decoder's training job."""
+
+    decoder: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/decoder) or a dict
+    unet_number: Optional[PositiveInt] = None  # train this stage only; None: every stage, in turn, batch by batch
+    eval_samples: PositiveInt = 8  # held-out embeddings drawn into the sample grid
+    cond_scale: float = 1.0
+
+    @property
+    def job_name(self) -> str:
+        """Where this job's checkpoints go: `decoder` for the whole cascade, `decoder_unet{k}` for stage k alone,
+        so stages trained by separate jobs (each on the GPUs it needs) never resume from each other."""
+        return "decoder" if self.unet_number is None else f"decoder_unet{self.unet_number}"
+
+
+class TrainClipConfig(TrainJobConfig):
+    """The CLIP training job (contrastive, on the run's shards)."""
+
+    enabled: bool = True  # False when embed.clip names a pretrained CLIP to use instead
+    model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
+
+    @property
+    def job_name(self) -> str:
+        """Where this job's checkpoints go: <root>/train/clip."""
+        return "clip"
+
+
+class EvalConfig(StrictModel):
+    """How samples are scored (decoder evaluations and the demo's report)."""
+
+    clip: Optional[ClipSource] = None  # the scoring CLIP; None: the run's own
+    # FID and KID: torch-fidelity's Inception v3 weights (weights-inception-2015-12-05-6726825d.pth), a local path or
+    # any fsspec URL; None: no FID (FD and KID on CLIP features are always given)
+    inception_weights: Optional[str] = None
+    distractors: PositiveInt = 99  # R-precision: other captions each true caption competes with
+    repeats: PositiveInt = 10  # R-precision: fresh draws of the distractors
+    bootstraps: int = Field(default=20, ge=2, le=1000)  # resamples giving FD's noise

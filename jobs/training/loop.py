@@ -1,0 +1,62 @@
+"""The training loop every job (clip, prior, decoder) runs on each Ray Train worker."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from .cadence import Cadence
+from .config import TrainJobConfig
+from .history import MetricsHistory, SampleTrace
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Callable[[dict], float],
+                  evaluate: Callable[[int], dict], state: dict) -> None:
+    """The loop every job runs: epochs of this rank's batches from the resumed position, with what the job's
+    `Cadence` says after each optimizer step (log, evaluate, checkpoint with the data position, so a resumed run
+    sees exactly the batches an uninterrupted one would; stop)."""
+    import time
+
+    from dalle2.faults import crash_point
+
+    cadence = Cadence.of(job)
+    resumed_from = trainer.step
+    epoch, position = state.get("epoch", 0), state.get("batch", 0)
+    step = trainer.step
+    last_log, last_log_step = time.time(), step
+    trace, history = SampleTrace(worker.rank), MetricsHistory(worker, resumed_from)
+    while not cadence.done(epoch, step):
+        for batch in loader.epoch(epoch, skip_batches=position):
+            position += 1
+            loss = train_step(batch)
+            stepped, step = trainer.step != step, trainer.step
+            trace.add(step, batch.get("key", []))
+            crash_point("train.mid_step")
+            end_of_epoch = position == loader.batches_per_epoch()
+            actions = cadence.after_batch(step=step, stepped=stepped, epoch=epoch, end_of_epoch=end_of_epoch)
+            if actions is None:
+                continue  # accumulating: the optimizer step (and its eval / checkpoint) comes with a later batch
+            metrics = {"step": step, "epoch": epoch, "loss": loss, "resumed_from_step": resumed_from}
+            if worker.rank == 0 and actions.log:
+                rate = (step - last_log_step) / max(time.time() - last_log, 1e-9)
+                log.info("%s: step %d/%s epoch %d loss %.4f (%.2f steps/s)", worker.job_name, step,
+                         job.max_steps or "?", epoch, loss, rate)
+                last_log, last_log_step = time.time(), step
+                history.add(step=step, loss=loss)
+                history.progress(step=step, loss=loss)
+            if actions.evaluate:  # the last report (the run's summary) has one
+                metrics.update(evaluate(step), eval_step=step)
+                history.add(**{k: v for k, v in metrics.items() if k not in ("epoch", "resumed_from_step", "eval_step")})
+            if actions.flush_history:
+                history.flush()
+            if actions.checkpoint:
+                extra = cadence.resume_point(epoch=epoch, position=position, end_of_epoch=end_of_epoch)
+                worker.report(metrics, save=lambda folder: trainer.save(folder, extra=extra))
+            elif actions.evaluate:  # reported on its own, so every evaluation reaches the logs
+                worker.report(metrics)
+            if actions.finished:
+                break
+        epoch, position = epoch + 1, 0

@@ -1,0 +1,61 @@
+"""The training loop's schedule (jobs/training/cadence.py): when it logs, evaluates, checkpoints, stops and where a
+checkpoint resumes, with gradient accumulation and at the end of a run."""
+
+from __future__ import annotations
+
+from jobs.training.cadence import Cadence
+
+
+def schedule(cadence: Cadence, batches_per_epoch: int, accumulate: int = 1) -> list[tuple]:
+    """What the loop does batch by batch (an optimizer step every `accumulate` batches), as the loop drives it."""
+    done, step, epoch = [], 0, 0
+    while not cadence.done(epoch, step):
+        for position in range(1, batches_per_epoch + 1):
+            stepped = position % accumulate == 0 or position == batches_per_epoch
+            step += stepped
+            end = position == batches_per_epoch
+            actions = cadence.after_batch(step=step, stepped=stepped, epoch=epoch, end_of_epoch=end)
+            if actions is not None:
+                done.append((epoch, position, step, actions.log, actions.evaluate, actions.checkpoint,
+                             actions.finished, cadence.resume_point(epoch=epoch, position=position, end_of_epoch=end)))
+            if actions is not None and actions.finished:
+                break
+        epoch += 1
+    return done
+
+
+def test_every_interval_fires_on_its_multiples_and_the_last_step_does_everything():
+    cadence = Cadence(epochs=1, max_steps=None, eval_every=3, checkpoint_every=4, log_every=2)
+    steps = schedule(cadence, batches_per_epoch=7)
+    assert [s[2] for s in steps] == [1, 2, 3, 4, 5, 6, 7]
+    assert [s[2] for s in steps if s[3]] == [2, 4, 6, 7]  # logged
+    assert [s[2] for s in steps if s[4]] == [3, 6, 7]  # evaluated
+    assert [s[2] for s in steps if s[5]] == [4, 7]  # checkpointed
+    assert [s[2] for s in steps if s[6]] == [7]  # finished: the run's summary has an evaluation and a checkpoint
+
+
+def test_max_steps_stops_mid_epoch_and_the_checkpoint_resumes_at_the_next_batch():
+    cadence = Cadence(epochs=5, max_steps=5, eval_every=100, checkpoint_every=100, log_every=100)
+    steps = schedule(cadence, batches_per_epoch=3)
+    last = steps[-1]
+    assert (last[0], last[1], last[2]) == (1, 2, 5) and last[4] and last[5] and last[6]
+    assert last[7] == {"epoch": 1, "batch": 2}  # the next batch of the same epoch
+    assert cadence.done(epoch=1, step=5) and not cadence.done(epoch=1, step=4)
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_resumes_at_the_next_epochs_first_batch():
+    cadence = Cadence(epochs=3, max_steps=None, eval_every=100, checkpoint_every=4, log_every=100)
+    steps = schedule(cadence, batches_per_epoch=4)
+    assert [(s[0], s[7]) for s in steps if s[5]] == [(0, {"epoch": 1, "batch": 0}), (1, {"epoch": 2, "batch": 0}),
+                                                     (2, {"epoch": 3, "batch": 0})]
+    assert steps[-1][6] and cadence.done(epoch=3, step=12)
+
+
+def test_nothing_happens_between_the_micro_batches_of_an_accumulated_step():
+    cadence = Cadence(epochs=1, max_steps=None, eval_every=1, checkpoint_every=1, log_every=1)
+    steps = schedule(cadence, batches_per_epoch=7, accumulate=3)
+    # optimizer steps complete on batches 3 and 6, and the epoch's last (7) steps with what it has
+    assert [(s[1], s[2]) for s in steps] == [(3, 1), (6, 2), (7, 3)]
+    assert cadence.after_batch(step=1, stepped=False, epoch=0, end_of_epoch=False) is None
+    # a run's last batch finishes it even when it completes no step
+    assert cadence.after_batch(step=2, stepped=False, epoch=0, end_of_epoch=True).finished
