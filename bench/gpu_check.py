@@ -54,6 +54,7 @@ def main() -> None:
 
     from jobs import embed, train_decoder, train_prior
     from jobs.run_config import load_run_config
+    from jobs.stage import parse_run_config, run_session, run_stage
     from jobs.sample import generate
     from jobs.shapes import write_shards
 
@@ -73,17 +74,18 @@ def main() -> None:
         f"train_decoder.eval_every={steps}", f"train_decoder.checkpoint_every={steps}", "train_decoder.eval_size=8",
         "train_decoder.eval_samples=4", "train_decoder.epochs=100", "train_decoder.trainer.amp=bf16",
     ]
-    argv = [x for s in overrides for x in ("--set", s)]
-    for name, job, work in (("embed", embed, args.images), ("train-prior", train_prior, steps * 128),
-                            ("train-decoder", train_decoder, steps * 16)):
-        started = time.time()
-        with GpuMemoryPeak() as memory:
-            summary = job.main(argv)
-        seconds = time.time() - started
-        unit = "images/s" if name == "embed" else "samples/s (incl. start-up and evaluation)"
-        print(json.dumps({"stage": name, "seconds": round(seconds, 1), unit: round(work / seconds, 1),
-                          "peak_gpu_memory_gib": round(memory.peak / 2**30, 2),
-                          "loss": summary.get("loss"), "failed": summary.get("failed")}), flush=True)
+    config = parse_run_config([x for s in overrides for x in ("--set", s)], "gpu check")
+    with run_session(config) as session:  # one Ray for the three stages, as `dalle2 run` has
+        for name, job, work in (("embed", embed, args.images), ("train-prior", train_prior, steps * 128),
+                                ("train-decoder", train_decoder, steps * 16)):
+            started = time.time()
+            with GpuMemoryPeak() as memory:
+                summary = run_stage(job.STAGE, config, session)
+            seconds = time.time() - started
+            unit = "images/s" if name == "embed" else "samples/s (incl. start-up and evaluation)"
+            print(json.dumps({"stage": name, "seconds": round(seconds, 1), unit: round(work / seconds, 1),
+                              "peak_gpu_memory_gib": round(memory.peak / 2**30, 2),
+                              "loss": summary.get("loss"), "failed": summary.get("failed")}), flush=True)
 
     started = time.time()
     with GpuMemoryPeak() as memory:

@@ -237,8 +237,10 @@ def made_by_an_earlier_demo(root: str) -> bool:
 
     from pipeline.run.storage import exists, read_bytes
 
+    from .run_config import CONFIG_NAME
+
     try:
-        config = yaml.safe_load(read_bytes(f"{root}/config.yaml"))
+        config = yaml.safe_load(read_bytes(f"{root}/{CONFIG_NAME}"))
         url_list = config["download"]["url_list"]
     except Exception:  # noqa: BLE001 - no config.yaml, or not one of ours: not a demo run
         return False

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pipeline.run.layout import REORDER
+
 from .run_config import RunConfig
 from .stage import Stage, ledger_complete
 
@@ -19,7 +21,7 @@ def run(config: RunConfig, session) -> dict:
 
 
 STAGE = Stage("reorder", "align clip-retrieval embeddings with the shards", run,
-              complete=lambda run: ledger_complete(run, "reorder"), wanted=lambda run: bool(run.reorder.source))
+              complete=lambda run: ledger_complete(run, REORDER), wanted=lambda run: bool(run.reorder.source))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

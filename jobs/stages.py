@@ -14,10 +14,9 @@ from .stage import Stage, run_stage
 
 log = logging.getLogger(__name__)
 
-# each stage module's STAGE, in the order a run goes through them
-STAGES: list[Stage] = [module.STAGE for module in (download, train_clip, embed, reorder, filter, train_prior, train_decoder)]
-MODULES: dict[str, str] = {module.STAGE.name: module.__name__ for module in
-                           (download, train_clip, embed, reorder, filter, train_prior, train_decoder)}
+_IN_ORDER = (download, train_clip, embed, reorder, filter, train_prior, train_decoder)  # the order a run goes through
+STAGES: list[Stage] = [module.STAGE for module in _IN_ORDER]  # each stage module's one STAGE
+MODULES: dict[str, str] = {module.STAGE.name: module.__name__ for module in _IN_ORDER}  # for `python -m` and the CLI
 
 
 def stage_named(name: str) -> Stage:

@@ -10,8 +10,9 @@ import argparse
 import json
 from typing import Optional
 
+from pipeline.run.layout import DOWNLOAD, EMBED, FILTER, REORDER
 
-DATA_STAGES = ("download", "embed", "reorder", "filter")
+DATA_STAGES = (DOWNLOAD, EMBED, REORDER, FILTER)  # the stages with a ledger
 
 
 def run_status(root: str) -> dict:

@@ -22,6 +22,17 @@ def test_a_stage_called_without_a_session_is_refused_naming_it(stage, config, tm
     assert not (tmp_path / "run").exists()  # refused before any work: no Ray asked for, no file of the run written
 
 
+def test_a_training_stage_called_without_a_session_is_refused_before_it_draws_the_held_out_rows(tmp_path):
+    from jobs.run_config import RunConfig
+    from jobs.train_prior import prior_loop
+    from jobs.training.driver import train
+
+    config = RunConfig(root=str(tmp_path / "run"))
+    with pytest.raises(TypeError, match="train_prior: train needs the command's RaySession"):
+        train(config, None, prior_loop, "train_prior")
+    assert not (tmp_path / "run").exists()  # no holdout.parquet drawn, no Ray asked for
+
+
 def test_run_shards_needs_the_session_even_to_run_locally():
     with pytest.raises(TypeError, match="shards: run_shards needs the command's RaySession"):
         run_shards(lambda shard: None, ["00000"], session="ray", distributor="local")

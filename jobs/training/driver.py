@@ -9,7 +9,7 @@ import json
 import logging
 from typing import Callable, Optional
 
-from pipeline.execution.session import RaySession
+from pipeline.execution.session import RaySession, require_session
 from pipeline.run.layout import TrainLayout
 
 from .config import TrainJobConfig
@@ -25,6 +25,7 @@ def train(config, session: RaySession, loop: Callable[[dict], None], section: st
     from ..checkpoints import training_jobs
     from .rows import check_enough_rows
 
+    require_session(session, f"{section}: train")
     job = getattr(config, section)
     # fixed before the first training stage, read by the rest
     ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))

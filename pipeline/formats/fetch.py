@@ -14,13 +14,12 @@
   size is not in its first MiB, fails before OpenCV decodes it;
 - X-Robots-Tag opt-outs (img2dataset's rule) are honoured before the body is read.
 
-Every failure is a reason from the policy's vocabulary. `install(...)` makes img2dataset's downloader
-use it (img2dataset looks `download_image` up in its module at call time, and has no hook for any of this).
+Every failure is a reason from the policy's vocabulary. `pipeline/stages/download/hook.py` makes img2dataset's
+downloader use it (img2dataset looks `download_image` up in its module at call time, and has no hook for any of this).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import ipaddress
@@ -30,11 +29,11 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 from urllib.parse import quote, urljoin, urlsplit
 
 from pipeline.formats import policy as P
-from dalle2.faults import crash_point
+from pipeline.formats.image_header import image_area
 
 CHUNK = 1 << 16
 HEADER_PROBE_LIMIT = 1 << 20  # an image whose size is not in its first MiB is refused
@@ -82,48 +81,6 @@ class RequestTimeout(TimeoutError):
     """The whole request took longer than its deadline."""
 
 
-def image_area(head: bytes) -> Optional[int]:
-    """width x height from the first bytes of an encoded image, or None if they do not tell (yet)."""
-    import struct
-
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", head[16:24])  # IHDR comes first, at a fixed offset
-        return width * height
-    if head[:2] == b"\xff\xd8":
-        return _jpeg_area(head)
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(head)) as image:  # parses the header only; decodes nothing
-            width, height = image.size
-        return width * height
-    except Image.DecompressionBombError:  # PIL refuses images over twice its pixel limit: at least that
-        return 2 * Image.MAX_IMAGE_PIXELS + 1
-    except Exception:  # noqa: BLE001 - not enough bytes yet, or not an image (the resizer says which)
-        return None
-
-
-def _jpeg_area(head: bytes) -> Optional[int]:
-    """The frame size of a JPEG from its SOF marker (after any EXIF), or None if it has not arrived."""
-    import struct
-
-    i = 2
-    while i + 9 <= len(head):
-        if head[i] != 0xFF:
-            return None
-        marker = head[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = struct.unpack(">H", head[i + 2:i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
-            height, width = struct.unpack(">HH", head[i + 5:i + 9])
-            return width * height
-        i += 2 + length
-    return None
-
-
-# The two calls a test replaces to count lookups and connections (nothing else in this module resolves or connects).
 _resolve = socket.getaddrinfo
 _connect = socket.create_connection
 
@@ -360,37 +317,3 @@ def reason_of(error: BaseException) -> str:
     if isinstance(error, http.client.IncompleteRead):
         return P.TRUNCATED
     return P.error_class(error)
-
-
-# img2dataset's download_image gets (key, url) only: the url column it reads (and writes into the
-# shards) is redacted, and the real URLs of the shard in flight are looked up here by key.
-_REAL_URLS: dict[int, str] = {}
-_SHARD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def real_urls(urls: dict[int, str]) -> Iterator[None]:
-    """While one shard downloads: {row index: real URL} for the rows whose url column was redacted."""
-    with _SHARD_LOCK:  # one shard at a time per process (a Ray worker runs one task at a time anyway)
-        _REAL_URLS.clear()
-        _REAL_URLS.update(urls)
-        try:
-            yield
-        finally:
-            _REAL_URLS.clear()
-
-
-def install(policy: FetchPolicy) -> None:
-    """Make img2dataset's downloader fetch through `fetch` under `policy`."""
-    from img2dataset import downloader
-
-    def download_image(row, timeout, user_agent_token, disallowed_header_directives):
-        key, url = row
-        try:
-            body = fetch(_REAL_URLS.get(key, url), policy)
-        except Exception as error:  # noqa: BLE001 - the row fails with the vocabulary's reason
-            return key, None, reason_of(error)
-        crash_point("download.mid_shard")
-        return key, io.BytesIO(body), None
-
-    downloader.download_image = download_image

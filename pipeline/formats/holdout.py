@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
 from pipeline.run.layout import CAPTION, INDEX, KEY, SHARD, RunLayout
 
 SETTINGS = b"dalle2.holdout"  # the parquet metadata key holding the settings the split was drawn with

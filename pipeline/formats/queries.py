@@ -1,7 +1,7 @@
 """What a run's stages wrote, read back: the read-side queries stages and loaders share (no stage imports another).
 
-Which shards finished downloading, what a shard holds, the key width, the URL list's skipped rows, the rows the
-filter kept. Each reads files whose names come from pipeline/run/layout.py.
+Which shards finished downloading, what a shard holds, its usable rows (downloaded or aligned), the key width, the
+URL list's skipped rows, the rows the filter kept. Each reads files whose names come from pipeline/run/layout.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.run.layout import DOWNLOAD, INDEX, KEEP, RunLayout
+from pipeline.run.layout import CAPTION, DOWNLOAD, INDEX, KEEP, KEY, PRESENT, RunLayout, parse_key
 from pipeline.run.ledger import Ledger
 from pipeline.run.storage import exists, list_names, read_json, read_parquet
 
@@ -33,7 +33,7 @@ def complete_shards(layout: RunLayout) -> list[str]:
     """Shards whose download finished: recorded in the download ledger when the run has one (a shard whose
     download died after img2dataset's stats file is downloaded again, so it is not final yet), else, for
     plain img2dataset output, those with img2dataset's stats file (written last)."""
-    stats = sorted(list_names(layout.shards, "_stats.json"))
+    stats = sorted(list_names(layout.shards, layout.STATS))
     recorded = Ledger(layout, DOWNLOAD).done()
     return [shard for shard in stats if shard in recorded] if recorded else stats
 
@@ -56,6 +56,13 @@ def run_index_width(layout: RunLayout) -> Optional[int]:
     return read_json(summary).get("index_width") if exists(summary) else None
 
 
+def written_per_shard(layout: RunLayout, stage: str) -> dict[str, int]:
+    """{shard: rows written} as the stage's ledger summary counts them (one read; {} before it has one)."""
+    summary = layout.ledger_summary(stage)
+    per_shard = (read_json(summary).get("per_shard") or {}) if exists(summary) else {}
+    return {shard: record["written"] for shard, record in per_shard.items()}
+
+
 def skipped_rows(layout: RunLayout) -> dict[str, int]:
     """Rows of the URL list the split skipped (download.skip_malformed_rows), by reason."""
     marker = layout.split_marker
@@ -69,3 +76,32 @@ def kept_indices(root: str, shard: str) -> np.ndarray:
         raise FileNotFoundError(f"no filter mask {path}: run the filter stage (dalle2 filter), or set filter.enabled: false")
     mask = read_parquet(path, columns=[INDEX, KEEP]).to_pydict()
     return np.asarray([i for i, keep in zip(mask[INDEX], mask[KEEP]) if keep], dtype=np.int64)
+
+
+def usable_rows(layout: RunLayout, shard: str, kind: str, captions: bool = True) -> tuple[np.ndarray, list[str], list[str]]:
+    """(row indices ascending, keys, captions) of a shard's usable rows: its downloaded successes ("downloaded", from
+    the shard's parquet; the key width from its keys) or its present aligned rows ("aligned"). Without `captions`,
+    no caption column is read and the captions are empty."""
+    if kind == "downloaded":
+        columns = ["key", "status"] + ([CAPTION] if captions else [])
+        table = read_parquet(layout.shard_parquet(shard), columns=columns).to_pydict()
+        digits = len(table["key"][0]) - len(shard) if table["key"] else 1
+        texts = table[CAPTION] if captions else [""] * len(table["key"])
+        rows = [(parse_key(k, digits)[1], k, c or "") for k, s, c in zip(table["key"], table["status"], texts)
+                if s == "success"]
+    else:
+        columns = [INDEX, KEY, PRESENT] + ([CAPTION] if captions else [])
+        table = read_parquet(layout.aligned_files(shard)["metadata"], columns=columns).to_pydict()
+        texts = table[CAPTION] if captions else [""] * len(table[INDEX])
+        rows = [(i, k, c or "") for i, k, c, p in zip(table[INDEX], table[KEY], texts, table[PRESENT]) if p]
+    rows.sort()
+    return (np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], [r[2] for r in rows])
+
+
+def usable_indices(layout: RunLayout, shard: str, kind: str) -> np.ndarray:
+    """A shard's usable row indices, ascending ("downloaded" or "aligned", as `usable_rows`), read with as few
+    columns as that takes: training plans read them for every shard of its slice."""
+    if kind == "aligned":  # the aligned metadata is in index order: no keys to parse or sort
+        meta = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, PRESENT])
+        return meta.column(INDEX).to_numpy()[meta.column(PRESENT).to_numpy(zero_copy_only=False)].astype(np.int64)
+    return usable_rows(layout, shard, kind, captions=False)[0]

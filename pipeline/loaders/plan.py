@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 
 from pipeline.formats.aligned import aligned_shards
-from pipeline.run.layout import INDEX, PRESENT, RunLayout, parse_key
-from pipeline.run.storage import read_parquet
+from pipeline.formats.queries import complete_shards, kept_indices, usable_indices, written_per_shard
+from pipeline.run.layout import DOWNLOAD, EMBED, FILTER, REORDER, RunLayout
 
 
 Part = Literal["all", "train", "held_out"]
@@ -44,18 +44,9 @@ class RowSource:
 
     def read_all(self, shard: str) -> np.ndarray:
         """The shard's usable row indices, ascending, read from its files."""
-        layout = RunLayout(self.root)
         if self.kind == "filtered":
-            from pipeline.formats.queries import kept_indices
-
             return kept_indices(self.root, shard)
-        if self.kind == "aligned":
-            meta = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, PRESENT])
-            return meta.column(INDEX).to_numpy()[meta.column(PRESENT).to_numpy(zero_copy_only=False)].astype(np.int64)
-        meta = read_parquet(layout.shard_parquet(shard), columns=["key", "status"]).to_pydict()
-        digits = len(meta["key"][0]) - len(shard) if meta["key"] else 1
-        return np.asarray(sorted(parse_key(k, digits)[1] for k, s in zip(meta["key"], meta["status"]) if s == "success"),
-                          dtype=np.int64)
+        return usable_indices(RunLayout(self.root), shard, self.kind)
 
     def __call__(self, shard: str) -> np.ndarray:
         """The shard's usable row indices; refused when they are not as many as the plan counted (every rank
@@ -69,7 +60,7 @@ class RowSource:
 
 
 # the stage whose ledger summary counts each kind of row (written = usable rows of the shard)
-SUMMARY_STAGE = {"filtered": "filter", "aligned": "embed (or reorder)", "downloaded": "download"}
+SUMMARY_STAGE = {"filtered": FILTER, "aligned": f"{EMBED} (or {REORDER})", "downloaded": DOWNLOAD}
 
 
 def planned_counts(root: str, kind: str, shards: list[str]) -> dict[str, int]:
@@ -77,17 +68,14 @@ def planned_counts(root: str, kind: str, shards: list[str]) -> dict[str, int]:
     only for shards no summary counts (data made elsewhere, or a stage that has not summarised yet)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.run.storage import exists, read_json
-
     layout = RunLayout(root)
-    stages = {"filtered": ["filter"], "aligned": ["embed", "reorder"], "downloaded": ["download"]}[kind]
+    stages = {"filtered": [FILTER], "aligned": [EMBED, REORDER], "downloaded": [DOWNLOAD]}[kind]
     counted: dict[str, set[int]] = {}
     for stage in stages:
-        summary = layout.ledger_summary(stage)
-        per_shard = (read_json(summary).get("per_shard") or {}) if exists(summary) else {}
+        per_shard = written_per_shard(layout, stage)
         for s in shards:
             if s in per_shard:
-                counted.setdefault(s, set()).add(per_shard[s]["written"])
+                counted.setdefault(s, set()).add(per_shard[s])
     # a shard two stages counted differently (embed, then reorder over it) is read, not guessed
     counts = {s: next(iter(n)) for s, n in counted.items() if len(n) == 1}
     uncounted = [s for s in shards if s not in counts]
@@ -130,8 +118,6 @@ class SamplePlan:
     def from_shards(cls, root: str, part: Part = "all") -> "SamplePlan":
         """Every downloaded sample of `part` (status success in the shards' parquets), for training without
         embeddings."""
-        from pipeline.formats.queries import complete_shards
-
         layout = RunLayout(root)
         shards = complete_shards(layout)
         if not shards:

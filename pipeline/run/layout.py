@@ -81,6 +81,7 @@ class RunLayout:
     """Paths of one run under `root` (a local path or any fsspec URL)."""
 
     root: str
+    STATS = "_stats.json"  # <shard><STATS>: img2dataset's last file of a shard
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -114,6 +115,10 @@ class RunLayout:
         """The filter's keep mask of shard `name` (one row per aligned row)."""
         return self._join("filter", f"{name}.parquet")
 
+    def filter_first_pass(self, name: str) -> str:
+        """A shard's mask after the filter's first pass (per shard), before the run-wide duplicate search."""
+        return self.scratch(FILTER, f"{name}.parquet")
+
     @property
     def split_marker(self) -> str:
         """Written last by the URL list's split: lists the input shards (download's first done marker)."""
@@ -129,7 +134,7 @@ class RunLayout:
         return self._join("shards", f"{name}.parquet")
 
     def shard_stats(self, name: str) -> str:
-        return self._join("shards", f"{name}_stats.json")
+        return self._join("shards", f"{name}{self.STATS}")
 
     def clip_retrieval_files(self, n: int) -> dict[str, str]:
         """clip-retrieval's three files of part `n`."""

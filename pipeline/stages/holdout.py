@@ -25,20 +25,9 @@ log = logging.getLogger(__name__)
 
 def candidate_rows(root: str, shard: str, kind: str) -> tuple[np.ndarray, list[str], list[str]]:
     """(row indices, keys, captions) of the usable rows of one shard: downloaded successes, or present aligned rows."""
-    from pipeline.run.layout import PRESENT, parse_key
-    from pipeline.run.storage import read_parquet
+    from pipeline.formats.queries import usable_rows
 
-    layout = RunLayout(root)
-    if kind == "downloaded":
-        table = read_parquet(layout.shard_parquet(shard), columns=["key", "status", CAPTION]).to_pydict()
-        digits = len(table["key"][0]) - len(shard) if table["key"] else 1
-        rows = [(parse_key(k, digits)[1], k, c or "") for k, s, c in zip(table["key"], table["status"], table[CAPTION])
-                if s == "success"]
-    else:
-        table = read_parquet(layout.aligned_files(shard)["metadata"], columns=[INDEX, KEY, CAPTION, PRESENT]).to_pydict()
-        rows = [(i, k, c or "") for i, k, c, p in zip(table[INDEX], table[KEY], table[CAPTION], table[PRESENT]) if p]
-    rows.sort()
-    return (np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], [r[2] for r in rows])
+    return usable_rows(RunLayout(root), shard, kind)
 
 
 def draw_holdout(root: str, config: HoldoutConfig) -> Holdout:

@@ -22,11 +22,11 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline.formats.aligned import align, write_aligned
+from dalle2.faults import crash_point
 from pipeline.execution.distributor import run_shards
 from pipeline.execution.session import RaySession, require_session
+from pipeline.formats.aligned import align, write_aligned
 from pipeline.run.config import ReorderConfig
-from dalle2.faults import crash_point
 from pipeline.run.layout import CAPTION, INDEX, KEY, REORDER, RunLayout, parse_key, shard_id_of, shard_name
 from pipeline.run.ledger import Ledger, ShardRecord
 from pipeline.run.storage import (embedding_array, embedding_column, exists, list_files, list_names, read_many_json, read_npy,

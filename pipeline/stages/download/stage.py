@@ -14,15 +14,15 @@ from typing import Optional
 
 import pyarrow as pa
 
+from dalle2.faults import crash_point
 from pipeline.execution.distributor import run_shards
 from pipeline.execution.session import RaySession, require_session
+from pipeline.formats.queries import LOST_IN_IMG2DATASET, skipped_rows
 from pipeline.run.config import DownloadConfig
-from dalle2.faults import crash_point
 from pipeline.run.layout import CAPTION, DOWNLOAD, URL, RunLayout, index_width, shard_id_of
 from pipeline.run.ledger import Ledger, ShardRecord
-from pipeline.formats.queries import LOST_IN_IMG2DATASET, skipped_rows
-from pipeline.stages.download.split import split_url_list
 from pipeline.run.storage import filesystem, fsync_files, list_names, read_bytes, read_parquet, remove, write_atomic
+from pipeline.stages.download.split import split_url_list
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class ShardDownloader:
         from img2dataset.resizer import Resizer
         from img2dataset.writer import WebDatasetSampleWriter
 
-        from pipeline.formats.fetch import FetchPolicy, install
+        from pipeline.formats.fetch import FetchPolicy
+        from pipeline.stages.download.hook import install
 
         c = self.config
         install(FetchPolicy.of(c))  # the download policy, a whole-request deadline, size checked from the header
@@ -76,7 +77,7 @@ class ShardDownloader:
         copy = self.layout.scratch(STAGE, f"{shard}.arrow")
         redacted, real = redact_urls(source)  # the shards keep the redacted URL; the fetch gets the real one
         write_atomic(copy, redacted)
-        from pipeline.formats.fetch import real_urls
+        from pipeline.stages.download.hook import real_urls
 
         with real_urls(real):
             self._downloader.download_shard((shard_id_of(shard), copy))
@@ -154,7 +155,7 @@ def input_rows(arrow: bytes) -> int:
 def plan_download(config: DownloadConfig, layout: RunLayout) -> tuple[dict[str, int], list[str]]:
     """({shard: input rows} of the run, the shards still to download)."""
     shards = split_url_list(config, layout)
-    done = Ledger(layout, STAGE).done() & list_names(layout.shards, "_stats.json")  # two listings
+    done = Ledger(layout, STAGE).done() & list_names(layout.shards, layout.STATS)  # two listings
     return shards, [s for s in shards if s not in done]
 
 

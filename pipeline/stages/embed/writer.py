@@ -20,8 +20,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import pyarrow as pa
 
-from pipeline.run.config import EmbedConfig
 from dalle2.faults import crash_point
+from pipeline.run.config import EmbedConfig
 from pipeline.run.layout import EMBED, RunLayout, parse_key, shard_id_of
 from pipeline.run.ledger import Ledger, ShardRecord
 from pipeline.run.storage import embedding_array, embedding_column, read_json, read_parquet, remove, write_parquet

@@ -10,15 +10,13 @@ import numpy as np
 from dalle2.faults import crash_point
 from pipeline.formats.aligned import read_aligned
 from pipeline.run.config import FilterConfig
-from pipeline.run.layout import DUPLICATE_OF, FILTER, KEEP, KEY, REASON, SIMILARITY, RunLayout
+from pipeline.run.layout import DUPLICATE_OF, KEEP, KEY, REASON, SIMILARITY, RunLayout
 from pipeline.run.ledger import Ledger
 from pipeline.run.storage import read_parquet, write_parquet
 from pipeline.stages.filter.rules import NEAR_DUPLICATE, normalized
 from pipeline.stages.filter.shards import mask_table, shard_record
 
 log = logging.getLogger(__name__)
-
-STAGE = FILTER
 
 
 class RunWideDuplicates:
@@ -97,7 +95,7 @@ def across_the_run(config: FilterConfig, layout: RunLayout, ledger: Ledger, done
         is_done = shard in done
         if not is_done:
             crash_point("filter.mid_search")
-        mask = read_parquet(layout.filter_mask(shard) if is_done else layout.scratch(STAGE, f"{shard}.parquet")).to_pydict()
+        mask = read_parquet(layout.filter_mask(shard) if is_done else layout.filter_first_pass(shard)).to_pydict()
         if config.duplicate_threshold is not None and len(mask[KEY]):
             image = normalized(read_aligned(layout, shard).img_emb)
             search = search or RunWideDuplicates(config, image.shape[1])

@@ -17,8 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.run.config import FilterConfig
 from pipeline.formats.holdout import Holdout
+from pipeline.run.config import FilterConfig
 from pipeline.run.layout import REASON, RunLayout
 from pipeline.run.ledger import StageStopped
 

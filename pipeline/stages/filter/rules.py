@@ -1,5 +1,5 @@
-"""The filter's rules on one shard's arrays: drop reasons, where a caption ranks for its image, near-duplicate groups,
-the language model; pure functions of the embeddings and captions (no files)."""
+"""The filter's rules on one shard's arrays: drop reasons, where a caption ranks for its image, near-duplicate groups
+(functions of the embeddings and captions alone), and the language model a worker loads once."""
 
 from __future__ import annotations
 

@@ -13,15 +13,13 @@ import pyarrow as pa
 
 from pipeline.formats.aligned import read_aligned
 from pipeline.run.config import FilterConfig
-from pipeline.run.layout import DUPLICATE_OF, FILTER, INDEX, KEEP, KEY, REASON, SIMILARITY, RunLayout
+from pipeline.run.layout import DUPLICATE_OF, INDEX, KEEP, KEY, REASON, SIMILARITY, RunLayout
 from pipeline.run.ledger import ShardRecord
 from pipeline.run.storage import write_parquet
 from pipeline.stages.filter.rules import (NEAR_DUPLICATE, caption_ranks, first_of_each_group, load_language_model, low_rank,
                                           low_similarity, normalized)
 
 log = logging.getLogger(__name__)
-
-STAGE = FILTER
 
 
 class ShardFilter:
@@ -62,7 +60,7 @@ class ShardFilter:
             for i, first in first_of_each_group(image[candidates], self.config.duplicate_threshold).items():
                 reasons[candidates[i]] = NEAR_DUPLICATE
                 duplicate_of[candidates[i]] = aligned.keys[candidates[first]]
-        write_parquet(self.layout.scratch(STAGE, f"{shard}.parquet"), mask_table(aligned.keys, reasons, similarity, duplicate_of))
+        write_parquet(self.layout.filter_first_pass(shard), mask_table(aligned.keys, reasons, similarity, duplicate_of))
         return shard_record(shard, reasons, time.time() - started)
 
     def caption_reason(self, caption: str) -> Optional[str]:

@@ -25,10 +25,11 @@ from pipeline.execution.distributor import run_shards
 from pipeline.execution.session import RaySession, require_session
 from pipeline.formats.aligned import aligned_shards
 from pipeline.formats.holdout import Holdout
+from pipeline.formats.queries import usable_indices
 from pipeline.run.config import FilterConfig
-from pipeline.run.layout import FILTER, PRESENT, RunLayout
+from pipeline.run.layout import FILTER, RunLayout
 from pipeline.run.ledger import Ledger
-from pipeline.run.storage import exists, list_names, read_parquet, remove
+from pipeline.run.storage import exists, list_names, remove
 from pipeline.stages.filter.duplicates import across_the_run
 from pipeline.stages.filter.shards import ShardFilter
 
@@ -46,7 +47,7 @@ def fingerprint(config: FilterConfig) -> dict:
 def present_rows(layout: RunLayout, shard: str) -> int:
     """The filter's input rows of a shard, from its aligned parquet alone (0 if that cannot be read either)."""
     try:
-        return sum(read_parquet(layout.aligned_files(shard)["metadata"], columns=[PRESENT]).column(PRESENT).to_pylist())
+        return len(usable_indices(layout, shard, "aligned"))
     except Exception:  # noqa: BLE001 - the shard's error is recorded anyway
         return 0
 
