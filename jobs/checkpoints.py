@@ -48,11 +48,12 @@ def latest_checkpoint(root: str, job_name: str, skip: tuple[str, ...] = ()) -> O
     from dalle2.checkpoint import incomplete_reason
     from pipeline.run.storage import exists, list_files, read_json
 
-    summary = TrainLayout(root).summary(job_name)
-    found = {with_scheme(root, p).rstrip("/") for p in list_files(TrainLayout(root).job(job_name))
+    layout = TrainLayout(root)
+    found = {with_scheme(root, p).rstrip("/") for p in list_files(layout.job(job_name))
              if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")}
-    if exists(summary) and read_json(summary).get("checkpoint"):
-        found.add(with_scheme(root, read_json(summary)["checkpoint"]).rstrip("/"))
+    named = read_json(layout.summary(job_name)).get("checkpoint") if exists(layout.summary(job_name)) else None
+    if named:
+        found.add(with_scheme(root, named).rstrip("/"))
     # Ray names checkpoints by the time they were made: the newest first, whichever run made it
     for candidate in sorted(found - {s.rstrip("/") for s in skip}, key=lambda p: p.rsplit("/", 1)[-1], reverse=True):
         reason = incomplete_reason(candidate)

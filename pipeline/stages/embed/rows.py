@@ -17,9 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.run.layout import CAPTION, KEY, SHARD
-
-__all__ = ["CAPTION", "KEY", "SHARD"]  # with the names below: every module of the stage takes its columns from here
+from pipeline.run.layout import CAPTION, KEY, SHARD  # every module of the stage takes its columns from here
 
 # the kinds of row
 SAMPLE, END, FAILED = "sample", "end", "failed"
