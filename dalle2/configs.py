@@ -8,7 +8,7 @@ architectures are small YAML files under `dalle2/model_configs/<kind>/<name>.yam
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, \
@@ -49,18 +49,61 @@ class DiffusionConfig(StrictModel):
         return self
 
 
-class PriorNetworkConfig(StrictModel):
-    """The causal transformer that denoises image embeddings."""
+Arch = Literal["compact", "reference"]
 
+
+def _refuse_other_arch(config: StrictModel, fields: tuple[str, ...], arch: str) -> None:
+    """Settings of the other architecture are refused by name, never silently ignored (their defaults pass: a saved
+    config lists every field)."""
+    wrong = sorted(f for f in fields if getattr(config, f) != type(config).model_fields[f].default)
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} only exist{'s' if len(wrong) == 1 else ''} in the "
+                         f"{'reference' if arch == 'compact' else 'compact'} architecture, but arch is {arch!r}")
+
+
+class PriorNetworkConfig(StrictModel):
+    """The causal transformer that denoises image embeddings.
+
+    `arch`: "compact" (this project's network, prior.py) or "reference" (DALLE2-pytorch's, reference_prior.py, whose
+    and LAION's checkpoints import; its options follow)."""
+
+    arch: Arch = "compact"
     dim: PositiveInt = 512
     depth: PositiveInt = 6
     heads: PositiveInt = 8
     dim_head: PositiveInt = 64
     ff_mult: PositiveInt = 4
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)  # compact only: attention and feed-forward
     embed_dim: Optional[PositiveInt] = None  # CLIP embedding width; None means `dim`
     text_encoding_dim: Optional[PositiveInt] = None  # CLIP text token width; None means `embed_dim`
     max_text_len: PositiveInt = 77
+    # reference only
+    attn_dropout: float = Field(default=0.0, ge=0, lt=1)
+    ff_dropout: float = Field(default=0.0, ge=0, lt=1)
+    normformer: bool = False  # a norm after the feed-forward's gate (NormFormer)
+    rotary_emb: bool = True  # rotary positions on queries and keys
+    norm_in: bool = False
+    norm_out: bool = True
+    final_proj: bool = True
+    num_timesteps: Optional[PositiveInt] = None  # a learned embedding per step; None: sinusoidal features and an MLP
+    num_time_embeds: PositiveInt = 1
+    num_image_embeds: PositiveInt = 1
+    num_text_embeds: PositiveInt = 1
+
+    REFERENCE_ONLY: ClassVar[tuple[str, ...]] = ("attn_dropout", "ff_dropout", "normformer", "rotary_emb", "norm_in", "norm_out", "final_proj",
+                      "num_timesteps", "num_time_embeds", "num_image_embeds", "num_text_embeds")
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> "PriorNetworkConfig":
+        if self.arch == "compact":
+            _refuse_other_arch(self, self.REFERENCE_ONLY, self.arch)
+            return self
+        _refuse_other_arch(self, ("dropout",), self.arch)
+        for name in ("embed_dim", "text_encoding_dim"):
+            value = getattr(self, name)
+            if value is not None and value != self.dim:  # their network has no input projections
+                raise ValueError(f"{name} ({value}) must equal dim ({self.dim}) in the reference architecture")
+        return self
 
     @property
     def resolved_embed_dim(self) -> int:
@@ -116,9 +159,45 @@ class UnetConfig(StrictModel):
     attn_heads: PositiveInt = 4
     attn_dim_head: PositiveInt = 32
     groups: PositiveInt = 8
+    # "compact": this project's unet (unet.py); "reference": DALLE2-pytorch's (reference_unet.py), whose and LAION's
+    # checkpoints import, with the options below. Its cross-attention (8 heads of 64) sits in every resnet block but
+    # the outermost level's, so layer_cross_attns is compact only; layer_attns is its `self_attn`.
+    arch: Arch = "compact"
+    cond_on_image_embeds: bool = True  # theirs: only the first unet of a cascade sees the image embed
+    add_image_embeds_to_time: bool = True
+    lowres_noise_cond: bool = False  # the upsampler's time embedding includes its low-res input's noise level
+    num_time_tokens: PositiveInt = 2
+    init_dim: Optional[PositiveInt] = None
+    init_cross_embed: bool = True  # a first layer of 3, 7 and 15 px convolutions side by side
+    init_cross_embed_kernel_sizes: tuple[PositiveInt, ...] = (3, 7, 15)
+    init_conv_kernel_size: PositiveInt = 7
+    sparse_attn: bool = False  # linear attention at the levels without self-attention
+    memory_efficient: bool = False  # downsample before each level's blocks, not after
+    cross_embed_downsample: bool = False
+    cross_embed_downsample_kernel_sizes: tuple[PositiveInt, ...] = (2, 4)
+    pixel_shuffle_upsample: bool = True
+    scale_skip_connection: bool = False
+    resnet_weight_standardization: bool = False
+    cosine_sim_cross_attn: bool = False
+    cosine_sim_self_attn: bool = False
+    final_conv_kernel_size: PositiveInt = 1
+
+    REFERENCE_ONLY: ClassVar[tuple[str, ...]] = ("cond_on_image_embeds", "add_image_embeds_to_time", "lowres_noise_cond", "num_time_tokens",
+                      "init_dim", "init_cross_embed", "init_cross_embed_kernel_sizes", "init_conv_kernel_size",
+                      "sparse_attn", "memory_efficient", "cross_embed_downsample", "cross_embed_downsample_kernel_sizes",
+                      "pixel_shuffle_upsample", "scale_skip_connection", "resnet_weight_standardization",
+                      "cosine_sim_cross_attn", "cosine_sim_self_attn", "final_conv_kernel_size")
 
     @model_validator(mode="after")
     def _check_levels(self) -> "UnetConfig":
+        _refuse_other_arch(self, self.REFERENCE_ONLY if self.arch == "compact" else ("layer_cross_attns",), self.arch)
+        if self.arch == "reference" and self.cond_on_image_embeds and (self.cond_dim or self.dim) == self.image_embed_dim:
+            raise ValueError(f"image_embed_dim equals cond_dim ({self.image_embed_dim}): DALLE2-pytorch's unet then "
+                             "skips the projection of the image embed to tokens and cannot run; pick another cond_dim")
+        for name in ("init_cross_embed_kernel_sizes", "cross_embed_downsample_kernel_sizes"):
+            sizes, stride = getattr(self, name), 1 if name.startswith("init") else 2
+            if any(k % 2 != stride % 2 for k in sizes):
+                raise ValueError(f"{name} {sizes} must all be {'odd' if stride == 1 else 'even'}")
         levels = len(self.dim_mults)
         for name in ("num_resnet_blocks", "layer_attns", "layer_cross_attns"):
             value = getattr(self, name)
@@ -158,6 +237,9 @@ class DecoderConfig(StrictModel):
     # default: on the demo it matched no prompt better and ranked captions worse in every seed (bench/learned_variance)
     learned_variance: Union[bool, tuple[bool, ...]] = False
     vb_loss_weight: float = Field(default=0.001, ge=0)  # the variational bound's weight next to the simple loss
+    # classifier-free guidance moves the learned variance channels too, as DALLE2-pytorch does (its imported decoders
+    # keep that); off: only the prediction is guided and the variance is the conditional one
+    guidance_on_variance: bool = False
 
     @field_validator("image_sizes", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .configs import DecoderConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, tile
-from .unet import Unet
+from .unet import Unet, build_unet
 
 Text = Union[Sequence[str], Tensor, None]
 
@@ -38,13 +38,13 @@ class Decoder(nn.Module):
 
     def __init__(
         self,
-        unet: Union[Unet, Sequence[Unet], None] = None,
+        unet: Union[nn.Module, Sequence[nn.Module], None] = None,
         clip: Optional[nn.Module] = None,
         config: Optional[DecoderConfig] = None,
         **kwargs,
     ):
         super().__init__()
-        unets = [unet] if isinstance(unet, Unet) else list(unet or [])
+        unets = [unet] if isinstance(unet, nn.Module) else list(unet or [])
         if config is None:
             fields = with_diffusion_kwargs(DecoderConfig, kwargs)
             if unets:  # a given unet is used as it is: its output width (learned variance or not) is built in
@@ -62,7 +62,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"the unet given as unets[{i}] does not match the config: {'; '.join(differences)}")
         if unets and len(unets) != len(config.unets):
             raise ValueError(f"{len(unets)} unets given for a config of {len(config.unets)}")
-        self.unets = nn.ModuleList(unets or [Unet(c) for c in config.unets])
+        self.unets = nn.ModuleList(unets or [build_unet(c) for c in config.unets])
         self.diffusions = nn.ModuleList(
             GaussianDiffusion(d.timesteps, d.beta_schedule, config.predict, d.p2_loss_weight_gamma, d.p2_loss_weight_k,
                               learned_variance=config.unets[i].learned_variance, vb_loss_weight=config.vb_loss_weight)
@@ -181,7 +181,7 @@ class Decoder(nn.Module):
             return unet(x, t, tile(image_embed, n), tile(text_encodings, n), tile(text_mask, n), tile(lowres, n),
                         tile(lowres_times, n), drop, drop)
 
-        guided = self.config.channels if unet.config.learned_variance else None
+        guided = self.config.channels if unet.config.learned_variance and not self.config.guidance_on_variance else None
         return classifier_free_guidance(forward, cond_scale, guided_channels=guided)
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ passed in as `model_fn(x_t, t) -> raw output` in the parameterisation named by `
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -275,7 +275,15 @@ class GaussianDiffusion(nn.Module):
         x0 = self.x0_from_output(output, x, t)
         return (x0_transform(x0) if x0_transform is not None else x0), variance_output
 
-    def ddpm_step(self, model_fn: ModelFn, x: Tensor, t: int, x0_transform=None, generator=None) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def step_noise(x: Tensor, generator: Optional[torch.Generator], given: Optional[Iterator[Tensor]]) -> Tensor:
+        """The noise of one stochastic step: the next of `given` (parity checks), else drawn from `generator`."""
+        if given is not None:
+            return next(given).to(device=x.device, dtype=x.dtype)
+        return torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+
+    def ddpm_step(self, model_fn: ModelFn, x: Tensor, t: int, x0_transform=None, generator=None,
+                  noise: Optional[Iterator[Tensor]] = None) -> tuple[Tensor, Tensor]:
         """One ancestral step x_t -> x_{t-1}; returns (x_{t-1}, predicted x0)."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x0, variance_output = self._predict(model_fn, x, t_batch, x0_transform)
@@ -284,11 +292,11 @@ class GaussianDiffusion(nn.Module):
             log_var = self.model_log_variance(variance_output, t_batch)
         if t == 0:
             return mean, x0
-        noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-        return mean + (0.5 * log_var).exp() * noise, x0
+        return mean + (0.5 * log_var).exp() * self.step_noise(x, generator, noise), x0
 
     def ddim_step(
-        self, model_fn: ModelFn, x: Tensor, t: int, t_prev: int, eta: float = 0.0, x0_transform=None, generator=None
+        self, model_fn: ModelFn, x: Tensor, t: int, t_prev: int, eta: float = 0.0, x0_transform=None, generator=None,
+        noise: Optional[Iterator[Tensor]] = None,
     ) -> tuple[Tensor, Tensor]:
         """One DDIM step x_t -> x_{t_prev} (Song et al. 2021); eta=0 is deterministic."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -303,7 +311,7 @@ class GaussianDiffusion(nn.Module):
         direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
         x_prev = alpha_prev.sqrt() * x0 + direction
         if eta > 0:
-            x_prev = x_prev + sigma * torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            x_prev = x_prev + sigma * self.step_noise(x, generator, noise)
         return x_prev, x0
 
     def renoise(self, x_prev: Tensor, t_prev: int, t: int, generator=None) -> Tensor:
@@ -329,6 +337,7 @@ class GaussianDiffusion(nn.Module):
         inpaint_resample_times: int = 1,
         progress: bool = False,
         sampler: Sampler = "ddim",
+        step_noise: Optional[Iterator[Tensor]] = None,
     ) -> Tensor:
         """Draw samples: DDPM over all steps when `sample_timesteps` is None; else, with that many steps, DDIM
         (`sampler="ddim"`, with `eta`: 0 deterministic, 1 as stochastic as DDPM) or DDPM over the respaced
@@ -337,6 +346,9 @@ class GaussianDiffusion(nn.Module):
         With `inpaint_image` and `inpaint_mask` (True/1 = known pixel), the known region is
         re-imposed at every noise level and each step is resampled `inpaint_resample_times` times
         (RePaint, Lugmayr et al. 2022); the known pixels of the result equal `inpaint_image`.
+
+        `noise` is x_T and `step_noise` the noise of every stochastic step after it, in order (to check parity with
+        another implementation given the same draws); both are drawn from `generator` when not given.
         """
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -346,7 +358,8 @@ class GaussianDiffusion(nn.Module):
             return respaced.sample(lambda x, t: model_fn(x, timestep_map[t]), shape, device=device, eta=eta,
                                    x0_transform=x0_transform, noise=noise, generator=generator,
                                    inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
-                                   inpaint_resample_times=inpaint_resample_times, progress=progress)
+                                   inpaint_resample_times=inpaint_resample_times, progress=progress,
+                                   step_noise=step_noise)
         steps = sample_timesteps or self.timesteps
         # eta means something on every step count, all steps included
         use_ddim = sample_timesteps is not None and sampler == "ddim"
@@ -373,9 +386,9 @@ class GaussianDiffusion(nn.Module):
                     noised_known = self.q_sample(inpaint_image, t_batch, torch.randn(x.shape, device=x.device, generator=generator))
                     x = torch.where(known, noised_known, x)
                 if use_ddim:
-                    x_prev, _ = self.ddim_step(model_fn, x, t, t_prev, eta, x0_transform, generator)
+                    x_prev, _ = self.ddim_step(model_fn, x, t, t_prev, eta, x0_transform, generator, step_noise)
                 else:
-                    x_prev, _ = self.ddpm_step(model_fn, x, t, x0_transform, generator)
+                    x_prev, _ = self.ddpm_step(model_fn, x, t, x0_transform, generator, step_noise)
                 if r < repeats - 1 and t_prev >= 0:
                     x = self.renoise(x_prev, t_prev, t, generator)
                 else:

@@ -92,12 +92,21 @@ class DiffusionPriorNetwork(nn.Module):
         return self.to_out(self.norm(x[:, -1]))
 
 
+def build_prior_network(config: PriorNetworkConfig) -> nn.Module:
+    """The network of `config.arch`: compact (above) or reference (DALLE2-pytorch's, reference_prior.py)."""
+    if config.arch == "reference":
+        from .reference_prior import ReferencePriorNetwork
+
+        return ReferencePriorNetwork(config)
+    return DiffusionPriorNetwork(config)
+
+
 class DiffusionPrior(nn.Module):
     """Text embedding -> CLIP image embedding by diffusion; trains through CLIP or on precomputed embeds."""
 
     def __init__(
         self,
-        net: Optional[DiffusionPriorNetwork] = None,
+        net: Optional[nn.Module] = None,
         clip: Optional[nn.Module] = None,
         config: Optional[PriorConfig] = None,
         **kwargs,
@@ -109,7 +118,7 @@ class DiffusionPrior(nn.Module):
                 fields["net"] = net.config
             config = PriorConfig(**fields)
         self.config = config
-        self.net = net if net is not None else DiffusionPriorNetwork(config.net)
+        self.net = net if net is not None else build_prior_network(config.net)
         self.clip = clip
         self.image_embed_dim = config.net.resolved_embed_dim
         if clip is not None and clip.embed_dim != self.image_embed_dim:
@@ -123,7 +132,7 @@ class DiffusionPrior(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.net.query.device
+        return next(self.net.parameters()).device
 
     def encode_text(self, text: Union[Sequence[str], Tensor]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """CLIP text embed, and text encodings with their mask when the prior conditions on them."""

@@ -219,3 +219,12 @@ class Unet(nn.Module):
             x = up(x)
         x = self.final_block(torch.cat([x, residual], dim=1), time_cond)
         return self.final_conv(x)
+
+
+def build_unet(config: UnetConfig) -> nn.Module:
+    """The unet of `config.arch`: compact (above) or reference (DALLE2-pytorch's, reference_unet.py)."""
+    if config.arch == "reference":
+        from .reference_unet import ReferenceUnet
+
+        return ReferenceUnet(config)
+    return Unet(config)

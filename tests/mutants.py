@@ -214,8 +214,8 @@ MUTANTS = [
          tests=['tests/test_math_golden.py']),
     # the decoder keeps what it is given (a given unet was swapped for a fresh one; per-unet flags were overwritten)
     dict(name="decoder.given_unet_rebuilt", file="dalle2/decoder.py",
-         old="self.unets = nn.ModuleList(unets or [Unet(c) for c in config.unets])",
-         new="self.unets = nn.ModuleList([Unet(c) for c in config.unets])",
+         old="self.unets = nn.ModuleList(unets or [build_unet(c) for c in config.unets])",
+         new="self.unets = nn.ModuleList([build_unet(c) for c in config.unets])",
          tests=["tests/test_decoder.py::test_a_decoder_keeps_the_unets_it_is_given_and_each_unets_own_settings"]),
     dict(name="decoder.flag_overrides_unet_setting", file="dalle2/configs.py",
          old='            if "learned_variance" not in unet.model_fields_set:',
