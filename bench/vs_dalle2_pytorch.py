@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", choices=sorted(CASES), help="run one case in this process")
     parser.add_argument("--impl", choices=["ours", "theirs"], default="ours")
     parser.add_argument("--max-text-len", type=int, help="their DiffusionPriorNetwork's max_text_len (default: theirs)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="only build their venv (tests/fixtures/dalle2_pytorch/make.py runs in it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.case:
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if not THEIRS_PYTHON.exists():
         build_venv()
+    if args.build_only:
+        return
     version = subprocess.run([str(THEIRS_PYTHON), "-c", "import torch; print(torch.__version__)"], check=True,
                              stdout=subprocess.PIPE, text=True).stdout.strip()
     if version.split("+")[0] != PINS[0].split("==")[1]:

@@ -114,33 +114,38 @@ class CaptionEncoder:
 
 
 def decoder_checkpoints(run: RunConfig) -> list[str]:
-    """The latest checkpoint of each decoder job of the run: the whole cascade's (`decoder`) first, then each
-    stage's own (`decoder_unet{k}`), so loading them in this order lets a stage trained on its own win."""
+    """The latest checkpoint of each decoder job of the run: imported weights (`decoder_imported`) first, then the
+    whole cascade's (`decoder`), then each stage's own (`decoder_unet{k}`), so loading them in this order lets what
+    the run trained win, and a stage trained on its own win over the cascade's."""
 
     jobs = [job for job in training_jobs(run.root) if job == "decoder" or job.startswith("decoder_unet")]
+    jobs = ["decoder_imported"] * ("decoder_imported" in training_jobs(run.root)) + jobs
     return [c for c in (latest_checkpoint(run.root, job) for job in jobs) if c]
 
 
-def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional[str] = None,
-                decoder_checkpoint: Optional[str] = None):
-    """DALLE2 from the run's latest prior and decoder checkpoints (EMA weights by default); the decoder's
-    unets may come from separate jobs, and every unet must have been trained by one of them."""
+def prior_checkpoint_of(root: str) -> Optional[str]:
+    """The run's latest prior checkpoint: its own training's, else the imported one (`dalle2 import`)."""
+    return latest_checkpoint(root, "prior") or latest_checkpoint(root, "prior_imported")
+
+
+def load_models(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional[str] = None,
+                decoder_checkpoint: Optional[str] = None, clip=None):
+    """(prior, decoder) from the run's latest prior and decoder checkpoints (EMA weights by default), the prior
+    with `clip`; the decoder's unets may come from separate jobs, and every unet must have been trained by one."""
     from dalle2.checkpoint import load_checkpoint, load_state
     from dalle2.configs import DecoderConfig, PriorConfig
     from dalle2.decoder import Decoder
     from dalle2.prior import DiffusionPrior
-    from dalle2.text_to_image import DALLE2
 
-    prior_checkpoint = prior_checkpoint or latest_checkpoint(run.root, "prior")
+    prior_checkpoint = prior_checkpoint or prior_checkpoint_of(run.root)
     if not prior_checkpoint:
-        raise FileNotFoundError(f"{run.root} has no prior checkpoint yet: run train-prior")
-    clip = run_clip(run)
+        raise FileNotFoundError(f"{run.root} has no prior checkpoint yet: run train-prior (or dalle2 import)")
     prior = DiffusionPrior(clip=clip, config=PriorConfig(**load_state(prior_checkpoint)["config"]))
     load_checkpoint(prior_checkpoint, prior, prior.config.model_dump(mode="json"), use_ema=use_ema)
 
     checkpoints = [decoder_checkpoint] if decoder_checkpoint else decoder_checkpoints(run)
     if not checkpoints:
-        raise FileNotFoundError(f"{run.root} has no decoder checkpoint yet: run train-decoder")
+        raise FileNotFoundError(f"{run.root} has no decoder checkpoint yet: run train-decoder (or dalle2 import)")
     config = DecoderConfig(**load_state(checkpoints[0])["config"])
     decoder = Decoder(config=config)
     loaded: set[int] = set()
@@ -152,5 +157,14 @@ def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional
     if missing:
         raise FileNotFoundError(f"{run.root}: decoder unets {missing} were never trained (their weights would be "
                                 f"random): run train-decoder, or train-decoder with train_decoder.unet_number=<k>")
-    log.info("loaded DALLE2 from %s and %s", prior_checkpoint, checkpoints)
-    return DALLE2(prior.eval(), decoder.eval())
+    log.info("loaded the prior from %s and the decoder from %s", prior_checkpoint, checkpoints)
+    return prior.eval(), decoder.eval()
+
+
+def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional[str] = None,
+                decoder_checkpoint: Optional[str] = None):
+    """DALLE2 (the run's CLIP, its latest prior and decoder; see load_models)."""
+    from dalle2.text_to_image import DALLE2
+
+    prior, decoder = load_models(run, use_ema, prior_checkpoint, decoder_checkpoint, clip=run_clip(run))
+    return DALLE2(prior, decoder)

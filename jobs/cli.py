@@ -9,6 +9,7 @@ from typing import Optional
 # the commands that are not stages: subcommand -> (module with main(argv), one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample", "generate images from the run's latest checkpoints"),
+    "import": ("jobs.import_weights", "import DALLE2-pytorch / LAION checkpoints into a run, or --export its models"),
     "run": ("jobs.run", "run every stage in order, skipping complete ones"),
     "status": ("jobs.status", "print the run's ledger and checkpoints"),
     "report": ("jobs.report", "write the run's dataset report: report.html with plots and samples"),

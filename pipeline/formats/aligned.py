@@ -89,3 +89,9 @@ def read_aligned(layout: RunLayout, shard: str, mmap: bool = True) -> AlignedSha
         text_emb = None
     return AlignedShard(read_npy(files["img_emb"], mmap=mmap), text_emb, meta[KEY], meta[CAPTION],
                         np.asarray(meta[PRESENT], dtype=bool))
+
+
+def embedding_width(layout: RunLayout) -> Optional[int]:
+    """The width of the run's aligned image embeddings (its first shard's), or None before any are written."""
+    shards = aligned_shards(layout)
+    return int(read_npy(layout.aligned_files(shards[0])["img_emb"], mmap=True).shape[1]) if shards else None

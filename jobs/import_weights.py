@@ -1,0 +1,235 @@
+"""Import DALLE2-pytorch / LAION checkpoints into a run, or export the run's models back to their format.
+
+    dalle2 import --config run.yaml [--set root=RUN] --prior PRIOR.pth --prior-config prior.json
+                  [--decoder DECODER.pth --decoder-config decoder.json] [--weights model|ema]
+    dalle2 import --root RUN --export OUT_DIR      # the run's prior and decoder as their checkpoints + JSON
+
+Their JSON configs are the files DALLE2-pytorch's train_diffusion_prior.py / train_decoder.py take (or just the
+`prior` / `decoder` part of one). Checkpoints are a plain `torch.save(model.state_dict())` or a trainer's save, on any
+fsspec path, loaded with weights_only=True. The imported weights become complete checkpoints of the jobs
+`prior_imported` and `decoder_imported` under <root>/train, which `dalle2 sample` uses when the run has trained none
+of its own, and which `train_prior.init_from` / `train_decoder.init_from` fine-tune from. The CLIP their config names
+becomes the run's `embed.clip` unless the run sets one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Optional
+
+from .run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+IMPORTED = {"prior": "prior_imported", "decoder": "decoder_imported"}  # the job names imported weights live under
+CHECKPOINT = "checkpoint_imported"
+
+
+def their_clip(section: dict) -> Optional[dict]:
+    """Their `clip` entry ({"make": "openai", "model": "ViT-L/14"}) as our embed.clip, or None when it names none."""
+    clip = section.get("clip")
+    if not clip:
+        return None
+    make, model = clip.get("make"), clip.get("model")
+    if make == "openai":  # open_clip serves OpenAI's weights under its own names: ViT-L/14 -> ViT-L-14, tag openai
+        return {"model_name": model.replace("/", "-"), "pretrained": "openai"}
+    if make == "open_clip":
+        return {"model_name": model, "pretrained": clip.get("pretrained")}
+    raise ValueError(f"their config's clip.make {make!r} is not an open_clip CLIP (x-clip and coca are not supported): "
+                     "set embed.clip to the CLIP those weights were trained with")
+
+
+def check_clip_widths(config: RunConfig, embed_dim: int, text_width: Optional[int], max_text_len: Optional[int],
+                      what: str) -> None:
+    """Refuse, naming both, a model whose widths do not fit the run's CLIP (read from its architecture, no weights)."""
+    from dalle2.clip import checkpoint_model_name
+    from dalle2.clip_spec import clip_model_config
+
+    source = config.embed.clip
+    name = checkpoint_model_name(source.checkpoint) if source.checkpoint else source.model_name
+    arch = clip_model_config(name)
+    clip_text = arch["text_cfg"]
+    problems = []
+    if arch["embed_dim"] != embed_dim:
+        problems.append(f"it embeds to {arch['embed_dim']} dims, {what} takes {embed_dim}")
+    if text_width is not None and clip_text.get("width") != text_width:
+        problems.append(f"its text tokens are {clip_text.get('width')} wide, {what} takes {text_width}")
+    if max_text_len is not None and clip_text.get("context_length", 77) > max_text_len:
+        problems.append(f"it gives {clip_text.get('context_length', 77)} text tokens, {what} takes {max_text_len}")
+    if problems:
+        raise ValueError(f"embed.clip ({name}) does not fit {what}: {'; '.join(problems)}")
+
+
+def write_imported(root: str, kind: str, model, source: str) -> str:
+    """Save an imported model as a complete checkpoint of the job `<kind>_imported`; returns its folder."""
+    from dalle2.checkpoint import save_checkpoint, trainable_state
+    from pipeline.run.layout import TrainLayout
+    from pipeline.run.storage import write_json
+
+    layout, job = TrainLayout(root), IMPORTED[kind]
+    folder = f"{layout.job(job)}/{CHECKPOINT}"
+    prefixes = ["net."] if kind == "prior" else [f"unets.{i}." for i in range(len(model.unets))]
+    weights = trainable_state(model, prefixes)
+    save_checkpoint(folder, weights, model.config.model_dump(mode="json"), ema=weights,
+                    state={"steps": [0], "parts": prefixes, "imported_from": source})
+    write_json(layout.summary(job), {"checkpoint": folder, "imported_from": source, "step": 0})
+    return folder
+
+
+def import_prior(config: RunConfig, checkpoint: str, their_config: str, weights: str = "model") -> str:
+    """Their prior (checkpoint + JSON config) as the run's `prior_imported` checkpoint; returns its folder."""
+    from dalle2.checkpoint import read_bytes
+    from dalle2.dalle2_pytorch_format import load_their_checkpoint, prior_config_from_theirs, prior_state_from_theirs
+    from dalle2.prior import DiffusionPrior
+
+    prior_config = prior_config_from_theirs(read_json_config(their_config))  # refused here, before any weight
+    net = prior_config.net
+    check_clip_widths(config, net.dim, net.dim if prior_config.condition_on_text_encodings else None,
+                      net.max_text_len if prior_config.condition_on_text_encodings else None, "the imported prior")
+    prior = DiffusionPrior(config=prior_config)
+    state = prior_state_from_theirs(load_their_checkpoint(read_bytes(checkpoint), weights), prior_config)
+    load_strictly(prior, state, checkpoint)
+    return write_imported(config.root, "prior", prior, checkpoint)
+
+
+def import_decoder(config: RunConfig, checkpoint: str, their_config: str, weights: str = "model") -> str:
+    """Their decoder (checkpoint + JSON config) as the run's `decoder_imported` checkpoint; returns its folder."""
+    from dalle2.checkpoint import read_bytes
+    from dalle2.dalle2_pytorch_format import decoder_config_from_theirs, decoder_state_from_theirs, load_their_checkpoint
+    from dalle2.decoder import Decoder
+
+    decoder_config = decoder_config_from_theirs(read_json_config(their_config))
+    first = decoder_config.unets[0]
+    if not decoder_config.unconditional:
+        text = first.text_encoding_dim or first.image_embed_dim
+        check_clip_widths(config, first.image_embed_dim, text if first.cond_on_text_encodings else None,
+                          first.max_text_len if first.cond_on_text_encodings else None, "the imported decoder")
+    decoder = Decoder(config=decoder_config)
+    state = decoder_state_from_theirs(load_their_checkpoint(read_bytes(checkpoint), weights), decoder_config)
+    load_strictly(decoder, state, checkpoint)
+    return write_imported(config.root, "decoder", decoder, checkpoint)
+
+
+def load_strictly(model, state: dict, checkpoint: str) -> None:
+    """Every weight of the model from the checkpoint and nothing else, each of its shape (named when not)."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} (the config builds {tuple(v.shape)})" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{checkpoint} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shapes {wrong[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def read_json_config(url: str) -> dict:
+    """Their JSON config from any fsspec path."""
+    from dalle2.checkpoint import read_bytes
+
+    try:
+        config = json.loads(read_bytes(url))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{url} is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{url}: a DALLE2-pytorch config is a JSON object")
+    return config
+
+
+def export_run(config: RunConfig, out: str) -> dict[str, str]:
+    """The run's latest prior and decoder (EMA weights) as their checkpoints (plain state dicts) and JSON configs in
+    `out`: prior.pth + prior.json, decoder.pth + decoder.json. Only reference-architecture models export."""
+    import io
+
+    import torch
+
+    from dalle2.checkpoint import write_bytes
+    from dalle2.dalle2_pytorch_format import decoder_config_to_theirs, decoder_state_to_theirs, \
+        prior_config_to_theirs, prior_state_to_theirs
+
+    from .checkpoints import load_models
+
+    prior, decoder = load_models(config)  # no CLIP: theirs is named in their config, not saved with the weights
+    written = {}
+    for name, state, section in (
+        ("prior", prior_state_to_theirs(prior), {"prior": prior_config_to_theirs(prior.config)}),
+        ("decoder", decoder_state_to_theirs(decoder), {"decoder": decoder_config_to_theirs(decoder.config)}),
+    ):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes(f"{out.rstrip('/')}/{name}.pth", buffer.getvalue())
+        write_bytes(f"{out.rstrip('/')}/{name}.json", json.dumps(section, indent=1).encode())
+        written[name] = f"{out.rstrip('/')}/{name}.pth"
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Import their checkpoints into the run (or export the run's models); returns what was written."""
+    from pipeline.execution.console import setup_logging
+
+    from .config_io import ConfigError, load_config
+    from .run_config import load_run_config, save_run_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="the run's YAML config (local or any fsspec URL)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    parser.add_argument("--root", help="the run root (else the config's root)")
+    parser.add_argument("--prior", help="their prior checkpoint (.pth / .pt, any fsspec path)")
+    parser.add_argument("--prior-config", help="its JSON config (TrainDiffusionPriorConfig, or its `prior` part)")
+    parser.add_argument("--decoder", help="their decoder checkpoint")
+    parser.add_argument("--decoder-config", help="its JSON config (TrainDecoderConfig, or its `decoder` part)")
+    parser.add_argument("--weights", choices=["model", "ema"], default="model",
+                        help="of a trainer's save: the trained weights or their EMA")
+    parser.add_argument("--export", metavar="OUT_DIR", help="write the run's models in their format instead")
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides = list(args.set) + ([f"root={args.root}"] if args.root else [])
+    if args.export:
+        config = load_run_config(args.root) if args.root and not args.config else load_config(RunConfig, args.config, overrides)
+        written = export_run(config, args.export)
+        print(json.dumps(written))
+        return written
+    for flag, config_flag in (("prior", "prior_config"), ("decoder", "decoder_config")):
+        if bool(getattr(args, flag)) != bool(getattr(args, config_flag)):
+            parser.error(f"--{flag} and --{config_flag.replace('_', '-')} go together")
+    if not (args.prior or args.decoder):
+        parser.error("give --prior (with --prior-config) and/or --decoder (with --decoder-config), or --export")
+    config = load_config(RunConfig, args.config, overrides)
+    config = with_their_clip(config, [c for c in (args.prior_config, args.decoder_config) if c])
+    save_run_config(config)
+    written = {}
+    try:  # one line naming the file, option or field at fault, no traceback (UnsupportedOption is a ValueError)
+        if args.prior:
+            written["prior"] = import_prior(config, args.prior, args.prior_config, args.weights)
+        if args.decoder:
+            written["decoder"] = import_decoder(config, args.decoder, args.decoder_config, args.weights)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+    print(json.dumps(written))
+    log.info("imported %s into %s: `dalle2 sample --root %s --prompt ...` samples them; fine-tune with "
+             "train_prior.init_from / train_decoder.init_from=%s", sorted(written), config.root, config.root, config.root)
+    return written
+
+
+def with_their_clip(config: RunConfig, their_configs: list[str]) -> RunConfig:
+    """The run config with the CLIP their configs name as embed.clip, unless the run names its own."""
+    from pipeline.run.config import ClipSource
+
+    if config.embed.clip != ClipSource():
+        return config
+    for url in their_configs:
+        data = read_json_config(url)
+        section = data.get("prior") or data.get("decoder") or data
+        clip = their_clip(section)
+        if clip:
+            log.info("embed.clip from %s: %s", url, clip)
+            update = config.model_dump(mode="json")
+            update["embed"]["clip"] = clip
+            update["train_clip"]["enabled"] = False  # their models were trained on that CLIP: keep it
+            return RunConfig.model_validate(update)
+    return config
+
+
+if __name__ == "__main__":
+    main()
