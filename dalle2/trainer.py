@@ -224,6 +224,16 @@ class DiffusionTrainer:
                 ema.shadow[key].copy_(ema_weights[prefix + key] if has_ema else live[key])
         return state.get("extra", {})
 
+    def init_weights(self, root: str, storage_options: Optional[dict] = None) -> None:
+        """Start from the weights of the checkpoint `root` (its EMA ones where it has them): the optimizer, its step and
+        the data position stay fresh (fine-tuning); the EMA starts at the loaded weights."""
+        load_checkpoint(root, self.model, self.model_config(), storage_options, use_ema=True)
+        for ema, part in zip(self.emas, self.parts):
+            live = part.state_dict()
+            for key in ema.shadow:
+                ema.shadow[key].copy_(live[key])
+        log.info("initialised from the weights of %s", root)
+
     def _apply_config_to_optimizers(self, saved: dict) -> None:
         """The config's lr, weight decay and betas win over those stored with the optimizer and scheduler
         (a resumed run with a new `trainer.lr` uses it, from the resumed step on the same warmup)."""

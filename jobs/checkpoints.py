@@ -119,13 +119,14 @@ def decoder_checkpoints(run: RunConfig) -> list[str]:
     the run trained win, and a stage trained on its own win over the cascade's."""
 
     jobs = [job for job in training_jobs(run.root) if job == "decoder" or job.startswith("decoder_unet")]
-    jobs = ["decoder_imported"] * ("decoder_imported" in training_jobs(run.root)) + jobs
+    imported = TrainLayout.IMPORTED["decoder"]
+    jobs = [imported] * (imported in training_jobs(run.root)) + jobs
     return [c for c in (latest_checkpoint(run.root, job) for job in jobs) if c]
 
 
 def prior_checkpoint_of(root: str) -> Optional[str]:
     """The run's latest prior checkpoint: its own training's, else the imported one (`dalle2 import`)."""
-    return latest_checkpoint(root, "prior") or latest_checkpoint(root, "prior_imported")
+    return latest_checkpoint(root, "prior") or latest_checkpoint(root, TrainLayout.IMPORTED["prior"])
 
 
 def load_models(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional[str] = None,
@@ -168,3 +169,49 @@ def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional
 
     prior, decoder = load_models(run, use_ema, prior_checkpoint, decoder_checkpoint, clip=run_clip(run))
     return DALLE2(prior, decoder)
+
+
+def init_source(run: RunConfig, section: str, driver: bool = False):
+    """(checkpoint folder, model config) a prior or decoder job starts from: its `init_from` checkpoint and the
+    config saved with it, else (None, the job's own config). Refuses, naming the fields, an `init_from` that is not a
+    complete checkpoint, weights whose width is not the run's embeddings', and (`driver`: the config as the user gave
+    it, not as workers get it, every field spelled out) a model setting that contradicts the checkpoint."""
+    from dalle2.checkpoint import COMPLETE_FILE, STATE_FILE, exists, load_state, require_complete
+    from dalle2.configs import DecoderConfig, PriorConfig, config_diff, resolve
+    from pipeline.formats.aligned import embedding_width
+    from pipeline.run.layout import RunLayout
+
+    from .config_io import ConfigError
+
+    job = getattr(run, section)
+    kind = "prior" if section == "train_prior" else "decoder"
+    config_cls = PriorConfig if kind == "prior" else DecoderConfig
+    own = resolve(config_cls, getattr(job, kind), kind)
+    if not job.init_from:
+        return None, own
+    source = job.init_from.rstrip("/")
+    if exists(f"{source}/{COMPLETE_FILE}") or exists(f"{source}/{STATE_FILE}"):
+        folder = source
+    elif kind == "prior":
+        folder = prior_checkpoint_of(source)
+    else:
+        folder = latest_checkpoint(source, "decoder") or latest_checkpoint(source, TrainLayout.IMPORTED["decoder"])
+    if folder is None:
+        raise ConfigError(f"{section}.init_from={job.init_from}: neither a checkpoint folder nor a run root "
+                          f"with a {kind} checkpoint (train-{kind}, or dalle2 import)")
+    try:
+        require_complete(folder)
+    except FileNotFoundError as error:  # no COMPLETE marker, or files that do not match it
+        raise ConfigError(f"{section}.init_from: {error}") from None
+    saved = config_cls(**load_state(folder)["config"])
+    if driver and kind in job.model_fields_set and own != saved:
+        diffs = config_diff(saved.model_dump(mode="json"), own.model_dump(mode="json"))
+        raise ConfigError(f"{section}.{kind} differs from the model {section}.init_from starts from ({folder}): "
+                         f"{'; '.join(diffs[:5])}. Leave {section}.{kind} unset to train the checkpoint's")
+    width = embedding_width(RunLayout(run.root))
+    embed_dim = saved.net.resolved_embed_dim if kind == "prior" else saved.unets[0].image_embed_dim
+    if width is not None and embed_dim != width and not (kind == "decoder" and saved.unconditional):
+        raise ConfigError(f"{section}.init_from={job.init_from}: its {kind} takes {embed_dim}-dim CLIP embeddings, "
+                         f"the run's are {width}-dim (embed.clip {run.embed.clip.model_name}): fine-tune with the "
+                         "CLIP it was trained on")
+    return folder, saved

@@ -23,7 +23,6 @@ from .run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
-IMPORTED = {"prior": "prior_imported", "decoder": "decoder_imported"}  # the job names imported weights live under
 CHECKPOINT = "checkpoint_imported"
 
 
@@ -68,7 +67,7 @@ def write_imported(root: str, kind: str, model, source: str) -> str:
     from pipeline.run.layout import TrainLayout
     from pipeline.run.storage import write_json
 
-    layout, job = TrainLayout(root), IMPORTED[kind]
+    layout, job = TrainLayout(root), TrainLayout.IMPORTED[kind]
     folder = f"{layout.job(job)}/{CHECKPOINT}"
     prefixes = ["net."] if kind == "prior" else [f"unets.{i}." for i in range(len(model.unets))]
     weights = trainable_state(model, prefixes)

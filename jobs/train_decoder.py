@@ -35,20 +35,20 @@ def decoder_loop(config: dict) -> None:
     """One Ray Train worker: stream images with their embeddings, step the chosen unets, evaluate, checkpoint."""
     import torch
 
-    from dalle2.configs import DecoderConfig, resolve
     from dalle2.decoder import Decoder
     from dalle2.trainer import DecoderTrainer
     from pipeline.loaders.batches import ImageBatches
     from pipeline.run.layout import TrainLayout
     from pipeline.run.storage import write_atomic
 
-    from .checkpoints import CaptionEncoder, run_clip
+    from .checkpoints import CaptionEncoder, init_source, run_clip
 
     run = RunConfig.model_validate(config)
     job = run.train_decoder
     worker = Worker(job, run.root, job.job_name)
     torch.manual_seed(job.seed)
-    decoder = Decoder(config=resolve(DecoderConfig, job.decoder, "decoder"))
+    init, decoder_config = init_source(run, "train_decoder")
+    decoder = Decoder(config=decoder_config)
     numbers = [job.unet_number] if job.unet_number else list(range(1, len(decoder.unets) + 1))
     trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers)
     encoder = None
@@ -60,6 +60,8 @@ def decoder_loop(config: dict) -> None:
             encoder.check(unet.text_encoding_dim or unet.image_embed_dim, unet.max_text_len,
                           f"train_decoder.decoder.unets[{n - 1}].text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
+    if init and trainer.step == 0:  # nothing of its own to resume: start from init_from's weights
+        trainer.init_weights(init)
     size = decoder.image_sizes[-1]
     train_plan, eval_plan = training_plans(run, "train_decoder")  # never the held-out rows; evaluated on them
     loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,

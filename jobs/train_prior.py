@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .checkpoints import CaptionEncoder
+from .checkpoints import CaptionEncoder, init_source
 from .run_config import RunConfig
 from .stage import Stage, training_complete
 from .training.driver import train
@@ -20,7 +20,6 @@ def prior_loop(config: dict) -> None:
     """One Ray Train worker: stream this rank's batches, step, evaluate, checkpoint."""
     import torch
 
-    from dalle2.configs import PriorConfig, resolve
     from dalle2.metrics import prior_metrics
     from dalle2.prior import DiffusionPrior
     from dalle2.trainer import PriorTrainer
@@ -30,7 +29,7 @@ def prior_loop(config: dict) -> None:
     job = run.train_prior
     worker = Worker(job, run.root, job.job_name)
     torch.manual_seed(job.seed)
-    prior_config = resolve(PriorConfig, job.prior, "prior")
+    init, prior_config = init_source(run, "train_prior")
     trainer = PriorTrainer(DiffusionPrior(config=prior_config), job.trainer, device=worker.device)
     encoder = None
     if prior_config.condition_on_text_encodings:  # per-token text features from the captions, step by step
@@ -38,6 +37,8 @@ def prior_loop(config: dict) -> None:
         encoder.check(prior_config.net.resolved_text_encoding_dim, prior_config.net.max_text_len,
                       "train_prior.prior.net.text_encoding_dim / max_text_len")
     state = worker.resume(trainer.load)
+    if init and trainer.step == 0:  # nothing of its own to resume: start from init_from's weights
+        trainer.init_weights(init)
     train_plan, eval_plan = training_plans(run, "train_prior")  # never the held-out rows; evaluated on them
     loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
     held_out = None if not eval_plan.size else next(

@@ -13,9 +13,11 @@ from jobs.shapes import write_shards
 
 
 def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim: int = 64, seed: int = 0,
-                      filter_config: FilterConfig | None = FilterConfig(distributor="local")) -> None:
+                      filter_config: FilterConfig | None = FilterConfig(distributor="local"),
+                      embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Shards of shape images and aligned embeddings: image_embed = normalize(P @ pixels of the 4x4 thumbnail),
-    text_embed = normalize(W @ image_embed), so the prior and the decoder both have something to learn."""
+    text_embed = normalize(W @ image_embed), so the prior and the decoder both have something to learn; or the
+    given (image, text) embeddings, row for row."""
     samples = write_shards(root, count, per_shard=per_shard, size=size, seed=seed)
     rng = np.random.default_rng(seed)
     projection, mapping = rng.standard_normal((dim, 48)), rng.standard_normal((dim, dim))
@@ -27,6 +29,8 @@ def make_training_run(root: str, count: int, per_shard: int, size: int = 32, dim
         img_emb /= np.linalg.norm(img_emb, axis=1, keepdims=True)
         text_emb = img_emb @ mapping.T
         text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+        if embeddings is not None:
+            img_emb, text_emb = (np.asarray(e[start : start + per_shard], np.float32) for e in embeddings)
         aligned = align(shard_id, len(chunk), 5, index_width(per_shard), np.arange(len(chunk)),
                         img_emb.astype(np.float16), text_emb.astype(np.float16), [s.caption for s, _ in chunk])
         write_aligned(layout, f"{shard_id:05d}", aligned)

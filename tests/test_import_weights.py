@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from dalle2.configs import PriorConfig
 from dalle2.dalle2_pytorch_format import decoder_config_from_theirs, decoder_state_from_theirs, \
     decoder_state_to_theirs, load_their_checkpoint, prior_config_from_theirs, prior_state_from_theirs, \
     prior_state_to_theirs, read_their_config
@@ -133,3 +135,84 @@ def test_an_imported_prior_and_decoder_start_below_fresh_ones_on_their_data_and_
         trainer.train_step({k: v[rows] for k, v in decoder_batch.items()})
     tuned = fixed_loss(decoder, 3, **decoder_batch)
     assert start < 0.6 * fresh and tuned < 0.98 * start, (fresh, start, tuned)
+
+
+def run_of_their_data(root) -> None:
+    """A run whose aligned embeddings are the rows their trainer trained the imported prior on."""
+    from tests.runs import make_training_run
+
+    data = torch.load(FIXTURES / "prior_trained.data.pt", weights_only=True)
+    make_training_run(str(root), count=256, per_shard=64, dim=64,
+                      embeddings=(data["image_embed"].float().numpy(), data["text_embed"].float().numpy()))
+
+
+def test_init_from_is_refused_by_name_when_it_cannot_start_the_job(tmp_path):
+    from dalle2.checkpoint import COMPLETE_FILE
+    from jobs.checkpoints import init_source
+    from jobs.config_io import ConfigError
+    from jobs.run_config import RunConfig
+    from tests.runs import make_training_run
+
+    root = tmp_path / "run"
+    run_of_their_data(root)
+    imported(root)
+    config = RunConfig.model_validate({"root": str(root), "train_prior": {"init_from": str(root)}})
+    folder, prior_config = init_source(config, "train_prior")
+    assert folder.endswith("prior_imported/checkpoint_imported") and prior_config.net.arch == "reference"
+    # a model setting that contradicts the checkpoint's
+    contradicting = RunConfig.model_validate({"root": str(root), "train_prior": {"init_from": folder, "prior": "tiny"}})
+    with pytest.raises(ConfigError, match=r"train_prior\.prior differs from the model train_prior\.init_from"):
+        init_source(contradicting, "train_prior", driver=True)
+    # a run whose embeddings are of another width
+    narrow = tmp_path / "narrow"
+    make_training_run(str(narrow), count=64, per_shard=32, dim=32)
+    other = RunConfig.model_validate({"root": str(narrow), "train_prior": {"init_from": folder}})
+    with pytest.raises(ConfigError, match=r"takes 64-dim CLIP embeddings, the run's are 32-dim"):
+        init_source(other, "train_prior")
+    # a checkpoint whose save was cut short (no COMPLETE marker) is never started from, named or found in a root
+    (Path(folder) / COMPLETE_FILE).unlink()
+    named = RunConfig.model_validate({"root": str(root), "train_prior": {"init_from": folder}})
+    with pytest.raises(ConfigError, match=r"train_prior\.init_from: checkpoint .* is incomplete"):
+        init_source(named, "train_prior")
+    with pytest.raises(ConfigError, match=r"neither a checkpoint folder nor a run root with a prior checkpoint"):
+        init_source(config, "train_prior")
+
+
+@pytest.mark.slow
+def test_train_prior_fine_tunes_an_imported_prior_on_the_data_it_was_trained_on(tmp_path, ray_local):
+    """The job starts from the imported weights (a fresh optimizer at step 0): its first losses are far below a fresh
+    prior's on these rows, and its weights end lower still; a re-run resumes its own checkpoint, not init_from."""
+    import yaml
+
+    from dalle2.checkpoint import load_checkpoint, load_state
+    from jobs import train_prior
+    from jobs.checkpoints import latest_checkpoint
+    from jobs.training.history import read_history
+
+    root = tmp_path / "run"
+    run_of_their_data(root)
+    imported(root)
+    fields = dict(init_from=str(root), workers=1, batch_size=64, max_steps=30, log_every=5, eval_every=30,
+                  checkpoint_every=30, epochs=20, trainer={"lr": 3e-4})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"root": str(root), "train_prior": fields}))
+    summary = train_prior.main(["--config", str(tmp_path / "run.yaml")])
+    assert summary["step"] == 30 and summary["resumed_from_step"] == 0
+
+    data = torch.load(FIXTURES / "prior_trained.data.pt", weights_only=True)
+    batch = {"text_embed": data["text_embed"].float(), "image_embed": data["image_embed"].float()}
+    imported_folder = latest_checkpoint(str(root), "prior_imported")
+    config = PriorConfig(**load_state(imported_folder)["config"])
+    torch.manual_seed(0)
+    fresh = fixed_loss(DiffusionPrior(config=config), **batch)
+    start = DiffusionPrior(config=config)
+    load_checkpoint(imported_folder, start, config.model_dump(mode="json"))
+    tuned = DiffusionPrior(config=config)
+    load_checkpoint(latest_checkpoint(str(root), "prior"), tuned, config.model_dump(mode="json"))
+    losses = [line["loss"] for line in read_history(str(root), "prior") if "loss" in line]
+    assert losses[0] < 0.8 * fresh, (losses, fresh)  # step 5: still near the imported model's loss
+    assert fixed_loss(tuned, **batch) < fixed_loss(start, **batch) < 0.6 * fresh
+
+    # a re-run with more steps resumes the job's own checkpoint (step 30), not the imported weights
+    fields["max_steps"] = 35
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"root": str(root), "train_prior": fields}))
+    assert train_prior.main(["--config", str(tmp_path / "run.yaml")])["resumed_from_step"] == 30

@@ -10,6 +10,12 @@ from dalle2.configs import StrictModel, TrainerConfig
 from pipeline.run.config import ClipSource, Resources
 
 
+# `init_from`: a checkpoint folder (a run's, or one `dalle2 import` wrote), or a run root whose latest checkpoint of the
+# model (trained, else imported) is taken. Weights only (the EMA ones where saved), a fresh optimizer at step 0; only
+# when the job has no checkpoint of its own (a re-run resumes that); a folder without its COMPLETE marker is refused.
+INIT_FROM = "init_from"
+
+
 class TrainJobConfig(StrictModel):
     """Settings shared by train_clip, train_prior and train_decoder."""
 
@@ -36,6 +42,8 @@ class TrainPriorConfig(TrainJobConfig):
     """The prior's training job."""
 
     prior: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/prior) or a dict
+    # start from these weights (see INIT_FROM); the architecture is the checkpoint's, so leave `prior` unset
+    init_from: Optional[str] = None
 
     @property
     def job_name(self) -> str:
@@ -47,6 +55,7 @@ class TrainDecoderConfig(TrainJobConfig):
     """The decoder's training job."""
 
     decoder: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/decoder) or a dict
+    init_from: Optional[str] = None  # as train_prior.init_from, for the decoder
     unet_number: Optional[PositiveInt] = None  # train this stage only; None: every stage, in turn, batch by batch
     eval_samples: PositiveInt = 8  # held-out embeddings drawn into the sample grid
     cond_scale: float = 1.0

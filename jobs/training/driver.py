@@ -28,8 +28,13 @@ def train(config, session: RaySession, loop: Callable[[dict], None], section: st
     require_session(session, f"{section}: train")
     job = getattr(config, section)
     # fixed before the first training stage, read by the rest
-    ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))
+    imported = set(TrainLayout.IMPORTED.values())  # weights from elsewhere: they never saw this run's rows
+    ensure_holdout(config.root, config.holdout, trained=tuple(j for j in training_jobs(config.root) if j not in imported))
     check_enough_rows(config, section)
+    if section in ("train_prior", "train_decoder"):
+        from ..checkpoints import init_source
+
+        init_source(config, section, driver=True)  # an init_from that cannot start this job is refused before any worker starts
     session.connect(job.resources_per_worker, f"{section}.resources_per_worker")
     return fit(job.job_name, loop, config.model_dump(mode="json"), job, config.root, session)
 

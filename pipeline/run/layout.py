@@ -178,6 +178,8 @@ class TrainLayout:
 
     root: str
     SUMMARY = "_summary.json"  # <job><SUMMARY>: a job's final metrics, beside its folder
+    # the jobs `dalle2 import` writes DALLE2-pytorch weights under (one checkpoint each), by model
+    IMPORTED = {"prior": "prior_imported", "decoder": "decoder_imported"}
 
     @property
     def storage(self) -> str:
