@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import fsspec
@@ -87,6 +88,47 @@ def exists(url: str, storage_options: Optional[dict] = None) -> bool:
     """Whether an fsspec URL exists."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs.exists(path)
+
+
+# the lines of torch's weights_only error that say nothing about the file at hand
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+
+
+def load_untrusted(data: bytes, name: str, allowed: Sequence[type] = ()) -> Any:
+    """`torch.load` of bytes from outside with weights_only=True: tensors and plain containers (and the `allowed`
+    classes) only. Anything else is refused before it is built, naming what the file holds: never unpickled."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        text = str(error)
+        # torch words it "Unsupported global: GLOBAL x.y ..." or "Trying to load unsupported GLOBAL x.y ..."
+        found = re.search(r"((?:Trying to load unsupported )?GLOBAL [\w.]+[^\n.]*)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_TORCH_BOILERPLATE)]
+        reason = found.group(1) if found else f"{type(error).__name__}: {lines[0] if lines else 'unreadable'}"
+        raise ValueError(f"{name} cannot be loaded with weights_only=True, so it is refused (never unpickled): "
+                         f"{reason}") from None
+
+
+def load_tensors(url: str, what: str) -> dict[str, torch.Tensor]:
+    """A flat dict of tensors (a state dict) from a safetensors or weights-only torch file at a path or fsspec URL."""
+    if not exists(url):
+        raise FileNotFoundError(f"{what} {url!r} not found")
+    data = read_bytes(url)
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(data)
+    import torch
+
+    state = load_untrusted(data, f"{what} {url!r}")
+    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise ValueError(f"{what} {url!r} are not a flat dict of tensors (a state dict)")
+    return state
 
 
 def marker_bytes(files: dict[str, bytes], step: Optional[int]) -> bytes:

@@ -46,7 +46,8 @@ class ClipConfig(StrictModel):
     """Which open_clip model to build."""
 
     model_name: str = "tiny-clip"
-    pretrained: Optional[str] = None  # an open_clip pretrained tag or a weights file; None: random init
+    # an open_clip pretrained tag, or a weights file at a local path or any fsspec URL; None: random init
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -58,14 +59,81 @@ class TextEmbedding:
     mask: Tensor  # [B, T] True at real tokens
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+MAX_WEIGHTS_BYTES = 16 << 30  # the largest open_clip checkpoints are under 10 GB: more is not a CLIP
+
+
+def pretrained_weights(pretrained: Optional[str]) -> Optional[str]:
+    """What open_clip gets as `pretrained`: a tag as it is; a weights file (a local path or any fsspec URL, so
+    air-gapped clusters and mirrors work) as a checked local file: URLs copied once into the local cache
+    (DALLE2_CACHE, else ~/.cache/dalle2), every pickle checked to hold tensors only before open_clip reads it."""
+    import os
+
+    from .checkpoint import exists, load_untrusted, read_bytes
+
+    if pretrained is None or ("://" not in pretrained and not pretrained.endswith(WEIGHT_SUFFIXES)
+                              and os.sep not in pretrained):
+        return pretrained  # an open_clip tag ("openai", "laion2b_s34b_b79k"): open_clip resolves it
+    what = f"CLIP pretrained weights {pretrained!r}"
+    if "://" in pretrained and not pretrained.startswith("file://"):
+        local = cached_copy(pretrained, what)
+    else:
+        local = os.path.expanduser(pretrained.removeprefix("file://"))
+        if not exists(local):
+            raise FileNotFoundError(f"{what}: no such file")
+    if not local.endswith(".safetensors"):  # a pickle: refused here, by name, unless it is tensors only
+        load_untrusted(read_bytes(local), what)
+    return local
+
+
+def cached_copy(url: str, what: str) -> str:
+    """A local copy of a remote weights file, fetched once per URL (a partial fetch never counts: written under a
+    temporary name and renamed whole)."""
+    import hashlib
+    import os
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{what}: not found")
+    size = fs.size(path)
+    folder = os.path.join(os.environ.get("DALLE2_CACHE") or os.path.expanduser("~/.cache/dalle2"), "clip")
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "weights"
+    # keyed by URL and size: a file replaced by another of a different size is fetched again
+    local = os.path.join(folder, hashlib.sha256(f"{url}|{size}".encode()).hexdigest()[:16] + "-" + name)
+    if os.path.exists(local):
+        return local
+    if size is not None and size > MAX_WEIGHTS_BYTES:
+        raise ValueError(f"{what}: {size} bytes, more than any CLIP's weights ({MAX_WEIGHTS_BYTES} at most)")
+    os.makedirs(folder, exist_ok=True)
+    partial, copied = f"{local}.partial-{os.getpid()}", 0
+    try:
+        with fs.open(path, "rb") as source, open(partial, "wb") as target:
+            while chunk := source.read(1 << 24):  # streamed: a CLIP's gigabytes never sit in memory at once
+                copied += len(chunk)
+                if copied > MAX_WEIGHTS_BYTES:
+                    raise ValueError(f"{what}: more than {MAX_WEIGHTS_BYTES} bytes, more than any CLIP's weights")
+                target.write(chunk)
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(partial, local)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    log.info("fetched %s to %s (%d bytes)", url, local, copied)
+    return local
+
+
 def build_open_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
-    """An open_clip model by name; `pretrained` downloads or reads weights as open_clip does."""
+    """An open_clip model by name; `pretrained` is an open_clip tag (open_clip downloads or reads its weights) or a
+    weights file at a local path or fsspec URL (see pretrained_weights)."""
     import open_clip
 
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model {model_name!r}; open_clip knows: {', '.join(open_clip.list_models())}")
-    return open_clip.create_model(model_name, pretrained=pretrained)
+    return open_clip.create_model(model_name, pretrained=pretrained_weights(pretrained))
 
 
 class ClipAdapter(nn.Module):

@@ -10,10 +10,7 @@ weights, packaging's Version, is allowed by name, and anything else is refused w
 
 from __future__ import annotations
 
-import io
 import math
-import pickle
-import re
 from pathlib import Path
 from typing import Any, Union
 
@@ -298,27 +295,17 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
-# the lines of torch's weights_only error that say nothing about this file
-BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
 def load_their_checkpoint(source: Union[str, Path, bytes], weights: str = "model") -> dict[str, Tensor]:
     """A state dict from a DALLE2-pytorch checkpoint: a plain `torch.save(model.state_dict())`, or a trainer's save,
     whose `weights` entry ("model", or "ema" for the EMA copy) is taken. Loaded with weights_only=True."""
     from packaging.version import Version
 
+    from .checkpoint import load_untrusted
+
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with torch.serialization.safe_globals([Version]):  # their prior trainer saves its version as one
-            loaded = torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # the unpickler's reason names what it refused
-        # torch words it "Unsupported global: GLOBAL x.y ..." or "Trying to load unsupported GLOBAL x.y ..."
-        found = re.search(r"(?:Unsupported global: )?((?:Trying to load unsupported )?GLOBAL [\w.]+[^\n.]*)", str(error))
-        lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(BOILERPLATE)]
-        reason = found.group(1) if found else f"{type(error).__name__}: {lines[0] if lines else 'unreadable'}"
-        raise ValueError(f"{name} cannot be loaded with weights_only=True, so it is refused (never unpickled): "
-                         f"{reason}. Load it with DALLE2-pytorch and save model.state_dict() alone.") from None
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    # their prior trainer saves its version as a packaging Version: that class alone is allowed besides tensors
+    loaded = load_untrusted(data, name, allowed=[Version])
     if not isinstance(loaded, dict):
         raise ValueError(f"{name} holds a {type(loaded).__name__}, not a state dict or a trainer's save")
     if "model" in loaded and isinstance(loaded["model"], dict):  # a trainer's save

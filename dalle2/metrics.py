@@ -3,10 +3,8 @@ agreement (CLIP-R-precision, CLIPScore), and distances between sets of image fea
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 import tempfile
 import warnings
 from typing import Callable, Optional
@@ -214,29 +212,15 @@ INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/down
 
 
 def _load_tensors(weights: str) -> dict[str, Tensor]:
-    """A flat dict of tensors from a local path or fsspec URL, never unpickling anything else."""
-    import fsspec
+    """Inception's state dict from a local path or fsspec URL, never unpickling anything else."""
+    from .checkpoint import load_tensors
 
-    fs, path = fsspec.core.url_to_fs(weights)
-    if not fs.exists(path):
+    try:
+        return load_tensors(weights, "Inception weights")
+    except FileNotFoundError:
         raise FileNotFoundError(f"Inception weights {weights!r} not found: FID's standard weights are "
                                 f"torch-fidelity's {INCEPTION_WEIGHTS_URL}; fetch them and give their path or URL "
-                                "(nothing is downloaded here)")
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    try:  # weights_only: a .pth file is a pickle, which could run any code it names
-        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as error:  # the refusal comes before the object is built
-        reason = [line.strip() for line in str(error).splitlines() if "WeightsUnpickler" in line]
-        raise ValueError(f"Inception weights {weights!r} hold more than tensors (refused, nothing unpickled): "
-                         f"{(reason or [str(error)])[0]}") from error
-    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
-        raise ValueError(f"Inception weights {weights!r} are not a flat dict of tensors (a state dict)")
-    return state
+                                "(nothing is downloaded here)") from None
 
 
 class InceptionFeatures(torch.nn.Module):

@@ -144,3 +144,45 @@ def test_a_coca_text_tower_is_refused_not_embedded_at_the_wrong_token(tmp_path):
 def test_text_towers_the_embed_stage_cannot_read_are_known_from_the_config(name, reason):
     found = text_tower_unsupported(name)
     assert found is None if reason is None else reason in found
+
+
+class Payload:
+    """What a hostile weights file carries: building it would create the file `touched`."""
+
+    def __init__(self, touched):
+        self.touched = touched
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.touched),))
+
+
+def test_pretrained_weights_from_a_local_file_or_an_s3_url_never_unpickled(tmp_path, s3_server, monkeypatch):
+    """Air-gapped clusters and mirrors: embed.clip.pretrained may be a weights file on disk or any fsspec URL (fetched
+    once into the local cache); a pickle holding more than tensors is refused before open_clip sees it."""
+    import fsspec
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("DALLE2_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(7)
+    source = ClipAdapter("tiny-clip")
+    weights = {k: v.clone().contiguous() for k, v in source.model.state_dict().items()}
+    save_file(weights, str(tmp_path / "clip.safetensors"))
+    torch.save(weights, tmp_path / "clip.pt")
+    bucket = s3_server()
+    fsspec.filesystem("s3").put(str(tmp_path / "clip.safetensors"), f"{bucket.removeprefix('s3://')}/w/clip.safetensors")
+    text = ["a red circle"]
+    for pretrained in (str(tmp_path / "clip.safetensors"), str(tmp_path / "clip.pt"), f"{bucket}/w/clip.safetensors"):
+        torch.manual_seed(99)  # another random init: only the file's weights can make the outputs equal
+        loaded = ClipAdapter("tiny-clip", pretrained=pretrained)
+        torch.testing.assert_close(loaded.embed_text(text).text_embed, source.embed_text(text).text_embed)
+    assert len(list((tmp_path / "cache" / "clip").iterdir())) == 1  # the URL's one cached copy
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({**weights, "hook": Payload(tmp_path / "pwned")}, hostile)
+    with pytest.raises(ValueError, match=r"hostile\.pt.*refused \(never unpickled\): .*GLOBAL"):
+        ClipAdapter("tiny-clip", pretrained=str(hostile))
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(FileNotFoundError, match=r"CLIP pretrained weights .*absent\.safetensors.*no such file"):
+        ClipAdapter("tiny-clip", pretrained=str(tmp_path / "absent.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"absent\.pt.*not found"):
+        ClipAdapter("tiny-clip", pretrained=f"{bucket}/w/absent.pt")

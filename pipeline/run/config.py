@@ -85,7 +85,8 @@ class DownloadConfig(StrictModel):
 
 
 class ClipSource(StrictModel):
-    """The CLIP to embed with: an open_clip name (+ pretrained tag), or a checkpoint folder."""
+    """The CLIP to embed with: an open_clip name (+ a pretrained tag, or a weights file at a local path or any fsspec
+    URL), or a checkpoint folder."""
 
     model_name: str = "tiny-clip"
     pretrained: Optional[str] = None
