@@ -80,47 +80,33 @@ def write_imported(root: str, kind: str, model, source: str) -> str:
 def import_prior(config: RunConfig, checkpoint: str, their_config: str, weights: str = "model") -> str:
     """Their prior (checkpoint + JSON config) as the run's `prior_imported` checkpoint; returns its folder."""
     from dalle2.checkpoint import read_bytes
-    from dalle2.dalle2_pytorch_format import load_their_checkpoint, prior_config_from_theirs, prior_state_from_theirs
-    from dalle2.prior import DiffusionPrior
+    from dalle2.interop.configs import prior_config_from_theirs
+    from dalle2.interop.weights import prior_from_theirs
 
-    prior_config = prior_config_from_theirs(read_json_config(their_config))  # refused here, before any weight
+    section = read_json_config(their_config)
+    prior_config = prior_config_from_theirs(section)  # refused here, before any weight is read
     net = prior_config.net
     check_clip_widths(config, net.dim, net.dim if prior_config.condition_on_text_encodings else None,
                       net.max_text_len if prior_config.condition_on_text_encodings else None, "the imported prior")
-    prior = DiffusionPrior(config=prior_config)
-    state = prior_state_from_theirs(load_their_checkpoint(read_bytes(checkpoint), weights), prior_config)
-    load_strictly(prior, state, checkpoint)
+    prior = prior_from_theirs(read_bytes(checkpoint), section, weights)
     return write_imported(config.root, "prior", prior, checkpoint)
 
 
 def import_decoder(config: RunConfig, checkpoint: str, their_config: str, weights: str = "model") -> str:
     """Their decoder (checkpoint + JSON config) as the run's `decoder_imported` checkpoint; returns its folder."""
     from dalle2.checkpoint import read_bytes
-    from dalle2.dalle2_pytorch_format import decoder_config_from_theirs, decoder_state_from_theirs, load_their_checkpoint
-    from dalle2.decoder import Decoder
+    from dalle2.interop.configs import decoder_config_from_theirs
+    from dalle2.interop.weights import decoder_from_theirs
 
-    decoder_config = decoder_config_from_theirs(read_json_config(their_config))
+    section = read_json_config(their_config)
+    decoder_config = decoder_config_from_theirs(section)
     first = decoder_config.unets[0]
     if not decoder_config.unconditional:
         text = first.text_encoding_dim or first.image_embed_dim
         check_clip_widths(config, first.image_embed_dim, text if first.cond_on_text_encodings else None,
                           first.max_text_len if first.cond_on_text_encodings else None, "the imported decoder")
-    decoder = Decoder(config=decoder_config)
-    state = decoder_state_from_theirs(load_their_checkpoint(read_bytes(checkpoint), weights), decoder_config)
-    load_strictly(decoder, state, checkpoint)
+    decoder = decoder_from_theirs(read_bytes(checkpoint), section, weights)
     return write_imported(config.root, "decoder", decoder, checkpoint)
-
-
-def load_strictly(model, state: dict, checkpoint: str) -> None:
-    """Every weight of the model from the checkpoint and nothing else, each of its shape (named when not)."""
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} (the config builds {tuple(v.shape)})" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{checkpoint} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shapes {wrong[:5]}")
-    model.load_state_dict(state, strict=False)
 
 
 def read_json_config(url: str) -> dict:
@@ -144,17 +130,14 @@ def export_run(config: RunConfig, out: str) -> dict[str, str]:
     import torch
 
     from dalle2.checkpoint import write_bytes
-    from dalle2.dalle2_pytorch_format import decoder_config_to_theirs, decoder_state_to_theirs, \
-        prior_config_to_theirs, prior_state_to_theirs
+    from dalle2.interop.weights import to_theirs
 
     from .checkpoints import load_models
 
     prior, decoder = load_models(config)  # no CLIP: theirs is named in their config, not saved with the weights
     written = {}
-    for name, state, section in (
-        ("prior", prior_state_to_theirs(prior), {"prior": prior_config_to_theirs(prior.config)}),
-        ("decoder", decoder_state_to_theirs(decoder), {"decoder": decoder_config_to_theirs(decoder.config)}),
-    ):
+    for name, model in (("prior", prior), ("decoder", decoder)):
+        state, section = to_theirs(model)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes(f"{out.rstrip('/')}/{name}.pth", buffer.getvalue())

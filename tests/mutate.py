@@ -23,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SKIP = shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info", ".gl", ".whl")
+SKIP = shutil.ignore_patterns(".venv", ".venvs", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info", ".gl", ".whl")
 
 
 def load_mutants() -> list[dict]:

@@ -14,9 +14,10 @@ import torch
 
 from dalle2.configs import PriorConfig
 from dalle2.decoder import Decoder
-from dalle2.dalle2_pytorch_format import UnsupportedOption, decoder_config_from_theirs, decoder_config_to_theirs, \
-    decoder_state_from_theirs, decoder_state_to_theirs, load_their_checkpoint, prior_config_from_theirs, \
-    prior_config_to_theirs, prior_state_from_theirs, prior_state_to_theirs
+from dalle2.interop.configs import UnsupportedOption, decoder_config_from_theirs, decoder_config_to_theirs, \
+    prior_config_from_theirs, prior_config_to_theirs
+from dalle2.interop.weights import decoder_state_from_theirs, decoder_state_to_theirs, load_their_checkpoint, \
+    prior_state_from_theirs, prior_state_to_theirs
 from dalle2.prior import DiffusionPrior
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dalle2_pytorch"
@@ -203,3 +204,18 @@ def test_trainer_saves_load_weights_only_and_pickles_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.pt cannot be loaded with weights_only=True.*system"):
         load_their_checkpoint(evil)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_their_per_unet_defaults_read_as_their_decoder_reads_them():
+    """learned_variance=True: the first unet only; no beta_schedule: cosine, then linear for the last unet; a single
+    use_noise_for_lowres_cond: every upsampler; their unet defaults (16 heads, max_text_len 256) fill in."""
+    _, _, config = fixture("decoder_options")
+    section = {k: v for k, v in config["decoder"].items() if k not in ("beta_schedule", "learned_variance")}
+    ours = decoder_config_from_theirs({**section, "learned_variance": True, "unets": section["unets"] * 2,
+                                       "image_sizes": [16, 32, 64, 128]})
+    assert ours.learned_variance_flags() == (True, False, False, False)
+    assert [ours.diffusion_for(i).beta_schedule for i in range(4)] == ["cosine", "cosine", "cosine", "linear"]
+    assert [u.lowres_noise_cond for u in ours.unets] == [False, True, True, True]
+    assert [u.cond_on_image_embeds for u in ours.unets] == [True, False, False, False]
+    bare = decoder_config_from_theirs({"unets": [{"dim": 8, "image_embed_dim": 32, "cond_dim": 24}], "image_size": 16})
+    assert bare.unets[0].attn_heads == 16 and bare.unets[0].max_text_len == 256 and bare.unets[0].init_cross_embed

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from dalle2.configs import PriorConfig
-from dalle2.dalle2_pytorch_format import decoder_config_from_theirs, decoder_state_from_theirs, \
-    decoder_state_to_theirs, load_their_checkpoint, prior_config_from_theirs, prior_state_from_theirs, \
-    prior_state_to_theirs, read_their_config
+from dalle2.interop.configs import decoder_config_from_theirs, prior_config_from_theirs, read_their_config
+from dalle2.interop.weights import decoder_state_from_theirs, decoder_state_to_theirs, load_their_checkpoint, \
+    prior_state_from_theirs, prior_state_to_theirs
 from dalle2.decoder import Decoder
 from dalle2.prior import DiffusionPrior
 from dalle2.trainer import DecoderTrainer, PriorTrainer

@@ -1,23 +1,19 @@
-"""DALLE2-pytorch's configs and checkpoints in and out: LAION's priors and decoders become this project's models.
-
-Their JSON configs (the `prior` section of a TrainDiffusionPriorConfig, the `decoder` section of a TrainDecoderConfig)
-become our typed configs in the reference architecture, with DALLE2-pytorch 1.15.6's defaults for what a file leaves
-out. The reference modules keep their parameter names, so a state dict moves across unchanged apart from the
-schedule buffers theirs saves (checked against ours, then dropped). Every option we cannot honour is refused by
-name before a weight is read. Checkpoints load with weights_only=True; the one class their trainers save beside the
-weights, packaging's Version, is allowed by name, and anything else is refused with the reason.
+"""DALLE2-pytorch's JSON configs as ours and back: the `prior` section of a TrainDiffusionPriorConfig and the `decoder`
+section of a TrainDecoderConfig become our typed configs in the reference architecture, with DALLE2-pytorch 1.15.6's
+defaults for what a file leaves out. Every option we cannot honour is refused by name (UnsupportedOption) before any
+weight is read; options that change nothing a checkpoint holds or how it samples are taken and left aside, said once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Union
 
-import torch
-from torch import Tensor
+from ..configs import DecoderConfig, DiffusionConfig, PriorConfig, UnetConfig
 
-from .configs import DecoderConfig, DiffusionConfig, PriorConfig, UnetConfig
+log = logging.getLogger(__name__)
 
 # their DiffusionPriorNetwork / DiffusionPrior / Unet / Decoder defaults in 1.15.6, for what a config file leaves out
 THEIR_NET = dict(max_text_len=256, num_timesteps=None, num_time_embeds=1, num_image_embeds=1, num_text_embeds=1,
@@ -66,6 +62,7 @@ def _refuse(where: str, option: str, value: Any, why: str) -> None:
 
 
 def _with_defaults(where: str, given: dict, defaults: dict, required: tuple[str, ...] = ()) -> dict:
+    """`given` over their defaults; an option they do not define is refused, one that changes nothing here noted."""
     unknown = sorted(set(given) - set(defaults) - set(required) - {"net", "unets"})
     if unknown:
         raise UnsupportedOption(f"{where} has options DALLE2-pytorch 1.15.6 does not define, or this importer does "
@@ -73,6 +70,9 @@ def _with_defaults(where: str, given: dict, defaults: dict, required: tuple[str,
     missing = [name for name in required if name not in given]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
+    aside = sorted(k for k in set(given) & TRAINING_ONLY if given[k] != defaults.get(k) and k != "clip")
+    if aside:
+        log.info("%s: %s change nothing the weights hold or how they sample here: left aside", where, ", ".join(aside))
     return {**defaults, **given}
 
 
@@ -222,7 +222,7 @@ def unet_config_from_theirs(unet: dict, index: int, unconditional: bool, learned
 # ---- configs: ours -> theirs ---------------------------------------------------------------------
 
 
-def _reference_only(kind: str, arch: str) -> None:
+def reference_only(kind: str, arch: str) -> None:
     if arch != "reference":
         raise UnsupportedOption(f"the {kind} uses the compact architecture, which DALLE2-pytorch has no equivalent of: "
                                 "only reference-architecture models export")
@@ -231,7 +231,7 @@ def _reference_only(kind: str, arch: str) -> None:
 def prior_config_to_theirs(config: PriorConfig) -> dict:
     """The `prior` section of their config file for one of our reference-architecture priors."""
     net, diffusion = config.net, config.diffusion
-    _reference_only("prior", net.arch)
+    reference_only("prior", net.arch)
     if config.predict != "x0":
         _refuse("prior", "predict", config.predict, "their sampler clamps an eps- or v-prior's x0 to [-1, 1]")
     if diffusion.p2_loss_weight_gamma:
@@ -255,7 +255,7 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
                                 "across unets, and these differ")
     unets = []
     for i, u in enumerate(config.unets):
-        _reference_only(f"decoder's unet {i + 1}", u.arch)
+        reference_only(f"decoder's unet {i + 1}", u.arch)
         if u.cond_on_image_embeds != (i == 0 and not config.unconditional):
             _refuse(f"decoder.unets[{i}]", "cond_on_image_embeds", u.cond_on_image_embeds,
                     "their decoder conditions the first unet on the image embed, and only it")
@@ -290,116 +290,6 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
         dynamic_thres_percentile=config.dynamic_threshold_percentile or 0.95,
         p2_loss_weight_gamma=[d.p2_loss_weight_gamma for d in diffusions], p2_loss_weight_k=diffusions[0].p2_loss_weight_k,
     )
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-
-def load_their_checkpoint(source: Union[str, Path, bytes], weights: str = "model") -> dict[str, Tensor]:
-    """A state dict from a DALLE2-pytorch checkpoint: a plain `torch.save(model.state_dict())`, or a trainer's save,
-    whose `weights` entry ("model", or "ema" for the EMA copy) is taken. Loaded with weights_only=True."""
-    from packaging.version import Version
-
-    from .checkpoint import load_untrusted
-
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    # their prior trainer saves its version as a packaging Version: that class alone is allowed besides tensors
-    loaded = load_untrusted(data, name, allowed=[Version])
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{name} holds a {type(loaded).__name__}, not a state dict or a trainer's save")
-    if "model" in loaded and isinstance(loaded["model"], dict):  # a trainer's save
-        if weights == "ema":
-            if "ema_model" in loaded:  # the prior trainer saves the EMA prior by itself
-                return loaded["ema_model"]
-            if "ema" not in loaded:
-                raise ValueError(f"{name} has no EMA weights (saved with use_ema=False)")
-            # the decoder trainer saves ModuleList([EMA(unet), ...]): '<i>.ema_model.<key>' -> 'unets.<i>.<key>'
-            return {f"unets.{k.split('.', 2)[0]}.{k.split('.', 2)[2]}": v for k, v in loaded["ema"].items()
-                    if k.split(".", 2)[1:2] == ["ema_model"]}
-        return loaded["model"]
-    if weights == "ema":
-        raise ValueError(f"{name} is a plain state dict: it has no separate EMA weights")
-    bad = [k for k, v in loaded.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"{name} is neither a state dict nor a trainer's save: {bad[:3]} are not tensors")
-    return loaded
-
-
-def _check_schedule(state: dict, prefix: str, betas: Tensor, where: str) -> None:
-    saved = state.get(f"{prefix}betas")
-    # compared at the precision it was saved in: LAION's fp16 checkpoints hold fp16 schedules
-    if saved is not None and (saved.shape != betas.shape or
-                              not torch.allclose(saved.float(), betas.to(saved.dtype).float(), rtol=1e-5, atol=1e-7)):
-        raise ValueError(f"{where}: the checkpoint's {prefix}betas do not match the config's schedule "
-                         f"({len(saved)} saved steps, {len(betas)} configured): wrong config for these weights?")
-
-
-def prior_state_from_theirs(state: dict[str, Tensor], config: PriorConfig) -> dict[str, Tensor]:
-    """Their DiffusionPrior state dict as ours: the network's weights (same names), schedule checked and dropped."""
-    from .diffusion import GaussianDiffusion
-
-    d = config.diffusion
-    _check_schedule(state, "noise_scheduler.", GaussianDiffusion(d.timesteps, d.beta_schedule).betas, "prior")
-    if not any(k.startswith("net.") for k in state):
-        raise ValueError("the prior checkpoint has no 'net.' weights: is it a decoder's?")
-    return {k: v for k, v in state.items() if k.startswith("net.")}
-
-
-def decoder_state_from_theirs(state: dict[str, Tensor], config: DecoderConfig) -> dict[str, Tensor]:
-    """Their Decoder state dict as ours: the unets' weights (same names), schedules checked and dropped."""
-    from .diffusion import GaussianDiffusion
-
-    for i in range(len(config.unets)):
-        d = config.diffusion_for(i)
-        _check_schedule(state, f"noise_schedulers.{i}.", GaussianDiffusion(d.timesteps, d.beta_schedule).betas,
-                        f"decoder unet {i + 1}")
-    if not any(k.startswith("unets.") for k in state):
-        raise ValueError("the decoder checkpoint has no 'unets.' weights: is it a prior's?")
-    return {k: v for k, v in state.items() if k.startswith("unets.")}
-
-
-def prior_state_to_theirs(prior: torch.nn.Module) -> dict[str, Tensor]:
-    """Our prior's state dict as theirs holds it: the network, and the schedule buffers their NoiseScheduler saves."""
-    _reference_only("prior", prior.config.net.arch)
-    state = {k: v for k, v in prior.state_dict().items() if k.startswith("net.")}
-    state.update(_their_schedule(prior.config.diffusion, "noise_scheduler."))
-    return state
-
-
-def decoder_state_to_theirs(decoder: torch.nn.Module) -> dict[str, Tensor]:
-    """Our decoder's state dict as theirs holds it, with each unet's schedule buffers."""
-    for i, u in enumerate(decoder.config.unets):
-        _reference_only(f"decoder's unet {i + 1}", u.arch)
-    state = {k: v for k, v in decoder.state_dict().items() if k.startswith("unets.")}
-    for i, unet in enumerate(decoder.config.unets):
-        state.update(_their_schedule(decoder.config.diffusion_for(i), f"noise_schedulers.{i}."))
-        if unet.lowres_noise_cond:  # their low-res conditioner noises on a schedule of its own, fixed in their code
-            state.update(_their_schedule(THEIR_LOWRES_NOISE, f"lowres_conds.{i}.noise_scheduler."))
-    return state
-
-
-def _their_schedule(diffusion: DiffusionConfig, prefix: str) -> dict[str, Tensor]:
-    """The buffers their NoiseScheduler registers (persistent, so in their state dicts), computed as theirs does: in
-    float64 from the schedule, then stored as float32."""
-    from .schedules import BETA_SCHEDULES
-
-    betas = torch.from_numpy(BETA_SCHEDULES[diffusion.beta_schedule](diffusion.timesteps))
-    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    prev = torch.nn.functional.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
-    posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
-    values = dict(
-        betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=prev,
-        sqrt_alphas_cumprod=alphas_cumprod.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
-        log_one_minus_alphas_cumprod=(1 - alphas_cumprod).log(), sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
-        sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(), posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=posterior_variance.clamp(min=1e-20).log(),
-        posterior_mean_coef1=betas * prev.sqrt() / (1 - alphas_cumprod),
-        posterior_mean_coef2=(1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
-        p2_loss_weight=(diffusion.p2_loss_weight_k + alphas_cumprod / (1 - alphas_cumprod))
-        ** -diffusion.p2_loss_weight_gamma,
-    )
-    return {prefix + k: v.float() for k, v in values.items()}
 
 
 def read_their_config(path: Union[str, Path]) -> dict:
