@@ -14,11 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .configs import DecoderConfig, with_diffusion_kwargs
+from .configs import DecoderConfig, UnetConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, tile
-from .unet import Unet, build_unet
+from .unet import Unet
 
 Text = Union[Sequence[str], Tensor, None]
+
+
+def build_unet(config: UnetConfig) -> nn.Module:
+    """The unet of `config.arch`: compact (unet.py) or reference (DALLE2-pytorch's, reference_unet.py)."""
+    if config.arch == "reference":
+        from .reference_unet import ReferenceUnet
+
+        return ReferenceUnet(config)
+    return Unet(config)
 
 
 def blur_kernel(sigma: float) -> int:

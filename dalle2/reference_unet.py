@@ -16,6 +16,7 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from .configs import UnetConfig
+from .unet import check_inputs
 from .reference_layers import CrossEmbedLayer, LinearAttention, NullKeyAttention, OnPixels, PixelShuffleUpsample, \
     Residual, ResnetBlock, SinusoidalEmbedding, downsample, nearest_upsample
 
@@ -158,13 +159,8 @@ class ReferenceUnet(nn.Module):
         text_drop: Optional[Tensor] = None,
     ) -> Tensor:
         """Denoising output for noised images `x` [B, C, H, W] at steps `t` [B]; drop masks are [B] bools."""
-        batch, _, height, width = x.shape
-        if height % self.downscale or width % self.downscale:
-            raise ValueError(f"image size {height}x{width} must be divisible by {self.downscale} for dim_mults "
-                             f"{self.config.dim_mults}")
-        if self.config.lowres_cond != (lowres_cond_img is not None):
-            raise ValueError("lowres_cond_img must be given exactly when the unet was built with lowres_cond=True")
-        no_drop = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        check_inputs(self.config, self.downscale, x, lowres_cond_img)
+        no_drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         image_keep = ~(no_drop if image_drop is None else image_drop)
         text_keep = ~(no_drop if text_drop is None else text_drop)
         if lowres_cond_img is not None:

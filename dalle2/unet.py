@@ -19,6 +19,15 @@ from .configs import UnetConfig
 from .layers import Attention, time_mlp
 
 
+def check_inputs(config: UnetConfig, downscale: int, x: Tensor, lowres_cond_img: Optional[Tensor]) -> None:
+    """Refuse an image size the unet cannot halve down to its lowest level, or a low-res input it does not take."""
+    height, width = x.shape[-2:]
+    if height % downscale or width % downscale:
+        raise ValueError(f"image size {height}x{width} must be divisible by {downscale} for dim_mults {config.dim_mults}")
+    if config.lowres_cond != (lowres_cond_img is not None):
+        raise ValueError("lowres_cond_img must be given exactly when the unet was built with lowres_cond=True")
+
+
 class ResnetBlock(nn.Module):
     """conv-norm-SiLU twice, the second norm modulated by the time embedding (scale and shift)."""
 
@@ -190,12 +199,8 @@ class Unet(nn.Module):
         text_drop: Optional[Tensor] = None,
     ) -> Tensor:
         """Denoising output for noised images `x` [B, C, H, W] at steps `t` [B]; drop masks are [B] bools."""
-        batch, _, height, width = x.shape
-        if height % self.downscale or width % self.downscale:
-            raise ValueError(f"image size {height}x{width} must be divisible by {self.downscale} for dim_mults {self.config.dim_mults}")
-        if self.config.lowres_cond != (lowres_cond_img is not None):
-            raise ValueError("lowres_cond_img must be given exactly when the unet was built with lowres_cond=True")
-        no_drop = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        check_inputs(self.config, self.downscale, x, lowres_cond_img)
+        no_drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         time_cond, context, mask = self.conditioning(
             t, image_embed, text_encodings, text_mask,
             no_drop if image_drop is None else image_drop, no_drop if text_drop is None else text_drop,
@@ -219,12 +224,3 @@ class Unet(nn.Module):
             x = up(x)
         x = self.final_block(torch.cat([x, residual], dim=1), time_cond)
         return self.final_conv(x)
-
-
-def build_unet(config: UnetConfig) -> nn.Module:
-    """The unet of `config.arch`: compact (above) or reference (DALLE2-pytorch's, reference_unet.py)."""
-    if config.arch == "reference":
-        from .reference_unet import ReferenceUnet
-
-        return ReferenceUnet(config)
-    return Unet(config)
