@@ -106,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 for shard, failure in sorted(info["failed_shards"].items()):
                     failure = as_failure(failure)
                     line += f"\n{'':<14} {shard}: {failure['rows']} rows, {failure['error']}"
+        elif info.get("imported_from"):  # dalle2 import: weights trained elsewhere
+            line = f"{stage:<14} imported from {info['imported_from']}, checkpoint {info.get('latest_checkpoint')}"
         else:
             line = f"{stage:<14} step {info.get('step')}, loss {info.get('loss', float('nan')):.4f}, " \
                    f"checkpoint {info.get('latest_checkpoint')}"

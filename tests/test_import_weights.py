@@ -52,6 +52,9 @@ def test_an_imported_run_samples_exports_their_checkpoints_and_imports_them_agai
     root = tmp_path / "run"
     imported(root)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]).keys() == {"prior", "decoder"}
+    cli.main(["status", "--root", str(root)])
+    shown = capsys.readouterr().out
+    assert f"train-prior-imported imported from {PRIOR}" in shown and "train-decoder-imported imported from" in shown
     out, array = tmp_path / "grid.png", tmp_path / "images.npy"
     assert cli.main(["sample", "--root", str(root), "--prompt", "a red square", "--prompt", "a blue one", "--n", "2",
                      "--out", str(out), "--out-npy", str(array)]) == 0
