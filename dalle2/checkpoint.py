@@ -94,7 +94,7 @@ def exists(url: str, storage_options: Optional[dict] = None) -> bool:
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
 
 
-def load_untrusted(data: bytes, name: str, allowed: Sequence[type] = ()) -> Any:
+def load_untrusted(data: bytes, name: str, allowed: Sequence[Any] = ()) -> Any:
     """`torch.load` of bytes from outside with weights_only=True: tensors and plain containers (and the `allowed`
     classes) only. Anything else is refused before it is built, naming what the file holds: never unpickled."""
     import pickle

@@ -97,11 +97,15 @@ def cached_copy(url: str, what: str) -> str:
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"{what}: not found")
-    size = fs.size(path)
+    info = fs.info(path)
+    size = info.get("size")
+    # keyed by URL, size and version (ETag or modification time, whichever the store gives): weights replaced at
+    # the same URL, fine-tuned ones of the same size included, are fetched again
+    version = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated")
+                    if info.get(k) is not None), "")
     folder = os.path.join(os.environ.get("DALLE2_CACHE") or os.path.expanduser("~/.cache/dalle2"), "clip")
     name = url.rstrip("/").rsplit("/", 1)[-1] or "weights"
-    # keyed by URL and size: a file replaced by another of a different size is fetched again
-    local = os.path.join(folder, hashlib.sha256(f"{url}|{size}".encode()).hexdigest()[:16] + "-" + name)
+    local = os.path.join(folder, hashlib.sha256(f"{url}|{size}|{version}".encode()).hexdigest()[:16] + "-" + name)
     if os.path.exists(local):
         return local
     if size is not None and size > MAX_WEIGHTS_BYTES:
@@ -133,7 +137,11 @@ def build_open_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Mod
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model {model_name!r}; open_clip knows: {', '.join(open_clip.list_models())}")
-    return open_clip.create_model(model_name, pretrained=pretrained_weights(pretrained))
+    # a tag trained with QuickGELU (OpenAI's weights: "openai") gets it, whichever model config the name selects;
+    # open_clip itself only warns, and plain GELU shifts every embedding a little
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    return open_clip.create_model(model_name, pretrained=pretrained_weights(pretrained),
+                                  force_quick_gelu=bool(tag.get("quick_gelu")))
 
 
 class ClipAdapter(nn.Module):

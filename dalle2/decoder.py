@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .configs import DecoderConfig, UnetConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, tile
+from .reference_sampling import reference_ddim
 from .unet import Unet
 
 Text = Union[Sequence[str], Tensor, None]
@@ -208,7 +209,7 @@ class Decoder(nn.Module):
         inpaint_image: Optional[Tensor] = None,
         inpaint_mask: Optional[Tensor] = None,
         inpaint_resample_times: int = 5,
-        eta: float = 0.0,
+        eta: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
         """Run the cascade: [B, C, H, W] images in [0, 1] at the last (or `stop_at_unet_number`) size.
@@ -241,12 +242,19 @@ class Decoder(nn.Module):
                 inpaint = dict(inpaint_image=resize_image(inpaint_image.to(device).float(), size) * 2 - 1,
                                inpaint_mask=known, inpaint_resample_times=inpaint_resample_times)
             model_fn = self.guided_model_fn(unet, embed, encodings, mask, lowres, lowres_times, cond_scale)
-            x = diffusion.sample(
-                model_fn, (batch, self.config.channels, size, size), device=device,
-                sample_timesteps=self.config.diffusion_for(number - 1).sample_timesteps, eta=eta,
-                sampler=self.config.diffusion_for(number - 1).sampler,
-                x0_transform=self.threshold, generator=generator, **inpaint,
-            )
+            d, shape = self.config.diffusion_for(number - 1), (batch, self.config.channels, size, size)
+            unet_eta = d.eta if eta is None else eta
+            if d.sampler == "reference" and d.sample_timesteps is not None and d.sample_timesteps < d.timesteps:
+                if inpaint:
+                    raise ValueError(f"unet {number} samples with DALLE2-pytorch's DDIM (diffusion.sampler: reference), "
+                                     "which does not inpaint here: sample it with ddim or ddpm")
+                x = reference_ddim(diffusion, model_fn, shape, kind="decoder", steps=d.sample_timesteps, eta=unet_eta,
+                                   device=device, x0_transform=self.threshold, generator=generator)
+            else:
+                reference = d.sampler == "reference"  # over every step theirs is DDPM, as ours without sample_timesteps
+                x = diffusion.sample(model_fn, shape, device=device, eta=unet_eta, x0_transform=self.threshold,
+                                     sample_timesteps=None if reference else d.sample_timesteps, generator=generator,
+                                     sampler="ddim" if reference else d.sampler, **inpaint)
             images = (x.clamp(-1, 1) + 1) / 2
         return images
 

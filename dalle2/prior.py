@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .configs import PriorConfig, PriorNetworkConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, tile
 from .layers import Attention, FeedForward, l2norm, time_mlp
+from .reference_sampling import reference_ddim
 
 
 class TransformerBlock(nn.Module):
@@ -196,7 +197,7 @@ class DiffusionPrior(nn.Module):
         cond_scale: float = 1.0,
         sample_timesteps: Optional[int] = None,
         num_samples_per_batch: Optional[int] = None,
-        eta: float = 0.0,
+        eta: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
         """Unit-norm image embeds [B, D]; draws several per text and keeps the closest to the text embed."""
@@ -209,11 +210,17 @@ class DiffusionPrior(nn.Module):
 
         model_fn = self.guided_model_fn(repeat(text_embed), repeat(text_encodings), repeat(text_mask), cond_scale)
         clamp = (lambda x0: l2norm(x0) * self.image_embed_scale) if self.config.sampling_clamp_l2norm else None
-        steps = sample_timesteps or self.config.diffusion.sample_timesteps
-        samples = self.diffusion.sample(
-            model_fn, (batch * n, self.image_embed_dim), device=text_embed.device, sample_timesteps=steps,
-            eta=eta, x0_transform=clamp, generator=generator, sampler=self.config.diffusion.sampler,
-        )
+        d = self.config.diffusion
+        steps, eta = sample_timesteps or d.sample_timesteps, d.eta if eta is None else eta
+        shape = (batch * n, self.image_embed_dim)
+        if d.sampler == "reference" and steps is not None and steps < d.timesteps:
+            samples = reference_ddim(self.diffusion, model_fn, shape, kind="prior", steps=steps, eta=eta,
+                                     device=text_embed.device, x0_transform=clamp, generator=generator)
+        else:
+            reference = d.sampler == "reference"  # over every step theirs is DDPM, as ours without sample_timesteps
+            samples = self.diffusion.sample(model_fn, shape, device=text_embed.device, eta=eta, x0_transform=clamp,
+                                            sample_timesteps=None if reference else steps, generator=generator,
+                                            sampler="ddim" if reference else d.sampler)
         samples = l2norm(samples).view(batch, n, -1)
         if n == 1:
             return samples[:, 0]

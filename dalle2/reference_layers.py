@@ -94,6 +94,22 @@ class RelativePositionBias(nn.Module):
         return rearrange(self.relative_attention_bias(self.buckets(relative)), "i j h -> h i j")
 
 
+def text_mask_of(encodings: Tensor, text_mask: Optional[Tensor], max_len: int) -> Tensor:
+    """Which text tokens are real: the given mask, or (theirs) the tokens that are not all zero; refuses more tokens
+    than the model has learned padding for."""
+    if encodings.shape[1] > max_len:
+        raise ValueError(f"text_encodings has {encodings.shape[1]} tokens, more than max_text_len={max_len}")
+    return torch.any(encodings != 0.0, dim=-1) if text_mask is None else text_mask.bool()
+
+
+def pad_text(tokens: Tensor, mask: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
+    """Tokens [B, N, D] and mask [B, N] zero-padded to max_len positions (learned null tokens replace them later)."""
+    remainder = max_len - tokens.shape[1]
+    if remainder <= 0:
+        return tokens, mask
+    return F.pad(tokens, (0, 0, 0, remainder), value=0.0), F.pad(mask, (0, remainder), value=False)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, cosine_sim: bool, bias: Optional[Tensor] = None,
            key_mask: Optional[Tensor] = None, causal: bool = False, dropout: Optional[nn.Module] = None) -> Tensor:
     """Softmax attention as theirs computes it: q [B, H, N, D]; k, v [B, H, M, D] or one shared head [B, M, D].

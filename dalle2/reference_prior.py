@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from .configs import PriorNetworkConfig
 from .reference_layers import GainLayerNorm, NullKeyAttention, RelativePositionBias, RotaryEmbedding, \
-    SinusoidalEmbedding, TimeMLP, feed_forward
+    SinusoidalEmbedding, TimeMLP, feed_forward, pad_text, text_mask_of
 
 
 class CausalTransformer(nn.Module):
@@ -97,13 +96,9 @@ class ReferencePriorNetwork(nn.Module):
         image_embed = self.to_image_embeds(image_embed)
         if text_encodings is None:
             text_encodings = torch.empty((batch, 0, dim), device=image_embed.device, dtype=image_embed.dtype)
-        mask = torch.any(text_encodings != 0.0, dim=-1) if text_mask is None else text_mask.bool()
-        if text_encodings.shape[1] > c.max_text_len:
-            raise ValueError(f"text_encodings has {text_encodings.shape[1]} tokens, more than max_text_len={c.max_text_len}")
-        remainder = c.max_text_len - text_encodings.shape[1]
-        if remainder > 0:  # padded to max_text_len with learned tokens, one per position
-            text_encodings = F.pad(text_encodings, (0, 0, 0, remainder), value=0.0)
-            mask = F.pad(mask, (0, remainder), value=False)
+        # padded to max_text_len, padding then replaced by learned tokens, one per position
+        text_encodings, mask = pad_text(text_encodings, text_mask_of(text_encodings, text_mask, c.max_text_len),
+                                        c.max_text_len)
         text_encodings = torch.where(mask[..., None] & keep, text_encodings, self.null_text_encodings.to(text_encodings.dtype))
         text_embed = torch.where(keep, text_embed, self.null_text_embeds.to(text_embed.dtype))
         image_embed = torch.where(keep, image_embed, self.null_image_embed.to(image_embed.dtype))

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from .configs import UnetConfig
 from .unet import check_inputs
 from .reference_layers import CrossEmbedLayer, LinearAttention, NullKeyAttention, OnPixels, PixelShuffleUpsample, \
-    Residual, ResnetBlock, SinusoidalEmbedding, downsample, nearest_upsample
+    Residual, ResnetBlock, SinusoidalEmbedding, downsample, nearest_upsample, pad_text, text_mask_of
 
 
 class ReferenceUnet(nn.Module):
@@ -133,14 +132,9 @@ class ReferenceUnet(nn.Module):
             tokens = torch.cat((tokens, image_tokens), dim=-2)
         mid_tokens = tokens
         if text_encodings is not None and self.text_to_cond is not None:
-            mask = torch.any(text_encodings != 0.0, dim=-1) if text_mask is None else text_mask.bool()
-            if text_encodings.shape[1] > c.max_text_len:
-                raise ValueError(f"text_encodings has {text_encodings.shape[1]} tokens, more than max_text_len={c.max_text_len}")
-            text_tokens = self.text_to_cond(text_encodings)
-            remainder = c.max_text_len - text_tokens.shape[1]
-            if remainder > 0:
-                text_tokens = F.pad(text_tokens, (0, 0, 0, remainder))
-                mask = F.pad(mask, (0, remainder), value=False)
+            mask = text_mask_of(text_encodings, text_mask, c.max_text_len)
+            # projected, then padded (theirs: the padding is zeros, not the projection's bias)
+            text_tokens, mask = pad_text(self.text_to_cond(text_encodings), mask, c.max_text_len)
             keep = mask[..., None] & text_keep[:, None, None]
             text_tokens = torch.where(keep, text_tokens, self.null_text_embed.to(text_tokens.dtype))
             mid_tokens = torch.cat((tokens, text_tokens), dim=-2)

@@ -147,6 +147,7 @@ def load_models(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional
     checkpoints = [decoder_checkpoint] if decoder_checkpoint else decoder_checkpoints(run)
     if not checkpoints:
         raise FileNotFoundError(f"{run.root} has no decoder checkpoint yet: run train-decoder (or dalle2 import)")
+    checkpoints = same_decoder(checkpoints)
     config = DecoderConfig(**load_state(checkpoints[0])["config"])
     decoder = Decoder(config=config)
     loaded: set[int] = set()
@@ -160,6 +161,28 @@ def load_models(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional
                                 f"random): run train-decoder, or train-decoder with train_decoder.unet_number=<k>")
     log.info("loaded the prior from %s and the decoder from %s", prior_checkpoint, checkpoints)
     return prior.eval(), decoder.eval()
+
+
+def same_decoder(checkpoints: list[str]) -> list[str]:
+    """The decoder checkpoints that make one model: those of the run's own decoder (the first trained one's config),
+    or the imported one alone; an imported decoder of another architecture is passed over, saying so."""
+    from dalle2.checkpoint import load_state
+    from dalle2.configs import config_diff
+
+    imported = f"/{TrainLayout.IMPORTED['decoder']}/"
+    trained = [c for c in checkpoints if imported not in c]
+    if not trained:
+        return checkpoints
+    base = load_state(trained[0])["config"]
+    kept = []
+    for checkpoint in checkpoints:
+        diffs = config_diff(load_state(checkpoint)["config"], base) if imported in checkpoint else []
+        if diffs:
+            log.info("the imported decoder %s is not the run's decoder architecture (%s): the run's own is used",
+                     checkpoint, "; ".join(diffs[:3]))
+        else:
+            kept.append(checkpoint)
+    return kept
 
 
 def load_dalle2(run: RunConfig, use_ema: bool = True, prior_checkpoint: Optional[str] = None,

@@ -32,10 +32,19 @@ def their_clip(section: dict) -> Optional[dict]:
     if not clip:
         return None
     make, model = clip.get("make"), clip.get("model")
-    if make == "openai":  # open_clip serves OpenAI's weights under its own names: ViT-L/14 -> ViT-L-14, tag openai
+    if make == "openai":  # open_clip serves OpenAI's weights under its own names (ViT-L/14 -> ViT-L-14, tag openai),
+        # with QuickGELU as they were trained (dalle2.clip.build_open_clip)
         return {"model_name": model.replace("/", "-"), "pretrained": "openai"}
-    if make == "open_clip":
-        return {"model_name": model, "pretrained": clip.get("pretrained")}
+    if make == "open_clip":  # their adapter takes `dict(open_clip.list_pretrained())[model]`: the last tag listed
+        import open_clip
+
+        tag = dict(open_clip.list_pretrained()).get(model)
+        if tag is None:
+            raise ValueError(f"their config's clip.model {model!r} has no pretrained weights in open_clip: set "
+                             "embed.clip to the CLIP those weights were trained with")
+        log.warning("their config names open_clip's %s without a tag; DALLE2-pytorch takes the last one open_clip "
+                    "lists, here %r: set embed.clip.pretrained if theirs was another", model, tag)
+        return {"model_name": model, "pretrained": tag}
     raise ValueError(f"their config's clip.make {make!r} is not an open_clip CLIP (x-clip and coca are not supported): "
                      "set embed.clip to the CLIP those weights were trained with")
 
@@ -62,7 +71,8 @@ def check_clip_widths(config: RunConfig, embed_dim: int, text_width: Optional[in
 
 
 def write_imported(root: str, kind: str, model, source: str) -> str:
-    """Save an imported model as a complete checkpoint of the job `<kind>_imported`; returns its folder."""
+    """Save an imported model as a complete checkpoint of the job `<kind>_imported`; returns its folder. No EMA copy:
+    loading EMA weights falls back to the model's."""
     from dalle2.checkpoint import save_checkpoint, trainable_state
     from pipeline.run.layout import TrainLayout
     from pipeline.run.storage import write_json
@@ -70,43 +80,46 @@ def write_imported(root: str, kind: str, model, source: str) -> str:
     layout, job = TrainLayout(root), TrainLayout.IMPORTED[kind]
     folder = f"{layout.job(job)}/{CHECKPOINT}"
     prefixes = ["net."] if kind == "prior" else [f"unets.{i}." for i in range(len(model.unets))]
-    weights = trainable_state(model, prefixes)
-    save_checkpoint(folder, weights, model.config.model_dump(mode="json"), ema=weights,
+    save_checkpoint(folder, trainable_state(model, prefixes), model.config.model_dump(mode="json"),
                     state={"steps": [0], "parts": prefixes, "imported_from": source})
     write_json(layout.summary(job), {"checkpoint": folder, "imported_from": source, "step": 0})
     return folder
 
 
-def import_prior(config: RunConfig, checkpoint: str, their_config: str, weights: str = "model") -> str:
-    """Their prior (checkpoint + JSON config) as the run's `prior_imported` checkpoint; returns its folder."""
-    from dalle2.checkpoint import read_bytes
-    from dalle2.interop.configs import prior_config_from_theirs
-    from dalle2.interop.weights import prior_from_theirs
+def check_fits(config: RunConfig, kind: str, section: dict) -> None:
+    """Their config converted (unsupported options refused by name) and checked against the run's CLIP."""
+    from dalle2.interop.configs import decoder_config_from_theirs, prior_config_from_theirs
 
-    section = read_json_config(their_config)
-    prior_config = prior_config_from_theirs(section)  # refused here, before any weight is read
-    net = prior_config.net
-    check_clip_widths(config, net.dim, net.dim if prior_config.condition_on_text_encodings else None,
-                      net.max_text_len if prior_config.condition_on_text_encodings else None, "the imported prior")
-    prior = prior_from_theirs(read_bytes(checkpoint), section, weights)
-    return write_imported(config.root, "prior", prior, checkpoint)
+    if kind == "prior":
+        prior = prior_config_from_theirs(section)
+        net, text = prior.net, prior.condition_on_text_encodings
+        check_clip_widths(config, net.dim, net.dim if text else None, net.max_text_len if text else None,
+                          "the imported prior")
+        return
+    decoder = decoder_config_from_theirs(section)
+    first = decoder.unets[0]
+    if not decoder.unconditional:
+        text = first.cond_on_text_encodings
+        check_clip_widths(config, first.image_embed_dim, (first.text_encoding_dim or first.image_embed_dim) if text
+                          else None, first.max_text_len if text else None, "the imported decoder")
 
 
-def import_decoder(config: RunConfig, checkpoint: str, their_config: str, weights: str = "model") -> str:
-    """Their decoder (checkpoint + JSON config) as the run's `decoder_imported` checkpoint; returns its folder."""
-    from dalle2.checkpoint import read_bytes
-    from dalle2.interop.configs import decoder_config_from_theirs
-    from dalle2.interop.weights import decoder_from_theirs
+def import_models(config: RunConfig, models: dict[str, tuple[str, str]], weights: str = "model") -> dict[str, str]:
+    """Their models ({kind: (checkpoint, JSON config)}, kind "prior" or "decoder") into the run: every config checked
+    and every weight loaded before anything is written; then the run config (with their CLIP) and one checkpoint
+    each. Returns {kind: checkpoint folder}."""
+    from dalle2.interop.weights import decoder_from_theirs, prior_from_theirs
 
-    section = read_json_config(their_config)
-    decoder_config = decoder_config_from_theirs(section)
-    first = decoder_config.unets[0]
-    if not decoder_config.unconditional:
-        text = first.text_encoding_dim or first.image_embed_dim
-        check_clip_widths(config, first.image_embed_dim, text if first.cond_on_text_encodings else None,
-                          first.max_text_len if first.cond_on_text_encodings else None, "the imported decoder")
-    decoder = decoder_from_theirs(read_bytes(checkpoint), section, weights)
-    return write_imported(config.root, "decoder", decoder, checkpoint)
+    from .run_config import save_run_config
+
+    sections = {kind: read_json_config(their_config) for kind, (_, their_config) in models.items()}
+    config = with_their_clip(config, sections)
+    for kind, section in sections.items():
+        check_fits(config, kind, section)  # refused here, before any weight is read
+    build = {"prior": prior_from_theirs, "decoder": decoder_from_theirs}
+    loaded = {kind: build[kind](models[kind][0], section, weights) for kind, section in sections.items()}
+    save_run_config(config)
+    return {kind: write_imported(config.root, kind, model, models[kind][0]) for kind, model in loaded.items()}
 
 
 def read_json_config(url: str) -> dict:
@@ -151,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from pipeline.execution.console import setup_logging
 
     from .config_io import ConfigError, load_config
-    from .run_config import load_run_config, save_run_config
+    from .run_config import load_run_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="the run's YAML config (local or any fsspec URL)")
@@ -178,14 +191,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not (args.prior or args.decoder):
         parser.error("give --prior (with --prior-config) and/or --decoder (with --decoder-config), or --export")
     config = load_config(RunConfig, args.config, overrides)
-    config = with_their_clip(config, [c for c in (args.prior_config, args.decoder_config) if c])
-    save_run_config(config)
-    written = {}
+    models = {kind: (getattr(args, kind), getattr(args, f"{kind}_config")) for kind in ("prior", "decoder")
+              if getattr(args, kind)}
     try:  # one line naming the file, option or field at fault, no traceback (UnsupportedOption is a ValueError)
-        if args.prior:
-            written["prior"] = import_prior(config, args.prior, args.prior_config, args.weights)
-        if args.decoder:
-            written["decoder"] = import_decoder(config, args.decoder, args.decoder_config, args.weights)
+        written = import_models(config, models, args.weights)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
     print(json.dumps(written))
@@ -194,18 +203,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return written
 
 
-def with_their_clip(config: RunConfig, their_configs: list[str]) -> RunConfig:
+def with_their_clip(config: RunConfig, sections: dict[str, dict]) -> RunConfig:
     """The run config with the CLIP their configs name as embed.clip, unless the run names its own."""
     from pipeline.run.config import ClipSource
 
     if config.embed.clip != ClipSource():
         return config
-    for url in their_configs:
-        data = read_json_config(url)
-        section = data.get("prior") or data.get("decoder") or data
-        clip = their_clip(section)
+    for kind, data in sections.items():
+        clip = their_clip(data.get(kind) or data)
         if clip:
-            log.info("embed.clip from %s: %s", url, clip)
+            log.info("embed.clip from their %s config: %s", kind, clip)
             update = config.model_dump(mode="json")
             update["embed"]["clip"] = clip
             update["train_clip"]["enabled"] = False  # their models were trained on that CLIP: keep it

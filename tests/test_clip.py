@@ -176,6 +176,14 @@ def test_pretrained_weights_from_a_local_file_or_an_s3_url_never_unpickled(tmp_p
         loaded = ClipAdapter("tiny-clip", pretrained=pretrained)
         torch.testing.assert_close(loaded.embed_text(text).text_embed, source.embed_text(text).text_embed)
     assert len(list((tmp_path / "cache" / "clip").iterdir())) == 1  # the URL's one cached copy
+    # other weights of the same size put at the same URL (a fine-tuned CLIP) are fetched again, not served stale
+    torch.manual_seed(8)
+    other = ClipAdapter("tiny-clip")
+    save_file({k: v.clone().contiguous() for k, v in other.model.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    assert (tmp_path / "other.safetensors").stat().st_size == (tmp_path / "clip.safetensors").stat().st_size
+    fsspec.filesystem("s3").put(str(tmp_path / "other.safetensors"), f"{bucket.removeprefix('s3://')}/w/clip.safetensors")
+    loaded = ClipAdapter("tiny-clip", pretrained=f"{bucket}/w/clip.safetensors")
+    torch.testing.assert_close(loaded.embed_text(text).text_embed, other.embed_text(text).text_embed)
 
     hostile = tmp_path / "hostile.pt"
     torch.save({**weights, "hook": Payload(tmp_path / "pwned")}, hostile)

@@ -115,6 +115,48 @@ def test_decoder_sampling_equals_theirs(cond_scale):
     torch.testing.assert_close((x + 1) / 2, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_their_ddim_loops_run_as_theirs(cond_scale):
+    """sampler: reference (what imports get): the prior's DDIM at eta 1 over steps that do not divide the schedule,
+    the decoder's at eta 0.5, from the noise they drew (x_T, then every step's but the last)."""
+    from dalle2.reference_sampling import reference_ddim
+
+    prior, tensors = imported_prior("prior_laion")
+    assert prior.config.diffusion.sampler == "reference" and prior.config.diffusion.eta == 1.0
+    noise = tensors[f"ddim/scale{cond_scale:g}/noise"]
+    model_fn = prior.guided_model_fn(tensors["net/text_embed"], tensors.get("net/text_encodings"), None, cond_scale)
+    x = reference_ddim(prior.diffusion, model_fn, noise[0].shape, kind="prior", steps=7, eta=1.0, noise=noise[0],
+                       step_noise=iter(noise[1:]))
+    theirs = tensors[f"ddim/scale{cond_scale:g}/embeds"]
+    torch.testing.assert_close(x / prior.image_embed_scale, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+    decoder, tensors = imported_decoder("decoder_laion")
+    noise = tensors[f"ddim/scale{cond_scale:g}/noise"]
+    model_fn = decoder.guided_model_fn(decoder.unets[0], tensors["net/image_embed"], tensors["net/text_encodings"],
+                                       None, None, None, cond_scale)
+    x = reference_ddim(decoder.diffusions[0], model_fn, noise[0].shape, kind="decoder", steps=7, eta=0.5,
+                       noise=noise[0], step_noise=iter(noise[1:]), x0_transform=decoder.threshold)
+    torch.testing.assert_close((x + 1) / 2, tensors[f"ddim/scale{cond_scale:g}/images"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_given_text_mask_is_read_as_their_zero_padding():
+    """Our CLIP hands over a mask with its encodings; theirs marks padding by zeros: the same tokens are dropped."""
+    prior, tensors = imported_prior("prior_laion")
+    encodings = tensors["net/text_encodings"]
+    mask = (encodings != 0).any(dim=-1)
+    assert not mask.all()  # the fixture pads all rows but the first
+    x, t = tensors["net/x"], torch.full((len(mask),), 37)
+    with torch.no_grad():
+        ours = prior.net(x, t, tensors["net/text_embed"], encodings, text_mask=mask)
+    torch.testing.assert_close(ours, tensors["net/out/t37/drop0"], **ROUND_OFF)
+    decoder, tensors = imported_decoder("decoder_laion")
+    images = tensors["net/unet1/x"]
+    with torch.no_grad():
+        ours = decoder.unets[0](images, torch.full((len(images),), 37), tensors["net/image_embed"],
+                                tensors["net/text_encodings"], (tensors["net/text_encodings"] != 0).any(dim=-1))
+    torch.testing.assert_close(ours, tensors["net/unet1/out/t37/drop0"], **ROUND_OFF)
+
+
 @pytest.mark.parametrize("name", PRIORS + DECODERS)
 def test_export_gives_back_their_checkpoint(name):
     """Ours -> theirs: the exported state dict is theirs key for key (their schedule buffers included), and the
@@ -189,6 +231,56 @@ def test_a_checkpoint_for_another_schedule_is_refused():
     wrong = prior_config_from_theirs(_with(config, "prior.timesteps", 200))
     with pytest.raises(ValueError, match=r"noise_scheduler\.betas"):
         prior_state_from_theirs(state, wrong)
+
+
+def test_a_decoder_trainers_ema_weights_are_read_from_its_ema_modules():
+    """DecoderTrainer saves ModuleList([EMA(unet)]).state_dict(): '<i>.ema_model.<key>' beside each EMA's counters."""
+    _, state, _ = fixture("decoder_laion")
+    unet = {k.removeprefix("unets.0."): v for k, v in state.items() if k.startswith("unets.0.")}
+    ema = {**{f"0.ema_model.{k}": v * 2 for k, v in unet.items()}, "0.initted": torch.tensor(True),
+           "0.step": torch.tensor(40)}
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": state, "ema": ema, "version": "1.15.6", "steps": torch.tensor([40])}, buffer)
+    loaded = load_their_checkpoint(buffer.getvalue(), weights="ema")
+    assert sorted(loaded) == sorted(f"unets.0.{k}" for k in unet)
+    assert all(torch.equal(loaded[f"unets.0.{k}"], v * 2) for k, v in unet.items())
+    assert load_their_checkpoint(buffer.getvalue())["unets.0.to_out.weight"].equal(state["unets.0.to_out.weight"])
+
+
+def test_their_trainers_bookkeeping_loads_as_inert_stand_ins_and_nothing_else_does(tmp_path, monkeypatch):
+    """Their prior trainer pickles a packaging Version (in packaging < 22 with its _Version parts) and a warm-up
+    scheduler object: those names load as inert stand-ins; a class of any other name is refused."""
+    import sys
+    import types
+
+    from dalle2.interop.weights import Ignored
+
+    def fake(module: str, name: str) -> type:  # a class pickled under `module.name`, as those packages define it
+        cls = type(name, (), {"__module__": module, "__reduce__": lambda self: (type(self), (), {"state": 1})})
+        cls.__qualname__ = name
+        parts = module.split(".")
+        for depth in range(1, len(parts)):  # parent packages pickle imports on the way (kept where they exist)
+            parent = ".".join(parts[:depth])
+            if parent not in sys.modules:
+                monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+        fake_module = types.ModuleType(module)
+        setattr(fake_module, name, cls)
+        monkeypatch.setitem(sys.modules, module, fake_module)
+        return cls
+
+    version, warmup = fake("packaging.version", "_Version"), fake("pytorch_warmup.base", "LinearWarmup")
+    _, state, _ = fixture("prior_laion")
+    torch.save({"model": state, "version": version(), "warmup_scheduler": warmup(), "step": torch.tensor(3)},
+               tmp_path / "old.pt")
+    stranger = fake("somewhere.else", "Thing")
+    torch.save({"model": state, "extra": stranger()}, tmp_path / "stranger.pt")
+    monkeypatch.undo()  # their packages are gone again: loading must not need them
+    assert sorted(load_their_checkpoint(tmp_path / "old.pt")) == sorted(state)
+    assert isinstance(Ignored(1, a=2), Ignored)
+    with pytest.raises(ValueError, match=r"stranger\.pt cannot be loaded with weights_only=True.*somewhere\.else"):
+        load_their_checkpoint(tmp_path / "stranger.pt")
 
 
 def test_trainer_saves_load_weights_only_and_pickles_are_refused(tmp_path):

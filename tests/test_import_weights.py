@@ -42,7 +42,7 @@ def test_laions_released_configs_build_every_weight_their_checkpoints_hold():
         assert not wrong, wrong
 
 
-def imported(root, *extra) -> dict:
+def imported(root, *extra) -> None:
     argv = ["import", "--set", f"root={root}", "--prior", PRIOR, "--prior-config", PRIOR_CONFIG,
             "--decoder", DECODER, "--decoder-config", DECODER_CONFIG, *extra]
     assert cli.main(argv) == 0
@@ -92,7 +92,26 @@ def test_a_clip_of_another_width_and_an_unsupported_option_are_refused_before_an
     code = cli.main(["import", "--set", f"root={root}", "--prior", str(tmp_path / "never-read.pth"),
                      "--prior-config", str(tmp_path / "self_cond.json")])
     assert code == 2 and "prior.net.self_cond = True is not supported" in capsys.readouterr().err
-    assert not (root / "train").exists()
+    # a checkpoint that does not load leaves the run as it was too: no config, no checkpoint
+    code = cli.main(["import", "--set", f"root={root}", "--prior", str(tmp_path / "never-there.pth"),
+                     "--prior-config", PRIOR_CONFIG])
+    assert code == 2 and "never-there.pth" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_their_clip_entries_become_open_clip_names_and_others_are_refused():
+    from jobs.import_weights import their_clip
+
+    assert their_clip({"clip": {"make": "openai", "model": "ViT-L/14"}}) == {"model_name": "ViT-L-14",
+                                                                              "pretrained": "openai"}
+    import open_clip
+
+    tag = dict(open_clip.list_pretrained())["ViT-B-32"]  # as their OpenClipAdapter picks it
+    assert their_clip({"clip": {"make": "open_clip", "model": "ViT-B-32"}}) == {"model_name": "ViT-B-32",
+                                                                                 "pretrained": tag}
+    assert their_clip({}) is None
+    with pytest.raises(ValueError, match="clip.make 'x-clip' is not an open_clip CLIP"):
+        their_clip({"clip": {"make": "x-clip", "model": "mine"}})
 
 
 def fixed_loss(model, seeds: int = 6, **batch) -> float:
@@ -195,11 +214,11 @@ def test_train_prior_fine_tunes_an_imported_prior_on_the_data_it_was_trained_on(
     root = tmp_path / "run"
     run_of_their_data(root)
     imported(root)
-    fields = dict(init_from=str(root), workers=1, batch_size=64, max_steps=30, log_every=5, eval_every=30,
-                  checkpoint_every=30, epochs=20, trainer={"lr": 3e-4})
+    fields = dict(init_from=str(root), workers=1, batch_size=64, max_steps=20, log_every=5, eval_every=20,
+                  checkpoint_every=20, epochs=20, trainer={"lr": 3e-4})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"root": str(root), "train_prior": fields}))
     summary = train_prior.main(["--config", str(tmp_path / "run.yaml")])
-    assert summary["step"] == 30 and summary["resumed_from_step"] == 0
+    assert summary["step"] == 20 and summary["resumed_from_step"] == 0
 
     data = torch.load(FIXTURES / "prior_trained.data.pt", weights_only=True)
     batch = {"text_embed": data["text_embed"].float(), "image_embed": data["image_embed"].float()}
@@ -215,7 +234,7 @@ def test_train_prior_fine_tunes_an_imported_prior_on_the_data_it_was_trained_on(
     assert losses[0] < 0.8 * fresh, (losses, fresh)  # step 5: still near the imported model's loss
     assert fixed_loss(tuned, **batch) < fixed_loss(start, **batch) < 0.6 * fresh
 
-    # a re-run with more steps resumes the job's own checkpoint (step 30), not the imported weights
-    fields["max_steps"] = 35
+    # a re-run with more steps resumes the job's own checkpoint (step 20), not the imported weights
+    fields["max_steps"] = 25
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"root": str(root), "train_prior": fields}))
-    assert train_prior.main(["--config", str(tmp_path / "run.yaml")])["resumed_from_step"] == 30
+    assert train_prior.main(["--config", str(tmp_path / "run.yaml")])["resumed_from_step"] == 20

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
-from ..configs import DecoderConfig, DiffusionConfig, PriorConfig, UnetConfig
+from ..configs import DecoderConfig, PriorConfig, UnetConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,22 @@ THEIR_DECODER = dict(image_size=None, image_sizes=None, clip=None, channels=3, v
                      learned_variance_constrain_frac=False, vb_loss_weight=0.001, unconditional=False,
                      auto_normalize_img=True, use_dynamic_thres=False, dynamic_thres_percentile=0.95,
                      p2_loss_weight_gamma=0.0, p2_loss_weight_k=1, ddim_sampling_eta=0.0)
-# the schedule their LowresConditioner noises an upsampler's input on (not configurable there)
-THEIR_LOWRES_NOISE = DiffusionConfig(timesteps=1000, beta_schedule="linear")
 # options that change nothing a checkpoint holds or how it samples: taken and left aside
 TRAINING_ONLY = {"checkpoint_during_training", "blur_kernel_size", "clip", "image_size", "attend_at_middle",
                  "out_dim", "lowres_cond", "lowres_noise_cond", "cond_on_image_embeds", "channels_out",
-                 "ddim_sampling_eta", "clip_x_start"}
+                 "clip_x_start"}
+
+
+# options named and meaning the same on both sides: their prior network's, and their unet's beyond what UnetConfig
+# has always had (the rest are mapped one by one)
+SAME_NET_OPTIONS = ("dim", "depth", "heads", "dim_head", "ff_mult", "attn_dropout", "ff_dropout", "normformer",
+                    "rotary_emb", "norm_in", "norm_out", "final_proj", "num_timesteps", "num_time_embeds",
+                    "num_image_embeds", "num_text_embeds")
+SAME_UNET_OPTIONS = ("add_image_embeds_to_time", "num_time_tokens", "init_cross_embed", "init_cross_embed_kernel_sizes",
+                     "init_conv_kernel_size", "sparse_attn", "memory_efficient", "cross_embed_downsample",
+                     "cross_embed_downsample_kernel_sizes", "pixel_shuffle_upsample", "scale_skip_connection",
+                     "resnet_weight_standardization", "cosine_sim_cross_attn", "cosine_sim_self_attn",
+                     "final_conv_kernel_size")
 
 
 class UnsupportedOption(ValueError):
@@ -101,10 +111,10 @@ def prior_config_from_theirs(prior: dict) -> PriorConfig:
     for option in ("text_cond_drop_prob", "image_cond_drop_prob"):
         if p[option] is not None and p[option] != p["cond_drop_prob"]:
             _refuse("prior", option, p[option], "one drop probability (cond_drop_prob) drops text and image together")
-    if not p["predict_x_start"] or p["predict_v"]:
-        _refuse("prior", "predict_x_start" if not p["predict_x_start"] else "predict_v", False if not
-                p["predict_x_start"] else True, "their sampler clamps an eps- or v-prior's x0 to [-1, 1], which ours "
-                "does not; only x0-predicting priors (LAION's) import")
+    for option, refused in (("predict_x_start", not p["predict_x_start"]), ("predict_v", p["predict_v"])):
+        if refused:  # only x0-predicting priors (LAION's) import
+            _refuse("prior", option, p[option], "their sampler clamps an eps- or v-prior's x0 to [-1, 1], which ours "
+                    "does not")
     for option in ("training_clamp_l2norm", "init_image_embed_l2norm"):
         if p[option]:
             _refuse("prior", option, True, "not implemented")
@@ -112,15 +122,14 @@ def prior_config_from_theirs(prior: dict) -> PriorConfig:
         _refuse("prior", "image_embed_scale", p["image_embed_scale"], f"ours is sqrt(dim) = {net['dim'] ** 0.5:g}")
     if p["beta_schedule"] not in ("cosine", "linear"):
         _refuse("prior", "beta_schedule", p["beta_schedule"], "only cosine and linear schedules exist here")
-    network = {k: net[k] for k in ("dim", "depth", "heads", "dim_head", "ff_mult", "attn_dropout", "ff_dropout",
-                                   "normformer", "rotary_emb", "norm_in", "norm_out", "final_proj", "num_timesteps",
-                                   "num_time_embeds", "num_image_embeds", "num_text_embeds")}
+    network = {k: net[k] for k in SAME_NET_OPTIONS}
     return PriorConfig(
         net=dict(arch="reference", max_text_len=net["max_text_len"] or 256, **network),
         predict="x0", cond_drop_prob=p["cond_drop_prob"],
         condition_on_text_encodings=p["condition_on_text_encodings"],
         sampling_clamp_l2norm=p["sampling_clamp_l2norm"],
-        diffusion=dict(timesteps=p["timesteps"], sample_timesteps=p["sample_timesteps"],
+        # their prior samples with its own DDIM at eta 1 (DiffusionPrior.sample) when sample_timesteps is set
+        diffusion=dict(timesteps=p["timesteps"], sample_timesteps=p["sample_timesteps"], sampler="reference", eta=1.0,
                        beta_schedule=p["beta_schedule"], loss_type=p["loss_type"]),
     )
 
@@ -169,6 +178,7 @@ def decoder_config_from_theirs(decoder: dict) -> DecoderConfig:
     return DecoderConfig(
         unets=unets, image_sizes=tuple(sizes), channels=d["channels"], predict=predictions.pop(),
         diffusion=[dict(timesteps=d["timesteps"], sample_timesteps=samples[i], beta_schedule=schedules[i],
+                        sampler="reference", eta=d["ddim_sampling_eta"],
                         loss_type=d["loss_type"], p2_loss_weight_gamma=gammas[i], p2_loss_weight_k=d["p2_loss_weight_k"])
                    for i in range(count)],
         image_cond_drop_prob=d["image_cond_drop_prob"], text_cond_drop_prob=d["text_cond_drop_prob"],
@@ -210,12 +220,7 @@ def unet_config_from_theirs(unet: dict, index: int, unconditional: bool, learned
         text_encoding_dim=u["text_embed_dim"], max_text_len=u["max_text_len"], lowres_cond=index > 0,
         learned_variance=learned_variance, attn_heads=u["attn_heads"], attn_dim_head=u["attn_dim_head"],
         groups=groups.pop(), cond_on_image_embeds=cond_on_image, lowres_noise_cond=lowres_noise_cond,
-        **{k: (tuple(u[k]) if isinstance(u[k], list) else u[k]) for k in (
-            "add_image_embeds_to_time", "num_time_tokens", "init_cross_embed", "init_cross_embed_kernel_sizes",
-            "init_conv_kernel_size", "sparse_attn", "memory_efficient", "cross_embed_downsample",
-            "cross_embed_downsample_kernel_sizes", "pixel_shuffle_upsample", "scale_skip_connection",
-            "resnet_weight_standardization", "cosine_sim_cross_attn", "cosine_sim_self_attn",
-            "final_conv_kernel_size")},
+        **{k: (tuple(u[k]) if isinstance(u[k], list) else u[k]) for k in SAME_UNET_OPTIONS},
     )
 
 
@@ -236,10 +241,10 @@ def prior_config_to_theirs(config: PriorConfig) -> dict:
         _refuse("prior", "predict", config.predict, "their sampler clamps an eps- or v-prior's x0 to [-1, 1]")
     if diffusion.p2_loss_weight_gamma:
         _refuse("prior.diffusion", "p2_loss_weight_gamma", diffusion.p2_loss_weight_gamma, "their prior has none")
-    their_net = {k: getattr(net, k) for k in ("dim", "depth", "max_text_len", "num_timesteps", "num_time_embeds",
-                                              "num_image_embeds", "num_text_embeds", "dim_head", "heads", "ff_mult",
-                                              "norm_in", "norm_out", "attn_dropout", "ff_dropout", "final_proj",
-                                              "normformer", "rotary_emb")}
+    if diffusion.sample_timesteps and (diffusion.sampler != "reference" or diffusion.eta != 1.0):
+        log.info("their prior samples its %d steps with its own DDIM at eta 1, not %s at eta %g: samples will differ",
+                 diffusion.sample_timesteps, diffusion.sampler, diffusion.eta)
+    their_net = {k: getattr(net, k) for k in ("max_text_len", *SAME_NET_OPTIONS)}
     return dict(net=their_net, image_embed_dim=net.dim, image_size=224, image_channels=3,
                 timesteps=diffusion.timesteps, sample_timesteps=diffusion.sample_timesteps,
                 cond_drop_prob=config.cond_drop_prob, loss_type=diffusion.loss_type, predict_x_start=True,
@@ -267,12 +272,15 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
             attn_dim_head=u.attn_dim_head, attn_heads=u.attn_heads, cond_on_text_encodings=u.cond_on_text_encodings,
             max_text_len=u.max_text_len, resnet_groups=u.groups,
             num_resnet_blocks=list(u.num_resnet_blocks) if isinstance(u.num_resnet_blocks, tuple) else u.num_resnet_blocks,
-            **{k: (list(getattr(u, k)) if isinstance(getattr(u, k), tuple) else getattr(u, k)) for k in (
-                "add_image_embeds_to_time", "num_time_tokens", "init_cross_embed", "init_cross_embed_kernel_sizes",
-                "init_conv_kernel_size", "sparse_attn", "memory_efficient", "cross_embed_downsample",
-                "cross_embed_downsample_kernel_sizes", "pixel_shuffle_upsample", "scale_skip_connection",
-                "resnet_weight_standardization", "cosine_sim_cross_attn", "cosine_sim_self_attn",
-                "final_conv_kernel_size")}))
+            **{k: (list(getattr(u, k)) if isinstance(getattr(u, k), tuple) else getattr(u, k))
+               for k in SAME_UNET_OPTIONS}))
+    if any(config.learned_variance_flags()) and not config.guidance_on_variance:
+        log.info("their decoder guides the learned variance too (guidance_on_variance is off here): guided samples "
+                 "will differ")
+    etas = {d.eta for d in diffusions if d.sample_timesteps}
+    if len(etas) > 1 or any(d.sampler != "reference" for d in diffusions if d.sample_timesteps):
+        log.info("their decoder samples every unet with its own DDIM at one eta (%s here): samples will differ",
+                 sorted(etas))
     low, high = config.lowres_blur_sigma
     if low != high:
         _refuse("decoder", "lowres_blur_sigma", config.lowres_blur_sigma, "their blur has one sigma")
@@ -289,6 +297,7 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
         use_dynamic_thres=config.dynamic_threshold_percentile is not None,
         dynamic_thres_percentile=config.dynamic_threshold_percentile or 0.95,
         p2_loss_weight_gamma=[d.p2_loss_weight_gamma for d in diffusions], p2_loss_weight_k=diffusions[0].p2_loss_weight_k,
+        ddim_sampling_eta=diffusions[0].eta,
     )
 
 

@@ -1,35 +1,64 @@
 """DALLE2-pytorch's checkpoints in and out. The reference modules keep their parameter names, so a state dict moves
 across unchanged apart from the schedule buffers theirs saves (checked against ours, then dropped; computed as theirs
-does on the way out). Checkpoints load with weights_only=True; the one class their trainers save beside the weights,
-packaging's Version, is allowed by name, and anything else is refused with the reason.
+does on the way out). Checkpoints load with weights_only=True: besides tensors, only the bookkeeping objects their
+trainers save (a packaging Version, a warm-up scheduler) are let through, each as an inert stand-in of ours that
+holds nothing and runs nothing; anything else is refused with the reason.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 
 from ..configs import DecoderConfig, DiffusionConfig, PriorConfig
-from .configs import THEIR_LOWRES_NOISE, decoder_config_from_theirs, decoder_config_to_theirs, \
-    prior_config_from_theirs, prior_config_to_theirs, reference_only
+from .configs import decoder_config_from_theirs, decoder_config_to_theirs, prior_config_from_theirs, \
+    prior_config_to_theirs, reference_only
 
-# ---- checkpoints ---------------------------------------------------------------------------------
+Source = Union[str, Path, bytes]  # a path or fsspec URL, or the file's bytes
+# the schedule their LowresConditioner noises an upsampler's input on (not configurable there)
+THEIR_LOWRES_NOISE = DiffusionConfig(timesteps=1000, beta_schedule="linear")
+# what their trainers save beside the weights: the version (packaging's Version and, in packaging < 22, the parts
+# it pickles with) and DiffusionPriorTrainer's warm-up scheduler object. None of it is needed to import the weights.
+TRAINER_BOOKKEEPING = ("packaging.version.Version", "packaging.version._Version", "packaging._structures.InfinityType",
+                       "packaging._structures.NegativeInfinityType", "pytorch_warmup.linear.LinearWarmup",
+                       "pytorch_warmup.base.LinearWarmup", "pytorch_warmup.LinearWarmup")
 
 
-def load_their_checkpoint(source: Union[str, Path, bytes], weights: str = "model") -> dict[str, Tensor]:
+class Ignored:
+    """The stand-in every bookkeeping object of their trainers unpickles as: accepts any arguments and state, keeps
+    none of it, runs no code of theirs."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def read_source(source: Source) -> tuple[bytes, str]:
+    """(bytes, name for messages) of a checkpoint given as bytes, a local path or an fsspec URL."""
+    from ..checkpoint import read_bytes
+
+    if isinstance(source, bytes):
+        return source, "<bytes>"
+    return read_bytes(str(source)), str(source)
+
+
+def load_their_checkpoint(source: Source, weights: str = "model", name: str = "") -> dict[str, Tensor]:
     """A state dict from a DALLE2-pytorch checkpoint: a plain `torch.save(model.state_dict())`, or a trainer's save,
-    whose `weights` entry ("model", or "ema" for the EMA copy) is taken. Loaded with weights_only=True."""
-    from packaging.version import Version
-
+    whose `weights` entry ("model", or "ema" for the EMA copy) is taken. Loaded with weights_only=True; `name` says
+    which file it is in messages (its path by default)."""
     from ..checkpoint import load_untrusted
 
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    # their prior trainer saves its version as a packaging Version: that class alone is allowed besides tensors
-    loaded = load_untrusted(data, name, allowed=[Version])
+    data, default_name = read_source(source)
+    name = name or default_name
+    loaded = load_untrusted(data, name, allowed=[(Ignored, global_name) for global_name in TRAINER_BOOKKEEPING])
     if not isinstance(loaded, dict):
         raise ValueError(f"{name} holds a {type(loaded).__name__}, not a state dict or a trainer's save")
     if "model" in loaded and isinstance(loaded["model"], dict):  # a trainer's save
@@ -37,8 +66,9 @@ def load_their_checkpoint(source: Union[str, Path, bytes], weights: str = "model
             if "ema_model" in loaded:  # the prior trainer saves the EMA prior by itself
                 return loaded["ema_model"]
             if "ema" not in loaded:
-                raise ValueError(f"{name} has no EMA weights (saved with use_ema=False)")
+                raise ValueError(f"{name} has no EMA weights (saved with use_ema=False): import --weights model")
             # the decoder trainer saves ModuleList([EMA(unet), ...]): '<i>.ema_model.<key>' -> 'unets.<i>.<key>'
+            # (each EMA's own 'initted' and 'step' buffers are left out)
             return {f"unets.{k.split('.', 2)[0]}.{k.split('.', 2)[2]}": v for k, v in loaded["ema"].items()
                     if k.split(".", 2)[1:2] == ["ema_model"]}
         return loaded["model"]
@@ -129,35 +159,38 @@ def _their_schedule(diffusion: DiffusionConfig, prefix: str) -> dict[str, Tensor
 # ---- whole models --------------------------------------------------------------------------------
 
 
-def prior_from_theirs(checkpoint: Union[str, Path, bytes], config: dict, weights: str = "model", clip=None):
-    """Our DiffusionPrior from their checkpoint and config (the parsed JSON): options refused before any weight."""
+def prior_from_theirs(checkpoint: Source, config: dict, weights: str = "model", clip=None, name: str = ""):
+    """Our DiffusionPrior from their checkpoint (path, fsspec URL or bytes) and config (the parsed JSON): every option
+    is checked before any weight is read."""
     from ..prior import DiffusionPrior
 
     prior_config = prior_config_from_theirs(config)
     prior = DiffusionPrior(config=prior_config, clip=clip)
-    load_exactly(prior, prior_state_from_theirs(load_their_checkpoint(checkpoint, weights), prior_config), checkpoint)
+    name = name or ("<bytes>" if isinstance(checkpoint, bytes) else str(checkpoint))
+    load_exactly(prior, prior_state_from_theirs(load_their_checkpoint(checkpoint, weights, name), prior_config), name)
     return prior
 
 
-def decoder_from_theirs(checkpoint: Union[str, Path, bytes], config: dict, weights: str = "model", clip=None):
-    """Our Decoder from their checkpoint and config (the parsed JSON): options refused before any weight."""
+def decoder_from_theirs(checkpoint: Source, config: dict, weights: str = "model", clip=None, name: str = ""):
+    """Our Decoder from their checkpoint (path, fsspec URL or bytes) and config (the parsed JSON): every option is
+    checked before any weight is read."""
     from ..decoder import Decoder
 
     decoder_config = decoder_config_from_theirs(config)
     decoder = Decoder(config=decoder_config, clip=clip)
-    load_exactly(decoder, decoder_state_from_theirs(load_their_checkpoint(checkpoint, weights), decoder_config),
-                 checkpoint)
+    name = name or ("<bytes>" if isinstance(checkpoint, bytes) else str(checkpoint))
+    state = decoder_state_from_theirs(load_their_checkpoint(checkpoint, weights, name), decoder_config)
+    load_exactly(decoder, state, name)
     return decoder
 
 
-def load_exactly(model: torch.nn.Module, state: dict[str, Tensor], checkpoint: Any) -> None:
+def load_exactly(model: torch.nn.Module, state: dict[str, Tensor], name: str) -> None:
     """Every weight of the model (its CLIP aside) from `state` and nothing else, each of its shape (named when not)."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [f"{k} {tuple(state[k].shape)} (the config builds {tuple(v.shape)})" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        name = "<bytes>" if isinstance(checkpoint, bytes) else checkpoint
         raise ValueError(f"{name} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shapes {wrong[:5]}")
     model.load_state_dict(state, strict=False)

@@ -13,7 +13,6 @@ from pipeline.run.config import ClipSource, Resources
 # `init_from`: a checkpoint folder (a run's, or one `dalle2 import` wrote), or a run root whose latest checkpoint of the
 # model (trained, else imported) is taken. Weights only (the EMA ones where saved), a fresh optimizer at step 0; only
 # when the job has no checkpoint of its own (a re-run resumes that); a folder without its COMPLETE marker is refused.
-INIT_FROM = "init_from"
 
 
 class TrainJobConfig(StrictModel):
