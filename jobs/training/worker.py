@@ -50,9 +50,11 @@ class Worker:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
+            # read where Ray persisted it, not through as_directory: that is a local copy every rank of a node
+            # shares, which one rank could read while another was still writing it (seen: rank 1 found state.pt
+            # empty, resumed from an older step than rank 0, and the two waited on each other for ever)
             try:
-                with checkpoint.as_directory() as folder:
-                    extra = load(folder)
+                extra = load(with_scheme(self.root, checkpoint.path))
                 log.info("rank %d resumed from %s at %s", self.rank, checkpoint.path, extra)
                 return extra
             except IncompleteCheckpointError as error:
