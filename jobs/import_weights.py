@@ -108,11 +108,12 @@ def import_models(config: RunConfig, models: dict[str, tuple[str, str]], weights
     """Their models ({kind: (checkpoint, JSON config)}, kind "prior" or "decoder") into the run: every config checked
     and every weight loaded before anything is written; then the run config (with their CLIP) and one checkpoint
     each. Returns {kind: checkpoint folder}."""
+    from dalle2.interop.configs import read_their_config
     from dalle2.interop.weights import decoder_from_theirs, prior_from_theirs
 
     from .run_config import save_run_config
 
-    sections = {kind: read_json_config(their_config) for kind, (_, their_config) in models.items()}
+    sections = {kind: read_their_config(their_config) for kind, (_, their_config) in models.items()}
     config = with_their_clip(config, sections)
     for kind, section in sections.items():
         check_fits(config, kind, section)  # refused here, before any weight is read
@@ -120,19 +121,6 @@ def import_models(config: RunConfig, models: dict[str, tuple[str, str]], weights
     loaded = {kind: build[kind](models[kind][0], section, weights) for kind, section in sections.items()}
     save_run_config(config)
     return {kind: write_imported(config.root, kind, model, models[kind][0]) for kind, model in loaded.items()}
-
-
-def read_json_config(url: str) -> dict:
-    """Their JSON config from any fsspec path."""
-    from dalle2.checkpoint import read_bytes
-
-    try:
-        config = json.loads(read_bytes(url))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{url} is not JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{url}: a DALLE2-pytorch config is a JSON object")
-    return config
 
 
 def export_run(config: RunConfig, out: str) -> dict[str, str]:

@@ -302,11 +302,16 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
 
 
 def read_their_config(path: Union[str, Path]) -> dict:
-    """Their JSON config file (a TrainDiffusionPriorConfig / TrainDecoderConfig, or just its prior / decoder part)."""
+    """Their JSON config file at a local path or any fsspec URL (a TrainDiffusionPriorConfig / TrainDecoderConfig, or
+    just its prior / decoder part)."""
     import json
 
-    with open(path) as f:
-        config = json.load(f)
+    from ..checkpoint import read_bytes
+
+    try:
+        config = json.loads(read_bytes(str(path)))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a DALLE2-pytorch config is a JSON object")
     return config
