@@ -21,6 +21,7 @@ from PIL import Image
 
 from jobs.shapes import generate
 from tests.ports import free_port
+from tests.processes import kill_session
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +201,10 @@ class RayCluster:
         raise KeyError(node_id)
 
     def kill_node(self, worker: int) -> None:
-        """SIGKILL worker node `worker` (its raylet, its workers, everything in its process group), as a lost
+        """SIGKILL worker node `worker` (its raylet and its workers: every process of its session), as a lost
         machine ends: no cleanup, no graceful drain."""
-        os.killpg(self.processes[1 + worker].pid, signal.SIGKILL)
+        kill_session(self.processes[1 + worker].pid)
+        self.processes[1 + worker].wait()
 
     def __enter__(self) -> "RayCluster":
         try:
@@ -291,7 +293,5 @@ class RayCluster:
                 process.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-            try:
-                os.killpg(process.pid, signal.SIGKILL)  # what is left of its group (a worker that ignored TERM)
-            except ProcessLookupError:
-                pass
+            kill_session(process.pid)  # what is left of it (a worker that ignored TERM, in its own process group)
+            process.wait()

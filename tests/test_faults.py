@@ -20,6 +20,7 @@ from pipeline.formats.aligned import read_aligned
 from pipeline.run.layout import RunLayout
 from pipeline.formats.shard_reader import iter_samples
 from pipeline.run.storage import list_files, read_json, read_parquet
+from tests.processes import kill_session
 from tests.test_nothing_lost import embeddings_of, write_part
 
 DALLE2 = os.path.join(os.path.dirname(sys.executable), "dalle2")
@@ -35,8 +36,16 @@ def dalle2(command: str, config: dict, tmp_path, crash: str | None = None, timeo
         state = tmp_path / f"crash-{crash.replace('@', '-')}"
         shutil.rmtree(state, ignore_errors=True)
         env.update({faults.ENV_POINTS: crash, faults.ENV_STATE: str(state)})
-    return subprocess.run([DALLE2, command, "--config", str(path)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=timeout)
+    # its own session: once it ends, crashed or not, whatever of its Ray outlived it (a worker, in its own process
+    # group, still writing the run's files) is killed before the test looks at the run or runs it again
+    process = subprocess.Popen([DALLE2, command, "--config", str(path)], env=env, cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        kill_session(process.pid)
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def status_of(root: str) -> dict:

@@ -1,7 +1,6 @@
 """Kill a stage midway (SIGKILL, the whole process group), re-run it: outputs equal an uninterrupted run's."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,34 +15,35 @@ from pipeline.stages.download.stage import run_download
 from pipeline.run.layout import RunLayout
 from pipeline.formats.shard_reader import iter_samples
 from pipeline.run.storage import list_files
+from tests.processes import kill_session
 
 
 def start_job(stage: str, config: dict, tmp_path, env: dict | None = None) -> subprocess.Popen:
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = open(tmp_path / f"{stage}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", f"jobs.{stage}", "--config", str(path)], stdout=log, stderr=log,
+    proc = subprocess.Popen([sys.executable, "-m", f"jobs.{stage}", "--config", str(path)], stdout=log, stderr=log,
                             start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                             env={**os.environ, **(env or {})})
+    proc.log_path = tmp_path / f"{stage}.log"
+    return proc
 
 
 def kill_after_first_record(proc: subprocess.Popen, ledger_dir, total: int, tmp_path, timeout: float = 180) -> int:
-    """SIGKILL the job's process group once it has finished at least one shard but not all."""
+    """SIGKILL the job's whole session (its Ray workers too) once it has finished at least one shard but not all;
+    returns when none of its processes is left to write into the run."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         done = len(list_files(str(ledger_dir), ".json"))
         if done >= 1:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:  # the group is gone already (a job that crashed itself, and its Ray)
-                pass
+            kill_session(proc.pid)
             proc.wait()
             assert done < total, "the job finished before it could be killed"
             return done
         if proc.poll() is not None:
-            pytest.fail(f"job ended early with {proc.returncode}: {(tmp_path / 'job.log').read_text()[-2000:]}")
+            pytest.fail(f"job ended early with {proc.returncode}: {proc.log_path.read_text()[-2000:]}")
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_session(proc.pid)
     pytest.fail("the job finished no shard in time")
 
 
