@@ -22,7 +22,9 @@ from dalle2.prior import DiffusionPrior
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dalle2_pytorch"
 PRIORS, DECODERS = ("prior_laion", "prior_options"), ("decoder_laion", "decoder_options")
-ROUND_OFF = dict(rtol=1e-5, atol=1e-5)  # outputs are O(1); the largest difference seen is 4e-6 (a unet)
+# outputs are O(1): float32 sums in another order. The largest difference seen is 4e-6 on the CPU the fixtures were
+# made on and 2.2e-5 on an AVX512 AMD EPYC (a unet of the all-options case, theirs the same there within 2e-5)
+ROUND_OFF = dict(rtol=1e-5, atol=5e-5)
 
 
 def fixture(name: str) -> tuple[dict, dict, dict]:
