@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ClipAdapter": "clip", "ClipConfig": "clip",
     "DecoderConfig": "configs", "DiffusionConfig": "configs", "PriorConfig": "configs",
-    "PriorNetworkConfig": "configs", "TrainerConfig": "configs", "UnetConfig": "configs",
+    "PriorNetworkConfig": "configs", "TrainerConfig": "trainer_config", "UnetConfig": "configs",
     "Decoder": "decoder", "GaussianDiffusion": "diffusion",
     "DiffusionPrior": "prior", "DiffusionPriorNetwork": "prior",
     "DALLE2": "text_to_image", "to_pil": "text_to_image",

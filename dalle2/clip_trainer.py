@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .clip import ClipAdapter
-from .configs import TrainerConfig
+from .trainer_config import TrainerConfig
 from .trainer import DiffusionTrainer
 
 

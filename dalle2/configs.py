@@ -1,4 +1,4 @@
-"""Typed configs of the models and trainers, and the registry of named architectures.
+"""Typed configs of the models (the trainers' are in trainer_config.py), and the registry of named architectures.
 
 Every model is built from one of these configs (or from keyword arguments that become one), so a
 checkpoint can store its config and refuse to load into a model whose config differs. Named
@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, \
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, \
     field_validator, model_validator
 
 
@@ -211,6 +211,14 @@ class UnetConfig(StrictModel):
                 raise ValueError(f"dim*dim_mult ({self.dim * mult}) must be divisible by groups ({self.groups})")
         return self
 
+    @property
+    def downscale(self) -> int:
+        """The factor the unet shrinks an image by at its lowest level: image sides must be multiples of it."""
+        levels = len(self.dim_mults)
+        if self.arch == "reference":  # memory-efficient levels downsample before their blocks, the first one too
+            return 2 ** (levels - (0 if self.memory_efficient else 1))
+        return 2 ** (levels - 1)
+
     def per_level(self, name: str) -> tuple:
         """A per-level setting expanded to one entry per resolution."""
         value, levels = getattr(self, name), len(self.dim_mults)
@@ -243,6 +251,9 @@ class DecoderConfig(StrictModel):
     # classifier-free guidance moves the learned variance channels too, as DALLE2-pytorch does (its imported decoders
     # keep that); off: only the prediction is guided and the variance is the conditional one
     guidance_on_variance: bool = False
+    # upsamplers train on random crops of this side (the low-res input cropped alike) and sample at full size, as
+    # DALLE2-pytorch and Imagen train their big upsamplers: one entry per unet, None for the first and uncropped ones
+    random_crop_sizes: Optional[tuple[Optional[PositiveInt], ...]] = None
 
     @field_validator("image_sizes", mode="before")
     @classmethod
@@ -260,6 +271,16 @@ class DecoderConfig(StrictModel):
         for i, unet in enumerate(self.unets):
             if unet.lowres_cond != (i > 0):
                 raise ValueError(f"unets[{i}].lowres_cond must be {i > 0}: only upsampler stages take a low-res image")
+        crops = self.random_crop_sizes
+        if crops is not None:
+            if len(crops) != len(self.unets):
+                raise ValueError(f"random_crop_sizes has {len(crops)} entries but there are {len(self.unets)} unets")
+            if crops[0] is not None:
+                raise ValueError("random_crop_sizes[0] must be None: the first unet sees whole images (crop upsamplers)")
+            for i, (crop, size, unet) in enumerate(zip(crops, self.image_sizes, self.unets)):
+                if crop is not None and (crop >= size or crop % unet.downscale):
+                    raise ValueError(f"random_crop_sizes[{i}]={crop} must be smaller than image_sizes[{i}]={size} and "
+                                     f"a multiple of {unet.downscale} (unets[{i}] halves it {unet.downscale.bit_length() - 1} times)")
         flags = self.learned_variance_flags()
         if len(flags) != len(self.unets):
             raise ValueError(f"learned_variance has {len(flags)} entries but there are {len(self.unets)} unets")
@@ -288,22 +309,6 @@ class DecoderConfig(StrictModel):
     def diffusion_for(self, index: int) -> DiffusionConfig:
         """The diffusion settings of unet `index` (one shared, or one per unet)."""
         return self.diffusion[index] if isinstance(self.diffusion, list) else self.diffusion
-
-
-class TrainerConfig(StrictModel):
-    """Optimisation settings shared by the prior and decoder trainers."""
-
-    lr: PositiveFloat = 3e-4
-    weight_decay: NonNegativeFloat = 1e-2
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: NonNegativeInt = 0
-    max_grad_norm: Optional[PositiveFloat] = 1.0
-    ema_beta: float = Field(default=0.99, ge=0, lt=1)
-    ema_update_after_step: NonNegativeInt = 0
-    ema_update_every: PositiveInt = 1
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    grad_accum_every: PositiveInt = 1
-    max_batch_size: Optional[PositiveInt] = None  # split larger batches into chunks of this size
 
 
 DIFFUSION_FIELDS = tuple(DiffusionConfig.model_fields)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .configs import DecoderConfig, UnetConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, tile
 from .reference_sampling import reference_ddim
+from .row_random import RowRandom
 from .unet import Unet
 
 Text = Union[Sequence[str], Tensor, None]
@@ -41,6 +42,15 @@ def resize_image(images: Tensor, size: int) -> Tensor:
     if images.shape[-2:] == (size, size):
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def random_crops(images: list[Tensor], size: int, rng: RowRandom) -> list[Tensor]:
+    """A size x size window of each sample, at a random place per sample, the same place in every tensor of
+    `images` (each [B, C, H, W], all of one height and width)."""
+    _, _, height, width = images[0].shape
+    tops, lefts = rng.randint(height - size + 1).tolist(), rng.randint(width - size + 1).tolist()
+    return [torch.stack([x[i, :, top:top + size, left:left + size] for i, (top, left) in enumerate(zip(tops, lefts))])
+            for x in images]
 
 
 class Decoder(nn.Module):
@@ -119,10 +129,11 @@ class Decoder(nn.Module):
 
     def lowres_condition(
         self, images: Tensor, unet_number: int, noise_times: Optional[Tensor] = None, blur: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, rng: Optional[RowRandom] = None,
     ) -> tuple[Tensor, Tensor]:
         """The low-res input of an upsampler stage from [0, 1] images, noised to `noise_times`
-        (drawn up to `lowres_noise_max` of the schedule when None), and those times.
+        (drawn up to `lowres_noise_max` of the schedule when None), and those times. Training's draws come from
+        `rng` (each sample's own generator), sampling's noise from `generator`.
 
         With `blur` (training), as cascaded diffusion augments it: a share `lowres_blur_prob` of the images
         is Gaussian-blurred at the low resolution, each with its own sigma from `lowres_blur_sigma`,
@@ -131,6 +142,8 @@ class Decoder(nn.Module):
         c = self.config
         size, previous = c.image_sizes[unet_number - 1], c.image_sizes[unet_number - 2]
         low = resize_image(images.to(device).float(), previous)
+        batch = low.shape[0]
+        rng = rng or RowRandom(batch, "cpu")
         if blur:
             # imported here: torchvision costs each process ~2 s, and only upsampler training blurs
             from torchvision.transforms.functional import gaussian_blur
@@ -138,15 +151,15 @@ class Decoder(nn.Module):
             low = torch.stack([
                 gaussian_blur(image[None], kernel_size=blur_kernel(sigma), sigma=sigma)[0] if chosen else image
                 for image, chosen, sigma in zip(
-                    low, (torch.rand(len(low)) < c.lowres_blur_prob).tolist(),
-                    torch.empty(len(low)).uniform_(*c.lowres_blur_sigma).tolist())
+                    low, (rng.rand() < c.lowres_blur_prob).tolist(), rng.uniform(*c.lowres_blur_sigma).tolist())
             ])
         low = resize_image(low, size)
-        batch = low.shape[0]
-        if noise_times is None:
+        if noise_times is None:  # training
             highest = max(int(c.lowres_noise_max * diffusion.timesteps), 0)
-            noise_times = torch.randint(0, highest + 1, (batch,), device=device)
-        noise = torch.randn(low.shape, device=device, generator=generator)
+            noise_times = rng.randint(highest + 1).to(device)
+            noise = rng.randn(*low.shape[1:]).to(device)
+        else:
+            noise = torch.randn(low.shape, device=device, generator=generator)
         return diffusion.q_sample(low * 2 - 1, noise_times, noise), noise_times
 
     # ---- training --------------------------------------------------------------------------------
@@ -159,25 +172,30 @@ class Decoder(nn.Module):
         text_encodings: Optional[Tensor] = None,
         text_mask: Optional[Tensor] = None,
         unet_number: int = 1,
+        seeds: Optional[Tensor] = None,
     ) -> Tensor:
-        """The loss of stage `unet_number` on [0, 1] images; touches no other unet."""
+        """The loss of stage `unet_number` on [0, 1] images; touches no other unet. `seeds` [B]: each sample's own
+        random draws (row_random.py), else torch's global generator."""
         unet, diffusion, device = self._unet(unet_number)
         image = image.to(device).float()
+        rng = RowRandom(image.shape[0], device, seeds)
         x0 = resize_image(image, self.image_sizes[unet_number - 1]) * 2 - 1
         image_embed, text_encodings, text_mask = self._conditioning(
             unet, device, image, text, image_embed, text_encodings, text_mask
         )
         lowres, lowres_times = (None, None)
         if unet_number > 1:
-            lowres, lowres_times = self.lowres_condition(image, unet_number, blur=True)
-        batch = image.shape[0]
-        image_drop = torch.rand(batch, device=device) < self.config.image_cond_drop_prob
-        text_drop = torch.rand(batch, device=device) < self.config.text_cond_drop_prob
+            lowres, lowres_times = self.lowres_condition(image, unet_number, blur=True, rng=rng)
+        crop = (self.config.random_crop_sizes or [None] * len(self.unets))[unet_number - 1]
+        if crop is not None:  # the same window of the target and of its low-res input
+            x0, lowres = random_crops([x0, lowres], crop, rng)
+        image_drop = rng.rand() < self.config.image_cond_drop_prob
+        text_drop = rng.rand() < self.config.text_cond_drop_prob
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
             return unet(x, t, image_embed, text_encodings, text_mask, lowres, lowres_times, image_drop, text_drop)
 
-        return diffusion.loss(model_fn, x0, loss_type=self.config.diffusion_for(unet_number - 1).loss_type)
+        return diffusion.loss(model_fn, x0, loss_type=self.config.diffusion_for(unet_number - 1).loss_type, rng=rng)
 
     # ---- sampling --------------------------------------------------------------------------------
 

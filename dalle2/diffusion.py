@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .row_random import RowRandom
 from .schedules import BETA_SCHEDULES
 
 Prediction = Literal["eps", "x0", "v"]
@@ -159,10 +160,6 @@ class GaussianDiffusion(nn.Module):
 
     # ---- forward process and parameterisations ---------------------------------------------------
 
-    def sample_t(self, batch: int, device: torch.device | str) -> Tensor:
-        """Uniformly drawn training timesteps."""
-        return torch.randint(0, self.timesteps, (batch,), device=device, dtype=torch.long)
-
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Noise `x0` to level `t`: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
         return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
@@ -220,10 +217,13 @@ class GaussianDiffusion(nn.Module):
         t: Optional[Tensor] = None,
         noise: Optional[Tensor] = None,
         loss_type: LossType = "l2",
+        rng: Optional[RowRandom] = None,
     ) -> Tensor:
-        """The denoising loss of `model_fn` on clean data `x0`, p2-weighted, averaged over the batch."""
-        t = self.sample_t(x0.shape[0], x0.device) if t is None else t
-        noise = torch.randn_like(x0) if noise is None else noise
+        """The denoising loss of `model_fn` on clean data `x0`, p2-weighted, averaged over the batch; `t` and `noise`
+        drawn from `rng` (each sample's own generator) or torch's global one where not given."""
+        rng = rng or RowRandom(x0.shape[0], x0.device)
+        t = rng.randint(self.timesteps) if t is None else t
+        noise = rng.randn(*x0.shape[1:], dtype=x0.dtype) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         output, variance_output = self.split_output(model_fn(x_t, t))
         target = self.target(x0, noise, t)

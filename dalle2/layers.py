@@ -77,3 +77,32 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj_in(x).chunk(2, dim=-1)
         return self.proj_out(x * F.silu(gate))
+
+
+class Checkpointable:
+    """A network whose blocks recompute their activations in the backward pass when `gradient_checkpointing` is on
+    (training only): it calls its blocks through `self.checkpointed`."""
+
+    gradient_checkpointing = False
+
+    def checkpointed(self, block, *args, **kwargs):
+        """`block(*args, **kwargs)`, its activations dropped after the forward pass and recomputed in the backward
+        (dropout replays the same random draws) when checkpointing is on and gradients are wanted."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
+
+
+def set_gradient_checkpointing(module: nn.Module, on: bool) -> None:
+    """Switch gradient checkpointing on or off in every checkpointable network inside `module` (an open_clip model:
+    through its own switch)."""
+    if hasattr(module, "set_grad_checkpointing"):
+        module.set_grad_checkpointing(on)
+        return
+    found = [m for m in module.modules() if isinstance(m, Checkpointable)]
+    if not found:
+        raise ValueError(f"trainer.gradient_checkpointing: {type(module).__name__} has no checkpointable blocks")
+    for network in found:
+        network.gradient_checkpointing = on

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from .configs import PriorConfig, PriorNetworkConfig, with_diffusion_kwargs
 from .diffusion import GaussianDiffusion, classifier_free_guidance, tile
-from .layers import Attention, FeedForward, l2norm, time_mlp
+from .layers import Attention, Checkpointable, FeedForward, l2norm, time_mlp
 from .reference_sampling import reference_ddim
+from .row_random import RowRandom
 
 
 class TransformerBlock(nn.Module):
@@ -39,7 +40,7 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.ff_norm(x))
 
 
-class DiffusionPriorNetwork(nn.Module):
+class DiffusionPriorNetwork(Checkpointable, nn.Module):
     """Causal transformer over (text encodings, text embed, time, noised image embed, query)."""
 
     def __init__(self, config: Optional[PriorNetworkConfig] = None, **kwargs):
@@ -89,7 +90,7 @@ class DiffusionPriorNetwork(nn.Module):
         x = torch.cat(tokens, dim=1)
         x = x + self.pos_emb[: x.shape[1]]
         for i, block in enumerate(self.blocks):
-            x = block(x, last_only=i == len(self.blocks) - 1)
+            x = self.checkpointed(block, x, last_only=i == len(self.blocks) - 1)
         return self.to_out(self.norm(x[:, -1]))
 
 
@@ -163,20 +164,23 @@ class DiffusionPrior(nn.Module):
         image_embed: Optional[Tensor] = None,
         text_encodings: Optional[Tensor] = None,
         text_mask: Optional[Tensor] = None,
+        seeds: Optional[Tensor] = None,
     ) -> Tensor:
-        """The training loss on a batch of (text, image) or precomputed (text_embed, image_embed)."""
+        """The training loss on a batch of (text, image) or precomputed (text_embed, image_embed); `seeds` [B]: each
+        sample's own random draws (row_random.py), else torch's global generator."""
         text_embed, text_encodings, text_mask = self._conditioning(text, text_embed, text_encodings, text_mask)
         if image_embed is None:
             if image is None or self.clip is None:
                 raise ValueError("pass image_embed, or image with a prior that has CLIP")
             image_embed = self.clip.embed_image(image)
         x0 = l2norm(image_embed.float()) * self.image_embed_scale
-        drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_drop_prob
+        rng = RowRandom(x0.shape[0], x0.device, seeds)
+        drop = rng.rand() < self.config.cond_drop_prob
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
             return self.net(x, t, text_embed, text_encodings, text_mask, cond_drop_mask=drop)
 
-        return self.diffusion.loss(model_fn, x0, loss_type=self.config.diffusion.loss_type)
+        return self.diffusion.loss(model_fn, x0, loss_type=self.config.diffusion.loss_type, rng=rng)
 
     def guided_model_fn(self, text_embed: Tensor, text_encodings, text_mask, cond_scale: float):
         """model_fn(x, t) with classifier-free guidance (see diffusion.classifier_free_guidance)."""

@@ -17,11 +17,12 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from .configs import PriorNetworkConfig
+from .layers import Checkpointable
 from .reference_layers import GainLayerNorm, NullKeyAttention, RelativePositionBias, RotaryEmbedding, \
     SinusoidalEmbedding, TimeMLP, feed_forward, pad_text, text_mask_of
 
 
-class CausalTransformer(nn.Module):
+class CausalTransformer(Checkpointable, nn.Module):
     """Pre-norm causal transformer blocks, a stable final norm and a final projection."""
 
     def __init__(self, c: PriorNetworkConfig):
@@ -40,12 +41,16 @@ class CausalTransformer(nn.Module):
         self.norm = GainLayerNorm(dim, stable=True) if c.norm_out else nn.Identity()
         self.project_out = nn.Linear(dim, dim, bias=False) if c.final_proj else nn.Identity()
 
+    @staticmethod
+    def layer(attention: nn.Module, ff: nn.Module, x: Tensor, bias: Tensor) -> Tensor:
+        x = attention(x, bias) + x
+        return ff(x) + x
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.init_norm(x)
         bias = self.rel_pos_bias(x.shape[1], x.shape[1] + 1, device=x.device)  # one more key: the null key
         for attention, ff in self.layers:
-            x = attention(x, bias) + x
-            x = ff(x) + x
+            x = self.checkpointed(self.layer, attention, ff, x, bias)
         return self.project_out(self.norm(x))
 
 

@@ -15,12 +15,13 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from .configs import UnetConfig
+from .layers import Checkpointable
 from .unet import check_inputs
 from .reference_layers import CrossEmbedLayer, LinearAttention, NullKeyAttention, OnPixels, PixelShuffleUpsample, \
     Residual, ResnetBlock, SinusoidalEmbedding, downsample, nearest_upsample, pad_text, text_mask_of
 
 
-class ReferenceUnet(nn.Module):
+class ReferenceUnet(Checkpointable, nn.Module):
     """DALLE2-pytorch's Unet with this project's call signature."""
 
     def __init__(self, config: UnetConfig):
@@ -109,7 +110,7 @@ class ReferenceUnet(nn.Module):
                                 padding=c.final_conv_kernel_size // 2)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
-        self.downscale = 2 ** (levels - (0 if c.memory_efficient else 1))
+        self.downscale = c.downscale
 
     def conditioning(self, x: Tensor, t: Tensor, image_embed: Optional[Tensor], text_encodings: Optional[Tensor],
                      text_mask: Optional[Tensor], image_keep: Tensor, text_keep: Tensor,
@@ -170,22 +171,23 @@ class ReferenceUnet(nn.Module):
         for pre_downsample, init_block, resnets, attention, post_downsample in self.downs:
             if pre_downsample is not None:
                 x = pre_downsample(x)
-            x = init_block(x, t, cond)
+            x = self.checkpointed(init_block, x, t, cond)
             for block in resnets:
-                x = block(x, t, cond)
+                x = self.checkpointed(block, x, t, cond)
                 skips.append(x)
-            x = attention(x)
+            x = self.checkpointed(attention, x)
             skips.append(x)
             if post_downsample is not None:
                 x = post_downsample(x)
 
-        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t, mid_cond)), t, mid_cond)
+        x = self.checkpointed(self.mid_block1, x, t, mid_cond)
+        x = self.checkpointed(self.mid_block2, self.checkpointed(self.mid_attn, x), t, mid_cond)
 
         for init_block, resnets, attention, upsample in self.ups:
-            x = init_block(torch.cat((x, skips.pop() * self.skip_connect_scale), dim=1), t, cond)
+            x = self.checkpointed(init_block, torch.cat((x, skips.pop() * self.skip_connect_scale), dim=1), t, cond)
             for block in resnets:
-                x = block(torch.cat((x, skips.pop() * self.skip_connect_scale), dim=1), t, cond)
-            x = upsample(attention(x))
+                x = self.checkpointed(block, torch.cat((x, skips.pop() * self.skip_connect_scale), dim=1), t, cond)
+            x = upsample(self.checkpointed(attention, x))
 
         x = self.final_resnet_block(torch.cat((x, residual), dim=1), t)
         if lowres_cond_img is not None:

@@ -8,14 +8,17 @@ trained on its own. Samples come from the EMA weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint, trainable_state, EMA_FILE, exists
-from .configs import TrainerConfig
+from .trainer_config import TrainerConfig
+from .layers import set_gradient_checkpointing
+from .lr_schedules import lr_multiplier
 from .precision import autocast_context
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,9 @@ class DiffusionTrainer:
     """Optimises the parts of `model`; subclasses say how a batch becomes a loss."""
 
     def __init__(self, model: nn.Module, parts: Sequence[nn.Module], config: Optional[TrainerConfig] = None,
-                 device: Optional[torch.device | str] = None, **kwargs):
+                 device: Optional[torch.device | str] = None, planned_steps: Optional[int] = None, **kwargs):
+        """`planned_steps`: the optimizer steps each part will take (a training job's plan), which a decaying
+        `lr_schedule` spans when `config.decay_steps` is unset."""
         self.config = c = config if config is not None else TrainerConfig(**kwargs)
         self.device = torch.device(device) if device is not None else next(parts[0].parameters()).device
         if c.amp == "fp16" and self.device.type != "cuda":
@@ -86,19 +91,36 @@ class DiffusionTrainer:
         self.model = self.place(model)
         # fused: one kernel for every parameter's update (torch's CPU default is a Python loop per tensor)
         fused = self.device.type in ("cpu", "cuda")
+        self.lrs, min_lrs = self.per_part(c.lr_of_parts), self.per_part(c.min_lr_of_parts)
         self.optimizers = [
-            torch.optim.AdamW(p.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, fused=fused)
-            for p in self.parts
+            torch.optim.AdamW(p.parameters(), lr=lr, weight_decay=c.weight_decay, betas=c.betas, fused=fused)
+            for p, lr in zip(self.parts, self.lrs)
         ]
-        warmup = max(c.warmup_steps, 1)
+        self.decay_steps = c.decay_steps or planned_steps
+        if c.lr_schedule != "constant" and self.decay_steps is None:
+            raise ValueError(f"trainer.lr_schedule={c.lr_schedule!r} needs trainer.decay_steps: the optimizer steps "
+                             "the learning rate decays over")
         self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup)) for opt in self.optimizers
+            torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+                lr_multiplier, warmup_steps=c.warmup_steps, schedule=c.lr_schedule, decay_steps=self.decay_steps,
+                floor=low / lr))
+            for opt, lr, low in zip(self.optimizers, self.lrs, min_lrs)
         ]
+        if c.gradient_checkpointing:
+            for part in self.parts:
+                set_gradient_checkpointing(part, True)
+        # one DistributedDataParallel per part on several processes (Ray Train's workers): its buckets all-reduce
+        # gradients while the backward pass still runs; None on one process
+        self.replicas = [data_parallel(PartLoss(self, index), self.device) for index in range(len(self.parts))]
         self.emas = [EMA(p, c.ema_beta, c.ema_update_after_step, c.ema_update_every) for p in self.parts]
         self.scalers = [torch.amp.GradScaler("cuda", enabled=c.amp == "fp16") for _ in self.parts]
         self.steps = [0 for _ in self.parts]
         self._pending = [0 for _ in self.parts]  # micro-batches accumulated since the last optimizer step
         self._pending_rows = [0 for _ in self.parts]  # their rows: gradients are averaged over rows, not batches
+
+    def per_part(self, values_of: Callable[[Optional[int]], list[float]]) -> list[float]:
+        """A per-part setting (lr, min_lr) for each part this trainer optimises."""
+        return values_of(len(self.parts))
 
     def place(self, model: nn.Module) -> nn.Module:
         """Move what training needs to the device (subclasses may leave idle parts behind)."""
@@ -119,11 +141,17 @@ class DiffusionTrainer:
         self.parts[part].train()
         total = 0.0
         rows = batch_rows(batch)
-        for chunk, fraction in split_batch(batch, c.max_batch_size):
-            with autocast_context(self.device, c.amp):
-                loss = self.compute_loss(chunk, part) * fraction
-            # summed over rows here, divided by all accumulated rows at the step: exact for unequal micro-batches
-            self.scalers[part].scale(loss * rows).backward()
+        chunks = split_batch(batch, c.max_batch_size)
+        steps_now = self._pending[part] + 1 >= c.grad_accum_every
+        replica = self.replicas[part]
+        for index, (chunk, fraction) in enumerate(chunks):
+            # ranks exchange gradients once per optimizer step, in the backward pass of its last micro-batch
+            syncs = steps_now and index == len(chunks) - 1
+            with (replica.no_sync() if replica is not None and not syncs else contextlib.nullcontext()):
+                with autocast_context(self.device, c.amp):
+                    loss = (replica(chunk) if replica is not None else self.compute_loss(chunk, part)) * fraction
+                # summed over rows here, divided by all accumulated rows at the step: exact for unequal micro-batches
+                self.scalers[part].scale(loss * rows).backward()
             total += loss.item()
         self._pending[part] += 1
         self._pending_rows[part] += rows
@@ -131,32 +159,26 @@ class DiffusionTrainer:
             self._optimizer_step(part)
         return total
 
-    def _sync_gradients(self, part: int) -> None:
-        """Average gradients over data-parallel ranks (one flat all-reduce) when torch.distributed is up."""
+    def _rows_per_rank(self, part: int) -> float:
+        """Rows accumulated for this step, over all ranks, divided by the ranks: DDP averaged the ranks' row sums,
+        so dividing by this gives the mean over every row any rank saw, as one worker would on all of them."""
+        rows = self._pending_rows[part]
+        if self.replicas[part] is None:
+            return float(rows)
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        params = [p for p in self.parts[part].parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        # one more entry per parameter: how many ranks had a gradient for it
-        had_grad = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [had_grad])
-        dist.all_reduce(flat)
-        flat[: -len(params)] /= dist.get_world_size()
-        offset = 0
-        for p, ranks_with_grad in zip(params, flat[-len(params):].tolist()):
-            # a parameter no rank used keeps no gradient, as on one worker: AdamW must not decay it
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if ranks_with_grad else None
-            offset += p.numel()
+        total = torch.tensor([float(rows)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.item() / dist.get_world_size()
 
     def _optimizer_step(self, part: int) -> None:
         optimizer, scaler = self.optimizers[part], self.scalers[part]
         scaler.unscale_(optimizer)
+        # a parameter no rank used keeps no gradient (DDP leaves it alone), as on one worker: AdamW does not decay it
         grads = [p.grad for p in self.parts[part].parameters() if p.grad is not None]
+        rows = self._rows_per_rank(part)
         if grads:
-            torch._foreach_div_(grads, self._pending_rows[part])
-        self._sync_gradients(part)
+            torch._foreach_div_(grads, rows)
         if self.config.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.parts[part].parameters(), self.config.max_grad_norm)
         scaler.step(optimizer)
@@ -166,6 +188,12 @@ class DiffusionTrainer:
         self.steps[part] += 1
         self._pending[part] = self._pending_rows[part] = 0
         self.emas[part].update(self.parts[part], self.steps[part])
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, Any], part: int = 0) -> float:
+        """The EMA weights' loss on a held-out batch (with its `seeds`, the same draws at every evaluation)."""
+        with self.ema_weights(), autocast_context(self.device, self.config.amp):
+            return self.compute_loss(batch, part).item()
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[nn.Module]:
@@ -238,14 +266,41 @@ class DiffusionTrainer:
         """The config's lr, weight decay and betas win over those stored with the optimizer and scheduler
         (a resumed run with a new `trainer.lr` uses it, from the resumed step on the same warmup)."""
         c = self.config
-        changed = {k: (saved.get(k), v) for k, v in (("lr", c.lr), ("weight_decay", c.weight_decay)) if saved.get(k) != v}
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-            scheduler.base_lrs = [c.lr for _ in optimizer.param_groups]
+        settings = ("lr", "weight_decay", "lr_schedule", "min_lr", "decay_steps")
+        changed = {k: (saved[k], getattr(c, k)) for k in settings if k in saved and saved[k] != getattr(c, k)}
+        for optimizer, scheduler, lr in zip(self.optimizers, self.schedulers, self.lrs):
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
             factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
             for group in optimizer.param_groups:
-                group.update(initial_lr=c.lr, lr=c.lr * factor, weight_decay=c.weight_decay, betas=tuple(c.betas))
+                group.update(initial_lr=lr, lr=lr * factor, weight_decay=c.weight_decay, betas=tuple(c.betas))
         if changed and saved:
             log.info("resumed with changed trainer settings (checkpoint, config): %s", changed)
+
+
+class PartLoss(nn.Module):
+    """The loss of one part as a module whose parameters are that part's: what DistributedDataParallel wraps, so
+    it all-reduces the trained part's gradients only (not a frozen CLIP's, not another stage's unet)."""
+
+    def __init__(self, trainer: "DiffusionTrainer", index: int):
+        super().__init__()
+        self.part = trainer.parts[index]
+        self.compute = functools.partial(trainer.compute_loss, part=index)  # a plain attribute: not a submodule
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        return self.compute(batch)
+
+
+def data_parallel(loss: PartLoss, device: torch.device) -> Optional[nn.Module]:
+    """`loss` in DistributedDataParallel when torch.distributed runs on several processes, else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    # unused parameters: a unet's layers a batch does not reach; buffers are the model's own, never rank-specific
+    return DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, forward_sync_buffers=False)
 
 
 def _prefix_of(model: nn.Module, part: nn.Module) -> str:
@@ -298,6 +353,11 @@ class DecoderTrainer(DiffusionTrainer):
             model.diffusions[number - 1].to(self.device)
         return model
 
+    def per_part(self, values_of: Callable[[Optional[int]], list[float]]) -> list[float]:
+        # a list is one value per unet of the cascade, whichever of them this trainer trains
+        values = values_of(len(self.model.unets))
+        return [values[n - 1] for n in self.unet_numbers]
+
     def _part(self, unet_number: int) -> int:
         if unet_number not in self.unet_numbers:
             raise ValueError(f"this trainer trains unets {self.unet_numbers}, not unet {unet_number}")
@@ -309,6 +369,10 @@ class DecoderTrainer(DiffusionTrainer):
     def train_step(self, batch: dict[str, Any], unet_number: int = 1) -> float:  # type: ignore[override]
         """One training batch for stage `unet_number`."""
         return super().train_step(batch, part=self._part(unet_number))
+
+    def validation_loss(self, batch: dict[str, Any], unet_number: int = 1) -> float:  # type: ignore[override]
+        """Stage `unet_number`'s EMA loss on a held-out batch."""
+        return super().validation_loss(batch, part=self._part(unet_number))
 
     @torch.no_grad()
     def sample(self, start_image: Optional[Tensor] = None, start_at_unet_number: Optional[int] = None,

@@ -16,7 +16,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from .configs import UnetConfig
-from .layers import Attention, time_mlp
+from .layers import Attention, Checkpointable, time_mlp
 
 
 def check_inputs(config: UnetConfig, downscale: int, x: Tensor, lowres_cond_img: Optional[Tensor]) -> None:
@@ -108,7 +108,7 @@ class PixelShuffleUpsample(nn.Module):
         return F.pixel_shuffle(F.silu(self.conv(x)), 2)
 
 
-class Unet(nn.Module):
+class Unet(Checkpointable, nn.Module):
     """One stage of the decoder cascade."""
 
     def __init__(self, config: Optional[UnetConfig] = None, **kwargs):
@@ -149,7 +149,7 @@ class Unet(nn.Module):
 
         self.final_block = ResnetBlock(c.dim * 2, c.dim, time_dim, c.groups)
         self.final_conv = nn.Conv2d(c.dim, c.channels * (2 if c.learned_variance else 1), 1)
-        self.downscale = 2 ** (len(in_out) - 1)
+        self.downscale = c.downscale
 
     def conditioning(
         self,
@@ -213,14 +213,14 @@ class Unet(nn.Module):
         residual, skips = x, []
         for level, down in zip(self.downs, self.down_samples):
             for i in range(len(level.resnets)):
-                x = level.block(i, x, time_cond, context, mask)
+                x = self.checkpointed(level.block, i, x, time_cond, context, mask)
                 skips.append(x)
             x = down(x)
         for i in range(len(self.mid.resnets)):
-            x = self.mid.block(i, x, time_cond, context, mask)
+            x = self.checkpointed(self.mid.block, i, x, time_cond, context, mask)
         for level, up in zip(self.ups, self.up_samples):
             for i in range(len(level.resnets)):
-                x = level.block(i, torch.cat([x, skips.pop()], dim=1), time_cond, context, mask)
+                x = self.checkpointed(level.block, i, torch.cat([x, skips.pop()], dim=1), time_cond, context, mask)
             x = up(x)
         x = self.final_block(torch.cat([x, residual], dim=1), time_cond)
         return self.final_conv(x)

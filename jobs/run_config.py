@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dalle2.configs import StrictModel
 from pipeline.run.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
 
 from .config_io import load_config
-from .training.config import EvalConfig, TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
+from .training.config import EvalConfig, TrackingConfig, TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
 
 
 class DemoConfig(StrictModel):
@@ -51,6 +51,7 @@ class RunConfig(StrictModel):
     train_decoder: TrainDecoderConfig = TrainDecoderConfig()
     demo: DemoConfig = DemoConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def custom_resources(self) -> set[str]:
         """The names of the custom Ray resources the stages of this run ask for."""
@@ -58,6 +59,13 @@ class RunConfig(StrictModel):
                     self.train_clip.resources_per_worker, self.train_prior.resources_per_worker,
                     self.train_decoder.resources_per_worker)
         return {name for section in sections for name in section}
+
+    @model_validator(mode="after")
+    def _mlflow_store_workers_reach(self) -> "RunConfig":
+        if self.tracking.mlflow and not self.tracking.mlflow_tracking_uri and "://" in self.root:
+            raise ValueError(f"tracking.mlflow_tracking_uri: the default file store lives under a local root, and root "
+                             f"is {self.root}: name a tracking server (http://...) or a database")
+        return self
 
     @field_validator("root")
     @classmethod

@@ -17,7 +17,8 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from dalle2.configs import PriorConfig, StrictModel, TrainerConfig, resolve
+from dalle2.configs import PriorConfig, StrictModel, resolve
+from dalle2.trainer_config import TrainerConfig
 from dalle2.layers import l2norm
 from dalle2.metrics import prior_metrics
 from dalle2.prior import DiffusionPrior

@@ -14,7 +14,7 @@ from .run_config import RunConfig
 from .stage import Stage, training_complete
 from .training.driver import train
 from .training.loop import training_loop
-from .training.rows import training_plans
+from .training.rows import planned_steps, training_plans
 from .training.worker import Worker, rank_slice, unslice
 
 
@@ -28,14 +28,14 @@ def clip_loop(config: dict) -> None:
 
     run = RunConfig.model_validate(config)
     job = run.train_clip
-    worker = Worker(job, run.root, job.job_name)
+    worker = Worker(run, job)
     torch.manual_seed(job.seed)
     clip = ClipAdapter(job.model_name)
-    trainer = ClipTrainer(clip, job.trainer, device=worker.device)
-    state = worker.resume(trainer.load)
     train_plan, eval_plan = training_plans(run, "train_clip")  # never the held-out rows; evaluated on them
     loader = ShardImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                                job.shuffle_buffer, image_size=clip.image_size, drop_last=True)
+    trainer = ClipTrainer(clip, job.trainer, device=worker.device, planned_steps=planned_steps(job, loader))
+    state = worker.resume(trainer.load)
     held_out = None if not eval_plan.size else next(
         ShardImageBatches(run.root, eval_plan, eval_plan.size, shuffle_buffer=1, image_size=clip.image_size).epoch(0))
 

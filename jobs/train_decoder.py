@@ -15,7 +15,7 @@ from .run_config import RunConfig
 from .stage import Stage, training_complete
 from .training.driver import train
 from .training.loop import training_loop
-from .training.rows import training_plans
+from .training.rows import planned_steps, training_plans
 from .training.worker import Worker, rank_slice, unslice
 
 def sample_grid(samples, reals, captions: list[str]) -> bytes:
@@ -45,12 +45,17 @@ def decoder_loop(config: dict) -> None:
 
     run = RunConfig.model_validate(config)
     job = run.train_decoder
-    worker = Worker(job, run.root, job.job_name)
+    worker = Worker(run, job)
     torch.manual_seed(job.seed)
     init, decoder_config = init_source(run, "train_decoder")
     decoder = Decoder(config=decoder_config)
     numbers = [job.unet_number] if job.unet_number else list(range(1, len(decoder.unets) + 1))
-    trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers)
+    size = decoder.image_sizes[-1]
+    train_plan, eval_plan = training_plans(run, "train_decoder")  # never the held-out rows; evaluated on them
+    loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
+                          job.shuffle_buffer, image_size=size)
+    trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers,
+                             planned_steps=planned_steps(job, loader, parts=len(numbers)))
     encoder = None
     text_unets = [n for n in numbers if decoder.config.unets[n - 1].cond_on_text_encodings]
     if text_unets:  # per-token text features from the captions, step by step
@@ -62,10 +67,6 @@ def decoder_loop(config: dict) -> None:
     state = worker.resume(trainer.load)
     if init and trainer.step == 0:  # nothing of its own to resume: start from init_from's weights
         trainer.init_weights(init)
-    size = decoder.image_sizes[-1]
-    train_plan, eval_plan = training_plans(run, "train_decoder")  # never the held-out rows; evaluated on them
-    loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
-                          job.shuffle_buffer, image_size=size)
     held_out = None if not eval_plan.size else next(ImageBatches(
         run.root, eval_plan, min(job.eval_samples, eval_plan.size), shuffle_buffer=1, image_size=size).epoch(0))
     clip = (encoder.clip if encoder is not None else run_clip(run).to(worker.device)) if worker.rank == 0 else None
@@ -87,11 +88,23 @@ def decoder_loop(config: dict) -> None:
     def train_step(batch: dict) -> float:
         number = numbers[counter["batches"] % len(numbers)]  # every chosen stage in turn
         counter["batches"] += 1
-        return trainer.train_step({"image": batch["image"], **conditioning(batch, number)}, unet_number=number)
+        return trainer.train_step({"image": batch["image"], **conditioning(batch, number), "seeds": batch["seed"]},
+                                  unet_number=number)
+
+    def validation_losses() -> dict:
+        """Each trained stage's held-out loss (val_loss: their mean), pooled over the ranks' shares."""
+        count, losses = len(mine["image_embed"]), {}
+        if count:
+            for number in numbers:
+                losses[f"val_loss_unet{number}"] = trainer.validation_loss(
+                    {"image": mine["image"], **conditioning(mine, number), "seeds": mine["seed"]}, unet_number=number)
+            losses["val_loss"] = sum(losses.values()) / len(numbers)
+        return worker.pooled(losses, count)
 
     def evaluate(step: int) -> dict:
         if mine is None:
             return {}
+        losses = validation_losses()
         samples = None
         if len(mine["image_embed"]):
             text = encoder(mine["caption"]) if encoder is not None else {}
@@ -102,13 +115,15 @@ def decoder_loop(config: dict) -> None:
                                      generator=torch.Generator(worker.device).manual_seed(job.seed + worker.rank))
         parts = worker.gathered(samples.cpu() if samples is not None else None)
         if worker.rank != 0:
-            return {}
+            return losses  # the same on every rank: each keeps (or not) the same best step
         samples = unslice(parts).to(worker.device)
         embeds = held_out["image_embed"].to(worker.device)
         real = torch.nn.functional.interpolate(held_out["image"], size=samples.shape[-2:], mode="bilinear",
                                                antialias=True)
-        write_atomic(TrainLayout(run.root).sample_grid(job.job_name, step), sample_grid(samples, real, list(held_out["caption"])))
-        metrics = {"sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
+        grid = sample_grid(samples, real, list(held_out["caption"]))
+        write_atomic(TrainLayout(run.root).sample_grid(job.job_name, step), grid)
+        worker.tracker.artifact(f"samples/step_{step}.png", grid)
+        metrics = {**losses, "sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
             metrics["image_embed_similarity"] = float(
                 (clip.embed_image(samples) * torch.nn.functional.normalize(embeds, dim=-1)).sum(-1).mean())

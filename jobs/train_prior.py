@@ -12,7 +12,7 @@ from .run_config import RunConfig
 from .stage import Stage, training_complete
 from .training.driver import train
 from .training.loop import training_loop
-from .training.rows import training_plans
+from .training.rows import planned_steps, training_plans
 from .training.worker import Worker, rank_slice
 
 
@@ -27,10 +27,13 @@ def prior_loop(config: dict) -> None:
 
     run = RunConfig.model_validate(config)
     job = run.train_prior
-    worker = Worker(job, run.root, job.job_name)
+    worker = Worker(run, job)
     torch.manual_seed(job.seed)
     init, prior_config = init_source(run, "train_prior")
-    trainer = PriorTrainer(DiffusionPrior(config=prior_config), job.trainer, device=worker.device)
+    train_plan, eval_plan = training_plans(run, "train_prior")  # never the held-out rows; evaluated on them
+    loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
+    trainer = PriorTrainer(DiffusionPrior(config=prior_config), job.trainer, device=worker.device,
+                           planned_steps=planned_steps(job, loader))
     encoder = None
     if prior_config.condition_on_text_encodings:  # per-token text features from the captions, step by step
         encoder = CaptionEncoder(run, worker.device, job.trainer.amp)
@@ -39,8 +42,6 @@ def prior_loop(config: dict) -> None:
     state = worker.resume(trainer.load)
     if init and trainer.step == 0:  # nothing of its own to resume: start from init_from's weights
         trainer.init_weights(init)
-    train_plan, eval_plan = training_plans(run, "train_prior")  # never the held-out rows; evaluated on them
-    loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
     held_out = None if not eval_plan.size else next(
         EmbeddingBatches(run.root, eval_plan, eval_plan.size, shuffle_buffer=1).epoch(0))
 
@@ -49,7 +50,7 @@ def prior_loop(config: dict) -> None:
         return {"text_embed": batch["text_embed"].to(worker.device), **text}
 
     def train_step(batch: dict) -> float:
-        return trainer.train_step({**conditioning(batch), "image_embed": batch["image_embed"]})
+        return trainer.train_step({**conditioning(batch), "image_embed": batch["image_embed"], "seeds": batch["seed"]})
 
     # each rank evaluates its share, pooled after (no held-out rows: no evaluation, on every rank alike)
     mine = rank_slice(held_out, worker.rank, worker.world_size) if held_out is not None else None
@@ -58,8 +59,11 @@ def prior_loop(config: dict) -> None:
         if mine is None:
             return {}
         count = len(mine["image_embed"])
-        metrics = prior_metrics(trainer.sample, image_embed=mine["image_embed"].to(worker.device),
-                                **conditioning(mine)) if count >= 2 else {}
+        metrics = {}
+        if count >= 2:
+            metrics = prior_metrics(trainer.sample, image_embed=mine["image_embed"].to(worker.device), **conditioning(mine))
+            metrics["val_loss"] = trainer.validation_loss(
+                {**conditioning(mine), "image_embed": mine["image_embed"], "seeds": mine["seed"]})
         return worker.pooled(metrics, count)
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)

@@ -68,6 +68,18 @@ def test_train_prior_checkpoints_on_s3_and_resumes_from_there(training_root, tmp
     assert losses == [20, 30, 40] and evaluations == [10, 20, 30, 40]  # log_every 20 and the last step; eval_every 10
     assert all(np.isfinite(line["loss"]) for line in history if "loss" in line)
 
+    # TensorBoard's events on S3 too, one file per run (the first and the resumed one), every evaluation in them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list_files(TrainLayout(root).tensorboard("prior"))
+    assert len(events) == 2 and all("tfevents" in e for e in events), events
+    steps = []
+    for event in events:
+        local = tmp_path / event.rsplit("/", 1)[-1]
+        fs.get(event.replace("s3://", ""), str(local))
+        steps += [e.step for e in EventAccumulator(str(local)).Reload().Scalars("image_similarity")]
+    assert sorted(steps) == [10, 20, 30, 40]
+
 
 def complete_checkpoints(root) -> dict[int, str]:
     """{step: folder} of the prior's checkpoints that have their COMPLETE marker."""
@@ -114,17 +126,32 @@ def test_a_checkpoint_killed_before_its_marker_or_torn_after_it_is_passed_over_f
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_checkpoints_once_per_step_and_keeps_every_evaluation(training_root, tmp_path, ray_local):
+def test_accumulation_checkpoints_once_per_step_keeps_every_evaluation_and_the_best_and_decays_the_lr(
+        training_root, tmp_path, ray_local):
     import shutil
 
+    import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jobs.training.best import read_best
 
     root = str(tmp_path / "run")
     shutil.copytree(training_root, root)
+    # the learning rate from 3e-3 down to 3e-4 at the job's 6th optimizer step; the best by val_loss kept too
     config = run_config(root, workers=1, max_steps=6, eval_every=2, checkpoint_every=3, keep_checkpoints=10,
-                        trainer={"lr": 1e-3, "grad_accum_every": 2})
+                        keep_best=True, trainer={"lr": 3e-3, "grad_accum_every": 2, "lr_schedule": "linear",
+                                                 "min_lr": 3e-4})
     summary = train_prior.main(["--config", write_config(tmp_path, config)])
     assert summary["step"] == 6 and summary["eval_step"] == 6 and "image_similarity" in summary
+    evaluations = [(line["step"], line["val_loss"]) for line in read_history(root, "prior") if "val_loss" in line]
+    assert [step for step, _ in evaluations] == [2, 4, 6] and len({loss for _, loss in evaluations}) == 3
+    step, loss = min(evaluations, key=lambda evaluation: evaluation[1])
+    best = read_best(root, "prior")
+    assert best["step"] == step and best["val_loss"] == pytest.approx(loss) and best["checkpoint"].endswith(f"/step_{step}")
+    assert incomplete_reason(best["checkpoint"]) is None
+    assert os.listdir(os.path.join(TrainLayout(root).job("prior"), "best")) == [f"step_{step}"]  # those it beat: gone
+    state = torch.load(os.path.join(latest_checkpoint(root, "prior"), STATE_FILE), weights_only=True)
+    assert state["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(3e-4)  # the floor, at the planned step 6
     folder = os.path.join(TrainLayout(root).storage, "prior")
     checkpoints = [p for p in os.listdir(folder) if p.startswith("checkpoint_") and not p.endswith(".json")]
     # one per optimizer step 3 and 6: none at step 0, none twice while accumulating

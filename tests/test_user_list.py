@@ -62,7 +62,7 @@ def user_list_demo(tmp_path_factory):
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env.pop("RAY_ADDRESS", None)
     command = [os.path.join(os.path.dirname(sys.executable), "dalle2"), "demo", "--url-list", "my-list/digits.csv",
-               "--root", "my-run", "--set", "download.allow_private_network=true"]
+               "--root", "my-run", "--set", "download.allow_private_network=true", "--set", "tracking.mlflow=true"]
     command += [x for setting in QUICK_TRAINING for x in ("--set", setting)]
     try:
         done = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=900)
@@ -116,3 +116,29 @@ def test_a_users_list_is_judged_on_its_own_held_out_captions_and_keeps_its_rows(
     # it); the decoder, after 40 steps, need not draw digits yet: its figures are reported, not asserted
     check = filtered["clip_check"]
     assert check["checked"] and check["retrieval"] > 3 * check["chance"], check
+
+
+@pytest.mark.slow
+def test_every_training_job_of_the_users_run_is_an_mlflow_run_with_its_curves_and_sample_grids(user_list_demo,
+                                                                                                 monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.training.history import read_history
+
+    done, root, _ = user_list_demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file://{root}/mlruns")  # the default store: under the run root
+    experiment = client.get_experiment_by_name("my-run")
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"clip", "prior", "decoder"} and all(r.info.status == "FINISHED" for r in runs.values())
+    for job in ("prior", "decoder"):
+        evaluations = [line for line in read_history(str(root), job) if "val_loss" in line]
+        logged = client.get_metric_history(runs[job].info.run_id, "val_loss")
+        assert [(m.step, m.value) for m in logged] == [(e["step"], pytest.approx(e["val_loss"])) for e in evaluations]
+        assert runs[job].data.params["batch_size"] == str(yaml.safe_load((root / "config.yaml").read_text())[
+            f"train_{job}"]["batch_size"])
+    artifacts = sorted(a.path for a in client.list_artifacts(runs["decoder"].info.run_id, "samples"))
+    grids = sorted(os.listdir(root / "train" / "decoder" / "samples"))
+    assert artifacts == [f"samples/{name}" for name in grids] and grids
+    assert "config.yaml" in [a.path for a in client.list_artifacts(runs["prior"].info.run_id)]

@@ -141,8 +141,6 @@ def decoder_config_from_theirs(decoder: dict) -> DecoderConfig:
     d = _with_defaults("decoder", decoder, THEIR_DECODER, required=("unets",))
     count = len(d["unets"])
     refusals = [("vae", bool(d["vae"]), "latent diffusion (VQGAN-VAE) is not implemented"),
-                ("random_crop_sizes", any(s is not None for s in per_unet(d["random_crop_sizes"], count)),
-                 "training on crops is not implemented yet"),
                 ("predict_x_start_for_latent_diffusion", d["predict_x_start_for_latent_diffusion"], "no latents here"),
                 ("lowres_downsample_first", not d["lowres_downsample_first"], "the low-res input is always resized "
                  "down first"),
@@ -167,6 +165,7 @@ def decoder_config_from_theirs(decoder: dict) -> DecoderConfig:
     if len(set(blur_flags[1:])) > 1:
         _refuse("decoder", "use_blur_for_lowres_cond", d["use_blur_for_lowres_cond"], "blurred for all upsamplers or none")
     learned = per_unet(d["learned_variance"], count, fill=False)
+    crops = per_unet(d["random_crop_sizes"], count)
     sigma = d["blur_sigma"]
     unets = [unet_config_from_theirs(u, index=i, unconditional=d["unconditional"], learned_variance=learned[i],
                                      lowres_noise_cond=noise_flags[i]) for i, u in enumerate(d["unets"])]
@@ -187,6 +186,7 @@ def decoder_config_from_theirs(decoder: dict) -> DecoderConfig:
         lowres_blur_sigma=tuple(sigma) if isinstance(sigma, (list, tuple)) else (sigma, sigma),
         dynamic_threshold_percentile=d["dynamic_thres_percentile"] if d["use_dynamic_thres"] else None,
         learned_variance=tuple(learned), vb_loss_weight=d["vb_loss_weight"], guidance_on_variance=True,
+        random_crop_sizes=tuple(crops) if any(size is not None for size in crops) else None,
     )
 
 
@@ -298,6 +298,7 @@ def decoder_config_to_theirs(config: DecoderConfig) -> dict:
         dynamic_thres_percentile=config.dynamic_threshold_percentile or 0.95,
         p2_loss_weight_gamma=[d.p2_loss_weight_gamma for d in diffusions], p2_loss_weight_k=diffusions[0].p2_loss_weight_k,
         ddim_sampling_eta=diffusions[0].eta,
+        random_crop_sizes=list(config.random_crop_sizes) if config.random_crop_sizes else None,
     )
 
 

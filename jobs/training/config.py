@@ -6,7 +6,8 @@ from typing import Optional, Union
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from dalle2.configs import StrictModel, TrainerConfig
+from dalle2.configs import StrictModel
+from dalle2.trainer_config import TrainerConfig
 from pipeline.run.config import ClipSource, Resources
 
 
@@ -24,6 +25,8 @@ class TrainJobConfig(StrictModel):
     resources_per_worker: Resources = {}  # custom resources, e.g. {gpu_pool: 0.001}: workers on the GPU node type
     max_failures: int = Field(default=1, ge=-1)  # a crashed worker restarts from its latest checkpoint this many times (-1: always)
     keep_checkpoints: PositiveInt = 2
+    # also keep the checkpoint of the lowest held-out loss (val_loss, every evaluation) in <job>/best/, beside the last K
+    keep_best: bool = False
     epochs: PositiveInt = 1
     max_steps: Optional[PositiveInt] = None  # stop early after this many optimizer steps in total
     batch_size: PositiveInt = 32
@@ -64,6 +67,15 @@ class TrainDecoderConfig(TrainJobConfig):
         """Where this job's checkpoints go: `decoder` for the whole cascade, `decoder_unet{k}` for stage k alone,
         so stages trained by separate jobs (each on the GPUs it needs) never resume from each other."""
         return "decoder" if self.unet_number is None else f"decoder_unet{self.unet_number}"
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking of the training jobs (rank 0); TensorBoard is always written, under train/<job>/tensorboard."""
+
+    mlflow: bool = False  # log params, metrics, sample grids and the config to MLflow (Ray Train's setup_mlflow)
+    # None: a file store at <root>/mlruns (a local root; an s3:// or gs:// root needs a tracking server's URI)
+    mlflow_tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None  # None: the run root's folder name; one MLflow run per job (clip, prior, ...)
 
 
 class TrainClipConfig(TrainJobConfig):

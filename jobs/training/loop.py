@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from .best import BestCheckpoint
 from .cadence import Cadence
 from .config import TrainJobConfig
 from .history import MetricsHistory, SampleTrace
@@ -28,6 +29,7 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     step = trainer.step
     last_log, last_log_step = time.time(), step
     trace, history = SampleTrace(worker.rank), MetricsHistory(worker, resumed_from)
+    best = BestCheckpoint(worker.root, worker.job_name, worker.rank) if job.keep_best else None
     while not cadence.done(epoch, step):
         for batch in loader.epoch(epoch, skip_batches=position):
             position += 1
@@ -47,8 +49,13 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
                 last_log, last_log_step = time.time(), step
                 history.add(step=step, loss=loss)
                 history.progress(step=step, loss=loss)
+                if not (actions.evaluate or actions.checkpoint):  # those reports carry the loss to the trackers
+                    worker.tracker.metrics({"step": step, "loss": loss})
             if actions.evaluate:  # the last report (the run's summary) has one
                 metrics.update(evaluate(step), eval_step=step)
+                if best is not None:
+                    best.consider(step, metrics, save=lambda folder: trainer.save(folder, extra=cadence.resume_point(
+                        epoch=epoch, position=position, end_of_epoch=end_of_epoch)))
                 history.add(**{k: v for k, v in metrics.items() if k not in ("epoch", "resumed_from_step", "eval_step")})
             if actions.flush_history:
                 history.flush()
@@ -60,3 +67,4 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
             if actions.finished:
                 break
         epoch, position = epoch + 1, 0
+    worker.tracker.close()

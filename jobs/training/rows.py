@@ -23,6 +23,14 @@ def training_plans(run, section: str):
             SamplePlan.from_aligned(run.root, part="held_out").head(job.eval_size))
 
 
+def planned_steps(job, loader, parts: int = 1) -> int:
+    """The optimizer steps each trained part takes in this job (what a decaying learning rate spans)."""
+    from dalle2.lr_schedules import planned_optimizer_steps
+
+    return planned_optimizer_steps(batches_per_epoch=loader.batches_per_epoch(), epochs=job.epochs,
+                                   max_steps=job.max_steps, grad_accum_every=job.trainer.grad_accum_every, parts=parts)
+
+
 class TooFewRows(StageStopped):
     """A training job's rows cannot fill one batch."""
 

@@ -7,8 +7,6 @@ import logging
 import tempfile
 from typing import Any, Callable, Optional
 
-from pipeline.run.layout import TrainLayout
-
 from .config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -17,26 +15,24 @@ log = logging.getLogger(__name__)
 class Worker:
     """The per-worker side of a job: rank, device, resume state, reporting."""
 
-    def __init__(self, job: TrainJobConfig, root: str, job_name: str):
+    def __init__(self, run, job: TrainJobConfig):
         import ray.train
         import torch
 
         from pipeline.execution.console import setup_logging
 
+        from .tracking import Tracker
+
         setup_logging()
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.job, self.root, self.job_name = job, root, job_name
+        self.job, self.root, self.job_name = job, run.root, job.job_name
         if not job.use_gpu:
             torch.set_num_threads(job.torch_threads)
         from ray.train.torch import get_device
 
         self.device = get_device()
-        self.writer = None
-        if self.rank == 0 and "://" not in root:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(TrainLayout(root).tensorboard(job_name))
+        self.tracker = Tracker(run, self.job_name, self.rank)  # TensorBoard, and MLflow when asked for
 
     def resume(self, load: Callable[[str], dict]) -> dict:
         """Load the checkpoint Ray hands back (a re-run or a restart after a failure); when Ray has none (a worker
@@ -87,11 +83,7 @@ class Worker:
         """Report metrics on every rank; with `save`, rank 0 also writes a checkpoint through Ray."""
         import ray.train
 
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, metrics.get("step", 0))
-            self.writer.flush()
+        self.tracker.metrics(metrics)
         if save is None:
             ray.train.report(metrics)
             return

@@ -66,7 +66,7 @@ class ShardedBatches:
                 batch.append(held.pop(order[out]))
                 out += 1
                 if len(batch) == self.batch_size:
-                    yield self.collate(batch)
+                    yield self.seeded(self.collate(batch), epoch)
                     batch.clear()
 
         for shard, indices in runs:
@@ -79,7 +79,14 @@ class ShardedBatches:
             position += len(indices)
         yield from ready()
         if batch:
-            yield self.collate(batch)
+            yield self.seeded(self.collate(batch), epoch)
+
+    def seeded(self, batch: dict, epoch: int) -> dict:
+        """The batch with each sample's seed for its random draws in training (a function of its key, the epoch
+        and the job's seed: dalle2/row_random.py), so the split over ranks does not change them."""
+        from dalle2.row_random import sample_seeds
+
+        return {**batch, "seed": sample_seeds(batch["key"], self.seed, epoch)} if "key" in batch else batch
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:

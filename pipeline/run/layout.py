@@ -201,6 +201,14 @@ class TrainLayout:
     def progress(self, job_name: str) -> str:
         return f"{self.job(job_name)}/progress.json"
 
+    def best(self, job_name: str) -> str:
+        """The pointer to the job's best checkpoint by validation loss (keep_best): its folder, step and loss."""
+        return f"{self.job(job_name)}/best.json"
+
+    def best_checkpoint(self, job_name: str, step: int) -> str:
+        """A best checkpoint's folder, outside Ray's retention of the last K."""
+        return f"{self.job(job_name)}/best/step_{step}"
+
     def tensorboard(self, job_name: str) -> str:
         return f"{self.job(job_name)}/tensorboard"
 

@@ -1,0 +1,109 @@
+"""Experiment tracking from rank 0 of a training job: MLflow through Ray Train's `setup_mlflow` (params: the job's
+config; metrics: every report; artifacts: the run config and the sample grids), and TensorBoard on any fsspec root
+(events written locally, copied to `<root>/train/<job>/tensorboard` at each flush)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Optional
+
+from pipeline.run.layout import TrainLayout
+
+log = logging.getLogger(__name__)
+
+ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"  # MLflow 3 refuses its file store (maintenance mode) unless this is set
+
+
+def mlflow_tracking_uri(root: str, configured: Optional[str]) -> str:
+    """The configured tracking URI, else a file store at `<root>/mlruns` (a local root's)."""
+    if configured:
+        return configured
+    return "file://" + os.path.join(root, "mlruns")
+
+
+class Tracker:
+    """Rank 0's trackers of one job; every method is a no-op on the other ranks and for trackers not asked for."""
+
+    def __init__(self, run, job_name: str, rank: int):
+        self.root, self.job_name, self.rank = run.root, job_name, rank
+        self.mlflow = None
+        self.writer, self._tensorboard_local = None, None
+        if rank != 0:
+            return
+        self._start_tensorboard()
+        if run.tracking.mlflow:
+            self._start_mlflow(run, job_name)
+
+    def _start_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        target = TrainLayout(self.root).tensorboard(self.job_name)
+        if "://" in self.root:  # TensorBoard writes local files: kept in a temporary folder, copied at each flush
+            self._tensorboard_local = tempfile.mkdtemp(prefix="tensorboard-")
+            target = self._tensorboard_local
+        self.writer = SummaryWriter(target)
+
+    def _start_mlflow(self, run, job_name: str) -> None:
+        from ray.air.integrations.mlflow import setup_mlflow
+
+        uri = mlflow_tracking_uri(self.root, run.tracking.mlflow_tracking_uri)
+        if uri.startswith("file:"):
+            os.environ.setdefault(ALLOW_FILE_STORE, "true")
+        experiment = run.tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
+        job = getattr(run, {"clip": "train_clip", "prior": "train_prior"}.get(job_name, "train_decoder"))
+        self.mlflow = setup_mlflow(job.model_dump(mode="json"), tracking_uri=uri, experiment_name=experiment,
+                                   run_name=job_name, create_experiment_if_not_exists=True,
+                                   tags={"dalle2.root": self.root, "dalle2.job": job_name})
+        self.artifact("config.yaml", _yaml(run.model_dump(mode="json")))
+        log.info("%s: MLflow run %s in experiment %r at %s", job_name, self.mlflow.active_run().info.run_id,
+                 experiment, uri)
+
+    def metrics(self, metrics: dict[str, Any]) -> None:
+        """Numeric metrics of one report, at its step."""
+        if self.rank != 0:
+            return
+        step = int(metrics.get("step", 0))
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        for key, value in numbers.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        if self._tensorboard_local:
+            self._copy_tensorboard()
+        if self.mlflow is not None and numbers:
+            self.mlflow.log_metrics(numbers, step=step)
+
+    def artifact(self, name: str, data: bytes) -> None:
+        """A file (a sample grid, the config) under the MLflow run's artifacts, by `name` (folders allowed)."""
+        if self.mlflow is None:
+            return
+        folder, base = os.path.split(name)
+        with tempfile.TemporaryDirectory() as local:
+            path = os.path.join(local, base)
+            with open(path, "wb") as f:
+                f.write(data)
+            self.mlflow.log_artifact(path, folder or None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            if self._tensorboard_local:
+                self._copy_tensorboard()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+    def _copy_tensorboard(self) -> None:
+        from pipeline.run.storage import write_atomic
+
+        target = TrainLayout(self.root).tensorboard(self.job_name)
+        for name in os.listdir(self._tensorboard_local):
+            with open(os.path.join(self._tensorboard_local, name), "rb") as f:
+                write_atomic(f"{target}/{name}", f.read())
+
+
+def _yaml(value: Any) -> bytes:
+    import yaml
+
+    return yaml.safe_dump(value).encode()
