@@ -1,6 +1,6 @@
 """Training's random draws per sample (timestep, noise, dropped conditioning, crops), each from a generator seeded
 by the sample itself: the same sample gets the same draws however the batch is split over ranks or micro-batches,
-so 1 and N data-parallel workers train alike, and a run resumed on another worker count continues the same run."""
+so 1 and N data-parallel workers train alike on the same samples."""
 
 from __future__ import annotations
 

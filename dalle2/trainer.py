@@ -223,6 +223,7 @@ class DiffusionTrainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scalers": [s.state_dict() for s in self.scalers],
             "trainer_config": self.config.model_dump(mode="json"),
+            "decay_steps": self.decay_steps,  # the schedule's span (decay_steps, or the job's planned steps)
             "parts": prefixes,
             "extra": extra or {},
         }
@@ -239,6 +240,9 @@ class DiffusionTrainer:
             for item, item_state in zip(items, state[key]):
                 item.load_state_dict(item_state)
         self._apply_config_to_optimizers(state.get("trainer_config", {}))
+        if self.config.lr_schedule != "constant" and state.get("decay_steps", self.decay_steps) != self.decay_steps:
+            log.info("the learning rate now decays over %s steps, not %s as before the resume (the job's plan "
+                     "changed: epochs, max_steps or rows)", self.decay_steps, state["decay_steps"])
         self.steps = list(state["steps"])
         has_ema = exists(root.rstrip("/") + "/" + EMA_FILE, storage_options)
         ema_weights = load_weights(root, EMA_FILE, storage_options) if has_ema else None
@@ -298,9 +302,14 @@ def data_parallel(loss: PartLoss, device: torch.device) -> Optional[nn.Module]:
         return None
     from torch.nn.parallel import DistributedDataParallel
 
+    import inspect
+
     # unused parameters: a unet's layers a batch does not reach; buffers are the model's own, never rank-specific
+    # (torch 2.13 renamed broadcast_buffers, which it deprecates)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
     return DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, forward_sync_buffers=False)
+                                   find_unused_parameters=True, **no_buffer_sync)
 
 
 def _prefix_of(model: nn.Module, part: nn.Module) -> str:

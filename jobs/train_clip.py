@@ -60,7 +60,8 @@ def clip_loop(config: dict) -> None:
             accuracy = sum(captions[b] == c for b, c in zip(best, captions)) / len(captions)
             loss = float(info_nce(image, text, captions, clip.model.logit_scale.cpu()))
         clip.model.train()
-        return {"eval_loss": loss, "eval_retrieval_accuracy": accuracy}
+        # val_loss: keep_best's measure, as the prior's and the decoder's
+        return {"eval_loss": loss, "val_loss": loss, "eval_retrieval_accuracy": accuracy}
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 

@@ -33,17 +33,37 @@ def micro_batches(step: int, rank: int, world: int):
         yield {k: v[rank::world] for k, v in batch.items()}
 
 
+def count_syncs(trainer, counts: list) -> None:
+    """Count each replica's gradient exchanges (its first bucket's all-reduce: one per synchronised backward)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    for index, replica in enumerate(trainer.replicas):
+        def hook(state, bucket, index=index):
+            counts[index] += bucket.index() == 0
+            return allreduce_hook(state, bucket)
+
+        replica.register_comm_hook(None, hook)
+
+
 def train(rank: int = 0, world: int = 1) -> dict:
-    """STEPS optimizer steps of the prior and of each unet (2 micro-batches each, split into chunks of 2 rows)."""
+    """STEPS optimizer steps of the prior and of each unet (2 micro-batches each, split into chunks of 2 rows); the
+    decoder's unets recompute their activations in the backward pass."""
     prior, decoder = models()
     settings = dict(lr=1e-2, grad_accum_every=2, max_batch_size=2, ema_beta=0.5)
-    prior_trainer, decoder_trainer = PriorTrainer(prior, **settings), DecoderTrainer(decoder, **settings)
+    prior_trainer = PriorTrainer(prior, **settings)
+    decoder_trainer = DecoderTrainer(decoder, **settings, gradient_checkpointing=True)
+    syncs = {"prior": [0], "decoder": [0, 0]}
+    if world > 1:
+        count_syncs(prior_trainer, syncs["prior"])
+        count_syncs(decoder_trainer, syncs["decoder"])
     for step in range(STEPS):
         for batch in micro_batches(step, rank, world):
             prior_trainer.train_step({k: batch[k] for k in ("text_embed", "image_embed", "seeds")})
             for number in (1, 2):
                 decoder_trainer.train_step({k: batch[k] for k in ("image", "image_embed", "seeds")}, unet_number=number)
     assert prior_trainer.steps == [STEPS] and decoder_trainer.steps == [STEPS, STEPS]
+    if world > 1:  # once per optimizer step, not once per micro-batch or chunk
+        assert syncs == {"prior": [STEPS], "decoder": [STEPS, STEPS]}, syncs
     # Adam's step hardly depends on the gradients' scale; its moments do: a rank that averaged over its own rows
     # (or skipped the all-reduce) shows there
     moments = {f"{name}.{i}.{j}.{moment}": state[moment]

@@ -64,7 +64,11 @@ def test_each_step_runs_at_its_schedules_learning_rate_and_a_resumed_trainer_con
         assert used[4] == pytest.approx(1e-4 + 9e-4 * (0.8536 if schedule == "cosine" else 0.75), rel=1e-3)
     resumed = PriorTrainer(tiny_prior(), config)
     resumed.load(str(tmp_path / "ckpt"))
-    assert [resumed.optimizers[0].param_groups[0]["lr"]] == pytest.approx([used[6]], rel=1e-9)
+    continued = []
+    for _ in range(6, 12):
+        continued.append(resumed.optimizers[0].param_groups[0]["lr"])
+        resumed.train_step(prior_batch())
+    assert continued == pytest.approx(used[6:], rel=1e-9)
 
 
 def test_a_decaying_schedule_spans_the_jobs_planned_steps_or_needs_decay_steps():
@@ -86,6 +90,19 @@ def test_learning_rate_settings_out_of_bounds_are_refused_by_name():
         TrainerConfig(warmup_steps=100, decay_steps=50)
     with pytest.raises(ValueError, match=r"trainer\.lr has 3 values"):
         DecoderTrainer(cascade(), lr=[1e-3, 2e-4, 1e-4])
+
+
+def test_a_job_refuses_a_list_of_learning_rates_of_another_length_before_any_worker_starts():
+    from jobs.config_io import ConfigError
+    from jobs.run_config import RunConfig
+    from jobs.training.driver import check_per_part_settings
+
+    run = RunConfig(train_decoder={"trainer": {"lr": [1e-4, 1e-4, 1e-4]}}, train_prior={"trainer": {"min_lr": [0.0, 0.0]}})
+    with pytest.raises(ConfigError, match=r"train_decoder\.trainer\.lr has 3 values: give one per unet of the decoder \(2\)"):
+        check_per_part_settings(run.train_decoder, "train_decoder", 2)
+    check_per_part_settings(run.train_decoder, "train_decoder", 3)
+    with pytest.raises(ConfigError, match=r"train_prior\.trainer\.min_lr has 2 values: give one value"):
+        check_per_part_settings(run.train_prior, "train_prior", 1)
 
 
 def test_each_unet_trains_at_its_own_learning_rate_whichever_stages_a_trainer_takes():
@@ -256,15 +273,28 @@ def test_the_best_checkpoint_is_the_lowest_validation_loss_so_far_across_a_resum
     decisions = [best.consider(step, {"val_loss": loss}, save) for step, loss in
                  [(2, 3.0), (4, 2.0), (6, 2.5), (8, 1.0), (10, 1.5), (12, None)]]
     assert decisions == [True, True, False, True, False, False]
-    assert [folder.rsplit("_", 1)[-1] for folder in saved] == ["2", "4", "8"]
-    assert read_best(root, "prior") == {"checkpoint": TrainLayout(root).best_checkpoint("prior", 8), "step": 8,
-                                        "val_loss": 1.0}
-    assert sorted(p.name for p in (Path(TrainLayout(root).job("prior")) / "best").iterdir()) == ["step_8"]
-    # a resumed job knows the best so far; another rank decides alike and writes nothing
+    assert [folder.rsplit("/", 1)[-1].split("_")[1] for folder in saved] == ["2", "4", "8"]
+    assert read_best(root, "prior") == {"checkpoint": saved[-1], "step": 8, "val_loss": 1.0}
+    assert saved[-1].startswith(TrainLayout(root).best_checkpoint("prior", 8) + "_")
+    best_folder = Path(TrainLayout(root).job("prior")) / "best"
+    assert [str(p) for p in best_folder.iterdir()] == [saved[-1]]
+    # a resumed job knows the best so far; another rank decides alike and writes nothing; a replayed step that does
+    # better than itself writes a folder of its own, never over the one the pointer names
     resumed, other_rank = BestCheckpoint(root, "prior", rank=0), BestCheckpoint(root, "prior", rank=1)
-    assert not resumed.consider(14, {"val_loss": 1.2}, save) and resumed.consider(16, {"val_loss": 0.9}, save)
-    assert other_rank.consider(16, {"val_loss": 0.9}, save) and len(saved) == 4
-    assert read_best(root, "prior")["step"] == 16
+    assert not resumed.consider(8, {"val_loss": 1.2}, save) and resumed.consider(8, {"val_loss": 0.9}, save)
+    assert other_rank.consider(8, {"val_loss": 0.9}, save) and len(saved) == 4 and saved[-1] != saved[-2]
+    assert read_best(root, "prior") == {"checkpoint": saved[-1], "step": 8, "val_loss": 0.9}
+    assert [str(p) for p in best_folder.iterdir()] == [saved[-1]]
+
+
+def test_keep_best_says_when_it_has_nothing_to_keep(tmp_path, caplog):
+    from jobs.training.best import BestCheckpoint
+
+    best = BestCheckpoint(str(tmp_path), "prior", rank=0)
+    assert not best.consider(2, {"loss": 1.0}, save=lambda folder: None)
+    assert not best.consider(4, {"loss": 0.5}, save=lambda folder: None)
+    warned = [r.message for r in caplog.records if "keep_best keeps nothing" in r.message]
+    assert len(warned) == 1 and "step 2 has no val_loss" in warned[0]
 
 
 # ---- tracking --------------------------------------------------------------------------------------------------
@@ -293,6 +323,14 @@ def test_rank_zero_logs_metrics_artifacts_and_the_config_to_mlflow_and_other_ran
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["config.yaml", "samples"]
     events = list((tmp_path / "my-run" / "train" / "prior" / "tensorboard").iterdir())
     assert len(events) == 1  # rank 0's alone
+
+    # a restart continues the job's run (its curve goes on); a job that fails ends it FAILED
+    again = Tracker(run, "prior", 0)
+    again.metrics({"step": 6, "loss": 1.0})
+    again.close(failed=True)
+    runs = client.search_runs([client.get_experiment_by_name("my-run").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6]
 
 
 def test_mlflows_default_store_needs_a_local_root():

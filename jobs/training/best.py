@@ -1,6 +1,6 @@
 """keep_best: the job's checkpoint with the lowest validation loss, kept beside Ray's last K (which Ray rotates by time).
 
-Rank 0 writes it to `<job>/best/step_N` (the COMPLETE marker last), then points `<job>/best.json` at it (one atomic
+Rank 0 writes it to `<job>/best/step_N_<id>` (the COMPLETE marker last), then points `<job>/best.json` at it (one atomic
 write), then deletes the best folders it replaced: a crash at any point leaves the pointer on a complete checkpoint.
 A resumed run reads the best loss so far from the pointer.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from typing import Callable, Optional
 
 from pipeline.run.layout import TrainLayout
@@ -25,11 +26,16 @@ class BestCheckpoint:
         self.root, self.job_name, self.rank = root, job_name, rank
         pointer = read_best(root, job_name)
         self.loss = pointer[METRIC] if pointer else math.inf
+        self.warned = False
 
     def consider(self, step: int, metrics: dict, save: Callable[[str], None]) -> bool:
         """After an evaluation: save the model (rank 0) when its `val_loss` beats the best so far; whether it did.
         Every rank gets the same pooled metrics, so every rank takes the same decision."""
         loss = metrics.get(METRIC)
+        if loss is None and not self.warned:
+            self.warned = True
+            log.warning("%s: keep_best keeps nothing: its evaluation at step %d has no %s (no held-out rows?)",
+                        self.job_name, step, METRIC)
         if loss is None or not loss < self.loss:
             return False
         self.loss = loss
@@ -37,11 +43,12 @@ class BestCheckpoint:
             from pipeline.run.storage import list_files, remove, write_json
 
             layout = TrainLayout(self.root)
-            folder = layout.best_checkpoint(self.job_name, step)
+            # a folder of its own, never one the pointer may name: a resumed run replaying step N writes beside it
+            folder = f"{layout.best_checkpoint(self.job_name, step)}_{uuid.uuid4().hex[:8]}"
             save(folder)
             write_json(layout.best(self.job_name), {"checkpoint": folder, "step": step, METRIC: loss})
             for old in list_files(f"{layout.job(self.job_name)}/best"):
-                if not old.rstrip("/").endswith(f"/step_{step}"):
+                if old.rstrip("/").rsplit("/", 1)[-1] != folder.rsplit("/", 1)[-1]:
                     remove(old, recursive=True)
             log.info("%s: best checkpoint so far at step %d (%s %.5f)", self.job_name, step, METRIC, loss)
         return True

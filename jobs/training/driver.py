@@ -31,12 +31,26 @@ def train(config, session: RaySession, loop: Callable[[dict], None], section: st
     imported = set(TrainLayout.IMPORTED.values())  # weights from elsewhere: they never saw this run's rows
     ensure_holdout(config.root, config.holdout, trained=tuple(j for j in training_jobs(config.root) if j not in imported))
     check_enough_rows(config, section)
+    parts = 1  # the networks the job's trainer optimises, each with its own learning rate
     if section in ("train_prior", "train_decoder"):
         from ..checkpoints import init_source
 
-        init_source(config, section, driver=True)  # an init_from that cannot start this job is refused before any worker starts
+        # an init_from that cannot start this job is refused before any worker starts
+        _, model_config = init_source(config, section, driver=True)
+        parts = len(model_config.unets) if section == "train_decoder" else 1
+    check_per_part_settings(job, section, parts)
     session.connect(job.resources_per_worker, f"{section}.resources_per_worker")
     return fit(job.job_name, loop, config.model_dump(mode="json"), job, config.root, session)
+
+
+def check_per_part_settings(job: TrainJobConfig, section: str, parts: int) -> None:
+    """Refuse, naming the field, a list of learning rates of another length than the networks it is for."""
+    from ..config_io import ConfigError
+
+    for name, value in (("lr", job.trainer.lr), ("min_lr", job.trainer.min_lr)):
+        if isinstance(value, list) and len(value) != parts:
+            what = f"one per unet of the decoder ({parts})" if section == "train_decoder" else "one value"
+            raise ConfigError(f"{section}.trainer.{name} has {len(value)} values: give {what}")
 
 
 def fit(job_name: str, loop: Callable[[dict], None], loop_config: dict, job: TrainJobConfig, root: str,

@@ -19,6 +19,16 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     """The loop every job runs: epochs of this rank's batches from the resumed position, with what the job's
     `Cadence` says after each optimizer step (log, evaluate, checkpoint with the data position, so a resumed run
     sees exactly the batches an uninterrupted one would; stop)."""
+    try:
+        _loop(worker, job, trainer, loader, train_step, evaluate, state)
+    except BaseException:
+        worker.tracker.close(failed=True)  # the MLflow run ends FAILED, not RUNNING for ever
+        raise
+    worker.tracker.close()
+
+
+def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Callable[[dict], float],
+          evaluate: Callable[[int], dict], state: dict) -> None:
     import time
 
     from dalle2.faults import crash_point
@@ -67,4 +77,3 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
             if actions.finished:
                 break
         epoch, position = epoch + 1, 0
-    worker.tracker.close()

@@ -1,12 +1,16 @@
 """Experiment tracking from rank 0 of a training job: MLflow through Ray Train's `setup_mlflow` (params: the job's
 config; metrics: every report; artifacts: the run config and the sample grids), and TensorBoard on any fsspec root
-(events written locally, copied to `<root>/train/<job>/tensorboard` at each flush)."""
+(on an object store, events written locally and copied to `<root>/train/<job>/tensorboard` every minute and at the end).
+
+A job keeps one MLflow run: its id is kept beside the checkpoints (`train/<job>/mlflow_run.json`), so a restart after
+a failure or a re-run with more steps continues it; a job that fails ends it FAILED."""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+import time
 from typing import Any, Optional
 
 from pipeline.run.layout import TrainLayout
@@ -14,6 +18,7 @@ from pipeline.run.layout import TrainLayout
 log = logging.getLogger(__name__)
 
 ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"  # MLflow 3 refuses its file store (maintenance mode) unless this is set
+COPY_EVERY_S = 60.0  # an object store's TensorBoard copy: the whole events file again, so not at every report
 
 
 def mlflow_tracking_uri(root: str, configured: Optional[str]) -> str:
@@ -29,7 +34,7 @@ class Tracker:
     def __init__(self, run, job_name: str, rank: int):
         self.root, self.job_name, self.rank = run.root, job_name, rank
         self.mlflow = None
-        self.writer, self._tensorboard_local = None, None
+        self.writer, self._tensorboard_local, self._copied_at = None, None, 0.0
         if rank != 0:
             return
         self._start_tensorboard()
@@ -48,14 +53,26 @@ class Tracker:
     def _start_mlflow(self, run, job_name: str) -> None:
         from ray.air.integrations.mlflow import setup_mlflow
 
+        from pipeline.run.storage import exists, read_json, write_json
+
         uri = mlflow_tracking_uri(self.root, run.tracking.mlflow_tracking_uri)
         if uri.startswith("file:"):
             os.environ.setdefault(ALLOW_FILE_STORE, "true")
         experiment = run.tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
-        job = getattr(run, {"clip": "train_clip", "prior": "train_prior"}.get(job_name, "train_decoder"))
-        self.mlflow = setup_mlflow(job.model_dump(mode="json"), tracking_uri=uri, experiment_name=experiment,
-                                   run_name=job_name, create_experiment_if_not_exists=True,
-                                   tags={"dalle2.root": self.root, "dalle2.job": job_name})
+        pointer = f"{TrainLayout(self.root).job(job_name)}/mlflow_run.json"
+        earlier = read_json(pointer) if exists(pointer) else None
+        if earlier and earlier.get("tracking_uri") == uri:  # this job's run: continued
+            import mlflow
+
+            mlflow.set_tracking_uri(uri)
+            mlflow.start_run(run_id=earlier["run_id"])
+            self.mlflow = mlflow
+        else:
+            job = getattr(run, {"clip": "train_clip", "prior": "train_prior"}.get(job_name, "train_decoder"))
+            self.mlflow = setup_mlflow(job.model_dump(mode="json"), tracking_uri=uri, experiment_name=experiment,
+                                       run_name=job_name, create_experiment_if_not_exists=True,
+                                       tags={"dalle2.root": self.root, "dalle2.job": job_name})
+            write_json(pointer, {"run_id": self.mlflow.active_run().info.run_id, "tracking_uri": uri})
         self.artifact("config.yaml", _yaml(run.model_dump(mode="json")))
         log.info("%s: MLflow run %s in experiment %r at %s", job_name, self.mlflow.active_run().info.run_id,
                  experiment, uri)
@@ -70,7 +87,7 @@ class Tracker:
         for key, value in numbers.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
-        if self._tensorboard_local:
+        if self._tensorboard_local and time.monotonic() - self._copied_at > COPY_EVERY_S:
             self._copy_tensorboard()
         if self.mlflow is not None and numbers:
             self.mlflow.log_metrics(numbers, step=step)
@@ -86,13 +103,16 @@ class Tracker:
                 f.write(data)
             self.mlflow.log_artifact(path, folder or None)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and end the trackers (the MLflow run ends FAILED when the job failed)."""
         if self.writer is not None:
             self.writer.close()
             if self._tensorboard_local:
                 self._copy_tensorboard()
+            self.writer = None
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            self.mlflow = None
 
     def _copy_tensorboard(self) -> None:
         from pipeline.run.storage import write_atomic
@@ -101,6 +121,7 @@ class Tracker:
         for name in os.listdir(self._tensorboard_local):
             with open(os.path.join(self._tensorboard_local, name), "rb") as f:
                 write_atomic(f"{target}/{name}", f.read())
+        self._copied_at = time.monotonic()
 
 
 def _yaml(value: Any) -> bytes:

@@ -206,7 +206,7 @@ class TrainLayout:
         return f"{self.job(job_name)}/best.json"
 
     def best_checkpoint(self, job_name: str, step: int) -> str:
-        """A best checkpoint's folder, outside Ray's retention of the last K."""
+        """Where a best checkpoint's folder goes (`_<id>` follows: each save its own), outside Ray's retention."""
         return f"{self.job(job_name)}/best/step_{step}"
 
     def tensorboard(self, job_name: str) -> str:
