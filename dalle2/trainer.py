@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -117,6 +118,14 @@ class DiffusionTrainer:
         self.steps = [0 for _ in self.parts]
         self._pending = [0 for _ in self.parts]  # micro-batches accumulated since the last optimizer step
         self._pending_rows = [0 for _ in self.parts]  # their rows: gradients are averaged over rows, not batches
+
+    def close(self) -> None:
+        """Let go of the DistributedDataParallel wrappers now, before the process group is destroyed: one left to the
+        garbage collector can outlive it, holding the group's threads, and abort the process as it exits."""
+        import gc
+
+        self.replicas = [None for _ in self.parts]
+        gc.collect()
 
     def per_part(self, values_of: Callable[[Optional[int]], list[float]]) -> list[float]:
         """A per-part setting (lr, min_lr) for each part this trainer optimises."""
@@ -287,11 +296,13 @@ class PartLoss(nn.Module):
 
     def __init__(self, trainer: "DiffusionTrainer", index: int):
         super().__init__()
-        self.part = trainer.parts[index]
-        self.compute = functools.partial(trainer.compute_loss, part=index)  # a plain attribute: not a submodule
+        self.part, self.index = trainer.parts[index], index
+        # weak: the trainer holds this module's DistributedDataParallel, which must go with the trainer (before the
+        # process group is destroyed), not whenever the garbage collector next breaks a cycle
+        self.compute_loss = weakref.WeakMethod(trainer.compute_loss)
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
-        return self.compute(batch)
+        return self.compute_loss()(batch, part=self.index)
 
 
 def data_parallel(loss: PartLoss, device: torch.device) -> Optional[nn.Module]:

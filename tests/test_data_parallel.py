@@ -64,6 +64,8 @@ def train(rank: int = 0, world: int = 1) -> dict:
     assert prior_trainer.steps == [STEPS] and decoder_trainer.steps == [STEPS, STEPS]
     if world > 1:  # once per optimizer step, not once per micro-batch or chunk
         assert syncs == {"prior": [STEPS], "decoder": [STEPS, STEPS]}, syncs
+    prior_trainer.close()
+    decoder_trainer.close()
     # Adam's step hardly depends on the gradients' scale; its moments do: a rank that averaged over its own rows
     # (or skipped the all-reduce) shows there
     moments = {f"{name}.{i}.{j}.{moment}": state[moment]

@@ -309,6 +309,7 @@ def _two_rank_step(rank: int, rendezvous: str, out: str) -> None:
     before = model.unused.weight.detach().clone()
     trainer.train_step({"x": torch.randn(4, 4)})
     torch.save({"unused_changed": not torch.equal(before, model.unused.weight), "grad": model.unused.weight.grad}, f"{out}.{rank}")
+    trainer.close()
     dist.destroy_process_group()
 
 

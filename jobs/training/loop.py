@@ -24,6 +24,8 @@ def training_loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_st
     except BaseException:
         worker.tracker.close(failed=True)  # the MLflow run ends FAILED, not RUNNING for ever
         raise
+    finally:
+        trainer.close()  # before Ray Train destroys the process group
     worker.tracker.close()
 
 
