@@ -308,7 +308,7 @@ def test_rank_zero_logs_metrics_artifacts_and_the_config_to_mlflow_and_other_ran
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     run = RunConfig(root=str(tmp_path / "my-run"), tracking={"mlflow": True}, train_prior={"batch_size": 7})
     for rank in (1, 0):
-        tracker = Tracker(run, "prior", rank)
+        tracker = Tracker(run, run.train_prior, rank)
         tracker.metrics({"step": 2, "loss": 1.5, "val_loss": 0.75, "finished": True, "note": "text"})
         tracker.metrics({"step": 4, "loss": 1.25})
         tracker.artifact("samples/step_4.png", b"not really a png")
@@ -325,7 +325,7 @@ def test_rank_zero_logs_metrics_artifacts_and_the_config_to_mlflow_and_other_ran
     assert len(events) == 1  # rank 0's alone
 
     # a restart continues the job's run (its curve goes on); a job that fails ends it FAILED
-    again = Tracker(run, "prior", 0)
+    again = Tracker(run, run.train_prior, 0)
     again.metrics({"step": 6, "loss": 1.0})
     again.close(failed=True)
     runs = client.search_runs([client.get_experiment_by_name("my-run").experiment_id])

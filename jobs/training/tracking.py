@@ -31,15 +31,16 @@ def mlflow_tracking_uri(root: str, configured: Optional[str]) -> str:
 class Tracker:
     """Rank 0's trackers of one job; every method is a no-op on the other ranks and for trackers not asked for."""
 
-    def __init__(self, run, job_name: str, rank: int):
-        self.root, self.job_name, self.rank = run.root, job_name, rank
+    def __init__(self, run, job, rank: int):
+        """`job`: the job's section of the run config (a TrainJobConfig), whose settings MLflow records."""
+        self.root, self.job_name, self.rank = run.root, job.job_name, rank
         self.mlflow = None
         self.writer, self._tensorboard_local, self._copied_at = None, None, 0.0
         if rank != 0:
             return
         self._start_tensorboard()
         if run.tracking.mlflow:
-            self._start_mlflow(run, job_name)
+            self._start_mlflow(run, job)
 
     def _start_tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -50,7 +51,7 @@ class Tracker:
             target = self._tensorboard_local
         self.writer = SummaryWriter(target)
 
-    def _start_mlflow(self, run, job_name: str) -> None:
+    def _start_mlflow(self, run, job) -> None:
         from ray.air.integrations.mlflow import setup_mlflow
 
         from pipeline.run.storage import exists, read_json, write_json
@@ -59,7 +60,7 @@ class Tracker:
         if uri.startswith("file:"):
             os.environ.setdefault(ALLOW_FILE_STORE, "true")
         experiment = run.tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
-        pointer = f"{TrainLayout(self.root).job(job_name)}/mlflow_run.json"
+        job_name, pointer = self.job_name, TrainLayout(self.root).mlflow_run(self.job_name)
         earlier = read_json(pointer) if exists(pointer) else None
         if earlier and earlier.get("tracking_uri") == uri:  # this job's run: continued
             import mlflow
@@ -68,7 +69,6 @@ class Tracker:
             mlflow.start_run(run_id=earlier["run_id"])
             self.mlflow = mlflow
         else:
-            job = getattr(run, {"clip": "train_clip", "prior": "train_prior"}.get(job_name, "train_decoder"))
             self.mlflow = setup_mlflow(job.model_dump(mode="json"), tracking_uri=uri, experiment_name=experiment,
                                        run_name=job_name, create_experiment_if_not_exists=True,
                                        tags={"dalle2.root": self.root, "dalle2.job": job_name})

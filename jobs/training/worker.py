@@ -32,7 +32,7 @@ class Worker:
         from ray.train.torch import get_device
 
         self.device = get_device()
-        self.tracker = Tracker(run, self.job_name, self.rank)  # TensorBoard, and MLflow when asked for
+        self.tracker = Tracker(run, job, self.rank)  # TensorBoard, and MLflow when asked for
 
     def resume(self, load: Callable[[str], dict]) -> dict:
         """Load the checkpoint Ray hands back (a re-run or a restart after a failure); when Ray has none (a worker
