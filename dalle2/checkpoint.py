@@ -20,7 +20,7 @@ import io
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import fsspec
 
@@ -265,9 +265,11 @@ def check_config(saved: dict, current: dict, root: str) -> None:
 
 
 def load_checkpoint(
-    root: str, model: nn.Module, config: dict, storage_options: Optional[dict] = None, use_ema: bool = False
+    root: str, model: nn.Module, config: dict, storage_options: Optional[dict] = None, use_ema: bool = False,
+    prepare: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
 ) -> dict[str, Any]:
     """Load weights into `model` after checking its config; returns the state dict of the checkpoint.
+    `prepare` turns the file's whole tensors into what the model holds (a sharded trainer's shards).
 
     A trainer's checkpoint holds only the parts it trained (`state["parts"]`, state-dict prefixes): the
     model's other weights are left as they are, and the caller reads `parts` to know what was loaded.
@@ -276,7 +278,7 @@ def load_checkpoint(
     check_config(state["config"], config, root)
     name = EMA_FILE if use_ema and exists(_join(root, EMA_FILE), storage_options) else MODEL_FILE
     weights = load_weights(root, name, storage_options)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(prepare(weights) if prepare else weights, strict=False)
     saved = tuple(state.get("parts") or ("",))
     missing = [k for k in missing if not k.startswith("clip.") and k.startswith(saved)]
     if missing or unexpected:

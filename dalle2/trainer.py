@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -20,6 +19,9 @@ from .checkpoint import load_checkpoint, load_weights, save_checkpoint, trainabl
 from .trainer_config import TrainerConfig
 from .layers import set_gradient_checkpointing
 from .lr_schedules import lr_multiplier
+from .parallel import (Parallel, PartLoss, data_parallel, gathered, local, rank, same_passes, set_gradient_sync, shard,
+                       shard_like,
+                       shard_optimizer_state, shard_state, whole, world_size)
 from .precision import autocast_context
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ class EMA:
         if step % self.update_every:
             return
         beta = 0.0 if step <= self.update_after_step else self.beta
-        pairs = [(self.shadow[k], v.detach()) for k, v in module.state_dict().items() if k in self.shadow]
+        # each rank averages its own shard of a sharded part
+        pairs = [(local(self.shadow[k]), local(v.detach())) for k, v in module.state_dict().items() if k in self.shadow]
         same = [(s, v) for s, v in pairs if s.dtype == v.dtype and s.device == v.device]
         if same:  # one fused kernel over all tensors instead of a lerp per tensor
             torch._foreach_lerp_([s for s, _ in same], [v for _, v in same], 1 - beta)
@@ -48,13 +51,18 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily load the EMA weights into `module`."""
-        live = {k: v.detach().clone() for k, v in module.state_dict().items() if k in self.shadow}
-        module.load_state_dict(self.shadow, strict=False)
+        """Temporarily load the EMA weights into `module` (each rank its shard of a sharded part)."""
+        state = {k: local(v) for k, v in module.state_dict().items() if k in self.shadow}
+        live = {k: v.detach().clone() for k, v in state.items()}
+        with torch.no_grad():
+            for key, value in state.items():
+                value.copy_(local(self.shadow[key]))
         try:
             yield module
         finally:
-            module.load_state_dict(live, strict=False)
+            with torch.no_grad():
+                for key, value in state.items():
+                    value.copy_(live[key])
 
 
 def split_batch(batch: dict[str, Any], max_batch_size: Optional[int]) -> list[tuple[dict[str, Any], float]]:
@@ -81,15 +89,28 @@ class DiffusionTrainer:
     """Optimises the parts of `model`; subclasses say how a batch becomes a loss."""
 
     def __init__(self, model: nn.Module, parts: Sequence[nn.Module], config: Optional[TrainerConfig] = None,
-                 device: Optional[torch.device | str] = None, planned_steps: Optional[int] = None, **kwargs):
+                 device: Optional[torch.device | str] = None, planned_steps: Optional[int] = None,
+                 parallel: Parallel = "ddp", **kwargs):
         """`planned_steps`: the optimizer steps each part will take (a training job's plan), which a decaying
-        `lr_schedule` spans when `config.decay_steps` is unset."""
+        `lr_schedule` spans when `config.decay_steps` is unset. `parallel` (on several processes): `ddp` replicates
+        each part, `fsdp` shards it over the ranks (dalle2/parallel.py)."""
         self.config = c = config if config is not None else TrainerConfig(**kwargs)
         self.device = torch.device(device) if device is not None else next(parts[0].parameters()).device
         if c.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"trainer.amp='fp16' needs a CUDA device, the model is on {self.device}; use 'bf16'")
         self.parts = list(parts)
         self.model = self.place(model)
+        if parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={parallel!r}: 'ddp' or 'fsdp'")
+        if c.gradient_checkpointing:
+            for part in self.parts:
+                set_gradient_checkpointing(part, True)
+        # fsdp on several processes: each part's parameters sharded before its optimizer is built over them
+        self.sharded = parallel == "fsdp" and world_size() > 1
+        if self.sharded:
+            for part in self.parts:
+                shard(part)
+        self._ema_in_use = False
         # fused: one kernel for every parameter's update (torch's CPU default is a Python loop per tensor)
         fused = self.device.type in ("cpu", "cuda")
         self.lrs, min_lrs = self.per_part(c.lr_of_parts), self.per_part(c.min_lr_of_parts)
@@ -107,12 +128,10 @@ class DiffusionTrainer:
                 floor=low / lr))
             for opt, lr, low in zip(self.optimizers, self.lrs, min_lrs)
         ]
-        if c.gradient_checkpointing:
-            for part in self.parts:
-                set_gradient_checkpointing(part, True)
-        # one DistributedDataParallel per part on several processes (Ray Train's workers): its buckets all-reduce
-        # gradients while the backward pass still runs; None on one process
-        self.replicas = [data_parallel(PartLoss(self, index), self.device) for index in range(len(self.parts))]
+        # ddp: one DistributedDataParallel per part on several processes (Ray Train's workers): its buckets
+        # all-reduce gradients while the backward pass still runs; None on one process, or sharded
+        self.replicas = [None if self.sharded else data_parallel(PartLoss(self, index), self.device)
+                         for index in range(len(self.parts))]
         self.emas = [EMA(p, c.ema_beta, c.ema_update_after_step, c.ema_update_every) for p in self.parts]
         self.scalers = [torch.amp.GradScaler("cuda", enabled=c.amp == "fp16") for _ in self.parts]
         self.steps = [0 for _ in self.parts]
@@ -151,11 +170,15 @@ class DiffusionTrainer:
         total = 0.0
         rows = batch_rows(batch)
         chunks = split_batch(batch, c.max_batch_size)
+        if self.sharded:
+            same_passes(len(chunks))
         steps_now = self._pending[part] + 1 >= c.grad_accum_every
         replica = self.replicas[part]
         for index, (chunk, fraction) in enumerate(chunks):
             # ranks exchange gradients once per optimizer step, in the backward pass of its last micro-batch
             syncs = steps_now and index == len(chunks) - 1
+            if self.sharded:
+                set_gradient_sync(self.parts[part], syncs)
             with (replica.no_sync() if replica is not None and not syncs else contextlib.nullcontext()):
                 with autocast_context(self.device, c.amp):
                     loss = (replica(chunk) if replica is not None else self.compute_loss(chunk, part)) * fraction
@@ -172,7 +195,7 @@ class DiffusionTrainer:
         """Rows accumulated for this step, over all ranks, divided by the ranks: DDP averaged the ranks' row sums,
         so dividing by this gives the mean over every row any rank saw, as one worker would on all of them."""
         rows = self._pending_rows[part]
-        if self.replicas[part] is None:
+        if world_size() == 1:
             return float(rows)
         import torch.distributed as dist
 
@@ -204,12 +227,25 @@ class DiffusionTrainer:
         with self.ema_weights(), autocast_context(self.device, self.config.amp):
             return self.compute_loss(batch, part).item()
 
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """Around an evaluation every rank runs at once: sharded parts hold their EMA weights gathered whole for all
+        of it (its samplings and losses then need no communication, whatever rows each rank has)."""
+        return self.ema_weights() if self.sharded else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[nn.Module]:
-        """The model with every part's EMA weights loaded, for sampling and evaluation."""
+        """The model with every part's EMA weights loaded, for sampling and evaluation (nested: the outer one's).
+        Sharded parts are gathered whole on every rank for its duration: every rank enters it together."""
+        if self._ema_in_use:
+            yield self.model
+            return
         with contextlib.ExitStack() as stack:
             for ema, part in zip(self.emas, self.parts):
                 stack.enter_context(ema.swapped_into(part))
+            if self.sharded:
+                stack.enter_context(gathered(self.parts))
+            self._ema_in_use = True
+            stack.callback(setattr, self, "_ema_in_use", False)
             modes = {m: m.training for m in self.model.modules()}
             self.model.eval()
             try:
@@ -222,13 +258,21 @@ class DiffusionTrainer:
         return self.model.config.model_dump(mode="json")
 
     def save(self, root: str, extra: Optional[dict[str, Any]] = None, storage_options: Optional[dict] = None) -> None:
-        """Save weights, EMA weights and optimizer state to the folder `root` (any fsspec URL)."""
+        """Save weights, EMA weights and optimizer state to the folder `root` (any fsspec URL), whole tensors.
+        On several processes rank 0 writes; every rank calls it (sharded parts are gathered from every rank)."""
+        if rank() != 0 and not self.sharded:
+            return  # nothing to gather
         prefixes = [_prefix_of(self.model, p) for p in self.parts]
-        with self.ema_weights():
-            ema_state = trainable_state(self.model, prefixes)
+        weights = whole(trainable_state(self.model, prefixes))
+        ema_state = dict(weights)  # the EMA covers floating-point entries; the rest are the model's own
+        for prefix, ema in zip(prefixes, self.emas):
+            ema_state.update({prefix + k: whole(v) for k, v in ema.shadow.items()})
+        optimizers = [whole(o.state_dict()) for o in self.optimizers]
+        if rank() != 0:
+            return
         state = {
             "steps": self.steps,
-            "optimizers": [o.state_dict() for o in self.optimizers],
+            "optimizers": optimizers,
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scalers": [s.state_dict() for s in self.scalers],
             "trainer_config": self.config.model_dump(mode="json"),
@@ -236,16 +280,17 @@ class DiffusionTrainer:
             "parts": prefixes,
             "extra": extra or {},
         }
-        save_checkpoint(root, trainable_state(self.model, prefixes), self.model_config(), ema=ema_state, state=state,
-                        storage_options=storage_options)
+        save_checkpoint(root, weights, self.model_config(), ema=ema_state, state=state, storage_options=storage_options)
 
     def load(self, root: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
         """Resume from `root`; returns the `extra` dict given to `save` (e.g. the data position)."""
-        state = load_checkpoint(root, self.model, self.model_config(), storage_options)
+        state = load_checkpoint(root, self.model, self.model_config(), storage_options, prepare=self._as_own)
         parts = [_prefix_of(self.model, p) for p in self.parts]
         if state.get("parts", parts) != parts:
             raise ValueError(f"checkpoint {root} trained parts {state['parts']}, this trainer trains {parts}")
-        for items, key in ((self.optimizers, "optimizers"), (self.schedulers, "schedulers"), (self.scalers, "scalers")):
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(shard_optimizer_state(optimizer_state, optimizer))
+        for items, key in ((self.schedulers, "schedulers"), (self.scalers, "scalers")):
             for item, item_state in zip(items, state[key]):
                 item.load_state_dict(item_state)
         self._apply_config_to_optimizers(state.get("trainer_config", {}))
@@ -260,19 +305,24 @@ class DiffusionTrainer:
         for ema, part in zip(self.emas, self.parts):
             prefix = _prefix_of(self.model, part)
             live = part.state_dict()
-            for key in ema.shadow:
+            for key, shadow in ema.shadow.items():
                 # never the freshly initialised weights the EMA was built from
-                ema.shadow[key].copy_(ema_weights[prefix + key] if has_ema else live[key])
+                value = shard_like(ema_weights[prefix + key], shadow) if has_ema else live[key]
+                local(shadow).copy_(local(value))
         return state.get("extra", {})
+
+    def _as_own(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint's whole weights as this trainer's model holds them (cut to this rank's shards)."""
+        return shard_state(weights, self.model) if self.sharded else weights
 
     def init_weights(self, root: str, storage_options: Optional[dict] = None) -> None:
         """Start from the weights of the checkpoint `root` (its EMA ones where it has them): the optimizer, its step and
         the data position stay fresh (fine-tuning); the EMA starts at the loaded weights."""
-        load_checkpoint(root, self.model, self.model_config(), storage_options, use_ema=True)
+        load_checkpoint(root, self.model, self.model_config(), storage_options, use_ema=True, prepare=self._as_own)
         for ema, part in zip(self.emas, self.parts):
             live = part.state_dict()
-            for key in ema.shadow:
-                ema.shadow[key].copy_(live[key])
+            for key, shadow in ema.shadow.items():
+                local(shadow).copy_(local(live[key]))
         log.info("initialised from the weights of %s", root)
 
     def _apply_config_to_optimizers(self, saved: dict) -> None:
@@ -288,39 +338,6 @@ class DiffusionTrainer:
                 group.update(initial_lr=lr, lr=lr * factor, weight_decay=c.weight_decay, betas=tuple(c.betas))
         if changed and saved:
             log.info("resumed with changed trainer settings (checkpoint, config): %s", changed)
-
-
-class PartLoss(nn.Module):
-    """The loss of one part as a module whose parameters are that part's: what DistributedDataParallel wraps, so
-    it all-reduces the trained part's gradients only (not a frozen CLIP's, not another stage's unet)."""
-
-    def __init__(self, trainer: "DiffusionTrainer", index: int):
-        super().__init__()
-        self.part, self.index = trainer.parts[index], index
-        # weak: the trainer holds this module's DistributedDataParallel, which must go with the trainer (before the
-        # process group is destroyed), not whenever the garbage collector next breaks a cycle
-        self.compute_loss = weakref.WeakMethod(trainer.compute_loss)
-
-    def forward(self, batch: dict[str, Any]) -> Tensor:
-        return self.compute_loss()(batch, part=self.index)
-
-
-def data_parallel(loss: PartLoss, device: torch.device) -> Optional[nn.Module]:
-    """`loss` in DistributedDataParallel when torch.distributed runs on several processes, else None."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    from torch.nn.parallel import DistributedDataParallel
-
-    import inspect
-
-    # unused parameters: a unet's layers a batch does not reach; buffers are the model's own, never rank-specific
-    # (torch 2.13 renamed broadcast_buffers, which it deprecates)
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                      inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-    return DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, **no_buffer_sync)
 
 
 def _prefix_of(model: nn.Module, part: nn.Module) -> str:

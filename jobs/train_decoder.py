@@ -54,7 +54,7 @@ def decoder_loop(config: dict) -> None:
     train_plan, eval_plan = training_plans(run, "train_decoder")  # never the held-out rows; evaluated on them
     loader = ImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                           job.shuffle_buffer, image_size=size)
-    trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers,
+    trainer = DecoderTrainer(decoder, job.trainer, device=worker.device, unet_numbers=numbers, parallel=job.parallel,
                              planned_steps=planned_steps(job, loader, parts=len(numbers)))
     encoder = None
     text_unets = [n for n in numbers if decoder.config.unets[n - 1].cond_on_text_encodings]

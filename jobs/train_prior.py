@@ -33,7 +33,7 @@ def prior_loop(config: dict) -> None:
     train_plan, eval_plan = training_plans(run, "train_prior")  # never the held-out rows; evaluated on them
     loader = EmbeddingBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed, job.shuffle_buffer)
     trainer = PriorTrainer(DiffusionPrior(config=prior_config), job.trainer, device=worker.device,
-                           planned_steps=planned_steps(job, loader))
+                           planned_steps=planned_steps(job, loader), parallel=job.parallel)
     encoder = None
     if prior_config.condition_on_text_encodings:  # per-token text features from the captions, step by step
         encoder = CaptionEncoder(run, worker.device, job.trainer.amp)

@@ -59,3 +59,14 @@ def test_nothing_happens_between_the_micro_batches_of_an_accumulated_step():
     assert cadence.after_batch(step=1, stepped=False, epoch=0, end_of_epoch=False) is None
     # a run's last batch finishes it even when it completes no step
     assert cadence.after_batch(step=2, stepped=False, epoch=0, end_of_epoch=True).finished
+
+
+def test_a_checkpoint_mid_epoch_resumes_on_the_same_or_another_number_of_workers():
+    # 3 batches on 2 workers, then 4 on 1: the checkpoint keeps both segments of the epoch
+    point = Cadence.resume_point(epoch=2, position=7, end_of_epoch=False, earlier=[(2, 3)], world_size=1)
+    assert point == {"epoch": 2, "batch": 7, "segments": [[2, 3], [1, 4]]}
+    assert Cadence.resumed_at(point, world_size=1) == (2, [(2, 3)], 4)  # the same workers: skip its 4 batches
+    assert Cadence.resumed_at(point, world_size=4) == (2, [(2, 3), (1, 4)], 0)  # others: a share of the rest
+    assert Cadence.resumed_at({"epoch": 1, "batch": 5}, world_size=3) == (1, [], 5)  # saved without segments
+    end = Cadence.resume_point(epoch=2, position=9, end_of_epoch=True, earlier=[(2, 3)], world_size=1)
+    assert end == {"epoch": 3, "batch": 0} and Cadence.resumed_at(end, world_size=2) == (3, [], 0)

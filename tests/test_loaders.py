@@ -161,7 +161,7 @@ def test_samples_gathered_from_every_rank_come_back_in_held_out_order(rows, worl
 def test_the_shuffle_buffer_mixes_samples_read_in_shard_order(run_root):
     import random
 
-    from pipeline.loaders.batches import shuffle_order
+    from pipeline.loaders.shares import shuffle_order
 
     plan = SamplePlan.from_aligned(run_root)
     as_read = [k for batch in EmbeddingBatches(run_root, plan, 5, seed=3, shuffle_buffer=1).epoch(0) for k in batch["key"]]
@@ -172,3 +172,44 @@ def test_the_shuffle_buffer_mixes_samples_read_in_shard_order(run_root):
     assert shard_changes > sum(a[:5] != b[:5] for a, b in zip(as_read, as_read[1:])) + 5
     order = shuffle_order(100, 10, random.Random(0))
     assert sorted(order.tolist()) == list(range(100))  # every position out once
+
+
+def keys_of(loader_class, run_root, plan, world_size: int, earlier=(), batches=None, epoch=0):
+    """Each rank's keys of `epoch` after the `earlier` segments (the first `batches` of its batches, or all)."""
+    out = []
+    for rank in range(world_size):
+        loader = loader_class(run_root, plan, batch_size=4, rank=rank, world_size=world_size, seed=5, shuffle_buffer=6)
+        taken = []
+        for index, batch in enumerate(loader.epoch(epoch, earlier=earlier)):
+            if batches is not None and index == batches:
+                break
+            taken += batch["key"]
+        out.append(taken)
+    return out
+
+
+@pytest.mark.parametrize("loader_class", [EmbeddingBatches, ImageBatches])
+def test_an_epoch_resumed_on_other_worker_counts_trains_every_sample_once(run_root, loader_class):
+    # 48 samples: 2 workers train 3 batches each (24), 1 worker 2 batches (8) of the rest, then 4 workers the 16 left
+    plan = SamplePlan.from_aligned(run_root).head(48)
+    everything = sorted(k for keys in keys_of(loader_class, run_root, plan, 1) for k in keys)
+    assert len(everything) == len(set(everything)) == 48
+    two = keys_of(loader_class, run_root, plan, 2, batches=3)
+    assert two == [keys[:12] for keys in keys_of(loader_class, run_root, plan, 2)]  # the run as it began
+    one = keys_of(loader_class, run_root, plan, 1, earlier=[(2, 3)], batches=2)
+    four = keys_of(loader_class, run_root, plan, 4, earlier=[(2, 3), (1, 2)])
+    trained = [k for keys in two + one + four for k in keys]
+    assert sorted(trained) == everything  # none twice, none skipped
+    assert [len(keys) for keys in four] == [4, 4, 4, 4]
+    loaders = [loader_class(run_root, plan, batch_size=4, rank=r, world_size=w, seed=5, shuffle_buffer=6)
+               for r, w in ((0, 2), (0, 1), (3, 4))]
+    assert [loaders[0].batches_per_epoch(), loaders[1].batches_per_epoch([(2, 3)]),
+            loaders[2].batches_per_epoch([(2, 3), (1, 2)])] == [6, 3 + 6, 3 + 2 + 1]
+    # a resumed share is shuffled too, and a resume inside it skips exactly
+    resumed = keys_of(loader_class, run_root, plan, 1, earlier=[(2, 3)])[0]
+    assert resumed[:8] == one[0] and sorted(resumed) != resumed
+    after = [k for b in loaders[1].epoch(0, skip_batches=1, earlier=[(2, 3)]) for k in b["key"]]
+    assert after == resumed[4:]
+    # 24 left on 5 workers: 5 each, the last share wrapped round to the first sample left
+    five = [k for keys in keys_of(loader_class, run_root, plan, 5, earlier=[(2, 3)]) for k in keys]
+    assert sorted(set(five)) == sorted(resumed) and len(five) == 25

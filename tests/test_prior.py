@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from dalle2.parallel import whole
+
 from dalle2 import DiffusionPrior, DiffusionPriorNetwork, PriorTrainer
 from dalle2.trainer import DiffusionTrainer
 from dalle2.checkpoint import ConfigMismatchError
@@ -295,7 +297,7 @@ def test_the_last_block_computing_only_the_final_token_changes_no_output_or_grad
 
 class UnusedParameterTrainer(DiffusionTrainer):
     def compute_loss(self, batch, part):
-        return self.model.trained(batch["x"]).pow(2).mean()
+        return self.model(batch["x"]).pow(2).mean()  # through forward(): where a sharded model is gathered
 
 
 def _two_rank_step(rank: int, rendezvous: str, out: str) -> None:
@@ -303,13 +305,17 @@ def _two_rank_step(rank: int, rendezvous: str, out: str) -> None:
 
     # a file rendezvous: no port that another process could take between choosing it and binding it
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = FrozenMemberModel()
-    trainer = UnusedParameterTrainer(model, [model], lr=0.1, weight_decay=0.5)
-    before = model.unused.weight.detach().clone()
-    trainer.train_step({"x": torch.randn(4, 4)})
-    torch.save({"unused_changed": not torch.equal(before, model.unused.weight), "grad": model.unused.weight.grad}, f"{out}.{rank}")
-    trainer.close()
+    for parallel in ("ddp", "fsdp"):  # replicated, then sharded
+        torch.manual_seed(0)
+        model = FrozenMemberModel()
+        trainer = UnusedParameterTrainer(model, [model], lr=0.1, weight_decay=0.5, parallel=parallel)
+        before = whole(model.unused.weight.detach().clone())
+        trained_before = whole(model.trained.weight.detach().clone())
+        trainer.train_step({"x": torch.randn(4, 4)})
+        torch.save({"unused_changed": not torch.equal(before, whole(model.unused.weight.detach())),
+                    "trained_changed": not torch.equal(trained_before, whole(model.trained.weight.detach()))},
+                   f"{out}.{parallel}.{rank}")
+        trainer.close()
     dist.destroy_process_group()
 
 
@@ -318,9 +324,10 @@ def test_a_parameter_no_rank_used_is_not_decayed_on_several_workers(tmp_path):
 
     out = str(tmp_path / "result")
     mp.spawn(_two_rank_step, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
-    for rank in (0, 1):
-        result = torch.load(f"{out}.{rank}", weights_only=True)
+    for name in (f"{parallel}.{rank}" for parallel in ("ddp", "fsdp") for rank in (0, 1)):
+        result = torch.load(f"{out}.{name}", weights_only=True)
         assert not result["unused_changed"]  # as on one worker: AdamW skips a parameter without a gradient
+        assert result["trained_changed"]
 
 
 def test_best_of_n_keeps_the_candidate_closest_to_the_text():

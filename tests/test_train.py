@@ -178,3 +178,42 @@ def test_ray_trains_preemption_watcher_is_left_out_only_on_a_ray_this_process_st
     monkeypatch.delenv(name)
     with RaySession(embedded=False).preemption_watcher_off():
         assert name not in os.environ  # a cluster: nodes are drained there, the watcher stays
+
+
+@pytest.mark.slow
+def test_a_run_sharded_on_two_workers_resumes_mid_epoch_on_one_and_trains_every_sample_once(training_root, tmp_path):
+    import shutil
+
+    from jobs.run_config import RunConfig
+    from jobs.training.history import SampleTrace
+    from jobs.training.rows import training_plans
+    from pipeline.loaders.batches import EmbeddingBatches
+    from tests.test_faults import dalle2
+
+    root = str(tmp_path / "run")
+    shutil.copytree(training_root, root)
+    trace = tmp_path / "trace"
+    # FSDP on 2 workers stops after 3 batches each; the job re-run on 1 worker (replicated) trains the epoch's rest
+    sharded = run_config(root, workers=2, parallel="fsdp", batch_size=8, epochs=1, max_steps=3, eval_every=3,
+                         checkpoint_every=3, keep_best=True)
+    single = run_config(root, workers=1, batch_size=8, epochs=1, max_steps=None, eval_every=100, checkpoint_every=100)
+    os.environ[SampleTrace.ENV] = str(trace)
+    try:
+        first = dalle2("train-prior", sharded, tmp_path)
+        assert first.returncode == 0, first.stderr[-3000:]
+        second = dalle2("train-prior", single, tmp_path)
+        assert second.returncode == 0, second.stderr[-3000:]
+    finally:
+        del os.environ[SampleTrace.ENV]
+    lines = [json.loads(line) for rank in (0, 1) for line in (trace / f"rank{rank}.jsonl").read_text().splitlines()]
+    plan = training_plans(RunConfig.model_validate(single), "train_prior")[0]
+    every = sorted(k for batch in EmbeddingBatches(root, plan, plan.size).epoch(0) for k in batch["key"])
+    trained = [k for line in lines for k in line["keys"]]
+    # none skipped, none twice but the one the 2 workers' equal shares wrapped round to (87 rows: 44 each)
+    padding = 2 * -(-plan.size // 2) - plan.size
+    assert sorted(set(trained)) == every and len(trained) == len(every) + padding
+    steps = sorted({line["step"] for line in lines})
+    assert steps == list(range(1, 3 + (len(trained) - 48) // 8 + 1))  # it continued from step 3
+    history = read_history(root, "prior")
+    assert [line["step"] for line in history if "val_loss" in line] == [3, steps[-1]]
+    assert incomplete_reason(json.load(open(TrainLayout(root).best("prior")))["checkpoint"]) is None

@@ -278,13 +278,17 @@ def test_the_best_checkpoint_is_the_lowest_validation_loss_so_far_across_a_resum
     assert saved[-1].startswith(TrainLayout(root).best_checkpoint("prior", 8) + "_")
     best_folder = Path(TrainLayout(root).job("prior")) / "best"
     assert [str(p) for p in best_folder.iterdir()] == [saved[-1]]
-    # a resumed job knows the best so far; another rank decides alike and writes nothing; a replayed step that does
-    # better than itself writes a folder of its own, never over the one the pointer names
+    # a resumed job knows the best so far; a replayed step that does better than itself writes a folder of its own,
+    # never over the one the pointer names; another rank decides alike and calls save too (a sharded model is
+    # gathered from every rank; the trainer writes on rank 0 alone) but points at and deletes nothing
     resumed, other_rank = BestCheckpoint(root, "prior", rank=0), BestCheckpoint(root, "prior", rank=1)
     assert not resumed.consider(8, {"val_loss": 1.2}, save) and resumed.consider(8, {"val_loss": 0.9}, save)
-    assert other_rank.consider(8, {"val_loss": 0.9}, save) and len(saved) == 4 and saved[-1] != saved[-2]
+    assert len(saved) == 4 and saved[-1] != saved[-2]
     assert read_best(root, "prior") == {"checkpoint": saved[-1], "step": 8, "val_loss": 0.9}
     assert [str(p) for p in best_folder.iterdir()] == [saved[-1]]
+    pointed = saved[-1]
+    assert other_rank.consider(8, {"val_loss": 0.8}, lambda folder: saved.append(folder)) and len(saved) == 5
+    assert read_best(root, "prior")["checkpoint"] == pointed and [str(p) for p in best_folder.iterdir()] == [pointed]
 
 
 def test_keep_best_says_when_it_has_nothing_to_keep(tmp_path, caplog):
@@ -339,3 +343,4 @@ def test_mlflows_default_store_needs_a_local_root():
     with pytest.raises(ValidationError, match="tracking.mlflow_tracking_uri"):
         RunConfig(root="s3://bucket/run", tracking={"mlflow": True})
     RunConfig(root="s3://bucket/run", tracking={"mlflow": True, "mlflow_tracking_uri": "http://127.0.0.1:5000"})
+

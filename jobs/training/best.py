@@ -29,8 +29,8 @@ class BestCheckpoint:
         self.warned = False
 
     def consider(self, step: int, metrics: dict, save: Callable[[str], None]) -> bool:
-        """After an evaluation: save the model (rank 0) when its `val_loss` beats the best so far; whether it did.
-        Every rank gets the same pooled metrics, so every rank takes the same decision."""
+        """After an evaluation: save the model when its `val_loss` beats the best so far; whether it did. Every
+        rank gets the same pooled metrics, so every rank takes the same decision and calls `save` (rank 0 writes)."""
         loss = metrics.get(METRIC)
         if loss is None and not self.warned:
             self.warned = True
@@ -39,13 +39,13 @@ class BestCheckpoint:
         if loss is None or not loss < self.loss:
             return False
         self.loss = loss
+        layout = TrainLayout(self.root)
+        # a folder of its own, never one the pointer may name: a resumed run replaying step N writes beside it
+        folder = f"{layout.best_checkpoint(self.job_name, step)}_{uuid.uuid4().hex[:8]}"
+        save(folder)  # every rank: a sharded model is gathered from all of them
         if self.rank == 0:
             from pipeline.run.storage import list_files, remove, write_json
 
-            layout = TrainLayout(self.root)
-            # a folder of its own, never one the pointer may name: a resumed run replaying step N writes beside it
-            folder = f"{layout.best_checkpoint(self.job_name, step)}_{uuid.uuid4().hex[:8]}"
-            save(folder)
             write_json(layout.best(self.job_name), {"checkpoint": folder, "step": step, METRIC: loss})
             for old in list_files(f"{layout.job(self.job_name)}/best"):
                 if old.rstrip("/").rsplit("/", 1)[-1] != folder.rsplit("/", 1)[-1]:

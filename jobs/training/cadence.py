@@ -7,7 +7,9 @@ With gradient accumulation an optimizer step spans several batches; nothing happ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
+
+from pipeline.loaders.shares import Segment
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,25 @@ class Cadence:
                        checkpoint=step % self.checkpoint_every == 0 or finished)
 
     @staticmethod
-    def resume_point(epoch: int, position: int, end_of_epoch: bool) -> dict[str, int]:
-        """The data position a checkpoint saves: the next batch, or the next epoch's first."""
-        return {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
+    def resume_point(epoch: int, position: int, end_of_epoch: bool, earlier: Sequence[Segment] = (),
+                     world_size: Optional[int] = None) -> dict:
+        """The data position a checkpoint saves: the next batch, or the next epoch's first. With `world_size`, the
+        epoch's segments too (the batches each rank trained at each world size, `earlier` ones first), from which
+        a resume on another number of workers finds what is left (pipeline/loaders/shares.py)."""
+        point = {"epoch": epoch + 1, "batch": 0} if end_of_epoch else {"epoch": epoch, "batch": position}
+        if world_size is not None and not end_of_epoch:
+            here = position - sum(batches for _, batches in earlier)
+            point["segments"] = [[size, batches] for size, batches in earlier] + [[world_size, here]]
+        return point
+
+    @staticmethod
+    def resumed_at(point: dict, world_size: int) -> tuple[int, list[Segment], int]:
+        """Where a saved data position resumes on `world_size` workers: (epoch, its earlier segments on other world
+        sizes, batches of this world size's segment already trained)."""
+        epoch, position = point.get("epoch", 0), point.get("batch", 0)
+        segments = [(int(size), int(batches)) for size, batches in point.get("segments") or ()]
+        if not segments:  # an epoch's start, or a checkpoint from before segments were saved
+            return epoch, [], position
+        if segments[-1][0] == world_size:
+            return epoch, segments[:-1], segments[-1][1]
+        return epoch, segments, 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from dalle2.configs import StrictModel
 from dalle2.trainer_config import TrainerConfig
@@ -20,6 +20,9 @@ class TrainJobConfig(StrictModel):
     """Settings shared by train_clip, train_prior and train_decoder."""
 
     workers: PositiveInt = 2
+    # how workers share the model: ddp keeps a whole copy on each; fsdp shards parameters, gradients and optimizer
+    # state over them (a unet too big for one device), gathering each block just before it runs
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     resources_per_worker: Resources = {}  # custom resources, e.g. {gpu_pool: 0.001}: workers on the GPU node type
@@ -83,6 +86,12 @@ class TrainClipConfig(TrainJobConfig):
 
     enabled: bool = True  # False when embed.clip names a pretrained CLIP to use instead
     model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> "TrainClipConfig":
+        if self.parallel == "fsdp":  # open_clip's encoders run outside forward(), where FSDP gathers a unit
+            raise ValueError("train_clip.parallel: fsdp shards the prior and the decoder; CLIP trains with ddp")
+        return self
 
     @property
     def job_name(self) -> str:

@@ -37,19 +37,26 @@ def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Call
 
     cadence = Cadence.of(job)
     resumed_from = trainer.step
-    epoch, position = state.get("epoch", 0), state.get("batch", 0)
+    # the epoch may have begun on another number of workers: `earlier` says what they trained, the loader the rest
+    epoch, earlier, skip = cadence.resumed_at(state, worker.world_size)
+    position = sum(batches for _, batches in earlier) + skip  # batches of the epoch trained, on any world size
+    if earlier:
+        log.info("%s: epoch %d began on %s workers, resumed on %d: each trains its share of the %d batches left",
+                 worker.job_name, epoch, "/".join(str(size) for size, _ in earlier), worker.world_size,
+                 loader.batches_per_epoch(earlier) - position)
     step = trainer.step
     last_log, last_log_step = time.time(), step
     trace, history = SampleTrace(worker.rank), MetricsHistory(worker, resumed_from)
     best = BestCheckpoint(worker.root, worker.job_name, worker.rank) if job.keep_best else None
     while not cadence.done(epoch, step):
-        for batch in loader.epoch(epoch, skip_batches=position):
+        epoch_batches = loader.batches_per_epoch(earlier)
+        for batch in loader.epoch(epoch, skip_batches=skip, earlier=earlier):
             position += 1
             loss = train_step(batch)
             stepped, step = trainer.step != step, trainer.step
             trace.add(step, batch.get("key", []))
             crash_point("train.mid_step")
-            end_of_epoch = position == loader.batches_per_epoch()
+            end_of_epoch = position == epoch_batches
             actions = cadence.after_batch(step=step, stepped=stepped, epoch=epoch, end_of_epoch=end_of_epoch)
             if actions is None:
                 continue  # accumulating: the optimizer step (and its eval / checkpoint) comes with a later batch
@@ -64,18 +71,21 @@ def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Call
                 if not (actions.evaluate or actions.checkpoint):  # those reports carry the loss to the trackers
                     worker.tracker.metrics({"step": step, "loss": loss})
             if actions.evaluate:  # the last report (the run's summary) has one
-                metrics.update(evaluate(step), eval_step=step)
+                with trainer.evaluating():  # every rank at once: sharded parts are gathered for it
+                    metrics.update(evaluate(step), eval_step=step)
                 if best is not None:
                     best.consider(step, metrics, save=lambda folder: trainer.save(folder, extra=cadence.resume_point(
-                        epoch=epoch, position=position, end_of_epoch=end_of_epoch)))
+                        epoch=epoch, position=position, end_of_epoch=end_of_epoch, earlier=earlier,
+                        world_size=worker.world_size)))
                 history.add(**{k: v for k, v in metrics.items() if k not in ("epoch", "resumed_from_step", "eval_step")})
             if actions.flush_history:
                 history.flush()
             if actions.checkpoint:
-                extra = cadence.resume_point(epoch=epoch, position=position, end_of_epoch=end_of_epoch)
+                extra = cadence.resume_point(epoch=epoch, position=position, end_of_epoch=end_of_epoch,
+                                             earlier=earlier, world_size=worker.world_size)
                 worker.report(metrics, save=lambda folder: trainer.save(folder, extra=extra))
             elif actions.evaluate:  # reported on its own, so every evaluation reaches the logs
                 worker.report(metrics)
             if actions.finished:
                 break
-        epoch, position = epoch + 1, 0
+        epoch, position, skip, earlier = epoch + 1, 0, 0, []

@@ -80,7 +80,8 @@ class Worker:
         return pool_metrics(self.gathered((metrics, count)))
 
     def report(self, metrics: dict[str, Any], save: Optional[Callable[[str], None]] = None) -> None:
-        """Report metrics on every rank; with `save`, rank 0 also writes a checkpoint through Ray."""
+        """Report metrics on every rank; with `save` (called on every rank: a sharded model is gathered from all of
+        them), rank 0 also writes a checkpoint through Ray."""
         import ray.train
 
         self.tracker.metrics(metrics)
@@ -89,8 +90,8 @@ class Worker:
             return
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
+            save(folder)  # written by rank 0 alone
             if self.rank == 0:
-                save(folder)
                 from dalle2.faults import crash_point
 
                 crash_point("train.mid_checkpoint")  # written locally, not yet persisted by Ray

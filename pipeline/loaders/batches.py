@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-import random
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ import torch
 from pipeline.formats.aligned import read_aligned
 from pipeline.formats.shard_reader import image_of, iter_samples
 from pipeline.loaders.plan import SamplePlan
+from pipeline.loaders.shares import Segment, batches_of, emission_order, shares
 from pipeline.run.layout import RunLayout, parse_key
 
 
@@ -34,31 +34,39 @@ class ShardedBatches:
         """Samples each rank sees per epoch (equal on every rank)."""
         return math.ceil(self.plan.size / self.world_size)
 
-    def batches_per_epoch(self) -> int:
-        if self.drop_last:
-            return self.samples_per_epoch() // self.batch_size
-        return math.ceil(self.samples_per_epoch() / self.batch_size)
+    def batches_per_epoch(self, earlier: Sequence[Segment] = ()) -> int:
+        """Batches of an epoch: those trained in its `earlier` segments (on other world sizes) and this rank's."""
+        if not earlier:
+            return batches_of(self.samples_per_epoch(), self.batch_size, self.drop_last)
+        share = self.share(0, earlier)[1]  # as long on every rank: the epoch does not matter
+        return sum(batches for _, batches in earlier) + batches_of(len(share), self.batch_size, self.drop_last)
+
+    def share(self, epoch: int, earlier: Sequence[Segment]) -> tuple[int, np.ndarray]:
+        """The root world size of `epoch` and this rank's share of it (pipeline/loaders/shares.py)."""
+        roots, owned = shares(self.plan.size, earlier, self.world_size, self.batch_size, self.shuffle_buffer,
+                              self.seed, epoch)
+        return roots, owned[self.rank]
 
     def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
         """One item per entry of `indices`, in the order they are read: the sample, or None (not decoded) for
         the k-th one read when `needed[k]` is False."""
         raise NotImplementedError
 
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The batches of `epoch` for this rank, starting after `skip_batches` of them. Samples go through a
+    def epoch(self, epoch: int, skip_batches: int = 0, earlier: Sequence[Segment] = ()) -> Iterator[dict]:
+        """The batches of `epoch` for this rank, starting after `skip_batches` of them; after `earlier` segments of
+        the epoch trained on other world sizes, this rank's share of what they left. Samples go through a
         shuffle buffer; the order they leave it depends only on how many there are, so it is computed first and
         a resumed rank neither opens the shards nor decodes the samples of the batches it skips."""
-        runs, _ = self.plan.rank_slice(self.rank, self.world_size, epoch, self.seed)
-        total = sum(len(indices) for _, indices in runs)
-        rng = random.Random(hash((self.seed, epoch, self.rank)) & 0xFFFFFFFF)
-        order = shuffle_order(total, self.shuffle_buffer, rng)  # order[k]: the read position of the k-th out
-        end = min(self.batches_per_epoch() * self.batch_size, total)  # short of `total` only when dropping the last
+        roots, share = self.share(epoch, earlier)
+        total = len(share)
+        order = emission_order(total, self.shuffle_buffer, self.seed, epoch, self.rank, len(earlier))
+        end = min(batches_of(total, self.batch_size, self.drop_last) * self.batch_size, total)
         first = min(skip_batches * self.batch_size, end)
         needed = np.zeros(total, dtype=bool)
         needed[order[first:end]] = True  # nothing else is decoded
         held: dict[int, dict] = {}  # read, not yet out (at most the buffer's size)
         batch: list[dict] = []
-        out, position = first, 0
+        out = first
 
         def ready() -> Iterator[dict]:
             nonlocal out
@@ -69,14 +77,24 @@ class ShardedBatches:
                     yield self.seeded(self.collate(batch), epoch)
                     batch.clear()
 
-        for shard, indices in runs:
-            wanted = needed[position : position + len(indices)]
-            if wanted.any():
-                for k, sample in enumerate(self.samples(shard, indices, wanted)):
-                    if sample is not None:
-                        held[position + k] = sample
-                        yield from ready()
-            position += len(indices)
+        per_root = math.ceil(self.plan.size / roots)
+        for root in range(roots):  # the share's samples, read in the root ranks' sequences (in share order)
+            items = np.flatnonzero((share >= root * per_root) & (share < (root + 1) * per_root))
+            if not needed[items].any():
+                continue
+            item_at = np.full(per_root, -1, dtype=np.int64)  # a root read position -> its item in the share
+            item_at[share[items] - root * per_root] = items
+            wanted = np.zeros(per_root, dtype=bool)
+            wanted[share[items] - root * per_root] = needed[items]
+            runs, _ = self.plan.rank_slice(root, roots, epoch, self.seed)
+            position = 0
+            for shard, indices in runs:
+                if wanted[position : position + len(indices)].any():
+                    for k, sample in enumerate(self.samples(shard, indices, wanted[position : position + len(indices)])):
+                        if sample is not None:
+                            held[int(item_at[position + k])] = sample
+                            yield from ready()
+                position += len(indices)
         yield from ready()
         if batch:
             yield self.seeded(self.collate(batch), epoch)
@@ -95,20 +113,6 @@ class ShardedBatches:
             values = [s[key] for s in samples]
             out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
         return out
-
-
-def shuffle_order(count: int, buffer_size: int, rng: random.Random) -> np.ndarray:
-    """The order `count` samples read in sequence leave a shuffle buffer of `buffer_size`: out[k] is the read
-    position of the k-th sample out. Once the buffer is full each new sample sends a random one out; the rest
-    leave shuffled at the end."""
-    buffer: list[int] = []
-    out: list[int] = []
-    for position in range(count):
-        buffer.append(position)
-        if len(buffer) >= buffer_size:
-            out.append(buffer.pop(rng.randrange(len(buffer))))
-    rng.shuffle(buffer)
-    return np.asarray(out + buffer, dtype=np.int64)
 
 
 class EmbeddingBatches(ShardedBatches):

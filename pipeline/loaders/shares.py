@@ -1,0 +1,76 @@
+"""Which samples of an epoch each rank reads, when the epoch was begun on another number of workers.
+
+An epoch's samples are cut into one read sequence per rank of the world size it started with (its *root* ranks,
+`SamplePlan.rank_slice`); each rank consumes its sequence through a shuffle buffer. A resumed job that runs on
+another number of workers pools what every rank had not yet consumed, in root-rank and read order, and cuts the
+pool into one contiguous share per new rank; a new rank reads the root ranks' sequences and decodes its share
+alone. A *segment* is (world size, batches each rank trained at it); an epoch resumed twice has several.
+
+Every rank computes every share from the sample count alone, so no rank reads a file to know what another trained.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+
+Segment = tuple[int, int]  # (world size, batches each of its ranks trained)
+
+
+def shuffle_order(count: int, buffer_size: int, rng: random.Random) -> np.ndarray:
+    """The order `count` samples read in sequence leave a shuffle buffer of `buffer_size`: out[k] is the read
+    position of the k-th sample out. Once the buffer is full each new sample sends a random one out; the rest
+    leave shuffled at the end."""
+    buffer: list[int] = []
+    out: list[int] = []
+    for position in range(count):
+        buffer.append(position)
+        if len(buffer) >= buffer_size:
+            out.append(buffer.pop(rng.randrange(len(buffer))))
+    rng.shuffle(buffer)
+    return np.asarray(out + buffer, dtype=np.int64)
+
+
+def emission_order(count: int, buffer_size: int, seed: int, epoch: int, rank: int, segment: int) -> np.ndarray:
+    """The order a rank's share of `count` samples leaves its shuffle buffer in segment `segment` of `epoch`."""
+    # the first segment keeps the key it always had, so a run that never changes its workers trains as before
+    key = (seed, epoch, rank) if segment == 0 else (seed, epoch, rank, segment)
+    return shuffle_order(count, buffer_size, random.Random(hash(key) & 0xFFFFFFFF))
+
+
+def cut(pool: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """`pool` in `world_size` contiguous shares of equal length, the last ones wrapped to the start when it does not
+    divide (so every rank trains as many batches)."""
+    per_rank = math.ceil(len(pool) / world_size)
+    padded = np.resize(pool, per_rank * world_size) if len(pool) else pool
+    return [np.sort(padded[rank * per_rank:(rank + 1) * per_rank]) for rank in range(world_size)]
+
+
+def shares(samples: int, segments: Sequence[Segment], world_size: int, batch_size: int, buffer_size: int,
+           seed: int, epoch: int) -> tuple[int, list[np.ndarray]]:
+    """The root world size of an epoch of `samples` and, for each of `world_size` ranks after `segments`, its share:
+    sorted ids into the root ranks' concatenated read sequences (root r's read position p is r * per_root + p, with
+    per_root = ceil(samples / roots), its padding included)."""
+    roots = segments[0][0] if segments else world_size
+    per_root = math.ceil(samples / roots)
+    owned = [np.arange(r * per_root, (r + 1) * per_root, dtype=np.int64) for r in range(roots)]
+    for index, (size, batches) in enumerate(segments):
+        if len(owned) != size:
+            raise ValueError(f"segment {index} of the epoch has {size} workers, its shares were cut for {len(owned)}")
+        left = []
+        for rank, mine in enumerate(owned):
+            trained = emission_order(len(mine), buffer_size, seed, epoch, rank, index)[:batches * batch_size]
+            keep = np.ones(len(mine), dtype=bool)
+            keep[trained] = False
+            left.append(mine[keep])
+        following = segments[index + 1][0] if index + 1 < len(segments) else world_size
+        owned = cut(np.unique(np.concatenate(left)), following)
+    return roots, owned
+
+
+def batches_of(count: int, batch_size: int, drop_last: bool) -> int:
+    """Batches a share of `count` samples makes (its last short one dropped with `drop_last`)."""
+    return count // batch_size if drop_last else math.ceil(count / batch_size)
