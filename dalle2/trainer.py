@@ -159,6 +159,12 @@ class DiffusionTrainer:
         """Optimizer steps taken, summed over parts."""
         return sum(self.steps)
 
+    @property
+    def accumulating(self) -> bool:
+        """Whether a part holds gradients of micro-batches it has not stepped on yet (a checkpoint now would lose
+        them: unets trained in turn with accumulation step one after the other)."""
+        return any(self._pending)
+
     def compute_loss(self, batch: dict[str, Any], part: int) -> Tensor:
         raise NotImplementedError
 

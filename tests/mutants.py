@@ -758,8 +758,8 @@ MUTANTS = [
          tests=['tests/test_filter_guard.py']),
     # the training loop's cadence: the last step evaluates and checkpoints, nothing between micro-batches, resume after
     dict(name="cadence.last_step_not_checkpointed", file="jobs/training/cadence.py",
-         old="checkpoint=step % self.checkpoint_every == 0 or finished)",
-         new="checkpoint=step % self.checkpoint_every == 0)",
+         old="checkpoint=step // self.checkpoint_every > since // self.checkpoint_every or finished)",
+         new="checkpoint=step // self.checkpoint_every > since // self.checkpoint_every)",
          tests=["tests/test_cadence.py"]),
     dict(name="cadence.acts_between_micro_batches", file="jobs/training/cadence.py",
          old="        if not stepped and not finished:",
@@ -976,4 +976,12 @@ MUTANTS = [
          old="            runs, _ = self.plan.rank_slice(root, roots, epoch, self.seed)",
          new="            runs, _ = self.plan.rank_slice(0, roots, epoch, self.seed)",
          tests=["tests/test_loaders.py"]),
+    dict(name="loop.checkpoints_while_a_unet_accumulates", file="jobs/training/loop.py",
+         old="            stepped, step = trainer.step != step and not trainer.accumulating, trainer.step",
+         new="            stepped, step = trainer.step != step, trainer.step",
+         tests=["tests/test_cadence.py"]),
+    dict(name="cadence.interval_skipped_between_steps", file="jobs/training/cadence.py",
+         old="        since = step - 1 if since is None else since",
+         new="        since = step - 1",
+         tests=["tests/test_cadence.py"]),
 ]

@@ -70,3 +70,62 @@ def test_a_checkpoint_mid_epoch_resumes_on_the_same_or_another_number_of_workers
     assert Cadence.resumed_at({"epoch": 1, "batch": 5}, world_size=3) == (1, [], 5)  # saved without segments
     end = Cadence.resume_point(epoch=2, position=9, end_of_epoch=True, earlier=[(2, 3)], world_size=1)
     assert end == {"epoch": 3, "batch": 0} and Cadence.resumed_at(end, world_size=2) == (3, [], 0)
+
+
+class FakeWorker:
+    """The per-worker side the loop talks to, recording what it reports (rank 0 of 1, no Ray)."""
+
+    def __init__(self, root: str):
+        self.rank, self.world_size, self.root, self.job_name = 0, 1, root, "decoder"
+        self.reports = []
+        self.tracker = type("Tracker", (), {"metrics": lambda self, m: None, "close": lambda self, failed=False: None})()
+
+    def report(self, metrics: dict, save=None) -> None:
+        self.reports.append((dict(metrics), save is not None))
+        if save is not None:
+            save(self.root)
+
+
+class ListLoader:
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def batches_per_epoch(self, earlier=()) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, skip_batches: int = 0, earlier=()):
+        yield from self.batches[skip_batches:]
+
+
+def test_unets_trained_in_turn_with_accumulation_checkpoint_only_when_none_holds_gradients(tmp_path):
+    # 2 unets in turn, 2 micro-batches a step: unet 1 steps on batch 3 while unet 2 still holds batch 2's gradients
+    import torch
+
+    from dalle2 import Decoder, DecoderTrainer
+    from jobs.training.config import TrainDecoderConfig
+    from jobs.training.loop import training_loop
+
+    torch.manual_seed(0)
+    unet = dict(dim=8, dim_mults=(1,), image_embed_dim=8, cond_dim=8, attn_heads=1, attn_dim_head=8, groups=4)
+    decoder = Decoder(unets=[unet, {**unet, "lowres_cond": True}], image_sizes=(8, 16), timesteps=10)
+    trainer = DecoderTrainer(decoder, grad_accum_every=2)
+    batches = [{"image": torch.rand(2, 3, 16, 16), "image_embed": torch.randn(2, 8)} for _ in range(12)]
+    counter = [0]
+    pending_at_save = []
+
+    def train_step(batch):
+        number = counter[0] % 2 + 1
+        counter[0] += 1
+        return trainer.train_step(batch, unet_number=number)
+
+    trainer.save = lambda folder, extra=None: pending_at_save.append((list(trainer._pending), extra))
+    job = TrainDecoderConfig(workers=1, epochs=1, checkpoint_every=3, eval_every=100, log_every=100)
+    worker = FakeWorker(str(tmp_path))
+    training_loop(worker, job, trainer, ListLoader(batches), train_step, lambda step: {}, {})
+    checkpoints = [metrics["step"] for metrics, saved in worker.reports if saved]
+    # optimizer steps 1..6 (summed over the unets); clean points every 4th batch: steps 2, 4, 6; the interval of 3
+    # fires at the first clean point past each multiple
+    assert checkpoints == [4, 6] and trainer.steps == [3, 3]
+    # no gradient left behind in a checkpoint: each resumes after a batch where both unets had just stepped
+    assert [(pending, extra["batch"]) for pending, extra in pending_at_save] == [([0, 0], 8), ([0, 0], 0)]
+    assert pending_at_save[1][1]["epoch"] == 1  # the last one: the next epoch's start

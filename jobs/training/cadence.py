@@ -48,15 +48,19 @@ class Cadence:
         """Whether a run at `epoch` and optimizer `step` has nothing left to train (checked before each epoch)."""
         return epoch >= self.epochs or bool(self.max_steps and step >= self.max_steps)
 
-    def after_batch(self, step: int, stepped: bool, epoch: int, end_of_epoch: bool) -> Optional[Actions]:
+    def after_batch(self, step: int, stepped: bool, epoch: int, end_of_epoch: bool,
+                    since: Optional[int] = None) -> Optional[Actions]:
         """What follows a batch that left the optimizer at `step` (`stepped`: this batch completed a step); None
-        while accumulating (no step, not the end)."""
+        while accumulating (no step, not the end). `since`: the step of the last batch that had stepped (default
+        step - 1); an interval fires when one of its multiples lies in (since, step] (parts stepping in turn leave
+        several steps between such batches)."""
         finished = bool(self.max_steps and step >= self.max_steps) or (end_of_epoch and epoch == self.epochs - 1)
         if not stepped and not finished:
             return None
-        return Actions(finished=finished, log=step % self.log_every == 0 or finished,
-                       evaluate=step % self.eval_every == 0 or finished,
-                       checkpoint=step % self.checkpoint_every == 0 or finished)
+        since = step - 1 if since is None else since
+        return Actions(finished=finished, log=step // self.log_every > since // self.log_every or finished,
+                       evaluate=step // self.eval_every > since // self.eval_every or finished,
+                       checkpoint=step // self.checkpoint_every > since // self.checkpoint_every or finished)
 
     @staticmethod
     def resume_point(epoch: int, position: int, end_of_epoch: bool, earlier: Sequence[Segment] = (),

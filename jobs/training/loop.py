@@ -44,7 +44,7 @@ def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Call
         log.info("%s: epoch %d began on %s workers, resumed on %d: each trains its share of the %d batches left",
                  worker.job_name, epoch, "/".join(str(size) for size, _ in earlier), worker.world_size,
                  loader.batches_per_epoch(earlier) - position)
-    step = trainer.step
+    step = since = trainer.step  # since: the step of the last batch that stepped with nothing left accumulating
     last_log, last_log_step = time.time(), step
     trace, history = SampleTrace(worker.rank), MetricsHistory(worker, resumed_from)
     best = BestCheckpoint(worker.root, worker.job_name, worker.rank) if job.keep_best else None
@@ -53,13 +53,17 @@ def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Call
         for batch in loader.epoch(epoch, skip_batches=skip, earlier=earlier):
             position += 1
             loss = train_step(batch)
-            stepped, step = trainer.step != step, trainer.step
+            # an optimizer step with no part left holding accumulated gradients: only there may it checkpoint (with
+            # unets trained in turn, unet 1 steps while unet 2 still accumulates)
+            stepped, step = trainer.step != step and not trainer.accumulating, trainer.step
             trace.add(step, batch.get("key", []))
             crash_point("train.mid_step")
             end_of_epoch = position == epoch_batches
-            actions = cadence.after_batch(step=step, stepped=stepped, epoch=epoch, end_of_epoch=end_of_epoch)
+            actions = cadence.after_batch(step=step, stepped=stepped, epoch=epoch, end_of_epoch=end_of_epoch,
+                                          since=since)
             if actions is None:
                 continue  # accumulating: the optimizer step (and its eval / checkpoint) comes with a later batch
+            since = step
             metrics = {"step": step, "epoch": epoch, "loss": loss, "resumed_from_step": resumed_from}
             if worker.rank == 0 and actions.log:
                 rate = (step - last_log_step) / max(time.time() - last_log, 1e-9)
