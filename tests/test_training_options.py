@@ -344,3 +344,49 @@ def test_mlflows_default_store_needs_a_local_root():
         RunConfig(root="s3://bucket/run", tracking={"mlflow": True})
     RunConfig(root="s3://bucket/run", tracking={"mlflow": True, "mlflow_tracking_uri": "http://127.0.0.1:5000"})
 
+
+def test_rank_zero_logs_to_an_offline_wandb_run_that_a_restart_continues(tmp_path, monkeypatch):
+    import yaml
+
+    from tests.wandb_records import history, records
+
+    from jobs.run_config import RunConfig
+    from jobs.training.tracking import Tracker
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = RunConfig(root=str(tmp_path / "my-run"), tracking={"wandb": True}, train_prior={"batch_size": 7})
+    for rank in (1, 0):
+        tracker = Tracker(run, run.train_prior, rank)
+        tracker.metrics({"step": 2, "loss": 1.5, "val_loss": 0.75, "note": "text"})
+        tracker.metrics({"step": 4, "loss": 1.25})
+        tracker.artifact("samples/step_4.png", _png())
+        tracker.close()
+    job = tmp_path / "my-run" / "train" / "prior"
+    run_id = json.loads((job / "wandb_run.json").read_text())["run_id"]
+    offline = list((job / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and (offline[0] / f"run-{run_id}.wandb").exists()  # rank 0's run alone
+    files = offline[0] / "files"
+    rows = history(str(offline[0] / f"run-{run_id}.wandb"))
+    assert [(row["_step"], row["loss"]) for row in rows] == [(2, 1.5), (4, 1.25)] and rows[0]["val_loss"] == 0.75
+    assert "note" not in rows[0] and rows[1]["samples/_type"] == "image-file"  # numbers, and the grid as an image
+    assert (files / "samples" / "step_4.png").read_bytes() == _png()
+    assert yaml.safe_load((files / "run.yaml").read_text())["train_prior"]["batch_size"] == 7
+    # a restart continues the same run id (wandb sync then appends to one run); a failed job exits non-zero
+    again = Tracker(run, run.train_prior, 0)
+    again.metrics({"step": 6, "loss": 1.0})
+    again.close(failed=True)
+    runs = sorted((job / "wandb").glob("offline-run-*"))
+    assert [[f.name for f in folder.glob("run-*.wandb")] for folder in runs] == [[f"run-{run_id}.wandb"]] * 2
+    last = [r for r in records(str(runs[-1] / f"run-{run_id}.wandb")) if r.WhichOneof("record_type") == "exit"]
+    assert [r.exit.exit_code for r in last] == [1]
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(out, format="PNG")
+    return out.getvalue()

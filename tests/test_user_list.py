@@ -62,7 +62,8 @@ def user_list_demo(tmp_path_factory):
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env.pop("RAY_ADDRESS", None)
     command = [os.path.join(os.path.dirname(sys.executable), "dalle2"), "demo", "--url-list", "my-list/digits.csv",
-               "--root", "my-run", "--set", "download.allow_private_network=true", "--set", "tracking.mlflow=true"]
+               "--root", "my-run", "--set", "download.allow_private_network=true", "--set", "tracking.mlflow=true",
+               "--set", "tracking.wandb=true"]
     command += [x for setting in QUICK_TRAINING for x in ("--set", setting)]
     try:
         done = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=900)
@@ -142,3 +143,12 @@ def test_every_training_job_of_the_users_run_is_an_mlflow_run_with_its_curves_an
     grids = sorted(os.listdir(root / "train" / "decoder" / "samples"))
     assert artifacts == [f"samples/{name}" for name in grids] and grids
     assert "config.yaml" in [a.path for a in client.list_artifacts(runs["prior"].info.run_id)]
+    # and an offline W&B run per job with the same evaluations (`wandb sync` uploads them where there is a network)
+    from tests.wandb_records import history
+
+    for job in ("clip", "prior", "decoder"):
+        run_id = json.loads((root / "train" / job / "wandb_run.json").read_text())["run_id"]
+        [path] = (root / "train" / job / "wandb").glob(f"offline-run-*/run-{run_id}.wandb")
+        evaluations = [line for line in read_history(str(root), job) if "val_loss" in line]
+        logged = [(row["_step"], row["val_loss"]) for row in history(str(path)) if "val_loss" in row]
+        assert logged == [(e["step"], pytest.approx(e["val_loss"])) for e in evaluations] and logged

@@ -79,6 +79,11 @@ class TrackingConfig(StrictModel):
     # None: a file store at <root>/mlruns (a local root; an s3:// or gs:// root needs a tracking server's URI)
     mlflow_tracking_uri: Optional[str] = None
     experiment: Optional[str] = None  # None: the run root's folder name; one MLflow run per job (clip, prior, ...)
+    # Weights & Biases through Ray Train's setup_wandb: one run per job in the project, the same metrics, grids and
+    # config; offline (no network needed) writes train/<job>/wandb/offline-run-*, which `wandb sync` uploads later
+    wandb: bool = False
+    wandb_project: Optional[str] = None  # None: the experiment's name
+    wandb_mode: Literal["offline", "online"] = "offline"  # online needs WANDB_API_KEY (or `wandb login`) on the workers
 
 
 class TrainClipConfig(TrainJobConfig):

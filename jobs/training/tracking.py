@@ -1,9 +1,11 @@
-"""Experiment tracking from rank 0 of a training job: MLflow through Ray Train's `setup_mlflow` (params: the job's
-config; metrics: every report; artifacts: the run config and the sample grids), and TensorBoard on any fsspec root
-(on an object store, events written locally and copied to `<root>/train/<job>/tensorboard` every minute and at the end).
+"""Experiment tracking from rank 0 of a training job: MLflow through Ray Train's `setup_mlflow` and W&B through its
+`setup_wandb` (params: the job's config; metrics: every report; artifacts: the run config and the sample grids), and
+TensorBoard on any fsspec root (on an object store, events written locally and copied to
+`<root>/train/<job>/tensorboard` every minute and at the end; an offline W&B run likewise, at the end).
 
-A job keeps one MLflow run: its id is kept beside the checkpoints (`train/<job>/mlflow_run.json`), so a restart after
-a failure or a re-run with more steps continues it; a job that fails ends it FAILED."""
+A job keeps one MLflow run and one W&B run: their ids are kept beside the checkpoints (`train/<job>/mlflow_run.json`,
+`wandb_run.json`), so a restart after a failure or a re-run with more steps continues them; a job that fails ends
+them FAILED."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from typing import Any, Optional
 
 from pipeline.run.layout import TrainLayout
@@ -34,13 +37,15 @@ class Tracker:
     def __init__(self, run, job, rank: int):
         """`job`: the job's section of the run config (a TrainJobConfig), whose settings MLflow records."""
         self.root, self.job_name, self.rank = run.root, job.job_name, rank
-        self.mlflow = None
-        self.writer, self._tensorboard_local, self._copied_at = None, None, 0.0
+        self.mlflow = self.wandb = None
+        self.writer, self._tensorboard_local, self._copied_at, self._wandb_local = None, None, 0.0, None
         if rank != 0:
             return
         self._start_tensorboard()
         if run.tracking.mlflow:
             self._start_mlflow(run, job)
+        if run.tracking.wandb:
+            self._start_wandb(run, job)
 
     def _start_tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -77,6 +82,31 @@ class Tracker:
         log.info("%s: MLflow run %s in experiment %r at %s", job_name, self.mlflow.active_run().info.run_id,
                  experiment, uri)
 
+    def _start_wandb(self, run, job) -> None:
+        from ray.air.integrations.wandb import setup_wandb
+
+        from pipeline.run.storage import exists, read_json, write_json
+
+        tracking = run.tracking
+        if tracking.wandb_mode == "offline":
+            os.environ["WANDB_MODE"] = "offline"  # Ray's setup_wandb asks for no API key then
+        folder = TrainLayout(self.root).job(self.job_name)  # wandb writes <folder>/wandb/<its run>
+        if "://" in self.root:
+            self._wandb_local = folder = tempfile.mkdtemp(prefix="wandb-")
+        else:
+            os.makedirs(folder, exist_ok=True)
+        pointer = TrainLayout(self.root).wandb_run(self.job_name)
+        earlier = read_json(pointer) if exists(pointer) else None
+        run_id = earlier["run_id"] if earlier else uuid.uuid4().hex[:12]
+        experiment = tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
+        self.wandb = setup_wandb(job.model_dump(mode="json"), trial_id=run_id, trial_name=self.job_name,
+                                 project=tracking.wandb_project or experiment, group=experiment, dir=folder,
+                                 mode=tracking.wandb_mode, resume="allow", tags=[self.job_name])
+        write_json(pointer, {"run_id": run_id, "project": tracking.wandb_project or experiment})
+        self._wandb_file("run.yaml", _yaml(run.model_dump(mode="json")))  # W&B's own config.yaml is its settings
+        log.info("%s: W&B run %s (%s) in project %r under %s", self.job_name, run_id, tracking.wandb_mode,
+                 tracking.wandb_project or experiment, folder)
+
     def metrics(self, metrics: dict[str, Any]) -> None:
         """Numeric metrics of one report, at its step."""
         if self.rank != 0:
@@ -91,17 +121,34 @@ class Tracker:
             self._copy_tensorboard()
         if self.mlflow is not None and numbers:
             self.mlflow.log_metrics(numbers, step=step)
+        if self.wandb is not None and numbers:
+            self.wandb.log(numbers, step=step)
 
     def artifact(self, name: str, data: bytes) -> None:
-        """A file (a sample grid, the config) under the MLflow run's artifacts, by `name` (folders allowed)."""
-        if self.mlflow is None:
+        """A file (a sample grid, the config) under the MLflow run's artifacts and the W&B run's files, by `name`
+        (folders allowed); a W&B image too for a png."""
+        if self.mlflow is None and self.wandb is None:
             return
         folder, base = os.path.split(name)
         with tempfile.TemporaryDirectory() as local:
             path = os.path.join(local, base)
             with open(path, "wb") as f:
                 f.write(data)
-            self.mlflow.log_artifact(path, folder or None)
+            if self.mlflow is not None:
+                self.mlflow.log_artifact(path, folder or None)
+            if self.wandb is not None:
+                if name.endswith(".png"):
+                    import wandb
+
+                    self.wandb.log({folder or "image": wandb.Image(path, caption=name)})
+                self._wandb_file(name, data)
+
+    def _wandb_file(self, name: str, data: bytes) -> None:
+        """A file in the W&B run's files folder (uploaded with it, or by `wandb sync`)."""
+        kept = os.path.join(self.wandb.dir, name)
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        with open(kept, "wb") as f:
+            f.write(data)
 
     def close(self, failed: bool = False) -> None:
         """Flush and end the trackers (the MLflow run ends FAILED when the job failed)."""
@@ -113,6 +160,14 @@ class Tracker:
         if self.mlflow is not None:
             self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
             self.mlflow = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+            if self._wandb_local:  # an object store's root: the offline run copied beside the checkpoints
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(f"{TrainLayout(self.root).job(self.job_name)}/wandb")
+                fs.put(os.path.join(self._wandb_local, "wandb"), path, recursive=True)
 
     def _copy_tensorboard(self) -> None:
         from pipeline.run.storage import write_atomic

@@ -209,6 +209,10 @@ class TrainLayout:
         """The id of the job's MLflow run (tracking.mlflow), which a restart continues."""
         return f"{self.job(job_name)}/mlflow_run.json"
 
+    def wandb_run(self, job_name: str) -> str:
+        """The id of the job's W&B run (tracking.wandb), which a restart continues."""
+        return f"{self.job(job_name)}/wandb_run.json"
+
     def best_checkpoint(self, job_name: str, step: int) -> str:
         """Where a best checkpoint's folder goes (`_<id>` follows: each save its own), outside Ray's retention."""
         return f"{self.job(job_name)}/best/step_{step}"
