@@ -62,8 +62,17 @@ def _join(root: str, name: str) -> str:
 def trainable_state(module: nn.Module, prefixes: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
     """The module's state dict without frozen CLIP weights (and only under `prefixes` when given: the parts a
     trainer optimised, so untrained unets are never saved as if trained); contiguous copies for safetensors."""
-    state = {k: v for k, v in module.state_dict().items()
-             if not k.startswith("clip.") and (prefixes is None or k.startswith(tuple(prefixes)))}
+    return as_saved(trainable_entries(module.state_dict(), prefixes))
+
+
+def trainable_entries(state: dict[str, torch.Tensor], prefixes: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    """The entries of a state dict `trainable_state` keeps (the tensors themselves)."""
+    return {k: v for k, v in state.items()
+            if not k.startswith("clip.") and (prefixes is None or k.startswith(tuple(prefixes)))}
+
+
+def as_saved(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies, as safetensors writes them (never the live tensors training goes on changing)."""
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 

@@ -122,6 +122,10 @@ def gathered(parts: list[nn.Module]) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
+            # every unit reshards after its forward from here on, the part's root one too (FSDP2 otherwise keeps
+            # the root whole until its backward: its few parameters are gathered once more a step). Restoring
+            # FSDP2's own root setting instead diverged between ranks: a rank that sampled nothing initialises its
+            # root at the next training step, with other settings than one that did, and their gathers mismatch.
             unit.set_reshard_after_forward(True, recurse=False)
 
 
@@ -133,17 +137,19 @@ def local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def whole(value: Any) -> Any:
+def whole(value: Any, keep: bool = True) -> Any:
     """`value` with every sharded tensor gathered whole, inside dicts and lists (a collective on sharded ones:
-    every rank calls it on the same structure)."""
+    every rank calls it on the same structure). One tensor at a time: with `keep` False (a rank that writes
+    nothing) each is dropped once gathered, and kept ones go to the CPU, so no device holds a whole model."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
-        return value.full_tensor()
+        full = value.full_tensor()
+        return full.cpu() if keep else None
     if isinstance(value, dict):
-        return {k: whole(v) for k, v in value.items()}
+        return {k: whole(v, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(whole(v) for v in value)
+        return type(value)(whole(v, keep) for v in value)
     return value
 
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint, trainable_state, EMA_FILE, exists
+from .checkpoint import (EMA_FILE, as_saved, exists, load_checkpoint, load_weights, save_checkpoint,
+                         trainable_entries)
 from .trainer_config import TrainerConfig
 from .layers import set_gradient_checkpointing
 from .lr_schedules import lr_multiplier
@@ -269,13 +270,16 @@ class DiffusionTrainer:
         if rank() != 0 and not self.sharded:
             return  # nothing to gather
         prefixes = [_prefix_of(self.model, p) for p in self.parts]
-        weights = whole(trainable_state(self.model, prefixes))
-        ema_state = dict(weights)  # the EMA covers floating-point entries; the rest are the model's own
+        writes = rank() == 0
+        weights = whole(trainable_entries(self.model.state_dict(), prefixes), writes)
+        ema_state = {}
         for prefix, ema in zip(prefixes, self.emas):
-            ema_state.update({prefix + k: whole(v) for k, v in ema.shadow.items()})
-        optimizers = [whole(o.state_dict()) for o in self.optimizers]
-        if rank() != 0:
+            ema_state.update({prefix + k: whole(v, writes) for k, v in ema.shadow.items()})
+        optimizers = [whole(o.state_dict(), writes) for o in self.optimizers]
+        if not writes:
             return
+        weights = as_saved(weights)
+        ema_state = {**weights, **as_saved(ema_state)}  # the EMA covers floating-point entries; the rest are the model's own
         state = {
             "steps": self.steps,
             "optimizers": optimizers,

@@ -51,6 +51,13 @@ def test_a_checkpoint_at_the_end_of_an_epoch_resumes_at_the_next_epochs_first_ba
     assert steps[-1][6] and cadence.done(epoch=3, step=12)
 
 
+def test_max_steps_stops_where_no_part_holds_accumulated_gradients():
+    cadence = Cadence(epochs=5, max_steps=3, eval_every=100, checkpoint_every=100, log_every=100)
+    assert cadence.after_batch(step=3, stepped=False, epoch=0, end_of_epoch=False, since=2, clean=False) is None
+    done = cadence.after_batch(step=4, stepped=True, epoch=0, end_of_epoch=False, since=2, clean=True)
+    assert done.finished and done.checkpoint and done.evaluate
+
+
 def test_nothing_happens_between_the_micro_batches_of_an_accumulated_step():
     cadence = Cadence(epochs=1, max_steps=None, eval_every=1, checkpoint_every=1, log_every=1)
     steps = schedule(cadence, batches_per_epoch=7, accumulate=3)
@@ -90,7 +97,7 @@ class ListLoader:
     def __init__(self, batches: list):
         self.batches = batches
 
-    def batches_per_epoch(self, earlier=()) -> int:
+    def batches_per_epoch(self, earlier=(), epoch=0) -> int:
         return len(self.batches)
 
     def epoch(self, epoch: int, skip_batches: int = 0, earlier=()):

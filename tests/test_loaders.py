@@ -210,6 +210,14 @@ def test_an_epoch_resumed_on_other_worker_counts_trains_every_sample_once(run_ro
     assert resumed[:8] == one[0] and sorted(resumed) != resumed
     after = [k for b in loaders[1].epoch(0, skip_batches=1, earlier=[(2, 3)]) for k in b["key"]]
     assert after == resumed[4:]
+    # an epoch's count after a padded cut depends on which duplicates it trained: each epoch's own, chained
+    for epoch in (0, 1, 2):
+        chain = [(2, 3), (5, 1)]  # the 24 left cut 5 ways: 25, one sample twice
+        rest = keys_of(loader_class, run_root, plan, 1, earlier=chain, epoch=epoch)[0]
+        trained = [k for keys in keys_of(loader_class, run_root, plan, 2, batches=3, epoch=epoch)
+                   + keys_of(loader_class, run_root, plan, 5, earlier=chain[:1], batches=1, epoch=epoch) for k in keys]
+        assert sorted(set(trained + rest)) == everything and not set(rest) & set(trained)
+        assert loaders[1].batches_per_epoch(chain, epoch) == 3 + 1 + -(-len(rest) // 4)
     # 24 left on 5 workers: 5 each, the last share wrapped round to the first sample left
     five = [k for keys in keys_of(loader_class, run_root, plan, 5, earlier=[(2, 3)]) for k in keys]
     assert sorted(set(five)) == sorted(resumed) and len(five) == 25

@@ -346,6 +346,8 @@ def test_mlflows_default_store_needs_a_local_root():
 
 
 def test_rank_zero_logs_to_an_offline_wandb_run_that_a_restart_continues(tmp_path, monkeypatch):
+    import os
+
     import yaml
 
     from tests.wandb_records import history, records
@@ -360,8 +362,9 @@ def test_rank_zero_logs_to_an_offline_wandb_run_that_a_restart_continues(tmp_pat
         tracker = Tracker(run, run.train_prior, rank)
         tracker.metrics({"step": 2, "loss": 1.5, "val_loss": 0.75, "note": "text"})
         tracker.metrics({"step": 4, "loss": 1.25})
-        tracker.artifact("samples/step_4.png", _png())
+        tracker.artifact("samples/step_4.png", _png(), step=4)
         tracker.close()
+    assert "WANDB_MODE" not in os.environ  # offline for the run, not for the process
     job = tmp_path / "my-run" / "train" / "prior"
     run_id = json.loads((job / "wandb_run.json").read_text())["run_id"]
     offline = list((job / "wandb").glob("offline-run-*"))

@@ -49,12 +49,13 @@ class Cadence:
         return epoch >= self.epochs or bool(self.max_steps and step >= self.max_steps)
 
     def after_batch(self, step: int, stepped: bool, epoch: int, end_of_epoch: bool,
-                    since: Optional[int] = None) -> Optional[Actions]:
+                    since: Optional[int] = None, clean: bool = True) -> Optional[Actions]:
         """What follows a batch that left the optimizer at `step` (`stepped`: this batch completed a step); None
         while accumulating (no step, not the end). `since`: the step of the last batch that had stepped (default
         step - 1); an interval fires when one of its multiples lies in (since, step] (parts stepping in turn leave
-        several steps between such batches)."""
-        finished = bool(self.max_steps and step >= self.max_steps) or (end_of_epoch and epoch == self.epochs - 1)
+        several steps between such batches). `clean`: no part holds gradients it has not stepped on; max_steps
+        stops the run at the first such batch (its checkpoint would lose them)."""
+        finished = (bool(self.max_steps and step >= self.max_steps) and clean) or (end_of_epoch and epoch == self.epochs - 1)
         if not stepped and not finished:
             return None
         since = step - 1 if since is None else since
@@ -81,6 +82,12 @@ class Cadence:
         epoch, position = point.get("epoch", 0), point.get("batch", 0)
         segments = [(int(size), int(batches)) for size, batches in point.get("segments") or ()]
         if not segments:  # an epoch's start, or a checkpoint from before segments were saved
+            if position:  # mid-epoch: saved before segments were kept
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "the checkpoint's data position (epoch %d, batch %d) does not say how many workers trained it: "
+                    "resumed on another number, this epoch's samples are split anew", epoch, position)
             return epoch, [], position
         if segments[-1][0] == world_size:
             return epoch, segments[:-1], segments[-1][1]

@@ -43,13 +43,15 @@ def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Call
     if earlier:
         log.info("%s: epoch %d began on %s workers, resumed on %d: each trains its share of the %d batches left",
                  worker.job_name, epoch, "/".join(str(size) for size, _ in earlier), worker.world_size,
-                 loader.batches_per_epoch(earlier) - position)
+                 loader.batches_per_epoch(earlier, epoch) - position)
     step = since = trainer.step  # since: the step of the last batch that stepped with nothing left accumulating
     last_log, last_log_step = time.time(), step
     trace, history = SampleTrace(worker.rank), MetricsHistory(worker, resumed_from)
     best = BestCheckpoint(worker.root, worker.job_name, worker.rank) if job.keep_best else None
+    if best is not None:  # rank 0's: each rank must take the same decisions (a sharded save needs them all)
+        best.loss = worker.gathered(best.loss)[0]
     while not cadence.done(epoch, step):
-        epoch_batches = loader.batches_per_epoch(earlier)
+        epoch_batches = loader.batches_per_epoch(earlier, epoch)
         for batch in loader.epoch(epoch, skip_batches=skip, earlier=earlier):
             position += 1
             loss = train_step(batch)
@@ -60,7 +62,7 @@ def _loop(worker: Worker, job: TrainJobConfig, trainer, loader, train_step: Call
             crash_point("train.mid_step")
             end_of_epoch = position == epoch_batches
             actions = cadence.after_batch(step=step, stepped=stepped, epoch=epoch, end_of_epoch=end_of_epoch,
-                                          since=since)
+                                          since=since, clean=not trainer.accumulating)
             if actions is None:
                 continue  # accumulating: the optimizer step (and its eval / checkpoint) comes with a later batch
             since = step

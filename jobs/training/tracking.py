@@ -88,8 +88,6 @@ class Tracker:
         from pipeline.run.storage import exists, read_json, write_json
 
         tracking = run.tracking
-        if tracking.wandb_mode == "offline":
-            os.environ["WANDB_MODE"] = "offline"  # Ray's setup_wandb asks for no API key then
         folder = TrainLayout(self.root).job(self.job_name)  # wandb writes <folder>/wandb/<its run>
         if "://" in self.root:
             self._wandb_local = folder = tempfile.mkdtemp(prefix="wandb-")
@@ -99,9 +97,18 @@ class Tracker:
         earlier = read_json(pointer) if exists(pointer) else None
         run_id = earlier["run_id"] if earlier else uuid.uuid4().hex[:12]
         experiment = tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
-        self.wandb = setup_wandb(job.model_dump(mode="json"), trial_id=run_id, trial_name=self.job_name,
-                                 project=tracking.wandb_project or experiment, group=experiment, dir=folder,
-                                 mode=tracking.wandb_mode, resume="allow", tags=[self.job_name])
+        # Ray's setup_wandb asks for no API key when WANDB_MODE says offline: set for the call alone
+        previous = os.environ.get("WANDB_MODE")
+        os.environ["WANDB_MODE"] = tracking.wandb_mode
+        try:
+            self.wandb = setup_wandb(job.model_dump(mode="json"), trial_id=run_id, trial_name=self.job_name,
+                                     project=tracking.wandb_project or experiment, group=experiment, dir=folder,
+                                     mode=tracking.wandb_mode, resume="allow", tags=[self.job_name])
+        finally:
+            if previous is None:
+                os.environ.pop("WANDB_MODE", None)
+            else:
+                os.environ["WANDB_MODE"] = previous
         write_json(pointer, {"run_id": run_id, "project": tracking.wandb_project or experiment})
         self._wandb_file("run.yaml", _yaml(run.model_dump(mode="json")))  # W&B's own config.yaml is its settings
         log.info("%s: W&B run %s (%s) in project %r under %s", self.job_name, run_id, tracking.wandb_mode,
@@ -124,9 +131,9 @@ class Tracker:
         if self.wandb is not None and numbers:
             self.wandb.log(numbers, step=step)
 
-    def artifact(self, name: str, data: bytes) -> None:
+    def artifact(self, name: str, data: bytes, step: Optional[int] = None) -> None:
         """A file (a sample grid, the config) under the MLflow run's artifacts and the W&B run's files, by `name`
-        (folders allowed); a W&B image too for a png."""
+        (folders allowed); a W&B image too for a png, at `step` (that of the evaluation that drew it)."""
         if self.mlflow is None and self.wandb is None:
             return
         folder, base = os.path.split(name)
@@ -140,7 +147,7 @@ class Tracker:
                 if name.endswith(".png"):
                     import wandb
 
-                    self.wandb.log({folder or "image": wandb.Image(path, caption=name)})
+                    self.wandb.log({folder or "image": wandb.Image(path, caption=name)}, step=step)
                 self._wandb_file(name, data)
 
     def _wandb_file(self, name: str, data: bytes) -> None:
@@ -167,7 +174,14 @@ class Tracker:
                 import fsspec
 
                 fs, path = fsspec.core.url_to_fs(f"{TrainLayout(self.root).job(self.job_name)}/wandb")
-                fs.put(os.path.join(self._wandb_local, "wandb"), path, recursive=True)
+                local = os.path.join(self._wandb_local, "wandb")
+                for entry in os.listdir(local):  # by name: a put into an existing folder would nest inside it
+                    if os.path.islink(os.path.join(local, entry)):
+                        continue  # wandb's latest-run link: the run folder is copied by its own name
+                    fs.put(os.path.join(local, entry), f"{path}/{entry}", recursive=True)
+                import shutil
+
+                shutil.rmtree(self._wandb_local, ignore_errors=True)
 
     def _copy_tensorboard(self) -> None:
         from pipeline.run.storage import write_atomic

@@ -34,11 +34,13 @@ class ShardedBatches:
         """Samples each rank sees per epoch (equal on every rank)."""
         return math.ceil(self.plan.size / self.world_size)
 
-    def batches_per_epoch(self, earlier: Sequence[Segment] = ()) -> int:
-        """Batches of an epoch: those trained in its `earlier` segments (on other world sizes) and this rank's."""
+    def batches_per_epoch(self, earlier: Sequence[Segment] = (), epoch: int = 0) -> int:
+        """Batches of `epoch`: those trained in its `earlier` segments (on other world sizes) and this rank's."""
         if not earlier:
             return batches_of(self.samples_per_epoch(), self.batch_size, self.drop_last)
-        share = self.share(0, earlier)[1]  # as long on every rank: the epoch does not matter
+        # as long on every rank; which padded duplicates an earlier segment trained, and so how many are left, is
+        # the epoch's own
+        share = self.share(epoch, earlier)[1]
         return sum(batches for _, batches in earlier) + batches_of(len(share), self.batch_size, self.drop_last)
 
     def share(self, epoch: int, earlier: Sequence[Segment]) -> tuple[int, np.ndarray]:

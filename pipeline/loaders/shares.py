@@ -60,14 +60,12 @@ def shares(samples: int, segments: Sequence[Segment], world_size: int, batch_siz
     for index, (size, batches) in enumerate(segments):
         if len(owned) != size:
             raise ValueError(f"segment {index} of the epoch has {size} workers, its shares were cut for {len(owned)}")
-        left = []
-        for rank, mine in enumerate(owned):
-            trained = emission_order(len(mine), buffer_size, seed, epoch, rank, index)[:batches * batch_size]
-            keep = np.ones(len(mine), dtype=bool)
-            keep[trained] = False
-            left.append(mine[keep])
+        trained = [mine[emission_order(len(mine), buffer_size, seed, epoch, rank, index)[:batches * batch_size]]
+                   for rank, mine in enumerate(owned)]
+        # what no rank trained (a sample two shares held as padding is done once either trained it)
+        left = np.setdiff1d(np.concatenate(owned), np.concatenate(trained))
         following = segments[index + 1][0] if index + 1 < len(segments) else world_size
-        owned = cut(np.unique(np.concatenate(left)), following)
+        owned = cut(left, following)
     return roots, owned
 
 
