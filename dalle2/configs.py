@@ -27,10 +27,10 @@ class DiffusionConfig(StrictModel):
 
     timesteps: int = 1000
     sample_timesteps: Optional[int] = None  # None: DDPM over all steps; a number: `sampler` over that many
-    # with sample_timesteps: "ddim" (eta's noise), "ddpm" over the respaced process (uses a learned variance), or
-    # "reference": DALLE2-pytorch's own DDIM loop for the prior or the decoder (reference_sampling.py), as imported
-    # models sampled there
-    sampler: Literal["ddim", "ddpm", "reference"] = "ddim"
+    # with sample_timesteps: "ddim" (eta's noise), "ddpm" over the respaced process (uses a learned variance),
+    # "dpmpp" (DPM-Solver++(2M): deterministic, second order, for few steps), or "reference": DALLE2-pytorch's own
+    # DDIM loop for the prior or the decoder (reference_sampling.py), as imported models sampled there
+    sampler: Literal["ddim", "ddpm", "dpmpp", "reference"] = "ddim"
     eta: float = Field(default=0.0, ge=0, le=1)  # DDIM's noise where sample() is given no eta (theirs: 1 for the prior)
     beta_schedule: Literal["cosine", "linear"] = "cosine"
     loss_type: Literal["l1", "l2", "huber"] = "l2"

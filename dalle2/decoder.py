@@ -229,8 +229,11 @@ class Decoder(nn.Module):
         inpaint_resample_times: int = 5,
         eta: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
+        sample_timesteps: Optional[int] = None,
+        sampler: Optional[str] = None,
     ) -> Tensor:
-        """Run the cascade: [B, C, H, W] images in [0, 1] at the last (or `stop_at_unet_number`) size.
+        """Run the cascade: [B, C, H, W] images in [0, 1] at the last (or `stop_at_unet_number`) size. Steps,
+        sampler and eta default to each unet's diffusion config.
 
         Inpainting: `inpaint_image` [B, C, H, W] in [0, 1] and `inpaint_mask` [B, H, W] (True = keep).
         Upsampling a given image: `start_at_unet_number=k` with `start_image` [B, C, H, W] in [0, 1], which
@@ -262,17 +265,18 @@ class Decoder(nn.Module):
             model_fn = self.guided_model_fn(unet, embed, encodings, mask, lowres, lowres_times, cond_scale)
             d, shape = self.config.diffusion_for(number - 1), (batch, self.config.channels, size, size)
             unet_eta = d.eta if eta is None else eta
-            if d.sampler == "reference" and d.sample_timesteps is not None and d.sample_timesteps < d.timesteps:
+            steps, unet_sampler = sample_timesteps or d.sample_timesteps, sampler or d.sampler
+            if unet_sampler == "reference" and steps is not None and steps < d.timesteps:
                 if inpaint:
                     raise ValueError(f"unet {number} samples with DALLE2-pytorch's DDIM (diffusion.sampler: reference), "
                                      "which does not inpaint here: sample it with ddim or ddpm")
-                x = reference_ddim(diffusion, model_fn, shape, kind="decoder", steps=d.sample_timesteps, eta=unet_eta,
+                x = reference_ddim(diffusion, model_fn, shape, kind="decoder", steps=steps, eta=unet_eta,
                                    device=device, x0_transform=self.threshold, generator=generator)
             else:
-                reference = d.sampler == "reference"  # over every step theirs is DDPM, as ours without sample_timesteps
+                reference = unet_sampler == "reference"  # over every step theirs is DDPM, as ours without steps
                 x = diffusion.sample(model_fn, shape, device=device, eta=unet_eta, x0_transform=self.threshold,
-                                     sample_timesteps=None if reference else d.sample_timesteps, generator=generator,
-                                     sampler="ddim" if reference else d.sampler, **inpaint)
+                                     sample_timesteps=None if reference else steps, generator=generator,
+                                     sampler="ddim" if reference else unet_sampler, **inpaint)
             images = (x.clamp(-1, 1) + 1) / 2
         return images
 

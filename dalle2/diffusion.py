@@ -23,7 +23,7 @@ BetaSchedule = Literal["cosine", "linear"]
 LossType = Literal["l1", "l2", "huber"]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 X0Transform = Callable[[Tensor], Tensor]
-Sampler = Literal["ddim", "ddpm"]
+Sampler = Literal["ddim", "ddpm", "dpmpp"]
 
 
 
@@ -340,8 +340,9 @@ class GaussianDiffusion(nn.Module):
         step_noise: Optional[Iterator[Tensor]] = None,
     ) -> Tensor:
         """Draw samples: DDPM over all steps when `sample_timesteps` is None; else, with that many steps, DDIM
-        (`sampler="ddim"`, with `eta`: 0 deterministic, 1 as stochastic as DDPM) or DDPM over the respaced
-        process (`sampler="ddpm"`, which samples with a learned variance where DDIM keeps eta's).
+        (`sampler="ddim"`, with `eta`: 0 deterministic, 1 as stochastic as DDPM), DDPM over the respaced
+        process (`sampler="ddpm"`, which samples with a learned variance where DDIM keeps eta's), or
+        DPM-Solver++(2M) (`sampler="dpmpp"`: deterministic, second order; dalle2/dpm_solver.py).
 
         With `inpaint_image` and `inpaint_mask` (True/1 = known pixel), the known region is
         re-imposed at every noise level and each step is resampled `inpaint_resample_times` times
@@ -350,8 +351,10 @@ class GaussianDiffusion(nn.Module):
         `noise` is x_T and `step_noise` the noise of every stochastic step after it, in order (to check parity with
         another implementation given the same draws); both are drawn from `generator` when not given.
         """
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler not in ("ddim", "ddpm", "dpmpp"):
+            raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'dpmpp', got {sampler!r}")
+        if sampler == "dpmpp" and inpaint_image is not None:
+            raise ValueError("inpainting (RePaint) resamples with DDIM or DDPM steps: sampler='dpmpp' cannot inpaint")
         if sampler == "ddpm" and sample_timesteps is not None and sample_timesteps < self.timesteps:
             respaced = self.respaced(sample_timesteps)
             timestep_map = respaced.timestep_map
@@ -374,6 +377,14 @@ class GaussianDiffusion(nn.Module):
             inpaint_image = inpaint_image.to(x)
 
         pairs = self.time_pairs(steps)
+        if sampler == "dpmpp":
+            from .dpm_solver import dpmpp_2m
+
+            def predict_x0(x_t: Tensor, t: int) -> Tensor:
+                t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+                return self._predict(model_fn, x_t, t_batch, x0_transform)[0]
+
+            return dpmpp_2m(predict_x0, x, pairs, self.alphas_cumprod)
         if progress:
             from tqdm.auto import tqdm
 

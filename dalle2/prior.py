@@ -203,8 +203,10 @@ class DiffusionPrior(nn.Module):
         num_samples_per_batch: Optional[int] = None,
         eta: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
+        sampler: Optional[str] = None,
     ) -> Tensor:
-        """Unit-norm image embeds [B, D]; draws several per text and keeps the closest to the text embed."""
+        """Unit-norm image embeds [B, D]; draws several per text and keeps the closest to the text embed. Steps,
+        sampler and eta default to the config's `diffusion`."""
         text_embed, text_encodings, text_mask = self._conditioning(text, text_embed, text_encodings, text_mask)
         n = num_samples_per_batch or self.config.num_samples_per_batch
         batch = text_embed.shape[0]
@@ -215,16 +217,16 @@ class DiffusionPrior(nn.Module):
         model_fn = self.guided_model_fn(repeat(text_embed), repeat(text_encodings), repeat(text_mask), cond_scale)
         clamp = (lambda x0: l2norm(x0) * self.image_embed_scale) if self.config.sampling_clamp_l2norm else None
         d = self.config.diffusion
-        steps, eta = sample_timesteps or d.sample_timesteps, d.eta if eta is None else eta
+        steps, eta, sampler = sample_timesteps or d.sample_timesteps, d.eta if eta is None else eta, sampler or d.sampler
         shape = (batch * n, self.image_embed_dim)
-        if d.sampler == "reference" and steps is not None and steps < d.timesteps:
+        if sampler == "reference" and steps is not None and steps < d.timesteps:
             samples = reference_ddim(self.diffusion, model_fn, shape, kind="prior", steps=steps, eta=eta,
                                      device=text_embed.device, x0_transform=clamp, generator=generator)
         else:
-            reference = d.sampler == "reference"  # over every step theirs is DDPM, as ours without sample_timesteps
+            reference = sampler == "reference"  # over every step theirs is DDPM, as ours without sample_timesteps
             samples = self.diffusion.sample(model_fn, shape, device=text_embed.device, eta=eta, x0_transform=clamp,
                                             sample_timesteps=None if reference else steps, generator=generator,
-                                            sampler="ddim" if reference else d.sampler)
+                                            sampler="ddim" if reference else sampler)
         samples = l2norm(samples).view(batch, n, -1)
         if n == 1:
             return samples[:, 0]

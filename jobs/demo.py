@@ -104,7 +104,7 @@ def judge_samples(config, built_in: bool) -> dict:
     if built_in:
         withheld = list(config.demo.withhold)
         prompts = [prompt for prompt in PROMPTS if prompt not in withheld]
-        images = generate(config.root, prompts + withheld, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
+        images, used = generate(config.root, prompts + withheld, n=per_prompt)
         write_atomic(f"{root}/samples.png", grid_png(images, prompts + [f"{p} (withheld)" for p in withheld]))
         arrays = to_uint8(images)
         split = len(prompts) * per_prompt
@@ -121,7 +121,7 @@ def judge_samples(config, built_in: bool) -> dict:
         ensure_holdout(config.root, config.holdout, trained=tuple(training_jobs(config.root)))
         prompts, real, real_set = held_out_prompts(config.root, config.demo.prompts, per_prompt,
                                                    config.download.image_size)
-        images = generate(config.root, prompts, n=per_prompt, cond_scale=config.train_decoder.cond_scale)
+        images, used = generate(config.root, prompts, n=per_prompt)
         real, real_set = (torch.nn.functional.interpolate(x, size=images.shape[-2:], mode="bilinear", antialias=True)
                           for x in (real, real_set))
         # each row: the samples, then one real image of that caption
@@ -131,7 +131,8 @@ def judge_samples(config, built_in: bool) -> dict:
         judged = {"prompts": prompts, "withheld_prompts": [], "prompt_match": None, "withheld_match": None,
                   "text_image_agreement": agreement(config, images, prompts, per_prompt, real=real, real_set=real_set)}
     write_npy(f"{root}/samples.npy", arrays)
-    return {**judged, "samples_per_prompt": per_prompt}
+    # the report says how they were drawn (the run's `sampling`, which `dalle2 sample` defaults to as well)
+    return {**judged, "samples_per_prompt": per_prompt, "sampling": used.model_dump(mode="json")}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -162,6 +162,10 @@ def render_report(report: dict) -> str:
     agree = report.get("text_image_agreement")
     if agree:
         lines += agreement_rows(agree)
+    sampling = report.get("sampling")
+    if sampling:  # what `dalle2 sample --root` defaults to as well
+        lines += ["", "Sampled with: " + ", ".join(f"{md_cell(k)} {md_cell(v if v is not None else 'the model config')}"
+                                                   for k, v in sampling.items())]
     lines += ["", "![samples](samples.png)", ""]
     return "\n".join(lines)
 

@@ -8,7 +8,8 @@ from dalle2.configs import StrictModel
 from pipeline.run.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
 
 from .config_io import load_config
-from .training.config import EvalConfig, TrackingConfig, TrainClipConfig, TrainDecoderConfig, TrainPriorConfig
+from .training.config import (EvalConfig, SamplingConfig, TrackingConfig, TrainClipConfig, TrainDecoderConfig,
+                              TrainPriorConfig)
 
 
 class DemoConfig(StrictModel):
@@ -52,6 +53,26 @@ class RunConfig(StrictModel):
     demo: DemoConfig = DemoConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sampling: SamplingConfig = SamplingConfig()  # guidance, candidates, sampler and steps: evaluation and sampling alike
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data):
+        """train_decoder.cond_scale (before `sampling` existed) is sampling.decoder_cond_scale: a run saved with it,
+        or a config that still says it, keeps its guidance."""
+        decoder = data.get("train_decoder") if isinstance(data, dict) else None
+        if isinstance(decoder, dict) and "cond_scale" in decoder:
+            import logging
+
+            data = {**data, "train_decoder": {k: v for k, v in decoder.items() if k != "cond_scale"}}
+            sampling = dict(data.get("sampling") or {})
+            if "decoder_cond_scale" in sampling:
+                raise ValueError("train_decoder.cond_scale is sampling.decoder_cond_scale now: give it once")
+            data["sampling"] = {**sampling, "decoder_cond_scale": decoder["cond_scale"]}
+            logging.getLogger(__name__).warning(
+                "train_decoder.cond_scale is now sampling.decoder_cond_scale (%s): the config says it the old way",
+                decoder["cond_scale"])
+        return data
 
     def custom_resources(self) -> set[str]:
         """The names of the custom Ray resources the stages of this run ask for."""

@@ -79,7 +79,9 @@ def decoder_loop(config: dict) -> None:
     # each rank samples its share, rank 0 scores all (no held-out rows: no evaluation, on every rank alike)
     mine = rank_slice(held_out, worker.rank, worker.world_size) if held_out is not None else None
     # batches trained so far, so a resumed run gives each stage the batches an uninterrupted run would
-    counter = {"batches": state.get("epoch", 0) * loader.batches_per_epoch() + state.get("batch", 0)}
+    # (a checkpoint is taken where no unet holds accumulated batches: each of its optimizer steps took
+    # grad_accum_every batches, whatever number of workers trained them)
+    counter = {"batches": trainer.step * job.trainer.grad_accum_every}
 
     def conditioning(batch: dict, number: int) -> dict:
         wants_text = encoder is not None and decoder.config.unets[number - 1].cond_on_text_encodings
@@ -110,8 +112,8 @@ def decoder_loop(config: dict) -> None:
             text = encoder(mine["caption"]) if encoder is not None else {}
             # a later stage trained alone upsamples the real images in place of the stages before it
             start = mine["image"] if min(numbers) > 1 else None
-            samples = trainer.sample(image_embed=mine["image_embed"].to(worker.device), cond_scale=job.cond_scale,
-                                     start_image=start, **text,
+            samples = trainer.sample(image_embed=mine["image_embed"].to(worker.device), start_image=start, **text,
+                                     **run.sampling.decoder_kwargs(),
                                      generator=torch.Generator(worker.device).manual_seed(job.seed + worker.rank))
         parts = worker.gathered(samples.cpu() if samples is not None else None)
         if worker.rank != 0:
@@ -122,7 +124,7 @@ def decoder_loop(config: dict) -> None:
                                                antialias=True)
         grid = sample_grid(samples, real, list(held_out["caption"]))
         write_atomic(TrainLayout(run.root).sample_grid(job.job_name, step), grid)
-        worker.tracker.artifact(f"samples/step_{step}.png", grid)
+        worker.tracker.artifact(f"samples/step_{step}.png", grid, step=step)
         metrics = {**losses, "sample_mse": float(((samples.cpu() - real) ** 2).mean()), "eval_images": len(samples)}
         if clip is not None and clip.embed_dim == embeds.shape[1]:
             metrics["image_embed_similarity"] = float(

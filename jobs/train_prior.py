@@ -61,7 +61,8 @@ def prior_loop(config: dict) -> None:
         count = len(mine["image_embed"])
         metrics = {}
         if count >= 2:
-            metrics = prior_metrics(trainer.sample, image_embed=mine["image_embed"].to(worker.device), **conditioning(mine))
+            metrics = prior_metrics(trainer.sample, image_embed=mine["image_embed"].to(worker.device), **conditioning(mine),
+                                    **run.sampling.prior_kwargs())
             metrics["val_loss"] = trainer.validation_loss(
                 {**conditioning(mine), "image_embed": mine["image_embed"], "seeds": mine["seed"]})
         return worker.pooled(metrics, count)

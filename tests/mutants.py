@@ -984,4 +984,17 @@ MUTANTS = [
          old="        since = step - 1 if since is None else since",
          new="        since = step - 1",
          tests=["tests/test_cadence.py"]),
+    # DPM-Solver++(2M) (issue 26): checked against the exact probability flow of Gaussian data
+    dict(name="dpmpp.first_order_only", file="dalle2/dpm_solver.py",
+         old="            data = (1 + 1 / (2 * ratio)) * x0 - (1 / (2 * ratio)) * previous[0]",
+         new="            data = x0",
+         tests=["tests/test_diffusion.py"]),
+    dict(name="dpmpp.step_ratio_inverted", file="dalle2/dpm_solver.py",
+         old="            ratio = previous[1] / h",
+         new="            ratio = h / previous[1]",
+         tests=["tests/test_diffusion.py"]),
+    dict(name="dpmpp.noise_scale_inverted", file="dalle2/dpm_solver.py",
+         old="        x = (sigma_s / sigma_t).to(x.dtype) * x",
+         new="        x = (sigma_t / sigma_s).to(x.dtype) * x",
+         tests=["tests/test_diffusion.py"]),
 ]

@@ -355,3 +355,42 @@ def test_a_strided_ddpm_step_adds_the_jumps_own_noise():
     out, _ = r.ddpm_step(lambda xx, t: torch.cat([torch.zeros_like(xx), torch.full_like(xx, 0.2)], dim=1), x, k,
                          generator=torch.Generator().manual_seed(0))
     assert out.var().item() == pytest.approx(expected, rel=0.03)
+
+
+def exact_flow(d: GaussianDiffusion, noise: Tensor, pairs: list, mu: Tensor, sigma: Tensor) -> Tensor:
+    """Where the probability-flow ODE of Gaussian data N(mu, sigma) takes `noise` from the first level of `pairs`
+    to the last (in closed form: each eigen-direction of sigma keeps its standardised value), then the exact x0
+    prediction there: what an ODE sampler whose last step returns x0 tends to as its steps shrink."""
+    abar = d.alphas_cumprod.double()
+    values, vectors = torch.linalg.eigh(sigma.double())
+    first, last = pairs[0][0], pairs[-1][0]
+
+    def std(a):  # the marginal's standard deviation along each eigen-direction at level a
+        return (a * values + 1 - a).sqrt()
+
+    z = (noise.double() - abar[first].sqrt() * mu.double()) @ vectors / std(abar[first])
+    x = abar[last].sqrt() * mu.double() + (z * std(abar[last])) @ vectors.T
+    t = torch.full((len(x),), last, dtype=torch.long)
+    return d.x0_from_output(exact_model(d, mu, sigma)(x.float(), t), x.float(), t).double()
+
+
+@pytest.mark.parametrize("predict", ["eps", "v"])
+def test_dpm_solver_follows_the_exact_probability_flow_far_closer_than_ddim(predict):
+    """DPM-Solver++(2M) driven by the exact model of Gaussian data lands where the exact ODE does: within 0.025 at 8
+    steps, where DDIM (the same solver at first order) is 0.24 off and still 0.09 at 32 steps. What is left is the
+    first step's: from a signal of 2e-9 of the cosine schedule's last level its log-SNR step stays wide (first
+    order: no earlier prediction) whatever the step count."""
+    d = GaussianDiffusion(timesteps=1000, predict=predict)
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for sampler in ("dpmpp", "ddim"):
+        for steps in (8, 16, 32):
+            out = d.sample(exact_model(d, MU, SIGMA), (2000, 2), sample_timesteps=steps, sampler=sampler,
+                           noise=noise.clone()).double()
+            errors[sampler, steps] = (out - exact_flow(d, noise, d.time_pairs(steps), MU, SIGMA)).abs().max().item()
+    assert errors["dpmpp", 8] < 0.025 and errors["dpmpp", 8] < 0.3 * errors["ddim", 32], errors
+    assert all(errors["dpmpp", steps] < 0.2 * errors["ddim", steps] for steps in (8, 16, 32)), errors
+    assert errors["dpmpp", 32] < errors["dpmpp", 16] < errors["dpmpp", 8], errors
+    with pytest.raises(ValueError, match="cannot inpaint"):
+        d.sample(exact_model(d, MU, SIGMA), (4, 2), sample_timesteps=8, sampler="dpmpp",
+                 inpaint_image=torch.zeros(4, 2), inpaint_mask=torch.ones(4, 2))

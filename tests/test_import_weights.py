@@ -238,3 +238,39 @@ def test_train_prior_fine_tunes_an_imported_prior_on_the_data_it_was_trained_on(
     fields["max_steps"] = 25
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"root": str(root), "train_prior": fields}))
     assert train_prior.main(["--config", str(tmp_path / "run.yaml")])["resumed_from_step"] == 20
+
+
+def test_sample_defaults_to_the_runs_sampling_settings_and_says_which_it_used(tmp_path):
+    root = tmp_path / "run"
+    imported(root, "--set", "sampling.prior_cond_scale=2", "--set", "sampling.decoder_cond_scale=3",
+             "--set", "sampling.candidates=3")
+
+    def sample(name: str, *flags: str) -> tuple[np.ndarray, dict]:
+        out = tmp_path / f"{name}.png"
+        assert cli.main(["sample", "--root", str(root), "--prompt", "a red square", "--n", "2", "--out", str(out),
+                         "--out-npy", str(tmp_path / f"{name}.npy"), *flags]) == 0
+        return np.load(tmp_path / f"{name}.npy"), json.loads((tmp_path / f"{name}.json").read_text())
+
+    default, used = sample("default")
+    assert used["sampling"] == {"prior_cond_scale": 2.0, "decoder_cond_scale": 3.0, "candidates": 3,
+                                "sampler": None, "steps": None}
+    spelled_out, _ = sample("spelled", "--prior-cond-scale", "2", "--decoder-cond-scale", "3", "--candidates", "3")
+    assert np.array_equal(default, spelled_out)  # the run's settings are what it used
+    unguided, used = sample("unguided", "--cond-scale", "1")
+    assert used["sampling"]["prior_cond_scale"] == used["sampling"]["decoder_cond_scale"] == 1.0
+    assert not np.array_equal(default, unguided)
+    fast, used = sample("fast", "--sampler", "dpmpp", "--steps", "4")
+    assert used["sampling"]["sampler"] == "dpmpp" and used["sampling"]["steps"] == 4
+    assert fast.shape == default.shape and fast.std() > 0 and not np.array_equal(default, fast)
+
+
+def test_a_config_that_still_says_train_decoder_cond_scale_keeps_its_guidance(caplog):
+    from pydantic import ValidationError
+
+    from jobs.run_config import RunConfig
+
+    run = RunConfig.model_validate({"train_decoder": {"cond_scale": 2.5, "batch_size": 4}})
+    assert run.sampling.decoder_cond_scale == 2.5 and run.train_decoder.batch_size == 4
+    assert "sampling.decoder_cond_scale" in caplog.text
+    with pytest.raises(ValidationError, match="give it once"):
+        RunConfig.model_validate({"train_decoder": {"cond_scale": 2.5}, "sampling": {"decoder_cond_scale": 3}})

@@ -62,14 +62,43 @@ class TrainDecoderConfig(TrainJobConfig):
     decoder: Union[str, dict] = "tiny"  # a registered architecture (dalle2/model_configs/decoder) or a dict
     init_from: Optional[str] = None  # as train_prior.init_from, for the decoder
     unet_number: Optional[PositiveInt] = None  # train this stage only; None: every stage, in turn, batch by batch
-    eval_samples: PositiveInt = 8  # held-out embeddings drawn into the sample grid
-    cond_scale: float = 1.0
+    eval_samples: PositiveInt = 8  # held-out embeddings drawn into the sample grid (with the run's `sampling`)
 
     @property
     def job_name(self) -> str:
         """Where this job's checkpoints go: `decoder` for the whole cascade, `decoder_unet{k}` for stage k alone,
         so stages trained by separate jobs (each on the GPUs it needs) never resume from each other."""
         return "decoder" if self.unet_number is None else f"decoder_unet{self.unet_number}"
+
+
+class SamplingConfig(StrictModel):
+    """How the run's models sample, alike in its evaluations, the demo's samples.png and `dalle2 sample` (whose flags
+    override each setting)."""
+
+    prior_cond_scale: float = Field(default=1.0, ge=0, le=30)  # the prior's classifier-free guidance (1: none)
+    decoder_cond_scale: float = Field(default=1.0, ge=0, le=30)  # every unet's
+    # image embeddings the prior draws per text, the one closest to the text kept (None: the prior's
+    # num_samples_per_batch)
+    candidates: Optional[PositiveInt] = None
+    # None: each model's own diffusion.sampler and sample_timesteps; set: every model samples with it
+    sampler: Optional[Literal["ddim", "ddpm", "dpmpp"]] = None
+    steps: Optional[PositiveInt] = None
+
+    def prior_kwargs(self) -> dict:
+        """DiffusionPrior.sample's arguments for these settings."""
+        return dict(cond_scale=self.prior_cond_scale, num_samples_per_batch=self.candidates,
+                    sample_timesteps=self.steps, sampler=self.sampler)
+
+    def decoder_kwargs(self) -> dict:
+        """Decoder.sample's arguments for these settings."""
+        return dict(cond_scale=self.decoder_cond_scale, sample_timesteps=self.steps, sampler=self.sampler)
+
+    def described(self) -> str:
+        """One line naming every setting used (for logs and the outputs' metadata)."""
+        own = "each model's"
+        return (f"prior guidance {self.prior_cond_scale:g}, decoder guidance {self.decoder_cond_scale:g}, "
+                f"{self.candidates or 'the prior config'} candidates, sampler {self.sampler or own}, "
+                f"{self.steps or own} steps")
 
 
 class TrackingConfig(StrictModel):
