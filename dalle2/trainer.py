@@ -21,8 +21,7 @@ from .trainer_config import TrainerConfig
 from .layers import set_gradient_checkpointing
 from .lr_schedules import lr_multiplier
 from .parallel import (Parallel, PartLoss, data_parallel, gathered, local, rank, same_passes, set_gradient_sync, shard,
-                       shard_like,
-                       shard_optimizer_state, shard_state, whole, world_size)
+                       shard_like, shard_optimizer_state, shard_state, whole, world_size)
 from .precision import autocast_context
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,11 @@ def mlflow_tracking_uri(root: str, configured: Optional[str]) -> str:
     return "file://" + os.path.join(root, "mlruns")
 
 
+def experiment_name(run) -> str:
+    """The run's MLflow experiment and W&B group: tracking.experiment, else the root's folder name."""
+    return run.tracking.experiment or os.path.basename(run.root.rstrip("/")) or "dalle2"
+
+
 class Tracker:
     """Rank 0's trackers of one job; every method is a no-op on the other ranks and for trackers not asked for."""
 
@@ -64,7 +69,7 @@ class Tracker:
         uri = mlflow_tracking_uri(self.root, run.tracking.mlflow_tracking_uri)
         if uri.startswith("file:"):
             os.environ.setdefault(ALLOW_FILE_STORE, "true")
-        experiment = run.tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
+        experiment = experiment_name(run)
         job_name, pointer = self.job_name, TrainLayout(self.root).mlflow_run(self.job_name)
         earlier = read_json(pointer) if exists(pointer) else None
         if earlier and earlier.get("tracking_uri") == uri:  # this job's run: continued
@@ -96,23 +101,24 @@ class Tracker:
         pointer = TrainLayout(self.root).wandb_run(self.job_name)
         earlier = read_json(pointer) if exists(pointer) else None
         run_id = earlier["run_id"] if earlier else uuid.uuid4().hex[:12]
-        experiment = tracking.experiment or os.path.basename(self.root.rstrip("/")) or "dalle2"
+        experiment = experiment_name(run)
+        project = tracking.wandb_project or experiment
         # Ray's setup_wandb asks for no API key when WANDB_MODE says offline: set for the call alone
         previous = os.environ.get("WANDB_MODE")
         os.environ["WANDB_MODE"] = tracking.wandb_mode
         try:
             self.wandb = setup_wandb(job.model_dump(mode="json"), trial_id=run_id, trial_name=self.job_name,
-                                     project=tracking.wandb_project or experiment, group=experiment, dir=folder,
+                                     project=project, group=experiment, dir=folder,
                                      mode=tracking.wandb_mode, resume="allow", tags=[self.job_name])
         finally:
             if previous is None:
                 os.environ.pop("WANDB_MODE", None)
             else:
                 os.environ["WANDB_MODE"] = previous
-        write_json(pointer, {"run_id": run_id, "project": tracking.wandb_project or experiment})
+        write_json(pointer, {"run_id": run_id, "project": project})
         self._wandb_file("run.yaml", _yaml(run.model_dump(mode="json")))  # W&B's own config.yaml is its settings
         log.info("%s: W&B run %s (%s) in project %r under %s", self.job_name, run_id, tracking.wandb_mode,
-                 tracking.wandb_project or experiment, folder)
+                 project, folder)
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         """Numeric metrics of one report, at its step."""

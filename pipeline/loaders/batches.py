@@ -14,7 +14,7 @@ import torch
 from pipeline.formats.aligned import read_aligned
 from pipeline.formats.shard_reader import image_of, iter_samples
 from pipeline.loaders.plan import SamplePlan
-from pipeline.loaders.shares import Segment, batches_of, emission_order, shares
+from pipeline.loaders.shares import Segment, batches_of, emission_order, share_of
 from pipeline.run.layout import RunLayout, parse_key
 
 
@@ -45,9 +45,8 @@ class ShardedBatches:
 
     def share(self, epoch: int, earlier: Sequence[Segment]) -> tuple[int, np.ndarray]:
         """The root world size of `epoch` and this rank's share of it (pipeline/loaders/shares.py)."""
-        roots, owned = shares(self.plan.size, earlier, self.world_size, self.batch_size, self.shuffle_buffer,
-                              self.seed, epoch)
-        return roots, owned[self.rank]
+        return share_of(self.rank, self.plan.size, earlier, self.world_size, self.batch_size, self.shuffle_buffer,
+                        self.seed, epoch)
 
     def samples(self, shard: str, indices: np.ndarray, needed: np.ndarray) -> Iterator[Optional[dict]]:
         """One item per entry of `indices`, in the order they are read: the sample, or None (not decoded) for

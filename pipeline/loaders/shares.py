@@ -55,8 +55,7 @@ def shares(samples: int, segments: Sequence[Segment], world_size: int, batch_siz
     sorted ids into the root ranks' concatenated read sequences (root r's read position p is r * per_root + p, with
     per_root = ceil(samples / roots), its padding included)."""
     roots = segments[0][0] if segments else world_size
-    per_root = math.ceil(samples / roots)
-    owned = [np.arange(r * per_root, (r + 1) * per_root, dtype=np.int64) for r in range(roots)]
+    owned = [root_sequence(samples, roots, r) for r in range(roots)]
     for index, (size, batches) in enumerate(segments):
         if len(owned) != size:
             raise ValueError(f"segment {index} of the epoch has {size} workers, its shares were cut for {len(owned)}")
@@ -67,6 +66,22 @@ def shares(samples: int, segments: Sequence[Segment], world_size: int, batch_siz
         following = segments[index + 1][0] if index + 1 < len(segments) else world_size
         owned = cut(left, following)
     return roots, owned
+
+
+def share_of(rank: int, samples: int, segments: Sequence[Segment], world_size: int, batch_size: int,
+             buffer_size: int, seed: int, epoch: int) -> tuple[int, np.ndarray]:
+    """The root world size and rank `rank`'s share, as `shares` gives it; an epoch as it began (no segments) is the
+    rank's own read sequence, found without building every rank's."""
+    if not segments:
+        return world_size, root_sequence(samples, world_size, rank)
+    roots, owned = shares(samples, segments, world_size, batch_size, buffer_size, seed, epoch)
+    return roots, owned[rank]
+
+
+def root_sequence(samples: int, roots: int, rank: int) -> np.ndarray:
+    """The ids of root rank `rank`'s read sequence: its ceil(samples / roots) positions, padding included."""
+    per_root = math.ceil(samples / roots)
+    return np.arange(rank * per_root, (rank + 1) * per_root, dtype=np.int64)
 
 
 def batches_of(count: int, batch_size: int, drop_last: bool) -> int:
