@@ -182,12 +182,26 @@ class DiffusionPrior(nn.Module):
 
         return self.diffusion.loss(model_fn, x0, loss_type=self.config.diffusion.loss_type, rng=rng)
 
-    def guided_model_fn(self, text_embed: Tensor, text_encodings, text_mask, cond_scale: float):
-        """model_fn(x, t) with classifier-free guidance (see diffusion.classifier_free_guidance)."""
+    def guided_model_fn(self, text_embed: Tensor, text_encodings, text_mask, cond_scale: float,
+                        negative: Optional[tuple] = None):
+        """model_fn(x, t) with classifier-free guidance (see diffusion.classifier_free_guidance); with `negative`
+        (text embed, encodings, mask of a negative prompt) guidance moves away from that prompt instead of from
+        the null conditioning."""
 
         def forward(x: Tensor, t: Tensor, drop: Optional[Tensor]) -> Tensor:
             n = x.shape[0] // text_embed.shape[0]
-            return self.net(x, t, tile(text_embed, n), tile(text_encodings, n), tile(text_mask, n), cond_drop_mask=drop)
+            if negative is None or drop is None:
+                return self.net(x, t, tile(text_embed, n), tile(text_encodings, n), tile(text_mask, n),
+                                cond_drop_mask=drop)
+            # the rows guidance would drop the conditioning of are conditioned on the negative prompt instead
+            def pick(positive: Optional[Tensor], negative_part: Optional[Tensor]) -> Optional[Tensor]:
+                if positive is None:
+                    return None
+                rows = drop.reshape(-1, *([1] * (positive.ndim - 1)))
+                return torch.where(rows, tile(negative_part, n), tile(positive, n))
+
+            return self.net(x, t, pick(text_embed, negative[0]), pick(text_encodings, negative[1]),
+                            pick(text_mask, negative[2]), cond_drop_mask=None)
 
         return classifier_free_guidance(forward, cond_scale)
 
@@ -204,9 +218,11 @@ class DiffusionPrior(nn.Module):
         eta: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         sampler: Optional[str] = None,
+        negative_text: Union[Sequence[str], Tensor, None] = None,
     ) -> Tensor:
         """Unit-norm image embeds [B, D]; draws several per text and keeps the closest to the text embed. Steps,
-        sampler and eta default to the config's `diffusion`."""
+        sampler and eta default to the config's `diffusion`. `negative_text` (one per text, needs CLIP and
+        cond_scale != 1) takes the place of the null conditioning in guidance: samples move away from it."""
         text_embed, text_encodings, text_mask = self._conditioning(text, text_embed, text_encodings, text_mask)
         n = num_samples_per_batch or self.config.num_samples_per_batch
         batch = text_embed.shape[0]
@@ -214,7 +230,13 @@ class DiffusionPrior(nn.Module):
         def repeat(z: Optional[Tensor]) -> Optional[Tensor]:
             return None if z is None else z.repeat_interleave(n, dim=0)
 
-        model_fn = self.guided_model_fn(repeat(text_embed), repeat(text_encodings), repeat(text_mask), cond_scale)
+        negative = None
+        if negative_text is not None:
+            if len(negative_text) != batch:
+                raise ValueError(f"{len(negative_text)} negative texts for {batch} texts: give one per text")
+            negative = tuple(repeat(z) for z in self._conditioning(negative_text, None, None, None))
+        model_fn = self.guided_model_fn(repeat(text_embed), repeat(text_encodings), repeat(text_mask), cond_scale,
+                                        negative=negative)
         clamp = (lambda x0: l2norm(x0) * self.image_embed_scale) if self.config.sampling_clamp_l2norm else None
         d = self.config.diffusion
         steps, eta, sampler = sample_timesteps or d.sample_timesteps, d.eta if eta is None else eta, sampler or d.sampler
