@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from dalle2.configs import StrictModel
-from pipeline.run.config import DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, RayConfig, ReorderConfig
+from pipeline.run.config import (DownloadConfig, EmbedConfig, FilterConfig, HoldoutConfig, IndexConfig, RayConfig,
+                                 ReorderConfig)
 
 from .config_io import load_config
 from .training.config import (EvalConfig, SamplingConfig, TrackingConfig, TrainClipConfig, TrainDecoderConfig,
@@ -54,6 +55,7 @@ class RunConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     sampling: SamplingConfig = SamplingConfig()  # guidance, candidates, sampler and steps: evaluation and sampling alike
+    index: IndexConfig = IndexConfig()  # dalle2 index: search over the training rows' image embeddings
 
     @model_validator(mode="before")
     @classmethod

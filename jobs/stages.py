@@ -8,13 +8,13 @@ from typing import Optional
 from pipeline.execution.session import RaySession
 from pipeline.run.ledger import StageStopped  # noqa: F401 - the stages' stop, raised here and by the stages themselves
 
-from . import download, embed, filter, reorder, train_clip, train_decoder, train_prior
+from . import download, embed, filter, index, reorder, train_clip, train_decoder, train_prior
 from .run_config import RunConfig
 from .stage import Stage, run_stage
 
 log = logging.getLogger(__name__)
 
-_IN_ORDER = (download, train_clip, embed, reorder, filter, train_prior, train_decoder)  # the order a run goes through
+_IN_ORDER = (download, train_clip, embed, reorder, filter, train_prior, train_decoder, index)  # the order a run goes through
 STAGES: list[Stage] = [module.STAGE for module in _IN_ORDER]  # each stage module's one STAGE
 MODULES: dict[str, str] = {module.STAGE.name: module.__name__ for module in _IN_ORDER}  # for `python -m` and the CLI
 

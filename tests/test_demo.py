@@ -87,7 +87,8 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     with open(os.path.join(root, "report.json")) as f:
         report = json.load(f)
     assert report["stages"] == {"download": "ran", "train-clip": "ran", "embed": "ran", "reorder": "not wanted",
-                                "filter": "ran", "train-prior": "ran", "train-decoder": "ran"}
+                                "filter": "ran", "train-prior": "ran", "train-decoder": "ran",
+                                "index": "ran"}
     for name in ("samples.png", "samples.npy", "report.json", "report.md", "report.html", "config.yaml"):
         assert os.path.exists(os.path.join(root, name)), name
     # a terminal's worth of output, the same on a slow machine as on a fast one: the project's lines and one bar per

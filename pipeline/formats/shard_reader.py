@@ -144,6 +144,12 @@ def _checksum_matches(header: bytes) -> bool:
 def iter_members(stream: BinaryIO, limits: ReadLimits = LIMITS) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each file member of an uncompressed tar stream, in order; raises ShardReadError on a
     damaged header, a size over `limits` or a stream that ends inside a member."""
+    for name, _, data in iter_member_spans(stream, limits):
+        yield name, data
+
+
+def iter_member_spans(stream: BinaryIO, limits: ReadLimits = LIMITS) -> Iterator[tuple[str, int, bytes]]:
+    """(name, offset of its data in the stream, data) of each file member, as `iter_members`."""
     long_name: str | None = None  # from a pax or GNU header, for the member that follows it
     pax_size: int | None = None  # a pax header's `size`, which replaces the next member's own
     offset = 0  # of the header being read, for errors
@@ -195,7 +201,7 @@ def iter_members(stream: BinaryIO, limits: ReadLimits = LIMITS) -> Iterator[tupl
                 name = (prefix + b"/" + name if prefix and header[257:265] == USTAR else name).decode(
                     "utf-8", errors="replace")
             long_name = None
-            yield name, data
+            yield name, start + BLOCK, data
         else:
             long_name = None
 
@@ -282,6 +288,33 @@ def iter_samples(tar_url: str, limits: ReadLimits = LIMITS) -> Iterator[tuple[st
         raise ShardReadError(error.reason, tar_url, error.kind) from None
     except io.UnsupportedOperation:  # a FIFO, a socket, a character device: opening or rewinding it cannot seek
         raise ShardReadError("cannot seek: not a regular file", tar_url, NOT_REGULAR) from None
+
+
+def image_spans(tar_url: str, limits: ReadLimits = LIMITS) -> Optional[dict[str, tuple[int, int]]]:
+    """{key: (offset, size)} of each sample's image member in an uncompressed shard, read once so that one image is
+    then a ranged read (`read_span`); None for a compressed shard, whose offsets no reader can seek to."""
+    fs, path = filesystem(tar_url)
+    spans: dict[str, tuple[int, int]] = {}
+    try:
+        with fs.open(path, "rb") as f:
+            stream = _uncompressed(f, lambda: _size_of(f, fs, path), limits)
+            if stream is not f:
+                return None
+            for name, offset, data in iter_member_spans(stream, limits):
+                key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    spans.setdefault(key, (offset, len(data)))
+    except ShardReadError as error:
+        raise ShardReadError(error.reason, error.url or tar_url, error.kind) from None
+    return spans
+
+
+def read_span(tar_url: str, offset: int, size: int) -> bytes:
+    """`size` bytes of a shard from `offset` (a member `image_spans` found)."""
+    fs, path = filesystem(tar_url)
+    with fs.open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def image_of(fields: dict[str, bytes]) -> bytes | None:

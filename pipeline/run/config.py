@@ -176,3 +176,22 @@ class FilterConfig(StrictModel):
     cpus_per_task: PositiveFloat = 0.5
     resources: Resources = {}  # e.g. {cpu_pool: 0.001}: pass 1 on the CPU workers
     distributor: Literal["ray", "local"] = "ray"
+
+
+class IndexConfig(StrictModel):
+    """`dalle2 index`: a faiss index of the training rows' CLIP image embeddings, searched by text or image (the
+    service's page shows the nearest training images beside what the model drew)."""
+
+    enabled: bool = True  # a stage of `dalle2 run` and the demo, after training
+    # flat: exact inner product (4 x dim bytes a row); ivf_pq: approximate, pq_bytes a row; auto: flat up to
+    # flat_max_rows rows, IVF-PQ above
+    kind: Literal["auto", "flat", "ivf_pq"] = "auto"
+    flat_max_rows: PositiveInt = 1_000_000
+    nlist: Optional[PositiveInt] = None  # IVF lists (None: 4 x sqrt(rows), with at least 39 training rows a list)
+    pq_bytes: PositiveInt = 32  # PQ sub-vectors a row: must divide the embedding width
+    pq_bits: int = Field(default=8, ge=4, le=8)  # bits of each sub-vector's code (2^bits centroids each)
+    nprobe: PositiveInt = 16  # IVF lists searched per query
+    train_rows: PositiveInt = 200_000  # rows (drawn at random) that train IVF-PQ's quantizers
+    part_rows: PositiveInt = 2_000_000  # rows per index file: a larger run is written as several parts
+    seed: NonNegativeInt = 0
+

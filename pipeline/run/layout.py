@@ -10,6 +10,9 @@
                   {shard}.parquet                   (index, key, caption, present)
     <root>/filter/{shard}.parquet                  (index, key, keep, reason, similarity, duplicate_of): which
                                                    aligned rows training reads, and why each other one is not
+    <root>/index/part_{i}.faiss|.parquet           dalle2 index: the training rows' image embeddings in faiss, and
+                                                   each part's rows (key, caption, shard, index)
+    <root>/index/index.json                        the index's settings and parts (written last)
     <root>/ledger/{stage}/{shard}.json             per-shard record: the stage's done marker
     <root>/ledger/{stage}/_failed/{shard}.json     a shard that failed every try (rows, error)
     <root>/ledger/{stage}.json                     the stage's summary
@@ -151,6 +154,16 @@ class RunLayout:
             "text_emb": self._join("aligned", "text_emb", f"text_emb_{name}.npy"),
             "metadata": self._join("aligned", f"{name}.parquet"),
         }
+
+    @property
+    def index_summary(self) -> str:
+        """`dalle2 index`'s settings and parts, written after every part: the index's done marker."""
+        return self._join("index", "index.json")
+
+    def index_part(self, part: int) -> dict[str, str]:
+        """One part of the data index: its faiss file and its rows' parquet."""
+        return {"faiss": self._join("index", f"part_{part:04d}.faiss"),
+                "rows": self._join("index", f"part_{part:04d}.parquet")}
 
     def ledger_record(self, stage: str, name: str) -> str:
         return self._join("ledger", stage, f"{name}.json")
