@@ -13,6 +13,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "run": ("jobs.run", "run every stage in order, skipping complete ones"),
     "status": ("jobs.status", "print the run's ledger and checkpoints"),
     "report": ("jobs.report", "write the run's dataset report: report.html with plots and samples"),
+    "serve": ("jobs.serve", "serve a run's model and data index: an HTTP API and a page, on Ray Serve"),
     "demo": ("jobs.demo", "the whole pipeline on a built-in data set, served on 127.0.0.1"),
     "toy-prior": ("jobs.toy_prior", "train the prior on generated embeddings and print its metrics"),
 }

@@ -205,7 +205,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     build_report(root)
     log.info("demo finished in %.0fs: %s/samples.png, %s/report.md", report["seconds"], root, root)
     print(json.dumps({k: report[k] for k in ("stages", "seconds_per_stage", "seconds", "prompt_match",
-                                             "withheld_match", "text_image_agreement")}, default=str))
+                                             "withheld_match", "text_image_agreement")}, default=str), flush=True)
+    log.info("try the model: `dalle2 serve --root %s`, then open http://127.0.0.1:%d/ (generate, vary, search its "
+             "training images); or `dalle2 sample --root %s --prompt \"a red circle on the left\"`", root,
+             config.serve.port, root)
     return report
 
 

@@ -1,6 +1,6 @@
 """The run's data index: faiss over the training rows' CLIP image embeddings, and searching it.
 
-    dalle2 index --config run.yaml [--set index.kind=ivf_pq ...]     build it (a stage of `dalle2 run` and the demo)
+    dalle2 index --root RUN | --config run.yaml [--set index.kind=ivf_pq ...]   build it (a stage of `dalle2 run`)
     dalle2 index --root RUN --query "a red circle" [--query ...] [--query-image IMAGE] [--k 8] [--out hits.png]
 
 A search prints one JSON line per query (its hits: key, caption, similarity) and writes a grid of the hits' images,
@@ -103,12 +103,21 @@ def search(argv: list[str]) -> list[list]:
 
 
 def main(argv: Optional[list[str]] = None) -> object:
-    """Search when a query is given, else build the index as a stage."""
+    """Search when a query is given, else build the index as a stage (of --config, or of the run at --root)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith(("--query", "--root")) for a in argv):
+    if any(a.startswith("--query") for a in argv):
         return search(argv)
+    if "--root" in argv[:-1]:  # the run's own config, as it was last run
+        from pipeline.run.storage import exists
+
+        from .run_config import CONFIG_NAME
+
+        at = argv.index("--root")
+        root, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+        saved = f"{root.rstrip('/')}/{CONFIG_NAME}"
+        argv = (["--config", saved] if exists(saved) else []) + ["--set", f"root={root}", *argv]
     return STAGE.main(argv)
 
 

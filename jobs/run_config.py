@@ -9,6 +9,7 @@ from pipeline.run.config import (DownloadConfig, EmbedConfig, FilterConfig, Hold
                                  ReorderConfig)
 
 from .config_io import load_config
+from .service.config import ServeConfig
 from .training.config import (EvalConfig, SamplingConfig, TrackingConfig, TrainClipConfig, TrainDecoderConfig,
                               TrainPriorConfig)
 
@@ -56,6 +57,7 @@ class RunConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     sampling: SamplingConfig = SamplingConfig()  # guidance, candidates, sampler and steps: evaluation and sampling alike
     index: IndexConfig = IndexConfig()  # dalle2 index: search over the training rows' image embeddings
+    serve: ServeConfig = ServeConfig()  # dalle2 serve: the run's model and index over HTTP, and its limits
 
     @model_validator(mode="before")
     @classmethod

@@ -75,3 +75,21 @@ def s3_server():
 
     yield new_bucket
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`dalle2 demo` as the README says: the installed command, no arguments, from a folder of its own (about 7
+    minutes; a shorter training left one sample in three off its position on some machines). Run once: the README
+    test checks it, and the service and sampling-mode tests use its trained run. `done`: the finished process."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    cwd = tmp_path_factory.mktemp("newcomer")
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [os.path.join(os.path.dirname(sys.executable), "dalle2"), "demo"]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    return SimpleNamespace(done=done, root=str(cwd / "runs" / "demo"), cwd=cwd)
+

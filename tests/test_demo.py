@@ -73,17 +73,11 @@ def test_only_a_root_the_demo_claimed_has_its_stale_inputs_forgotten(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the whole demo, about 7 minutes here
-def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_their_prompts(tmp_path, capsys):
-    # as the README says: the installed `dalle2 demo`, no arguments, from a folder of its own (about 7 minutes;
-    # a shorter training left one sample in three off its position on some machines)
-    cwd = tmp_path / "newcomer"
-    cwd.mkdir()
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    command = [os.path.join(os.path.dirname(sys.executable), "dalle2"), "demo"]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_their_prompts(demo_run, tmp_path,
+                                                                                            capsys):
+    # as the README says: the installed `dalle2 demo`, no arguments, from a folder of its own (tests/conftest.py)
+    done, root = demo_run.done, demo_run.root
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
-    root = str(cwd / "runs" / "demo")
     with open(os.path.join(root, "report.json")) as f:
         report = json.load(f)
     assert report["stages"] == {"download": "ran", "train-clip": "ran", "embed": "ran", "reorder": "not wanted",
@@ -100,6 +94,8 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     bars = Counter(m.group(1) for m in (re.match(r"^([\w :-]+?): +\d+% \d+/\d+ ", line) for line in lines) if m)
     assert set(bars) >= {"download", "clip", "embed", "prior", "decoder"} and max(bars.values()) <= 4, bars
     assert len(lines) < 120, output[-5000:]
+    # its last lines (before the count of repeated warnings) say how to try the model
+    assert any(f"dalle2 serve --root {root}" in line for line in done.stderr.splitlines()[-6:]), done.stderr[-2000:]
     with open(os.path.join(root, "config.yaml")) as f:
         config = yaml.safe_load(f)
     assert config["root"] == root  # resolved once, so every Ray worker saw the same folder

@@ -85,6 +85,8 @@ def test_dalle2_index_builds_as_a_stage_and_searches_by_text_and_image(planted, 
     from jobs.run_config import load_run_config
 
     assert complete(load_run_config(root))
+    assert cli.main(["index", "--root", root, "--set", "index.kind=flat"]) == 0  # the run's own config, one change
+    assert load_run_config(root).index.kind == "flat" and complete(load_run_config(root))
     capsys.readouterr()
     image = tmp_path / "query.png"
     from PIL import Image

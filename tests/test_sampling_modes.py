@@ -142,3 +142,37 @@ def test_dalle2_sample_refuses_what_it_cannot_do_naming_the_cause(tmp_path, impo
         cli.main(["sample", "--root", imported_run, "--upscale", str(tmp_path / "small.png"),
                   "--out", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the demo run, if no test made it yet
+def test_variations_of_the_demos_training_images_are_closer_to_their_source_than_to_the_others(demo_run):
+    """Six training images of six colours, four variations each: in the run's CLIP space a variation is nearest its
+    own source far more often than the 1 in 6 of chance."""
+    from jobs.generation import RunModel, decode_image
+    from jobs.sample import stack
+    from pipeline.formats.queries import complete_shards
+    from pipeline.formats.shard_reader import image_of, iter_samples
+    from pipeline.run.layout import RunLayout
+
+    assert demo_run.done.returncode == 0, demo_run.done.stderr[-3000:]
+    layout = RunLayout(demo_run.root)
+    sources, colours = [], set()
+    for key, fields in iter_samples(layout.shard_tar(complete_shards(layout)[0])):
+        colour = fields["txt"].decode().split()[1]
+        if colour not in colours:
+            colours.add(colour)
+            sources.append(decode_image(image_of(fields), key))
+        if len(sources) == 6:
+            break
+    model = RunModel(demo_run.root)
+    images = stack(sources, model.image_size)
+    varied = model.variations(images, 4, seed=0)
+    assert varied.shape == (24, 3, 32, 32)
+    clip = model.model.clip
+    similarity = clip.embed_image(varied) @ clip.embed_image(images).T  # [24 variations, 6 sources]
+    own = torch.arange(24) // 4
+    nearest_own = (similarity.argmax(dim=1) == own).float().mean().item()
+    margin = (similarity[torch.arange(24), own] - similarity.masked_fill(
+        torch.nn.functional.one_hot(own, 6).bool(), -2).max(dim=1).values).mean().item()
+    assert nearest_own >= 0.75 and margin > 0, (nearest_own, margin)
