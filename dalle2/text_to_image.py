@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -120,6 +121,8 @@ def slerp(start: Tensor, end: Tensor, weights: Tensor) -> Tensor:
     start, end = start.float(), end.float()
     weights = weights.to(start)[:, None]
     angle = torch.arccos((start @ end).clamp(-1, 1))
+    if angle > math.pi - 1e-4:
+        raise ValueError("the two embeddings point in opposite directions: no one great circle joins them")
     if angle < 1e-4:  # (nearly) the same direction: a straight line, normalised
         out = torch.nn.functional.normalize(start * (1 - weights) + end * weights, dim=-1)
     else:

@@ -18,25 +18,30 @@ class ImageError(ValueError):
     """A given image (or mask) that cannot be used; the message names it and why."""
 
 
-def decode_image(data: bytes, name: str, mode: str = "RGB"):
-    """An image's bytes as a float tensor [C, H, W] in [0, 1] (C: 3 for RGB, 1 for a mask's L), within the size
-    limits; ImageError naming `name` otherwise."""
+# what given images may be: the web's formats (a decoder for each of Pillow's forty formats is attack surface)
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB", formats: tuple[str, ...] = FORMATS):
+    """An image's bytes (one of `formats`) as a float tensor [C, H, W] in [0, 1] (C: 3 for RGB, 1 for a mask's L),
+    within the size limits; ImageError naming `name` otherwise."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"{name}: {len(data)} bytes, more than the {MAX_IMAGE_BYTES} allowed")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            width, height = image.size  # from the header: checked before a pixel is decoded
             if width * height > MAX_IMAGE_PIXELS or min(width, height) < 1:
                 raise ImageError(f"{name}: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
             array = np.asarray(image.convert(mode), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, ImageError):
-            raise
-        raise ImageError(f"{name}: not an image this can read ({type(error).__name__}: {error})") from None
+    except ImageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a hostile file makes Pillow raise (bombs included)
+        raise ImageError(f"{name}: not a {'/'.join(formats)} image this can read ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from None
     tensor = torch.from_numpy(array)
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
@@ -113,17 +118,25 @@ class RunModel:
         return self.model.decode(embeds, text=texts, generator=self._generators(seed)[1],
                                  **self._decode_kwargs(used)).cpu()
 
-    def variations(self, images, n: int = 1, used=None, seed: int = 0):
-        """`n` variations of each image [B, 3, H, W] in [0, 1], image-major, on the CPU."""
+    def image_embeds(self, images: list):
+        """CLIP image embeds [B, D] of images [3, H, W] of any sizes, each preprocessed as the rows were (shortest
+        side resized, centre crop)."""
+        import torch
+
+        return torch.cat([self.model.clip.embed_image(image[None].to(self.device)) for image in images])
+
+    def variations(self, images: list, n: int = 1, used=None, seed: int = 0):
+        """`n` variations of each image [3, H, W] in [0, 1] (any sizes), image-major, on the CPU: its CLIP embed
+        decoded again."""
         used = used or self.settings()
-        return self.model.variations(images.to(self.device), n, generator=self._generators(seed)[1],
-                                     **self._decode_kwargs(used)).cpu()
+        embeds = self.image_embeds(images).repeat_interleave(n, dim=0)
+        return self.model.decode(embeds, generator=self._generators(seed)[1], **self._decode_kwargs(used)).cpu()
 
     def endpoint(self, source: Union[str, "object"], used, seed: int):
         """An interpolation endpoint's image embed [D] and text: a prompt's prior embed, or an image's CLIP embed."""
         if isinstance(source, str):
             return self.embed_prompts([source], used, seed)[0], source
-        return self.model.clip.embed_image(source[None].to(self.device))[0], ""
+        return self.image_embeds([source])[0], ""
 
     def interpolate(self, start, end, frames: int = 8, used=None, seed: int = 0):
         """Images [frames, 3, H, W] from `start` to `end` (each a prompt or an image [3, H, W] in [0, 1]), on the
@@ -145,8 +158,15 @@ class RunModel:
                                  inpaint_image=images.to(self.device), inpaint_mask=masks.to(self.device),
                                  **self._decode_kwargs(used)).cpu()
 
-    def upscale(self, images, used=None, seed: int = 0):
-        """Images [B, 3, H, W] in [0, 1] through the decoder's upsamplers to its last size, on the CPU."""
+    def upscale(self, images: list, used=None, seed: int = 0):
+        """Images [3, H, W] in [0, 1] (any sizes) through the decoder's upsamplers to its last size, each conditioned
+        on its own CLIP embed, on the CPU."""
+        from dalle2.decoder import resize_image
+
         used = used or self.settings()
-        return self.model.upscale(images.to(self.device), generator=self._generators(seed)[1],
+        low = self.model.decoder.image_sizes[0]
+        import torch
+
+        start = torch.cat([resize_image(image[None], low) for image in images]).to(self.device)
+        return self.model.upscale(start, image_embed=self.image_embeds(images), generator=self._generators(seed)[1],
                                   **self._decode_kwargs(used)).cpu()

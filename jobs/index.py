@@ -79,9 +79,8 @@ def search(argv: list[str]) -> list[list]:
             images = [read_image(path) for path in args.query_image]
         except ImageError as error:
             raise SystemExit(f"dalle2 index: {error}") from None
-        size = runs.clip.image_size
-        hits += runs.by_image(torch.stack([torch.nn.functional.interpolate(i[None], size=(size, size))[0]
-                                           for i in images]), args.k)
+        for image in images:  # each as CLIP preprocesses any size (shortest side, centre crop), as the rows were
+            hits += runs.by_image(image[None], args.k)
     for query, found in zip(args.query + args.query_image, hits):
         print(json.dumps({"query": query, "hits": [{"key": h.key, "caption": h.caption,
                                                     "similarity": round(h.similarity, 4)} for h in found]}))

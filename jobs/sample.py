@@ -25,6 +25,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+MAX_PROMPTS_CHARS = 1_000_000  # a --prompts-file: thousands of prompts, not a whole disk
+
 
 def generate(root: str, prompts: list[str], n: int = 4, settings: Optional[dict] = None, seed: int = 0,
              device: str = "cpu"):
@@ -53,7 +55,10 @@ def prompts_of(args) -> list[str]:
         import fsspec
 
         with fsspec.open(args.prompts_file, "rt", encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+            text = f.read(MAX_PROMPTS_CHARS + 1)
+        if len(text) > MAX_PROMPTS_CHARS:
+            raise SystemExit(f"dalle2 sample: {args.prompts_file} is over {MAX_PROMPTS_CHARS} characters")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise SystemExit(f"dalle2 sample: {args.prompts_file} holds no prompt")
     return prompts
@@ -74,13 +79,13 @@ def sample(model, args, used) -> tuple:
 
     if args.vary:
         images = [read_image(path) for path in args.vary]
-        return model.variations(stack(images, model.image_size), args.n, used, args.seed), list(args.vary)
+        return model.variations(images, args.n, used, args.seed), list(args.vary)
     if args.interpolate:
         start, end = (endpoint_of(s) for s in args.interpolate)
         return model.interpolate(start, end, args.frames, used, args.seed), [" -> ".join(args.interpolate)]
     if args.upscale:
         images = [read_image(path) for path in args.upscale]
-        return model.upscale(stack(images, model.model.decoder.image_sizes[0]), used, args.seed), list(args.upscale)
+        return model.upscale(images, used, args.seed), list(args.upscale)
     prompts = prompts_of(args)
     if args.inpaint:
         if not args.mask or len(prompts) != 1:
@@ -145,6 +150,11 @@ def main(argv: Optional[list[str]] = None) -> np.ndarray:
         raise SystemExit(f"dalle2 sample: one mode at a time, got {', '.join('--' + m for m in given_modes)}")
     if args.n < 1 or args.frames < 2:
         raise SystemExit("dalle2 sample: --n must be at least 1 and --frames at least 2")
+    prompted = args.prompt or args.prompts_file
+    if given_modes[:1] in (["vary"], ["interpolate"], ["upscale"]) and prompted:
+        raise SystemExit(f"dalle2 sample: --{given_modes[0]} takes no --prompt or --prompts-file")
+    if args.negative_prompt and given_modes:
+        raise SystemExit("dalle2 sample: --negative-prompt guides text to image only")
     setup_logging()
     given = {"prior_cond_scale": args.prior_cond_scale if args.prior_cond_scale is not None else args.cond_scale,
              "decoder_cond_scale": args.decoder_cond_scale if args.decoder_cond_scale is not None else args.cond_scale,

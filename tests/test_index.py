@@ -2,6 +2,7 @@
 back from their shards."""
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -101,3 +102,32 @@ def test_dalle2_index_builds_as_a_stage_and_searches_by_text_and_image(planted, 
     assert grid.size[1] >= 2 * 32  # a row per query
     with pytest.raises(SystemExit, match="--k"):
         cli.main(["index", "--root", root, "--query", "x", "--k", "0"])
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_image_offsets_hold_after_long_name_headers_and_a_compressed_shard_is_read_through(tmp_path, tar_format):
+    import gzip
+    import io
+
+    from pipeline.formats.shard_reader import image_spans, read_span
+
+    samples = {"0000001": b"\xff\xd8\xff first image", "0000002": b"\x89PNG second image, longer" * 40}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        for n, (key, data) in enumerate(samples.items()):
+            folder = "deep/" * 30 if n == 0 else "é/"  # a name over 100 bytes, and one not ASCII: long-name headers
+            for name, payload in ((f"{folder}{key}.jpg", data), (f"{folder}{key}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(buffer.getvalue())
+    (shards / "00001.tar").write_bytes(gzip.compress(buffer.getvalue()))
+    spans = image_spans(str(shards / "00000.tar"))
+    assert set(spans) == set(samples)
+    assert {key: read_span(str(shards / "00000.tar"), *span) for key, span in spans.items()} == samples
+    assert image_spans(str(shards / "00001.tar")) is None  # no offset to seek to in a gzip stream
+    images = ShardImages(str(tmp_path))
+    assert [images.image("00001", key) for key in samples] == list(samples.values())
+    assert images.image("00001", "0000009") is None

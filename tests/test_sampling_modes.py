@@ -62,6 +62,10 @@ def test_upscaling_starts_at_the_upsampler_and_a_one_unet_decoder_refuses(tiny_c
     # conditioned on the images' own CLIP embeds: the same as passing them
     again = model.upscale(images, image_embed=tiny_clip.embed_image(images), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, again)
+    # the given images are the upsampler's low-resolution input: other images, another result (the same embeds)
+    other = model.upscale(images.flip(-1), image_embed=tiny_clip.embed_image(images),
+                          generator=torch.Generator().manual_seed(0))
+    assert (other - out).abs().mean() > 1e-3
     one = DALLE2(clip_prior(tiny_clip), Decoder(unet=Unet(dim=8, dim_mults=(1,), image_embed_dim=tiny_clip.embed_dim,
                                                           layer_attns=False, layer_cross_attns=False),
                                                 image_sizes=(16,), timesteps=10))
@@ -127,7 +131,9 @@ def test_every_mode_of_dalle2_sample_writes_its_grid_and_arrays(tmp_path, import
 def test_dalle2_sample_refuses_what_it_cannot_do_naming_the_cause(tmp_path, imported_run, capsys):
     (tmp_path / "not-an-image.png").write_bytes(b"<html>nope</html>")
     refusals = {
-        ("--vary", str(tmp_path / "not-an-image.png")): "not-an-image.png: not an image",
+        ("--vary", str(tmp_path / "not-an-image.png")): "not-an-image.png: not a PNG/JPEG/WEBP image",
+        ("--vary", str(tmp_path / "not-an-image.png"), "--prompt", "x"): "--vary takes no --prompt",
+        ("--interpolate", "a", "b", "--negative-prompt", "c"): "--negative-prompt guides text to image only",
         ("--vary", str(tmp_path / "missing.png")): "missing.png: cannot be read",
         ("--upscale", str(tmp_path / "not-an-image.png")): "not-an-image.png",
         ("--prompt", "a red square", "--negative-prompt", "blue", "--prior-cond-scale", "1"): "--prior-cond-scale",
@@ -142,6 +148,36 @@ def test_dalle2_sample_refuses_what_it_cannot_do_naming_the_cause(tmp_path, impo
         cli.main(["sample", "--root", imported_run, "--upscale", str(tmp_path / "small.png"),
                   "--out", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_given_images_are_refused_before_decoding_when_too_large_or_not_a_web_format(tmp_path):
+    import io
+    import struct
+    import zlib
+
+    from jobs.generation import ImageError, decode_image
+
+    def png_header(width: int, height: int) -> bytes:  # a valid PNG signature and IHDR, no pixels
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + struct.pack(">I", 0) + b"IDAT"
+                + struct.pack(">I", zlib.crc32(b"IDAT")))
+
+    with pytest.raises(ImageError, match="bomb: 5000x5000 pixels, more than"):  # ours, from the header alone
+        decode_image(png_header(5000, 5000), "bomb")
+    with pytest.raises(ImageError, match="bomb2: not a PNG/JPEG/WEBP image.*DecompressionBomb"):  # Pillow's own limit
+        decode_image(png_header(200000, 200000), "bomb2")
+    for fmt in ("BMP", "GIF", "TIFF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+        with pytest.raises(ImageError, match="not a PNG/JPEG/WEBP image"):
+            decode_image(buffer.getvalue(), f"an {fmt}")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (255, 0, 0)).save(buffer, format="WEBP", lossless=True)
+    pixels = decode_image(buffer.getvalue(), "ok")
+    assert pixels.shape == (3, 6, 8) and pixels[0].min() == 1.0
+    with pytest.raises(ImageError, match="more than the"):
+        decode_image(b"\0" * (16 * 2**20 + 1), "huge")
 
 
 @pytest.mark.slow

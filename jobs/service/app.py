@@ -21,13 +21,13 @@ import re
 from importlib import resources
 from typing import Literal, Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from .config import ServeConfig
-from .limits import BodyLimit, RateLimit
+from .limits import BodyLimit, RateLimit, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,12 @@ class RunService:
     def __init__(self, root: str, settings: dict, device: str = "cpu"):
         from ..generation import RunModel
 
+        from concurrent.futures import ThreadPoolExecutor
+
         self.settings = ServeConfig(**settings)
+        # before the app runs (this replica's process holds its own `api`): the rate first, then the body's size
         api.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
+        api.add_middleware(RateLimited, limit=RateLimit(self.settings.requests_per_minute))
         self.model = RunModel(root, device)
         self.root, self.search, self.rows = root, None, {}
         try:
@@ -125,22 +129,20 @@ class RunService:
         except FileNotFoundError as error:  # generation works without an index; search says how to build one
             self.no_index = str(error)
             log.warning("%s", error)
-        self.rate = RateLimit(self.settings.requests_per_minute)
-        self.busy = asyncio.Lock()
+        # one thread samples: a request cancelled (its client gone, or timed out) still finishes its sampling there,
+        # so the model never runs twice at once; work waiting there is bounded
+        self.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampling")
+        self.waiting = 0
 
     # ---- checks ----------------------------------------------------------------------------------
-
-    def admit(self, request: Request) -> None:
-        wait = self.rate.take(request.client.host if request.client else "unknown")
-        if wait:
-            raise HTTPException(429, f"over {self.settings.requests_per_minute} requests a minute "
-                                     "(serve.requests_per_minute): try again later",
-                                headers={"Retry-After": str(max(1, round(wait)))})
 
     def check(self, sampling: Sampling, images: int = 0, prompts: tuple = ()) -> dict:
         s = self.settings
         if images > s.max_images:
             raise HTTPException(400, f"{images} images asked for, at most {s.max_images} a request (serve.max_images)")
+        if sampling.candidates is not None and sampling.candidates > s.max_candidates:
+            raise HTTPException(400, f"candidates {sampling.candidates} is over the {s.max_candidates} allowed "
+                                     "(serve.max_candidates)")
         if sampling.steps is not None and sampling.steps > s.max_steps:
             raise HTTPException(400, f"steps {sampling.steps} is over the {s.max_steps} allowed (serve.max_steps)")
         for prompt in prompts:
@@ -188,53 +190,56 @@ class RunService:
         return data
 
     async def run(self, fn, *args):
-        """Sample on a worker thread, one request at a time per replica; ValueError is the caller's 400."""
-        async with self.busy:
-            try:
-                return await asyncio.to_thread(fn, *args)
-            except ValueError as error:
-                raise HTTPException(400, str(error)) from None
+        """Sample on the replica's one sampling thread; 503 when more than max_ongoing_requests wait there (work of
+        cancelled requests included); ValueError is the caller's 400."""
+        if self.waiting >= self.settings.max_ongoing_requests:
+            raise HTTPException(503, "the replica is busy: try again shortly")
+        self.waiting += 1
+        future = asyncio.get_running_loop().run_in_executor(self.sampler, fn, *args)
+        future.add_done_callback(lambda _: setattr(self, "waiting", self.waiting - 1))
+        try:
+            return await asyncio.shield(future)
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from None
+
+    async def pixels_of(self, source: Source):
+        """image_of off the event loop (base64, decoding, a shard's first read)."""
+        return await asyncio.to_thread(self.image_of, source)
 
     def images(self, images, used) -> dict:
         from dalle2.text_to_image import to_uint8
 
         return {"images": [png_data_url(a) for a in to_uint8(images)], "sampling": used.model_dump(mode="json")}
 
-    def endpoint(self, source: Source):
-        return source.prompt if source.prompt is not None else self.image_of(source)
+    async def endpoint(self, source: Source):
+        return source.prompt if source.prompt is not None else await self.pixels_of(source)
 
     # ---- the API ---------------------------------------------------------------------------------
 
     @api.post("/api/generate")
-    async def generate(self, body: Generate, request: Request) -> dict:
-        self.admit(request)
+    async def generate(self, body: Generate) -> dict:
         used = self.check(body, body.n, (body.prompt, body.negative_prompt))
         images = await self.run(self.model.text_to_image, [body.prompt], body.n, used, body.seed, body.negative_prompt)
         return self.images(images, used)
 
     @api.post("/api/vary")
-    async def vary(self, body: Vary, request: Request) -> dict:
-        self.admit(request)
+    async def vary(self, body: Vary) -> dict:
         used = self.check(body, body.n)
         if body.source.prompt is not None:
             raise HTTPException(400, "source: variations start from an image or a key, not a prompt")
-        image = self.image_of(body.source)
-        from ..sample import stack
-
-        images = await self.run(self.model.variations, stack([image], self.model.image_size), body.n, used, body.seed)
+        image = await self.pixels_of(body.source)
+        images = await self.run(self.model.variations, [image], body.n, used, body.seed)
         return self.images(images, used)
 
     @api.post("/api/interpolate")
-    async def interpolate(self, body: Interpolate, request: Request) -> dict:
-        self.admit(request)
+    async def interpolate(self, body: Interpolate) -> dict:
         used = self.check(body, body.frames, (body.start.prompt, body.end.prompt))
-        start, end = self.endpoint(body.start), self.endpoint(body.end)
+        start, end = await self.endpoint(body.start), await self.endpoint(body.end)
         images = await self.run(self.model.interpolate, start, end, body.frames, used, body.seed)
         return self.images(images, used)
 
     @api.post("/api/search")
-    async def search_rows(self, body: Search, request: Request) -> dict:
-        self.admit(request)
+    async def search_rows(self, body: Search) -> dict:
         search = self.index_needed()
         if body.k > self.settings.max_hits:
             raise HTTPException(400, f"k {body.k} is over the {self.settings.max_hits} allowed (serve.max_hits)")
@@ -242,10 +247,8 @@ class RunService:
         if body.source.prompt is not None:
             hits = await self.run(search.by_text, [body.source.prompt], body.k)
         else:
-            image = self.image_of(body.source)
-            from ..sample import stack
-
-            hits = await self.run(search.by_image, stack([image], search.clip.image_size), body.k)
+            image = await self.pixels_of(body.source)
+            hits = await self.run(search.by_image, image[None], body.k)
         return {"hits": [{"key": h.key, "caption": h.caption, "similarity": round(h.similarity, 4),
                           "image": f"/api/image/{h.key}"} for h in hits[0]]}
 
@@ -266,8 +269,8 @@ class RunService:
                 "index_rows": len(self.search.index) if self.search else 0,
                 "sampling": self.model.settings().model_dump(mode="json"),
                 "limits": {name: getattr(self.settings, name) for name in
-                           ("max_images", "max_steps", "max_prompt_chars", "max_body_bytes", "requests_per_minute",
-                            "max_hits")}}
+                           ("max_images", "max_steps", "max_candidates", "max_prompt_chars", "max_body_bytes",
+                            "requests_per_minute", "max_hits")}}
 
     # ---- the page --------------------------------------------------------------------------------
 

@@ -23,9 +23,11 @@ class ServeConfig(StrictModel):
     request_timeout_s: PositiveFloat = 300.0  # a request not answered by then gets 408
     max_images: int = Field(default=16, ge=1, le=256)  # images one request may ask for (n, or frames)
     max_steps: int = Field(default=100, ge=1, le=1000)  # sampling steps one request may ask for
+    max_candidates: int = Field(default=8, ge=1, le=64)  # prior candidates per image one request may ask for
     max_prompt_chars: int = Field(default=500, ge=1, le=10_000)
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024, le=256 * 2**20)  # a request's body (an image in base64)
-    requests_per_minute: PositiveInt = 60  # per client address, per replica; beyond, 429 with Retry-After
+    # per client address (as each replica sees it: a proxy in front is one client) and replica; beyond, 429
+    requests_per_minute: PositiveInt = 60
     max_hits: int = Field(default=32, ge=1, le=1000)  # search results one request may ask for
 
     @model_validator(mode="after")

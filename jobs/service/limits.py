@@ -7,10 +7,6 @@ import time
 from collections import OrderedDict
 
 
-class TooLarge(Exception):
-    pass
-
-
 async def refuse(send, status: int, reason: str, headers: tuple = ()) -> None:
     """Answer an ASGI request with `status` and {"detail": reason}."""
     body = json.dumps({"detail": reason}).encode()
@@ -21,8 +17,8 @@ async def refuse(send, status: int, reason: str, headers: tuple = ()) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413, whether its Content-Length says so or its chunks
-    add up to it (nothing past the limit is held)."""
+    """ASGI middleware: a request body over `max_bytes` gets 413, whether its Content-Length says so (refused unread)
+    or its chunks add up to it (the app is told the client left, and nothing past the limit is held)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -34,27 +30,50 @@ class BodyLimit:
         too_large = f"the request body is over the {self.max_bytes} bytes allowed (serve.max_body_bytes)"
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await refuse(send, 413, too_large)
-        received, started = 0, False
+        received, started, refused = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise TooLarge
+                if received > self.max_bytes:  # answered here; the app sees a client that left
+                    refused = True
+                    if not started:
+                        await refuse(send, 413, too_large)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracked_send(message):
             nonlocal started
+            if refused:
+                return  # the 413 was the answer
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracked_send)
-        except TooLarge:
-            if not started:
-                await refuse(send, 413, too_large)
+        except Exception:  # noqa: BLE001 - the app's error over the disconnect it was told of
+            if not refused:
+                raise
+
+
+class RateLimited:
+    """ASGI middleware: each client address gets `limit`'s requests to /api/ (before its body is read or
+    validated, so a malformed request counts too); beyond, 429 with Retry-After."""
+
+    def __init__(self, app, limit: "RateLimit"):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").startswith("/api/"):
+            client = (scope.get("client") or ("unknown", 0))[0]
+            wait = self.limit.take(client)
+            if wait:
+                return await refuse(send, 429, f"over {int(self.limit.capacity)} requests a minute "
+                                               "(serve.requests_per_minute): try again later",
+                                    headers=((b"retry-after", str(max(1, round(wait))).encode()),))
+        return await self.app(scope, receive, send)
 
 
 class RateLimit:

@@ -104,34 +104,35 @@ def build_index(root: str, config: IndexConfig, filtered: bool,
         remove(layout.index_summary)  # no done marker while the parts change
     template = trained_template(layout, plan, settings, dim, config) if settings["kind"] == "ivf_pq" else None
     parts: list[dict] = []
-    embeds_held, columns_held = np.empty((0, dim), np.float32), {name: [] for name in (KEY, CAPTION, SHARD, INDEX)}
+    chunks: list[np.ndarray] = []  # rows read and not yet written, joined only when a part is written
+    columns_held: dict[str, list] = {name: [] for name in (KEY, CAPTION, SHARD, INDEX)}
 
     def write_part(count: int) -> None:
         """The first `count` rows held become the next part: its faiss file, then its rows."""
-        nonlocal embeds_held
+        held = np.concatenate(chunks)
         index = faiss.IndexFlatIP(dim) if template is None else faiss.clone_index(template)
-        index.add(embeds_held[:count])
+        index.add(held[:count])
         files = layout.index_part(len(parts))
         write_atomic(files["faiss"], faiss.serialize_index(index).tobytes())
         import pyarrow as pa
 
         write_parquet(files["rows"], pa.table({name: values[:count] for name, values in columns_held.items()}))
         parts.append({"rows": count})
-        embeds_held = embeds_held[count:]
+        chunks[:] = [held[count:]]
         for values in columns_held.values():
             del values[:count]
 
     for shard in sorted(plan.counts):
         embeds, columns = read_shard_rows(layout, plan, shard)
-        embeds_held = np.concatenate([embeds_held, embeds])
+        chunks.append(embeds)
         for name, values in columns.items():
             columns_held[name] += values
-        while len(embeds_held) >= config.part_rows:  # a part is at most part_rows rows, whatever the shards' sizes
+        while len(columns_held[KEY]) >= config.part_rows:  # a part is at most part_rows rows, whatever the shards
             write_part(config.part_rows)
         if progress:
             progress(1)
-    if len(embeds_held):
-        write_part(len(embeds_held))
+    if columns_held[KEY]:
+        write_part(len(columns_held[KEY]))
     for stale in range(len(parts), len(parts) + 1000):  # parts of an earlier, larger build
         files = layout.index_part(stale)
         if not exists(files["faiss"]):
