@@ -38,11 +38,13 @@ MEDIA = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"RIFF": "image
 PAGE_POLICY = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'"
 
 
-class Request_(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: unknown fields are refused, not ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class Source(Request_):
+class Source(StrictBody):
     """What to start from: exactly one of a prompt, an image (a data URL) or a training row's key."""
 
     prompt: Optional[str] = Field(default=None, min_length=1)
@@ -57,7 +59,7 @@ class Source(Request_):
         return self
 
 
-class Sampling(Request_):
+class Sampling(StrictBody):
     prior_cond_scale: Optional[float] = Field(default=None, ge=0, le=30)
     decoder_cond_scale: Optional[float] = Field(default=None, ge=0, le=30)
     candidates: Optional[int] = Field(default=None, ge=1, le=64)
@@ -87,7 +89,7 @@ class Interpolate(Sampling):
     frames: int = Field(default=6, ge=2)
 
 
-class Search(Request_):
+class Search(StrictBody):
     source: Source
     k: int = Field(default=8, ge=1)
 
@@ -124,8 +126,8 @@ class RunService:
             from ..search import RunSearch
 
             self.search = RunSearch(root, device, clip=self.model.model.clip)
-            self.rows = {key: (shard, part, position) for part, (_, rows) in enumerate(self.search.index.parts)
-                         for position, (key, shard) in enumerate(zip(rows["key"], rows["shard"]))}
+            self.rows = {key: shard for _, rows in self.search.index.parts  # a training row's key -> its shard
+                         for key, shard in zip(rows["key"], rows["shard"])}
         except FileNotFoundError as error:  # generation works without an index; search says how to build one
             self.no_index = str(error)
             log.warning("%s", error)
@@ -183,7 +185,7 @@ class RunService:
         search = self.index_needed()
         if key not in self.rows:
             raise HTTPException(404, f"key {key} is not a row of the index")
-        shard, part, position = self.rows[key]
+        shard = self.rows[key]
         data = search.images.image(shard, key)
         if data is None:
             raise HTTPException(404, f"key {key}: its shard {shard} no longer holds its image")
