@@ -52,14 +52,15 @@ STAGE = Stage("index", "index the training rows' image embeddings (faiss) for se
 
 def search(argv: list[str]) -> list[list]:
     """`dalle2 index --root RUN --query ...`: print each query's hits as a JSON line and write their images' grid."""
-    import numpy as np
     import torch
 
+    from dalle2.text_to_image import to_uint8
     from pipeline.execution.console import setup_logging
     from pipeline.run.storage import write_atomic
 
     from .generation import ImageError, decode_image, read_image
     from .grids import labelled_grid
+    from .sample import stack
     from .search import RunSearch
 
     parser = argparse.ArgumentParser(prog="dalle2 index", description="search the run's training rows")
@@ -84,20 +85,15 @@ def search(argv: list[str]) -> list[list]:
     for query, found in zip(args.query + args.query_image, hits):
         print(json.dumps({"query": query, "hits": [{"key": h.key, "caption": h.caption,
                                                     "similarity": round(h.similarity, 4)} for h in found]}))
-    rows, labels = [], []
-    for query, found in zip(args.query + args.query_image, hits):
-        found_bytes = [runs.image(h) for h in found]
-        pictures = [decode_image(data, h.key) if data else torch.full((3, 8, 8), 0.5)  # grey: gone from its shard
-                    for h, data in zip(found, found_bytes)]
+    pictures = []  # every hit's image, query-major, each row padded with white to k
+    for found in hits:
+        row = [decode_image(data, h.key) if (data := runs.image(h)) else torch.full((3, 8, 8), 0.5)  # grey: gone
+               for h in found]
+        pictures += row + [torch.ones(3, 8, 8)] * (args.k - len(row))
+    if pictures:
         side = max(p.shape[-1] for p in pictures)
-        row = [torch.nn.functional.interpolate(p[None], size=(side, side))[0] for p in pictures]
-        row += [torch.ones(3, side, side)] * (args.k - len(row))
-        rows.append(torch.stack(row)), labels.append(query)
-    if rows:
-        side = max(r.shape[-1] for r in rows)
-        grid = torch.cat([torch.nn.functional.interpolate(r, size=(side, side)) for r in rows])
-        array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        write_atomic(args.out, labelled_grid(np.ascontiguousarray(array), labels, columns=args.k))
+        grid = to_uint8(stack(pictures, side))
+        write_atomic(args.out, labelled_grid(grid, args.query + args.query_image, columns=args.k))
     return hits
 
 
