@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -13,21 +15,43 @@ from .trainer_config import TrainerConfig
 from .trainer import DiffusionTrainer
 
 
-def contrastive_loss(clip: ClipAdapter, images: Tensor, captions: Sequence[str]) -> Tensor:
-    """Symmetric InfoNCE over the batch; pairs with identical captions all count as positives."""
+# words a swap leaves in place: a negative that only moves "a" or "the" is not hard, it is the same caption
+STOP_WORDS = frozenset("a an the of on in at to with and or is are by for from its it this that".split())
+
+
+def swapped_caption(caption: str, rng: random.Random) -> Optional[str]:
+    """A NegCLIP hard negative: `caption` with two of its content words swapped ("a red square on the left" ->
+    "a left square on the red"), the same bag of words bound differently; None when it has no two distinct ones."""
+    words = re.findall(r"\S+", caption)
+    content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?") not in STOP_WORDS]
+    pairs = [(i, j) for n, i in enumerate(content) for j in content[n + 1:] if words[i].lower() != words[j].lower()]
+    if not pairs:
+        return None
+    i, j = rng.choice(pairs)
+    words[i], words[j] = words[j], words[i]
+    return " ".join(words)
+
+
+def contrastive_loss(clip: ClipAdapter, images: Tensor, captions: Sequence[str],
+                     negatives: Sequence[str] = ()) -> Tensor:
+    """Symmetric InfoNCE over the batch; pairs with identical captions all count as positives. `negatives`: extra
+    captions every image is contrasted with too (NegCLIP's swapped-word hard negatives), positives of none."""
     image_features = clip.model.encode_image(clip.preprocess(images))
-    text_features = clip.model.encode_text(clip.tokenize(captions))
+    text_features = clip.model.encode_text(clip.tokenize(list(captions) + list(negatives)))
     return info_nce(image_features, text_features, captions, clip.model.logit_scale)
 
 
 def info_nce(image_features: Tensor, text_features: Tensor, captions: Sequence[str], logit_scale: Tensor) -> Tensor:
-    """The symmetric InfoNCE of paired features ([N, D] each, normalised here) at CLIP's learned temperature."""
+    """The symmetric InfoNCE of paired features ([N, D] images, [N + M, D] texts: the N paired captions, then M hard
+    negatives that only the image-to-text direction sees; normalised here) at CLIP's learned temperature."""
     image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+    n = len(captions)
     logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T
     # small data sets repeat captions; a one-hot target would push apart pairs that match
     same = torch.tensor([[a == b for b in captions] for a in captions], device=logits.device, dtype=logits.dtype)
     targets = same / same.sum(dim=1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T)) / 2
+    image_to_text = F.cross_entropy(logits, F.pad(targets, (0, logits.shape[1] - n)))
+    return (image_to_text + F.cross_entropy(logits[:, :n].T, targets.T)) / 2
 
 
 class ClipTrainer(DiffusionTrainer):
@@ -37,8 +61,10 @@ class ClipTrainer(DiffusionTrainer):
     `ClipAdapter.from_checkpoint` (the embed stage, the prior, the decoder) reads them directly.
     """
 
-    def __init__(self, clip: ClipAdapter, config: Optional[TrainerConfig] = None, device=None, **kwargs):
+    def __init__(self, clip: ClipAdapter, config: Optional[TrainerConfig] = None, device=None,
+                 hard_negatives: bool = False, seed: int = 0, **kwargs):
         self.clip = clip
+        self.hard_negatives, self.seed = hard_negatives, seed
         clip.model.requires_grad_(True)
         super().__init__(clip.model, [clip.model], config, device, **kwargs)
         self.clip.to(self.device)
@@ -47,4 +73,9 @@ class ClipTrainer(DiffusionTrainer):
         return self.clip.checkpoint_config()
 
     def compute_loss(self, batch: dict[str, Any], part: int) -> Tensor:
-        return contrastive_loss(self.clip, batch["image"].to(self.device), list(batch["caption"]))
+        captions = list(batch["caption"])
+        negatives = []
+        if self.hard_negatives:  # a fresh swap for every caption, every step; the same ones on a resumed step
+            rng = random.Random(f"{self.seed}/{self.steps[part]}")
+            negatives = [neg for neg in (swapped_caption(c, rng) for c in captions) if neg is not None and neg not in captions]
+        return contrastive_loss(self.clip, batch["image"].to(self.device), captions, negatives)

@@ -41,18 +41,19 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 
 def build_site(folder: str, count: int, size: int, seed: int = 0, withhold: tuple[str, ...] = (),
-               mismatched: float = 0.0) -> list[tuple[str, str, bool]]:
-    """Write the built-in images (none of the `withhold` captions) as PNG files; returns (path, caption, planted)
-    rows, where a `mismatched` fraction of planted rows carry another image's caption, as a web crawl does."""
+               mismatched: float = 0.0, colors: tuple[str, ...] | None = None) -> list[tuple[str, str, bool]]:
+    """Write the built-in images (of `colors`, default every colour; none of the `withhold` captions) as PNG files;
+    returns (path, caption, planted) rows, where a `mismatched` fraction of planted rows carry another image's
+    caption, as a web crawl does."""
     import random
 
     from jobs.shapes import all_specs, generate
 
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     rng = random.Random(seed + 1)
-    others = [spec.caption for spec in all_specs() if spec.caption not in withhold]
+    others = [spec.caption for spec in all_specs(colors) if spec.caption not in withhold]
     rows = []
-    for i, (spec, image) in enumerate(generate(count, size=size, seed=seed, withhold=withhold)):
+    for i, (spec, image) in enumerate(generate(count, size=size, seed=seed, withhold=withhold, colors=colors)):
         image.save(os.path.join(folder, "img", f"{i}.png"))
         planted = rng.random() < mismatched
         caption = rng.choice([c for c in others if c != spec.caption]) if planted else spec.caption
@@ -66,6 +67,13 @@ def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def seen_prompts(demo) -> list[str]:
+    """The demo's prompts of combinations its data set has (its colours, not withheld)."""
+    from jobs.shapes import spec_of
+
+    return [p for p in PROMPTS if p not in demo.withhold and (demo.colors is None or spec_of(p).color in demo.colors)]
 
 
 def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
@@ -103,7 +111,7 @@ def judge_samples(config, built_in: bool) -> dict:
     per_prompt, root = config.demo.samples_per_prompt, config.root.rstrip("/")
     if built_in:
         withheld = list(config.demo.withhold)
-        prompts = [prompt for prompt in PROMPTS if prompt not in withheld]
+        prompts = seen_prompts(config.demo)
         images, used = generate(config.root, prompts + withheld, n=per_prompt)
         write_atomic(f"{root}/samples.png", grid_png(images, prompts + [f"{p} (withheld)" for p in withheld]))
         arrays = to_uint8(images)
@@ -168,7 +176,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             planned = load_config(RunConfig, defaults, overrides)
             claim_root(planned.root)  # before any work: the demo may delete its own stale inputs there
             rows = build_site(site, planned.demo.images, size=max(planned.download.image_size, 32),
-                              withhold=tuple(planned.demo.withhold), mismatched=planned.demo.mismatched_captions)
+                              withhold=tuple(planned.demo.withhold), mismatched=planned.demo.mismatched_captions,
+                              colors=planned.demo.colors)
             planted = [path for path, _, wrong in rows if wrong]
             server, base = serve(site)
             url_list = os.path.join(site, "urls.csv")

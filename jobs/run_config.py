@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from pydantic import Field, field_validator, model_validator
 
 from dalle2.configs import StrictModel
@@ -21,6 +23,8 @@ class DemoConfig(StrictModel):
     # captions left out of the data set (CLIP, prior and decoder never see them), prompted at the end to measure
     # compositional generalisation: each attribute is seen, only the combination is new
     withhold: list[str] = []
+    # the palette's colours the set draws (None: all six); the compositional benchmark's grid takes five
+    colors: Optional[list[str]] = None
     samples_per_prompt: int = Field(default=4, ge=1, le=64)
     prompts: int = Field(default=6, ge=1, le=64)  # a --url-list run: this many of its held-out captions are prompted
     # this fraction of rows gets another image's caption, as on the web; the report says how many the filter caught
@@ -36,6 +40,30 @@ class DemoConfig(StrictModel):
         if len(set(captions)) >= len(all_specs()):
             raise ValueError("withholding every combination leaves nothing to train on")
         return captions
+
+    @field_validator("colors")
+    @classmethod
+    def _palette_colours(cls, colors: Optional[list[str]]) -> Optional[list[str]]:
+        from jobs.shapes import COLORS
+
+        if colors is not None:
+            unknown = [c for c in colors if c not in COLORS]
+            if unknown or len(set(colors)) < 2:
+                raise ValueError(f"give at least two distinct colours of the palette ({', '.join(COLORS)}); "
+                                 f"got {colors}")
+        return colors
+
+    @model_validator(mode="after")
+    def _withheld_in_palette(self) -> "DemoConfig":
+        from jobs.shapes import all_specs, spec_of
+
+        if self.colors is not None:
+            outside = [c for c in self.withhold if spec_of(c).color not in self.colors]
+            if outside:
+                raise ValueError(f"withhold: {outside} name colours outside demo.colors {self.colors}")
+            if len(set(self.withhold)) >= len(all_specs(self.colors)):
+                raise ValueError("withholding every combination of demo.colors leaves nothing to train on")
+        return self
 
 
 class RunConfig(StrictModel):

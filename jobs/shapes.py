@@ -41,9 +41,10 @@ class ShapeSpec:
         return f"{article} {self.color} {self.shape} {where}"
 
 
-def all_specs() -> list[ShapeSpec]:
-    """Every combination of shape, colour and position."""
-    return [ShapeSpec(s, c, p) for s in SHAPES for c in COLORS for p in POSITIONS]
+def all_specs(colors: Iterable[str] | None = None) -> list[ShapeSpec]:
+    """Every combination of shape, colour (the whole palette, or these `colors` of it) and position."""
+    palette = [c for c in COLORS if colors is None or c in set(colors)]
+    return [ShapeSpec(s, c, p) for s in SHAPES for c in palette for p in POSITIONS]
 
 
 def spec_of(caption: str) -> ShapeSpec:
@@ -76,13 +77,13 @@ def draw(spec: ShapeSpec, size: int = 64, jitter: float = 0.0, rng: random.Rando
     return image
 
 
-def generate(count: int, size: int = 64, seed: int = 0, jitter: float = 0.05,
-             withhold: Iterable[str] = ()) -> Iterator[tuple[ShapeSpec, Image.Image]]:
-    """`count` (spec, image) pairs cycling through every combination but the `withhold` captions, each drawn
-    with its own jitter."""
+def generate(count: int, size: int = 64, seed: int = 0, jitter: float = 0.05, withhold: Iterable[str] = (),
+             colors: Iterable[str] | None = None) -> Iterator[tuple[ShapeSpec, Image.Image]]:
+    """`count` (spec, image) pairs cycling through every combination (of `colors`, default the whole palette) but
+    the `withhold` captions, each drawn with its own jitter."""
     rng = random.Random(seed)
     withheld = set(withhold)
-    specs = [spec for spec in all_specs() if spec.caption not in withheld]
+    specs = [spec for spec in all_specs(colors) if spec.caption not in withheld]
     for i in range(count):
         if i % len(specs) == 0:
             rng.shuffle(specs)

@@ -20,10 +20,12 @@ from .training.worker import Worker, rank_slice, unslice
 
 def clip_loop(config: dict) -> None:
     """One Ray Train worker: contrastive steps on this rank's images and captions."""
+    import random
+
     import torch
 
     from dalle2.clip import ClipAdapter
-    from dalle2.clip_trainer import ClipTrainer, info_nce
+    from dalle2.clip_trainer import ClipTrainer, info_nce, swapped_caption
     from pipeline.loaders.batches import ShardImageBatches
 
     run = RunConfig.model_validate(config)
@@ -34,7 +36,8 @@ def clip_loop(config: dict) -> None:
     train_plan, eval_plan = training_plans(run, "train_clip")  # never the held-out rows; evaluated on them
     loader = ShardImageBatches(run.root, train_plan, job.batch_size, worker.rank, worker.world_size, job.seed,
                                job.shuffle_buffer, image_size=clip.image_size, drop_last=True)
-    trainer = ClipTrainer(clip, job.trainer, device=worker.device, planned_steps=planned_steps(job, loader))
+    trainer = ClipTrainer(clip, job.trainer, device=worker.device, hard_negatives=job.hard_negatives, seed=job.seed,
+                          planned_steps=planned_steps(job, loader))
     state = worker.resume(trainer.load)
     held_out = None if not eval_plan.size else next(
         ShardImageBatches(run.root, eval_plan, eval_plan.size, shuffle_buffer=1, image_size=clip.image_size).epoch(0))
@@ -59,9 +62,19 @@ def clip_loop(config: dict) -> None:
             best = (image @ text.T).argmax(dim=1).tolist()
             accuracy = sum(captions[b] == c for b, c in zip(best, captions)) / len(captions)
             loss = float(info_nce(image, text, captions, clip.model.logit_scale.cpu()))
+            # compositional: does each image prefer its caption to that caption's words swapped (same seed each time)?
+            swapped = [swapped_caption(c, random.Random(i)) for i, c in enumerate(captions)]
+            pairs = [(i, s) for i, s in enumerate(swapped) if s is not None and s != captions[i]]
+            if pairs:
+                negative = clip.embed_text([s for _, s in pairs]).text_embed.cpu()
+                rows = [i for i, _ in pairs]
+                wins = (image[rows] * text[rows]).sum(-1) > (image[rows] * negative).sum(-1)
+                swap = {"eval_swap_accuracy": float(wins.float().mean())}
+            else:
+                swap = {}
         clip.model.train()
         # val_loss: keep_best's measure, as the prior's and the decoder's
-        return {"eval_loss": loss, "val_loss": loss, "eval_retrieval_accuracy": accuracy}
+        return {"eval_loss": loss, "val_loss": loss, "eval_retrieval_accuracy": accuracy, **swap}
 
     training_loop(worker, job, trainer, loader, train_step, evaluate, state)
 

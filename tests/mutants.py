@@ -1072,4 +1072,18 @@ MUTANTS = [
          old='        if scope["type"] == "http" and scope.get("path", "").startswith("/api/"):',
          new='        if scope["type"] == "http" and scope.get("path", "").startswith("/api/") and await receive():',
          tests=["tests/test_serve.py"]),
+    # NegCLIP: the swapped captions never reach the loss, or stop words get swapped (no harder than the caption)
+    dict(name="clip.hard_negatives_dropped", file="dalle2/clip_trainer.py",
+         old="text_features = clip.model.encode_text(clip.tokenize(list(captions) + list(negatives)))",
+         new="text_features = clip.model.encode_text(clip.tokenize(list(captions)))",
+         tests=["tests/test_hard_negatives.py"]),
+    dict(name="clip.hard_negative_swaps_stop_words", file="dalle2/clip_trainer.py",
+         old='content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?") not in STOP_WORDS]',
+         new='content = list(range(len(words)))',
+         tests=["tests/test_hard_negatives.py"]),
+    # the benchmark's palette: a subset still draws every colour, or withheld captions outside it pass
+    dict(name="shapes.palette_ignored", file="jobs/shapes.py",
+         old="    palette = [c for c in COLORS if colors is None or c in set(colors)]",
+         new="    palette = list(COLORS)",
+         tests=["tests/test_shapes.py"]),
 ]

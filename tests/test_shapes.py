@@ -63,3 +63,19 @@ def test_the_demo_config_refuses_a_caption_it_cannot_draw():
         load_config(RunConfig, overrides=["demo.images=10"])
     config = load_config(RunConfig, overrides=["demo.withhold=['a red square on the right']"])
     assert config.demo.withhold == ["a red square on the right"]
+
+
+def test_a_palette_subset_draws_and_prompts_only_its_colours():
+    from jobs.demo import seen_prompts
+
+    five = ["red", "green", "blue", "yellow", "purple"]
+    specs = [spec for spec, _ in generate(45 * 2, size=32, colors=five, withhold=["a red square on the left"])]
+    assert {s.color for s in specs} == set(five) and len({s.caption for s in specs}) == 44
+    config = load_config(RunConfig, overrides=[f"demo.colors=[{','.join(five)}]",
+                                               "demo.withhold=['a red circle on the left']"])
+    assert "an orange triangle on the left" not in seen_prompts(config.demo)
+    assert "a red circle on the left" not in seen_prompts(config.demo) and len(seen_prompts(config.demo)) == 4
+    with pytest.raises(ConfigError, match="demo.colors.*pink"):
+        load_config(RunConfig, overrides=["demo.colors=[red,pink]"])
+    with pytest.raises(ConfigError, match="withhold.*outside demo.colors"):
+        load_config(RunConfig, overrides=["demo.colors=[red,blue]", "demo.withhold=['an orange square on the left']"])

@@ -120,6 +120,9 @@ class TrainClipConfig(TrainJobConfig):
 
     enabled: bool = True  # False when embed.clip names a pretrained CLIP to use instead
     model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
+    # NegCLIP: each image is also contrasted with its own caption's words swapped (the same bag of words bound
+    # differently), so CLIP must read which word goes where; the evaluation reports eval_swap_accuracy either way
+    hard_negatives: bool = False
 
     @model_validator(mode="after")
     def _check_parallel(self) -> "TrainClipConfig":
