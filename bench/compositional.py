@@ -35,16 +35,17 @@ ATTRIBUTES = ("color", "shape", "position", "all")
 WIDE = ("train_decoder.decoder={base: tiny, unets: [{dim: 32, dim_mults: [1, 2, 4], num_resnet_blocks: 1, "
         "image_embed_dim: 64, layer_attns: [false, false, true], layer_cross_attns: [false, false, true]}]}")
 TINY_PRIOR, TEXT_PRIOR, TEXT_DECODER = "train_prior.prior=tiny", "train_prior.prior=tiny-text", "train_decoder.decoder=tiny-text"
-# name: (--set overrides, the variant it derives from, the training jobs it retrains there). A derived variant copies
-# its parent's finished run of the same set and retrains only the models it changes, from scratch; every stage
-# upstream of them is the parent's, as it would be (CLIP does not depend on the prior or the decoder, nor the decoder
-# on the prior). That trains each set once per CLIP, not once per lever.
+# name: (--set overrides, a variant it may derive from, the training jobs it retrains there). Where the other
+# variant's run of the same set has finished, the run is a copy of it with only the models this variant changes
+# trained anew, from scratch: every stage upstream of them is what a run from scratch would compute (CLIP does not
+# depend on the prior or the decoder, nor the decoder on the prior). Otherwise the variant trains from scratch.
 VARIANTS = {
     "baseline": ([TINY_PRIOR, "train_decoder.decoder=tiny"], None, ()),  # the demo before this benchmark
     "wide": ([TINY_PRIOR, WIDE], "baseline", ("decoder",)),  # capacity: 32 and 16 px levels twice as wide
-    "text": ([TEXT_PRIOR, TEXT_DECODER], None, ()),  # wide, and prior and decoder read the per-token text encodings
-    "text-decoder": ([TINY_PRIOR, TEXT_DECODER], "text", ("prior",)),  # only the decoder reads them
-    "text+negclip": ([TEXT_PRIOR, TEXT_DECODER, "train_clip.hard_negatives=true"], None, ()),  # CLIP against swaps
+    # the demo now: wide, and the decoder cross-attends to the caption's per-token text encodings
+    "text-decoder": ([TINY_PRIOR, TEXT_DECODER], "text", ("prior",)),
+    "text": ([TEXT_PRIOR, TEXT_DECODER], "text-decoder", ("prior",)),  # and the prior reads them too
+    "text-decoder+negclip": ([TINY_PRIOR, TEXT_DECODER, "train_clip.hard_negatives=true"], None, ()),  # NegCLIP
 }
 # sampling levers: the run's `sampling` fields, on the same trained models ("demo": the demo's own settings)
 LEVERS = {
@@ -72,8 +73,9 @@ def train(out: str, variant: str, k: int, withheld: list[str]) -> str:
     if os.path.exists(os.path.join(root, "report.json")):
         return root
     variant_overrides, parent, retrain = VARIANTS[variant]
-    if parent is not None:
-        derive(train(out, parent, k, withheld), root, retrain)
+    parent_root = os.path.join(out, str(parent), f"set{k}")
+    if parent is not None and os.path.exists(os.path.join(parent_root, "report.json")):
+        derive(parent_root, root, retrain)
     overrides = [f"demo.colors=[{','.join(GRID_COLORS)}]", f"demo.withhold=[{','.join(withheld)}]", *variant_overrides]
     command = [sys.executable, "-m", "jobs.cli", "demo", "--root", root] + [a for o in overrides for a in ("--set", o)]
     started = time.time()

@@ -123,6 +123,8 @@ def test_readme_demo_from_a_fresh_folder_runs_every_stage_and_its_images_match_t
     # reads the same on both)
     assert agree["similarity_to_own_real"] > agree["similarity_to_other_real"] + 0.2, agree  # 0.75 vs -0.21 here
     assert agree["cmmd"] == agree["cmmd"] and agree["cmmd_unbiased"] < agree["cmmd"]
+    # CLIP's evaluation: its own caption over the caption's words swapped (NegCLIP's measure), for every run
+    assert 0 <= report["status"]["train-clip"]["eval_swap_accuracy"] <= 1, report["status"]["train-clip"]
     decoder_metrics = report["status"]["train-decoder"]
     assert {"r_precision", "real_r_precision", "clip_score", "cmmd"} <= set(decoder_metrics)
     # both workers sampled their share of the held-out embeddings; rank 0 scored all of them
