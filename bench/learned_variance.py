@@ -73,7 +73,8 @@ def score(folder: str, sampler: str, samples_per_prompt: int, seed: int) -> dict
 
     from dalle2.text_to_image import to_uint8
     from jobs.checkpoints import load_dalle2
-    from jobs.demo import PROMPTS, prompt_match
+    from jobs.demo import prompt_match
+    from jobs.shapes import PROMPTS
     from jobs.demo_report import agreement
     from jobs.run_config import load_run_config
 

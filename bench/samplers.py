@@ -26,7 +26,8 @@ def main() -> None:
     import torch
 
     from dalle2.text_to_image import to_uint8
-    from jobs.demo import PROMPTS, prompt_match
+    from jobs.demo import prompt_match
+    from jobs.shapes import PROMPTS
     from jobs.demo_report import agreement
     from jobs.run_config import load_run_config
     from jobs.sample import generate

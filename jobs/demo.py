@@ -29,11 +29,6 @@ log = logging.getLogger("jobs.demo")
 # draws each of its 51 combinations dozens of times, so many images are pixel for pixel the same.
 BUILT_IN_FILTER = ["filter.max_caption_rank=1", "filter.duplicate_threshold=0.9995"]
 
-PROMPTS = [
-    "a red circle on the left", "a blue square on the right", "a green triangle in the center",
-    "a yellow square on the left", "a purple circle on the right", "an orange triangle on the left",
-]
-
 
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:  # thousands of requests: keep the log readable
@@ -69,16 +64,10 @@ def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def seen_prompts(demo) -> list[str]:
-    """The demo's prompts of combinations its data set has (its colours, not withheld)."""
-    from jobs.shapes import spec_of
-
-    return [p for p in PROMPTS if p not in demo.withhold and (demo.colors is None or spec_of(p).color in demo.colors)]
-
-
-def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
+def prompt_match(arrays, prompts: list[str], per_prompt: int, colors: Optional[list[str]] = None) -> dict:
     """Fractions of samples ([B, H, W, 3] uint8, `per_prompt` per prompt in order) whose colour, shape,
-    position, colour and position, and all three read off the pixels match their built-in prompt."""
+    position, colour and position, and all three read off the pixels match their built-in prompt; chance levels
+    for a data set drawing `colors` (None: the whole palette)."""
     from jobs.shapes import COLORS, describe, spec_of
 
     counts = {"color": 0, "shape": 0, "position": 0, "both": 0, "all": 0}
@@ -90,10 +79,10 @@ def prompt_match(arrays, prompts: list[str], per_prompt: int) -> dict:
             counts[name] += right[name]
         counts["both"] += right["color"] and right["position"]
         counts["all"] += all(right.values())
-    n = max(len(arrays), 1)
+    n, palette = max(len(arrays), 1), len(colors or COLORS)
     return {**{f"{name}_match": count / n for name, count in counts.items()},
-            "chance_color": 1 / len(COLORS), "chance_shape": 1 / 3, "chance_position": 1 / 3,
-            "chance_all": 1 / (9 * len(COLORS))}
+            "chance_color": 1 / palette, "chance_shape": 1 / 3, "chance_position": 1 / 3,
+            "chance_all": 1 / (9 * palette)}
 
 
 def judge_samples(config, built_in: bool) -> dict:
@@ -111,14 +100,17 @@ def judge_samples(config, built_in: bool) -> dict:
     per_prompt, root = config.demo.samples_per_prompt, config.root.rstrip("/")
     if built_in:
         withheld = list(config.demo.withhold)
-        prompts = seen_prompts(config.demo)
+        from .shapes import seen_prompts
+
+        prompts = seen_prompts(config.demo.withhold, config.demo.colors)
         images, used = generate(config.root, prompts + withheld, n=per_prompt)
         write_atomic(f"{root}/samples.png", grid_png(images, prompts + [f"{p} (withheld)" for p in withheld]))
         arrays = to_uint8(images)
         split = len(prompts) * per_prompt
         judged = {"prompts": prompts, "withheld_prompts": withheld,
-                  "prompt_match": prompt_match(arrays[:split], prompts, per_prompt),
-                  "withheld_match": prompt_match(arrays[split:], withheld, per_prompt) if withheld else None,
+                  "prompt_match": prompt_match(arrays[:split], prompts, per_prompt, colors=config.demo.colors),
+                  "withheld_match": (prompt_match(arrays[split:], withheld, per_prompt, colors=config.demo.colors)
+                                     if withheld else None),
                   "text_image_agreement": agreement(config, images, prompts + withheld, per_prompt)}
     else:
         from pipeline.stages.holdout import ensure_holdout

@@ -33,12 +33,10 @@ class DemoConfig(StrictModel):
     @field_validator("withhold")
     @classmethod
     def _built_in_captions(cls, captions: list[str]) -> list[str]:
-        from jobs.shapes import all_specs, spec_of
+        from jobs.shapes import spec_of
 
         for caption in captions:
             spec_of(caption)
-        if len(set(captions)) >= len(all_specs()):
-            raise ValueError("withholding every combination leaves nothing to train on")
         return captions
 
     @field_validator("colors")
@@ -48,21 +46,24 @@ class DemoConfig(StrictModel):
 
         if colors is not None:
             unknown = [c for c in colors if c not in COLORS]
-            if unknown or len(set(colors)) < 2:
-                raise ValueError(f"give at least two distinct colours of the palette ({', '.join(COLORS)}); "
+            if unknown or len(set(colors)) < 2 or len(set(colors)) < len(colors):
+                raise ValueError(f"give two or more distinct colours of the palette, each once ({', '.join(COLORS)}); "
                                  f"got {colors}")
         return colors
 
     @model_validator(mode="after")
     def _withheld_in_palette(self) -> "DemoConfig":
-        from jobs.shapes import all_specs, spec_of
+        from jobs.shapes import all_specs, seen_prompts, spec_of
 
         if self.colors is not None:
             outside = [c for c in self.withhold if spec_of(c).color not in self.colors]
             if outside:
                 raise ValueError(f"withhold: {outside} name colours outside demo.colors {self.colors}")
-            if len(set(self.withhold)) >= len(all_specs(self.colors)):
-                raise ValueError("withholding every combination of demo.colors leaves nothing to train on")
+        if len(set(self.withhold)) >= len(all_specs(self.colors)):
+            raise ValueError("withholding every combination (of demo.colors) leaves nothing to train on")
+        # the built-in run samples and scores the demo's prompts its data set has: one at least
+        if not seen_prompts(self.withhold, self.colors):
+            raise ValueError(f"demo.colors {self.colors} and demo.withhold leave none of the demo's prompts to draw")
         return self
 
 

@@ -162,3 +162,16 @@ def shape_of(mask) -> str:
     qh, qw = max(1, round(height / 4)), max(1, round(width / 4))
     corners = np.mean([box[:qh, :qw].mean(), box[:qh, -qw:].mean(), box[-qh:, :qw].mean(), box[-qh:, -qw:].mean()])
     return "square" if corners > 0.7 else "circle"
+
+
+# the built-in demo's prompts, sampled and scored at the end of its run
+PROMPTS = [
+    "a red circle on the left", "a blue square on the right", "a green triangle in the center",
+    "a yellow square on the left", "a purple circle on the right", "an orange triangle on the left",
+]
+
+
+def seen_prompts(withhold: Iterable[str], colors: Iterable[str] | None = None) -> list[str]:
+    """The demo's prompts of combinations its data set has: in its colours (None: all), not withheld."""
+    withheld, drawn = set(withhold), None if colors is None else set(colors)
+    return [p for p in PROMPTS if p not in withheld and (drawn is None or spec_of(p).color in drawn)]

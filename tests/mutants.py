@@ -1081,9 +1081,21 @@ MUTANTS = [
          old='content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?") not in STOP_WORDS]',
          new='content = list(range(len(words)))',
          tests=["tests/test_hard_negatives.py"]),
-    # the benchmark's palette: a subset still draws every colour, or withheld captions outside it pass
+    # the benchmark's palette: a subset still draws every colour, withheld captions outside it pass, chance ignores it
     dict(name="shapes.palette_ignored", file="jobs/shapes.py",
          old="    palette = [c for c in COLORS if colors is None or c in set(colors)]",
          new="    palette = list(COLORS)",
          tests=["tests/test_shapes.py"]),
+    dict(name="demo.withheld_outside_palette_passes", file="jobs/run_config.py",
+         old="            outside = [c for c in self.withhold if spec_of(c).color not in self.colors]",
+         new="            outside = []",
+         tests=["tests/test_shapes.py"]),
+    dict(name="demo.palette_chance_ignored", file="jobs/demo.py",
+         old="n, palette = max(len(arrays), 1), len(colors or COLORS)",
+         new="n, palette = max(len(arrays), 1), len(COLORS)",
+         tests=["tests/test_shapes.py"]),
+    dict(name="clip.hard_negatives_without_training_pass", file="jobs/training/config.py",
+         old="        if self.hard_negatives and not self.enabled:",
+         new="        if False:",
+         tests=["tests/test_hard_negatives.py"]),
 ]

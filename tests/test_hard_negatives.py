@@ -47,3 +47,12 @@ def test_the_trainer_adds_swapped_captions_to_the_batch(tiny_clip):
     hard = ClipTrainer(tiny_clip, lr=1e-3, hard_negatives=True).compute_loss(batch, 0)
     # three more captions in every image's softmax, none of them its own: the loss can only grow
     assert float(hard) > float(plain) + 1e-4
+
+
+def test_hard_negatives_need_a_clip_to_train():
+    from jobs.config_io import ConfigError, load_config
+    from jobs.run_config import RunConfig
+
+    assert load_config(RunConfig, overrides=["train_clip.hard_negatives=true"]).train_clip.hard_negatives
+    with pytest.raises(ConfigError, match="train_clip.hard_negatives.*train_clip.enabled is false"):
+        load_config(RunConfig, overrides=["train_clip.hard_negatives=true", "train_clip.enabled=false"])

@@ -54,6 +54,10 @@ def test_prompt_match_counts_each_attribute_and_all_three():
     match = prompt_match(arrays, prompts, per_prompt=2)
     assert (match["color_match"], match["shape_match"], match["position_match"]) == (1.0, 0.75, 0.75)
     assert (match["both_match"], match["all_match"]) == (0.75, 0.5)
+    # chance follows the palette drawn: 1 of 6 colours and 54 triples, or of 5 and 45 for the benchmark's grid
+    assert (match["chance_color"], match["chance_all"]) == pytest.approx((1 / 6, 1 / 54))
+    five = prompt_match(arrays, prompts, per_prompt=2, colors=["red", "green", "blue", "yellow", "purple"])
+    assert (five["chance_color"], five["chance_all"]) == pytest.approx((1 / 5, 1 / 45))
 
 
 def test_the_demo_config_refuses_a_caption_it_cannot_draw():
@@ -66,16 +70,23 @@ def test_the_demo_config_refuses_a_caption_it_cannot_draw():
 
 
 def test_a_palette_subset_draws_and_prompts_only_its_colours():
-    from jobs.demo import seen_prompts
+    from jobs.shapes import seen_prompts
 
     five = ["red", "green", "blue", "yellow", "purple"]
     specs = [spec for spec, _ in generate(45 * 2, size=32, colors=five, withhold=["a red square on the left"])]
     assert {s.color for s in specs} == set(five) and len({s.caption for s in specs}) == 44
     config = load_config(RunConfig, overrides=[f"demo.colors=[{','.join(five)}]",
                                                "demo.withhold=['a red circle on the left']"])
-    assert "an orange triangle on the left" not in seen_prompts(config.demo)
-    assert "a red circle on the left" not in seen_prompts(config.demo) and len(seen_prompts(config.demo)) == 4
+    prompts = seen_prompts(config.demo.withhold, config.demo.colors)
+    assert "an orange triangle on the left" not in prompts
+    assert "a red circle on the left" not in prompts and len(prompts) == 4
     with pytest.raises(ConfigError, match="demo.colors.*pink"):
         load_config(RunConfig, overrides=["demo.colors=[red,pink]"])
     with pytest.raises(ConfigError, match="withhold.*outside demo.colors"):
         load_config(RunConfig, overrides=["demo.colors=[red,blue]", "demo.withhold=['an orange square on the left']"])
+    with pytest.raises(ConfigError, match="demo.colors.*each once"):
+        load_config(RunConfig, overrides=["demo.colors=[red,red,blue]"])
+    # red and blue leave two of the demo's prompts; withholding both leaves none to sample and score
+    with pytest.raises(ConfigError, match="none of the demo's prompts"):
+        load_config(RunConfig, overrides=["demo.colors=[red,blue]", "demo.withhold=['a red circle on the left', "
+                                                                    "'a blue square on the right']"])

@@ -120,14 +120,18 @@ class TrainClipConfig(TrainJobConfig):
 
     enabled: bool = True  # False when embed.clip names a pretrained CLIP to use instead
     model_name: str = "tiny-clip"  # an open_clip architecture (ours in dalle2/model_configs/clip or open_clip's)
-    # NegCLIP: each image is also contrasted with its own caption's words swapped (the same bag of words bound
-    # differently), so CLIP must read which word goes where; the evaluation reports eval_swap_accuracy either way
+    # NegCLIP: each image is also contrasted with the batch's captions with two content words swapped (the same bag
+    # of words bound differently), so CLIP must read which word goes where; the evaluation reports
+    # eval_swap_accuracy either way
     hard_negatives: bool = False
 
     @model_validator(mode="after")
     def _check_parallel(self) -> "TrainClipConfig":
         if self.parallel == "fsdp":  # open_clip's encoders run outside forward(), where FSDP gathers a unit
             raise ValueError("train_clip.parallel: fsdp shards the prior and the decoder; CLIP trains with ddp")
+        if self.hard_negatives and not self.enabled:  # a pretrained CLIP is used as it is
+            raise ValueError("train_clip.hard_negatives trains CLIP against swapped captions, but train_clip.enabled "
+                             "is false (embed.clip's pretrained CLIP is used as it is)")
         return self
 
     @property
