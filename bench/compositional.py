@@ -13,7 +13,7 @@ first. Each run also reports its CLIP's own compositional retrieval on real imag
 captions, and the right caption against its words swapped.
 
 Results go to <out>/results.jsonl (one line per variant, set and lever; an existing line is not measured again) and
-a table of means ± standard deviation over the sets to stderr. Hours on 2 CPU cores: about 5 minutes a run.
+a table of means ± standard deviation over the sets to stderr. Hours on 2 CPU cores: about 6 minutes a run.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ TEXT_DECODER_HALF = "train_decoder.decoder={base: tiny-text, text_cond_drop_prob
 # depend on the prior or the decoder, nor the decoder on the prior). Otherwise the variant trains from scratch.
 VARIANTS = {
     "baseline": ([TINY_PRIOR, "train_decoder.decoder=tiny"], None, ()),  # the demo before this benchmark
-    "wide": ([TINY_PRIOR, WIDE], "baseline", ("decoder",)),  # capacity: 32 and 16 px levels twice as wide
+    "wide": ([TINY_PRIOR, WIDE], "baseline", ("decoder",)),  # capacity: 32 and 16 px levels 32 / 64 wide (tiny: 16 / 48)
     # wide, and the decoder cross-attends to the caption's per-token text encodings, dropped for half of its rows
     "text-decoder": ([TINY_PRIOR, TEXT_DECODER_HALF], "text", ("prior",)),
     "text": ([TEXT_PRIOR, TEXT_DECODER_HALF], "text-decoder", ("prior",)),  # and the prior reads them too
@@ -224,6 +224,12 @@ def main() -> None:
     parser.add_argument("--per-seen", type=int, default=2, help="samples of each of the 40 seen triples")
     parser.add_argument("--per-unseen", type=int, default=8, help="samples of each withheld triple")
     args = parser.parse_args()
+    if min(args.sets, args.per_seen, args.per_unseen) < 1:
+        parser.error("--sets, --per-seen and --per-unseen take 1 or more (2 sets or more give a spread)")
+    if args.only is not None and not all(0 <= k < args.sets for k in args.only):
+        parser.error(f"--only takes set numbers 0 to {args.sets - 1} (--sets {args.sets})")
+    # absolute: a run's records hold absolute paths, which derive() rewrites by the root's prefix
+    args.out = os.path.abspath(args.out)
 
     import torch
 
