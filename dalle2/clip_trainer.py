@@ -19,17 +19,19 @@ from .trainer import DiffusionTrainer
 STOP_WORDS = frozenset("a an the of on in at to with and or is are by for from its it this that".split())
 
 
-def swapped_caption(caption: str, rng: random.Random) -> Optional[str]:
-    """A NegCLIP hard negative: `caption` with two of its content words swapped ("a red square on the left" ->
-    "a left square on the red"), the same bag of words bound differently; None when it has no two distinct ones."""
+def caption_swaps(caption: str) -> list[str]:
+    """Every NegCLIP hard negative of `caption`: two of its distinct content words swapped ("a red square on the
+    left" -> "a left square on the red"), the same bag of words bound differently; one per pair, in word order."""
     words = re.findall(r"\S+", caption)
     content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?") not in STOP_WORDS]
     pairs = [(i, j) for n, i in enumerate(content) for j in content[n + 1:] if words[i].lower() != words[j].lower()]
-    if not pairs:
-        return None
-    i, j = rng.choice(pairs)
-    words[i], words[j] = words[j], words[i]
-    return " ".join(words)
+    return [" ".join(words[j] if k == i else words[i] if k == j else w for k, w in enumerate(words)) for i, j in pairs]
+
+
+def swapped_caption(caption: str, rng: random.Random) -> Optional[str]:
+    """One of `caption`'s swaps (caption_swaps), drawn by `rng`; None when it has no two distinct content words."""
+    swaps = caption_swaps(caption)
+    return rng.choice(swaps) if swaps else None
 
 
 def contrastive_loss(clip: ClipAdapter, images: Tensor, captions: Sequence[str],
@@ -77,5 +79,6 @@ class ClipTrainer(DiffusionTrainer):
         negatives = []
         if self.hard_negatives:  # a fresh swap for every caption, every step; the same ones on a resumed step
             rng = random.Random(f"{self.seed}/{self.steps[part]}")
-            negatives = [neg for neg in (swapped_caption(c, rng) for c in captions) if neg is not None and neg not in captions]
+            swaps = (swapped_caption(c, rng) for c in captions)
+            negatives = [neg for neg in swaps if neg is not None and neg not in captions]
         return contrastive_loss(self.clip, batch["image"].to(self.device), captions, negatives)

@@ -96,13 +96,12 @@ def judge_samples(config, built_in: bool) -> dict:
 
     from .demo_report import agreement, held_out_prompts
     from .sample import generate, grid_png
+    from .shapes import seen_prompts
 
     per_prompt, root = config.demo.samples_per_prompt, config.root.rstrip("/")
     if built_in:
         withheld = list(config.demo.withhold)
-        from .shapes import seen_prompts
-
-        prompts = seen_prompts(config.demo.withhold, config.demo.colors)
+        prompts = seen_prompts(withheld, config.demo.colors)
         images, used = generate(config.root, prompts + withheld, n=per_prompt)
         write_atomic(f"{root}/samples.png", grid_png(images, prompts + [f"{p} (withheld)" for p in withheld]))
         arrays = to_uint8(images)

@@ -64,7 +64,7 @@ def clip_loop(config: dict) -> None:
             loss = float(info_nce(image, text, captions, clip.model.logit_scale.cpu()))
             # compositional: does each image prefer its caption to that caption's words swapped (same seed each time)?
             swapped = [swapped_caption(c, random.Random(i)) for i, c in enumerate(captions)]
-            pairs = [(i, s) for i, s in enumerate(swapped) if s is not None and s != captions[i]]
+            pairs = [(i, s) for i, s in enumerate(swapped) if s is not None]
             if pairs:
                 negative = clip.embed_text([s for _, s in pairs]).text_embed.cpu()
                 rows = [i for i, _ in pairs]

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from dalle2.clip_trainer import ClipTrainer, info_nce, swapped_caption
+from dalle2.clip_trainer import ClipTrainer, caption_swaps, info_nce, swapped_caption
 
 
 def test_a_swap_keeps_the_words_and_moves_two_content_words():
@@ -18,8 +18,9 @@ def test_a_swap_keeps_the_words_and_moves_two_content_words():
         moved = [(a, b) for a, b in zip(caption.split(), swapped.split()) if a != b]
         assert len(moved) == 2 and {a for a, _ in moved} <= {"red", "square", "left"}
         seen.add(swapped)
-    # all three pairs of its content words get swapped, and nothing else
+    # all three pairs of its content words get swapped, and nothing else: the set the benchmark scores against
     assert seen == {"a square red on the left", "a left square on the red", "a red left on the square"}
+    assert caption_swaps(caption) == ["a square red on the left", "a left square on the red", "a red left on the square"]
 
 
 @pytest.mark.parametrize("caption", ["a cat", "the the of", "red red", ""])
